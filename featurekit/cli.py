@@ -72,7 +72,8 @@ def _add_extract(commands) -> None:
 
 def _run_extract(args) -> int:
     from .backbones import load_backbone
-    from .extract import ExtractSettings, extract
+    from .extract import ExtractSettings, extract_listings
+    from .images import list_split
 
     if args.weights_path and len(args.backbone) != 1:
         raise ValueError("--weights-path loads one state dict: give exactly one --backbone")
@@ -84,6 +85,9 @@ def _run_extract(args) -> int:
         compile=args.compile, progress=not args.quiet,
     ).resolved()
     started = time.perf_counter()
+    listings = [list_split(args.data_root, split) for split in args.split]
+    for listing in listings:
+        _report_listing(listing)
     backbones = []
     for name in args.backbone:
         backbone = load_backbone(name, args.weights, args.weights_path, args.node)
@@ -92,7 +96,7 @@ def _run_extract(args) -> int:
         if backbone.weights.report.missing or backbone.weights.report.unexpected or backbone.weights.report.shape_mismatch:
             print(f"  {args.weights_path}: {backbone.weights.report.summary()}", file=sys.stderr)
         backbones.append(backbone)
-    results = extract(args.data_root, args.split, backbones, args.out, settings)
+    results = extract_listings(listings, backbones, args.out, settings)
     elapsed = time.perf_counter() - started
     written = sum(r.rows + len(r.skipped) for r in results if r.status == "written")
     for result in results:
@@ -103,6 +107,15 @@ def _run_extract(args) -> int:
     rate = f", {images / elapsed:.1f} images/s over {images} images" if images else ", all up to date"
     print(f"{len(results)} stores in {elapsed:.1f} s{rate} ({settings.device}, {settings.precision})")
     return 0
+
+
+def _report_listing(listing) -> None:
+    print(f"{listing.split_dir}: {len(listing)} images in {len(listing.classes)} classes", file=sys.stderr)
+    if listing.empty_classes:
+        print(f"  empty class folders (kept as classes): {', '.join(listing.empty_classes)}", file=sys.stderr)
+    if listing.ignored:
+        shown = ", ".join(listing.ignored[:5]) + (", ..." if len(listing.ignored) > 5 else "")
+        print(f"  {len(listing.ignored)} files without an image extension ignored: {shown}", file=sys.stderr)
 
 
 # --------------------------------------------------------------------------- info, list-backbones

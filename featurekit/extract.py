@@ -140,8 +140,17 @@ def extract(
     settings: ExtractSettings | None = None,
 ) -> list[StoreResult]:
     """Extract every (split, backbone) store under ``out_dir``; returns one result per store."""
+    return extract_listings([list_split(root, split) for split in splits], backbones, out_dir, settings)
+
+
+def extract_listings(
+    listings: Sequence[SplitListing],
+    backbones: Sequence[Backbone],
+    out_dir: str | Path,
+    settings: ExtractSettings | None = None,
+) -> list[StoreResult]:
+    """:func:`extract` over splits already listed (a bad split fails before any model is built)."""
     settings = (settings or ExtractSettings()).resolved()
-    listings = [list_split(root, split) for split in splits]  # fail on a bad split before any work
     runner = _Runner(backbones, settings)
     results = []
     for listing in listings:
