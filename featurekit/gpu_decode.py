@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +25,10 @@ from torchvision.transforms import functional as F
 
 from .images import DecodePolicy, ImageDecodeError, decode_image
 from .views import Preprocessing
+
+# torchvision 0.29 deprecates its decoders in favour of TorchCodec; decode_jpeg still works, and
+# featurekit keeps it until TorchCodec's batched nvJPEG decoding is a drop-in replacement.
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision", category=DeprecationWarning)
 
 # EXIF orientation -> operations on a [C, H, W] tensor, as PIL's ImageOps.exif_transpose does.
 _ORIENT = {
