@@ -12,6 +12,7 @@ missing chunks to processes (torchrun ranks) without padding or dropping images.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import sys
@@ -25,6 +26,7 @@ import numpy as np
 import PIL
 import torch
 import torchvision
+from torch.fx.experimental.optimization import fuse
 from tqdm import tqdm
 
 from . import __version__
@@ -181,7 +183,11 @@ class _Runner:
             torch.backends.cudnn.benchmark = True  # fixed input shapes: autotune each conv once
 
     def _prepare(self, backbone: Backbone) -> torch.nn.Module:
-        trunk = backbone.trunk.to(self.device)
+        """A device copy of the trunk (the caller's Backbone stays as built), BatchNorm folded
+        into the convolutions before it: one pass less over each activation (~10% on CPU)."""
+        trunk = copy.deepcopy(backbone.trunk).eval()  # deepcopy of an FX module resets eval mode
+        trunk.body = fuse(trunk.body, inplace=True, no_trace=True)
+        trunk = trunk.to(self.device)
         if self.settings.channels_last:
             trunk = trunk.to(memory_format=torch.channels_last)
         return torch.compile(trunk) if self.settings.compile else trunk
