@@ -37,3 +37,7 @@ test: install
 
 clean:
 	rm -rf features/digits data/digits
+
+bench: install
+	$(PY) benchmarks/bench_extract.py --images 32 --batch-size 8
+	$(PY) benchmarks/bench_head.py
