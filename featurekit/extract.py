@@ -221,7 +221,7 @@ class _Runner:
                     continue
                 state = partial.open(discard_stale=self.settings.overwrite)
                 if state != "started":
-                    _say(f"{final}: {state} ({len(partial.committed())} chunks committed)")
+                    _say(f"{final}: {state}")
                 jobs.append(_Job(backbone, partial, store_attrs(backbone, listing, self.settings, partial.fingerprint)))
             if jobs:
                 self._compute(listing, jobs)

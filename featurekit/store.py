@@ -160,10 +160,11 @@ class PartialStore:
         (``--overwrite``); otherwise :class:`StoreError` says what changed.
         """
         removed = self.remove_temporaries()
+        tidied = f"; {removed} temporary files of a killed run deleted" if removed else ""
         recorded = self.recorded()
         if recorded is not None and recorded.get("fingerprint") == self.fingerprint:
-            state = "resumed" if self.committed() else "started"
-            return state + (f", {removed} temporary files of a killed run deleted" if removed else "")
+            committed = len(self.committed())
+            return (f"resumed ({committed} chunks committed)" if committed else "started") + tidied
         state = "started"
         if recorded is not None and self.committed():
             change = identity_change(recorded.get("identity", {}), self.identity)
@@ -171,14 +172,14 @@ class PartialStore:
             if not discard_stale:
                 raise StoreError(f"{self.final}: the {len(self.committed())} committed chunks in {self.dir} are from an "
                                  f"unfinished run that {why}; pass --overwrite to discard them")
-            state = "stale committed chunks discarded (--overwrite)"
+            state = f"{len(self.committed())} stale committed chunks discarded (--overwrite)"
         shutil.rmtree(self.dir, ignore_errors=True)
         self.dir.mkdir(parents=True)
         manifest = {"fingerprint": self.fingerprint, "identity": self.identity, "format_version": FORMAT_VERSION}
         _atomic_write(self.manifest, json.dumps(manifest, sort_keys=True).encode())
         _fsync_dir(self.dir.parent)
         crash_point("manifest-written")
-        return state
+        return state + tidied
 
     def temporaries(self) -> list[Path]:
         """Files being written (by the lock holder) or half written (by a killed writer)."""
