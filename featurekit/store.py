@@ -160,7 +160,7 @@ class PartialStore:
         (``--overwrite``); otherwise :class:`StoreError` says what changed.
         """
         removed = self.remove_temporaries()
-        tidied = f"; {removed} temporary files of a killed run deleted" if removed else ""
+        tidied = f"; {removed} temporary file(s) of a killed run deleted" if removed else ""
         recorded = self.recorded()
         if recorded is not None and recorded.get("fingerprint") == self.fingerprint:
             committed = len(self.committed())

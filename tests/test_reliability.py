@@ -85,6 +85,8 @@ def test_sigkill_then_same_command_resumes_to_identical_store(point, reference, 
     assert resumed.code == 0, resumed.err
     if chunks and point != "finalize-renamed":
         assert f"resumed ({chunks} chunks committed)" in resumed.err  # reused, not recomputed
+    if "tmp-written" in point:
+        assert "1 temporary file(s) of a killed run deleted" in resumed.err
     assert_same_store(final, expected)
     assert leftovers(out / "train") == [], "temporary files or partial chunks left behind"
     assert run_cli(capsys, "verify", final).code == 0
