@@ -177,6 +177,8 @@ def extract(
     for listing in listings:
         _report_listing(listing)
     runner = _Runner(backbones, settings)
+    for listing in listings:  # refuse stale stores of any split before extracting the first
+        runner.check_reusable(listing, Path(out_dir))
     results = []
     for listing in listings:
         results.extend(runner.run_split(listing, Path(out_dir)))
@@ -207,9 +209,8 @@ class _Runner:
         results, jobs = [], []
         with contextlib.ExitStack() as locks:
             for backbone in self.backbones:
-                final = store_path(out_dir, listing.split, backbone.store_name)
-                store_identity = identity(backbone, self.settings)
-                partial = PartialStore(final, fingerprint(listing, store_identity), store_identity)
+                partial = self._partial(listing, out_dir, backbone)
+                final = partial.final
                 if self._up_to_date(partial, listing):  # checked without the lock: readers never wait
                     _tidy_finished(partial)
                     results.append(_result(final, "up to date"))
@@ -228,6 +229,19 @@ class _Runner:
                 if self.settings.rank == 0:
                     results.extend(self._finalize(listing, job) for job in jobs)
         return results
+
+    def check_reusable(self, listing: SplitListing, out_dir: Path) -> None:
+        """Raise :class:`StoreError` if a store or committed chunks of this split were made from
+        other inputs and ``overwrite`` is off."""
+        for backbone in self.backbones:
+            partial = self._partial(listing, out_dir, backbone)
+            if not self._up_to_date(partial, listing):
+                partial.check_no_stale_chunks(self.settings.overwrite)
+
+    def _partial(self, listing: SplitListing, out_dir: Path, backbone: Backbone) -> PartialStore:
+        store_identity = identity(backbone, self.settings)
+        final = store_path(out_dir, listing.split, backbone.store_name)
+        return PartialStore(final, fingerprint(listing, store_identity), store_identity)
 
     def _up_to_date(self, partial: PartialStore, listing: SplitListing) -> bool:
         """Whether the final store is this very extraction. One made from other inputs is refused

@@ -161,18 +161,11 @@ class PartialStore:
         """
         removed = self.remove_temporaries()
         tidied = f"; {removed} temporary file(s) of a killed run deleted" if removed else ""
-        recorded = self.recorded()
-        if recorded is not None and recorded.get("fingerprint") == self.fingerprint:
-            committed = len(self.committed())
+        committed = len(self.committed()) if self.dir.is_dir() else 0
+        if self.resumable():
             return (f"resumed ({committed} chunks committed)" if committed else "started") + tidied
-        state = "started"
-        if recorded is not None and self.committed():
-            change = identity_change(recorded.get("identity", {}), self.identity)
-            why = f"used {change}" if change else "saw other image files (added, removed or modified since)"
-            if not discard_stale:
-                raise StoreError(f"{self.final}: the {len(self.committed())} committed chunks in {self.dir} are from an "
-                                 f"unfinished run that {why}; pass --overwrite to discard them")
-            state = f"{len(self.committed())} stale committed chunks discarded (--overwrite)"
+        self.check_no_stale_chunks(discard_stale)
+        state = f"{committed} stale committed chunks discarded (--overwrite)" if committed else "started"
         shutil.rmtree(self.dir, ignore_errors=True)
         self.dir.mkdir(parents=True)
         manifest = {"fingerprint": self.fingerprint, "identity": self.identity, "format_version": FORMAT_VERSION}
@@ -185,6 +178,20 @@ class PartialStore:
         """Files being written (by the lock holder) or half written (by a killed writer)."""
         found = list(self.final.parent.glob(f".{glob_escape(self.final.name)}.tmp-*"))
         return found + (list(self.dir.glob(".*.tmp-*")) if self.dir.is_dir() else [])
+
+    def resumable(self) -> bool:
+        """Whether the chunks on disk (if any) were committed for this very fingerprint."""
+        return (self.recorded() or {}).get("fingerprint") == self.fingerprint
+
+    def check_no_stale_chunks(self, discard_stale: bool = False) -> None:
+        """Raise :class:`StoreError` naming what changed if chunks of another fingerprint are
+        committed, unless ``discard_stale``. Safe without the lock: it only reads."""
+        if discard_stale or self.resumable() or not self.dir.is_dir() or not self.committed():
+            return
+        change = identity_change((self.recorded() or {}).get("identity", {}), self.identity)
+        why = f"used {change}" if change else "saw other image files (added, removed or modified since)"
+        raise StoreError(f"{self.final}: the {len(self.committed())} committed chunks in {self.dir} are from an "
+                         f"unfinished run that {why}; pass --overwrite to discard them")
 
     def remove_temporaries(self) -> int:
         """Delete half-written files of a killed writer of this store; returns how many."""
@@ -270,7 +277,7 @@ class PartialStore:
         Only chunks of this fingerprint (the finished store's) go: chunks of another run are
         someone's unfinished work. Returns whether anything was deleted.
         """
-        finished = (self.recorded() or {}).get("fingerprint") == self.fingerprint
+        finished = self.dir.is_dir() and self.resumable()
         if finished:
             self.discard()
         return bool(self.remove_temporaries()) or finished

@@ -314,3 +314,16 @@ def test_reader_never_opens_a_store_killed_during_finalize(reference, tmp_path):
         open_h5(out / "train" / "resnet18.h5")
     with h5py.File(temporary, "r") as h5:  # whole, yet invisible under the final name
         assert h5.attrs["complete"]
+
+
+def test_stale_store_of_a_later_split_is_refused_before_any_work(tmp_path, capsys):
+    data = make_folder(tmp_path / "data", per_class={"a": 2})
+    make_folder(data, "valid", per_class={"a": 2}, seed=1)
+    out = tmp_path / "out"
+    assert run_cli(capsys, "extract", data, "--split", "valid", "--out", out, *TINY_RUN).code == 0
+    write_jpeg(data / "valid" / "a" / "00.jpg", seed=42)
+
+    refused = run_cli(capsys, "extract", data, "--split", "train", "valid", "--out", out, *TINY_RUN)
+    assert refused.code == 1
+    assert "valid/resnet18.h5: exists but was made from another state" in error_lines(refused.err)[0]
+    assert not (out / "train").exists(), "train was extracted before the refusal"
