@@ -327,3 +327,39 @@ def test_stale_store_of_a_later_split_is_refused_before_any_work(tmp_path, capsy
     assert refused.code == 1
     assert "valid/resnet18.h5: exists but was made from another state" in error_lines(refused.err)[0]
     assert not (out / "train").exists(), "train was extracted before the refusal"
+
+
+def test_damaged_committed_chunk_is_recomputed(reference, tmp_path, capsys):
+    data, expected = reference
+    out = tmp_path / "out"
+    assert run_subprocess(*extract_args(data, out), env={store.CRASH_ENV: "chunk-committed:3"}).returncode == -signal.SIGKILL
+    damaged = partial_dir(out / "train" / "resnet18.h5") / "chunk-000000000002-000000000004.npz"
+    damaged.write_bytes(damaged.read_bytes()[:100])  # a disk that lied about its fsync
+
+    failed = run_cli(capsys, *extract_args(data, out))
+    assert failed.code == 1
+    assert f"{damaged}: damaged chunk removed" in error_lines(failed.err)[0] and "rows 2-4" in failed.err
+    assert not (out / "train" / "resnet18.h5").exists()
+    again = run_cli(capsys, *extract_args(data, out))
+    assert again.code == 0 and "resumed (4 chunks committed)" in again.err
+    assert_same_store(out / "train" / "resnet18.h5", expected)
+
+
+def test_missing_chunks_follow_the_grid_and_cover_every_store():
+    from featurekit.extract import missing_chunks
+
+    # store A has rows 0-4, store B rows 0-2: rows 2-10 are needed, cut on the grid of 4
+    assert missing_chunks([[(0, 2), (2, 4)], [(0, 2)]], 10, 4) == [(2, 4), (4, 8), (8, 10)]
+    assert missing_chunks([[(0, 3)]], 7, 2) == [(3, 4), (4, 6), (6, 7)]
+    assert missing_chunks([[(0, 5)], [(0, 5)]], 5, 2) == []
+
+
+def test_overlapping_chunks_of_two_chunk_sizes_still_tile(tmp_path):
+    partial = store.PartialStore(tmp_path / "x.h5", "f")
+    partial.dir.mkdir()
+    for start, stop in [(0, 3), (3, 6), (4, 6), (6, 8), (2, 4)]:
+        partial.chunk_path(start, stop).touch()
+    assert partial._tiling(8) == [(0, 3), (3, 6), (6, 8)]
+    partial.chunk_path(6, 8).unlink()
+    with pytest.raises(store.StoreError, match="rows 6-8 were never committed"):
+        partial._tiling(8)
