@@ -60,12 +60,17 @@ def symlink_loop(path: Path) -> None:
     os.symlink(path.name, path)
 
 
+def dangling_symlink(path: Path) -> None:
+    os.symlink("nowhere.jpg", path)
+
+
 BROKEN = {  # file name -> (maker, words the reason must contain)
     "zero.jpg": (zero_bytes, "empty file"),
     "truncated.jpg": (truncated_jpeg, "truncated"),
     "random.jpg": (random_bytes, "not an image"),
     "bomb.png": (decompression_bomb, "decompression bomb"),
     "loop.jpg": (symlink_loop, "symbolic links"),
+    "dangling.jpg": (dangling_symlink, "broken symbolic link"),
 }
 
 
