@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="featurekit", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     _add_extract(commands)
+    _add_verify(commands)
     _add_info(commands)
     _add_list_backbones(commands)
     return parser
@@ -44,8 +45,25 @@ def build_parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------- extract
 
 
+EXTRACT_EPILOG = """\
+existing stores and interrupted runs:
+  A store whose fingerprint (image files' paths, sizes and mtimes, class folders, backbone, node,
+  weights sha256, preprocessing, decode policy, precision, dtype) matches this run is left as it is
+  ("up to date"). Rows are committed in chunks under .<store>.partial/; a run killed at any moment
+  and started again with the same command continues from its last committed chunk.
+  --resume (the default) reuses only what matches this run: a store or committed chunks made from
+    other inputs (folder changed, other weights or preprocessing) stop the run with a message
+    naming what changed, before any work.
+  --overwrite re-extracts such stores and discards such chunks. The old store stays readable until
+    the new one is complete and atomically renamed over it; matching committed chunks are still
+    resumed, so an interrupted --overwrite run also continues where it stopped.
+  A store being written by another featurekit process is refused (one writer per store).
+"""
+
+
 def _add_extract(commands) -> None:
-    p = commands.add_parser("extract", help="run frozen trunks over an image folder and write HDF5 feature stores")
+    p = commands.add_parser("extract", help="run frozen trunks over an image folder and write HDF5 feature stores",
+                            epilog=EXTRACT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("data_root", type=Path, help="folder holding <split>/<class>/<image>")
     p.add_argument("--split", nargs="+", default=["train", "valid"], help="splits to extract (default: train valid)")
     p.add_argument("--backbone", nargs="+", required=True, help="registry names or torchvision models")
@@ -61,8 +79,15 @@ def _add_extract(commands) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=None, help="decoding workers (default: sized to the cores)")
     p.add_argument("--chunk-size", type=int, default=512, help="rows committed at a time (resume granularity)")
-    p.add_argument("--on-error", default="fail", choices=["fail", "skip"], help="bad images: stop, or skip and record")
-    p.add_argument("--overwrite", action="store_true", help="re-extract stores made from other inputs")
+    p.add_argument("--on-error", default="fail", choices=["fail", "skip"],
+                   help="bad images: stop at the first with one line naming it (fail), or leave them out and "
+                        "record each path and reason in the store and the summary (skip)")
+    reuse = p.add_mutually_exclusive_group()
+    reuse.add_argument("--resume", dest="overwrite", action="store_false",
+                       help="(default) reuse stores and committed chunks of this very run; refuse ones from other inputs")
+    reuse.add_argument("--overwrite", dest="overwrite", action="store_true",
+                       help="re-extract stores and discard committed chunks made from other inputs")
+    p.set_defaults(overwrite=False)  # store_false would make --resume's absence mean overwrite
     p.add_argument("--no-exif-transpose", action="store_true", help="ignore EXIF orientation")
     p.add_argument("--full-decode", action="store_true", help="decode JPEGs at full size (no reduced-size draft)")
     p.add_argument("--decoder", default="auto", choices=["auto", "pil", "torchvision"],
@@ -74,8 +99,7 @@ def _add_extract(commands) -> None:
 
 def _run_extract(args) -> int:
     from .backbones import load_backbone
-    from .extract import ExtractSettings, extract_listings
-    from .images import list_split
+    from .extract import ExtractSettings, extract_listings, list_split
 
     if args.weights_path and len(args.backbone) != 1:
         raise ValueError("--weights-path loads one state dict: give exactly one --backbone")
@@ -113,11 +137,34 @@ def _run_extract(args) -> int:
 
 def _report_listing(listing) -> None:
     print(f"{listing.split_dir}: {len(listing)} images in {len(listing.classes)} classes", file=sys.stderr)
-    if listing.empty_classes:
-        print(f"  empty class folders (kept as classes): {', '.join(listing.empty_classes)}", file=sys.stderr)
-    if listing.ignored:
-        shown = ", ".join(listing.ignored[:5]) + (", ..." if len(listing.ignored) > 5 else "")
-        print(f"  {len(listing.ignored)} files without an image extension ignored: {shown}", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------- verify
+
+
+def _add_verify(commands) -> None:
+    p = commands.add_parser("verify", help="check stores: complete, sound, unedited, and current with their image folder",
+                            description="Exit status 1 if any store is incomplete or damaged, has wrong shapes or dtypes, "
+                                        "NaN/Inf features, was edited, or no longer matches its image folder (images "
+                                        "added, removed or modified are named), or if stores of one split do not align.")
+    p.add_argument("store", type=Path, nargs="+")
+    p.add_argument("--data-root", type=Path, help="check against this folder instead of the recorded data_root")
+    p.set_defaults(run=_run_verify)
+
+
+def _run_verify(args) -> int:
+    from .verify import verify_stores
+
+    reports = verify_stores(args.store, args.data_root)
+    for report in reports:
+        if report.ok:
+            print(f"{report.path}: OK ({report.rows} rows, {report.skipped} skipped, matches its image folder)")
+        for problem in report.problems:
+            print(f"{report.path}: {problem}")
+    failed = sum(not report.ok for report in reports)
+    if failed:
+        print(f"featurekit: verify: {failed} of {len(reports)} stores have problems", file=sys.stderr)
+    return 1 if failed else 0
 
 
 # --------------------------------------------------------------------------- info, list-backbones

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import json
 import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -34,7 +33,19 @@ from .backbones import Backbone
 from .images import DecodePolicy, ImageDecodeError, SplitListing, fs_path, list_split, printable_path
 from .gpu_decode import decode_batch
 from .loader import ViewBatch, ViewDataset, default_workers, iterate_views
-from .store import Chunk, PartialStore, StoreError, StoreLock, finalize, fingerprint, read_attrs, read_store, store_path
+from .store import (
+    Chunk,
+    PartialStore,
+    StoreError,
+    StoreLock,
+    finalize,
+    fingerprint,
+    identity_change,
+    read_attrs,
+    read_store,
+    store_path,
+    uncovered,
+)
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -50,7 +61,7 @@ class ExtractSettings:
     num_workers: int | None = None  # None: sized to the cores
     chunk_size: int = 512  # rows per committed chunk; rounded up to a multiple of batch_size
     on_error: str = "fail"  # fail | skip
-    overwrite: bool = False
+    overwrite: bool = False  # re-extract stores and discard committed chunks made from other inputs
     decode: DecodePolicy = field(default_factory=DecodePolicy)
     decoder: str = "auto"  # auto (torchvision/nvJPEG on CUDA, PIL on CPU) | pil | torchvision
     channels_last: bool = True
@@ -141,6 +152,27 @@ def all_chunks(n: int, chunk_size: int) -> list[tuple[int, int]]:
     return [(start, min(start + chunk_size, n)) for start in range(0, n, chunk_size)]
 
 
+def missing_chunks(committed: Sequence[Sequence[tuple[int, int]]], n: int, chunk_size: int) -> list[tuple[int, int]]:
+    """Chunks of the rows that some store has not committed, cut on the ``chunk_size`` grid.
+
+    ``committed`` holds each store's committed ranges. On the grid, an unchanged command
+    recomputes exactly the chunks (and so the batches) an uninterrupted run would have.
+    """
+    merged: list[tuple[int, int]] = []
+    for start, stop in sorted(gap for ranges in committed for gap in uncovered(ranges, n)):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], stop))
+        else:
+            merged.append((start, stop))
+    todo = []
+    for start, stop in merged:
+        while start < stop:
+            cut = min(stop, (start // chunk_size + 1) * chunk_size)
+            todo.append((start, cut))
+            start = cut
+    return todo
+
+
 def extract(
     root: str | Path,
     splits: Sequence[str],
@@ -160,7 +192,11 @@ def extract_listings(
 ) -> list[StoreResult]:
     """:func:`extract` over splits already listed (a bad split fails before any model is built)."""
     settings = (settings or ExtractSettings()).resolved()
+    for listing in listings:
+        _report_listing(listing)
     runner = _Runner(backbones, settings)
+    for listing in listings:  # refuse stale stores of any split before extracting the first
+        runner.check_reusable(listing, Path(out_dir))
     results = []
     for listing in listings:
         results.extend(runner.run_split(listing, Path(out_dir)))
@@ -198,35 +234,55 @@ class _Runner:
         results, jobs = [], []
         with contextlib.ExitStack() as locks:
             for backbone in self.backbones:
-                final = store_path(out_dir, listing.split, backbone.store_name)
-                store_fingerprint = fingerprint(listing, identity(backbone, self.settings))
-                if self._up_to_date(final, store_fingerprint, backbone):
+                partial = self._partial(listing, out_dir, backbone)
+                final = partial.final
+                if self._up_to_date(partial, listing):  # checked without the lock: readers never wait
+                    _tidy_finished(partial)
                     results.append(_result(final, "up to date"))
                     continue
                 locks.enter_context(StoreLock(final))
-                partial = PartialStore(final, store_fingerprint)
-                state = partial.open()
+                if self._up_to_date(partial, listing):  # finished by another process meanwhile
+                    partial.discard_if_finished()
+                    results.append(_result(final, "up to date"))
+                    continue
+                state = partial.open(discard_stale=self.settings.overwrite)
                 if state != "started":
-                    _say(f"{final}: {state} ({len(partial.committed())} chunks committed)")
-                jobs.append(_Job(backbone, partial, store_attrs(backbone, listing, self.settings, store_fingerprint)))
+                    _say(f"{final}: {state}")
+                jobs.append(_Job(backbone, partial, store_attrs(backbone, listing, self.settings, partial.fingerprint)))
             if jobs:
                 self._compute(listing, jobs)
                 if self.settings.rank == 0:
                     results.extend(self._finalize(listing, job) for job in jobs)
         return results
 
-    def _up_to_date(self, final: Path, store_fingerprint: str, backbone: Backbone) -> bool:
+    def check_reusable(self, listing: SplitListing, out_dir: Path) -> None:
+        """Raise :class:`StoreError` if a store or committed chunks of this split were made from
+        other inputs and ``overwrite`` is off."""
+        for backbone in self.backbones:
+            partial = self._partial(listing, out_dir, backbone)
+            if not self._up_to_date(partial, listing):
+                partial.check_no_stale_chunks(self.settings.overwrite)
+
+    def _partial(self, listing: SplitListing, out_dir: Path, backbone: Backbone) -> PartialStore:
+        store_identity = identity(backbone, self.settings)
+        final = store_path(out_dir, listing.split, backbone.store_name)
+        return PartialStore(final, fingerprint(listing, store_identity), store_identity)
+
+    def _up_to_date(self, partial: PartialStore, listing: SplitListing) -> bool:
+        """Whether the final store is this very extraction. One made from other inputs is refused
+        unless ``overwrite``, and then replaced only once its successor is complete."""
+        final = partial.final
         if not final.exists():
             return False
         try:
-            attrs = read_attrs(final)
-        except StoreError:
-            attrs = {}
-        if attrs.get("fingerprint") == store_fingerprint:
+            attrs, damage = read_attrs(final), ""
+        except StoreError as error:
+            attrs, damage = {}, str(error).removeprefix(f"{final}: ")
+        if attrs.get("fingerprint") == partial.fingerprint:
             return True
         if not self.settings.overwrite:
-            raise StoreError(f"{final}: exists but {_what_changed(attrs, backbone, self.settings)}; "
-                             "pass --overwrite to re-extract it")
+            why = f"is damaged ({damage})" if damage else _what_changed(final, attrs, listing, partial.identity)
+            raise StoreError(f"{final}: exists but {why}; pass --overwrite to re-extract it")
         return False
 
     def _finalize(self, listing: SplitListing, job: _Job) -> StoreResult:
@@ -235,8 +291,7 @@ class _Runner:
     # ------------------------------------------------------------------ the hot loop
 
     def _compute(self, listing: SplitListing, jobs: list[_Job]) -> None:
-        done = set.intersection(*(set(job.partial.committed()) for job in jobs))
-        todo = [c for c in all_chunks(len(listing), self.settings.chunk_size) if c not in done]
+        todo = missing_chunks([job.partial.committed() for job in jobs], len(listing), self.settings.chunk_size)
         todo = shard(todo, self.settings.rank, self.settings.world_size)
         if not todo:
             return
@@ -388,13 +443,31 @@ def _raise_finished(pending: list[Future]) -> None:
         pending.pop(0).result()
 
 
-def _what_changed(attrs: dict, backbone: Backbone, settings: ExtractSettings) -> str:
-    if not attrs:
-        return "is not a complete featurekit store"
-    for key, now in json.loads(json.dumps(identity(backbone, settings))).items():  # tuples -> lists, as stored
-        if attrs.get(key) != now:
-            return f"was made with other {key.replace('_', ' ')} ({attrs.get(key)} != {now})"
-    return "was made from other image files (added, removed or modified since)"
+def _what_changed(final: Path, attrs: dict, listing: SplitListing, store_identity: dict) -> str:
+    from .verify import folder_changes
+
+    change = identity_change(attrs, store_identity)
+    if change:
+        return f"was made with {change}"
+    return f"was made from another state of {listing.split_dir} ({'; '.join(folder_changes(final, listing))})"
+
+
+def _report_listing(listing: SplitListing) -> None:
+    if listing.empty_classes:
+        _say(f"{listing.split_dir}: empty class folders (kept as classes, no rows): {', '.join(listing.empty_classes)}")
+    if listing.ignored:
+        more = f" and {len(listing.ignored) - 5} more" if len(listing.ignored) > 5 else ""
+        _say(f"{listing.split_dir}: {len(listing.ignored)} files without an image extension ignored: "
+             f"{', '.join(listing.ignored[:5])}{more}")
+
+
+def _tidy_finished(partial: PartialStore) -> None:
+    """Delete what a writer killed just after its final rename left, unless someone is writing."""
+    if not (partial.dir.exists() or partial.temporaries()):
+        return
+    with contextlib.suppress(StoreError, OSError), StoreLock(partial.final):
+        if partial.discard_if_finished():
+            _say(f"{partial.final}: leftovers of a killed run deleted")
 
 
 @contextlib.contextmanager

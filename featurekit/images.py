@@ -11,6 +11,7 @@ naming the file and the reason.
 
 from __future__ import annotations
 
+import errno
 import os
 import warnings
 from dataclasses import asdict, dataclass
@@ -173,7 +174,8 @@ def decode_image(path: str | os.PathLike, policy: DecodePolicy = DecodePolicy(),
     except _Refused as refusal:
         raise ImageDecodeError(display, str(refusal)) from None
     except FileNotFoundError:
-        raise ImageDecodeError(display, "file disappeared after listing") from None
+        reason = "broken symbolic link" if os.path.islink(path) else "file disappeared after listing"
+        raise ImageDecodeError(display, reason) from None
     except PermissionError:
         raise ImageDecodeError(display, "permission denied") from None
     except Image.DecompressionBombError as error:
@@ -183,6 +185,9 @@ def decode_image(path: str | os.PathLike, policy: DecodePolicy = DecodePolicy(),
 
 
 def _reason(error: Exception) -> str:
+    if isinstance(error, OSError) and error.errno is not None:
+        # "[Errno 40] Too many levels of symbolic links: 'path'" would name the file twice.
+        return f"cannot read file ({error.strerror or errno.errorcode.get(error.errno, error.errno)})"
     text = str(error).splitlines()[0] if str(error) else type(error).__name__
     if isinstance(error, OSError) and "truncated" in text:
         return f"truncated image ({text})"

@@ -13,12 +13,15 @@ dataset                   shape, dtype                 meaning
 ``file_mtime_ns``         int64 [N]                    modification time, at extraction time
 ``skipped_paths``         UTF-8 str [K]                images left out (``--on-error skip``)
 ``skipped_reasons``       UTF-8 str [K]                why each was left out
+``skipped_file_size``     int64 [K]                    bytes of each skipped file (-1: unreadable)
+``skipped_file_mtime_ns`` int64 [K]                    its modification time (-1: unreadable)
 ========================  ===========================  ======================================
 
 Attributes: ``format``, ``format_version``, ``split``, ``backbone``, ``node``, ``feature_dim``,
 ``dtype``, ``weights``, ``weights_sha256``, ``weights_source``, ``weights_report``,
 ``preprocessing`` (JSON), ``decode`` (JSON), ``precision``, ``device``, ``versions`` (JSON),
-``fingerprint``, ``n_listed``, ``data_root``, ``created``, and ``complete`` (written last).
+``fingerprint``, ``n_listed``, ``data_root``, ``created``, ``complete``, and ``content_sha256``
+(written last: sha256 of every dataset and attribute, so ``featurekit verify`` notices edits).
 
 Writing is crash-safe by construction. Rows are committed in chunks: each chunk is an ``.npz``
 written under a temporary name, fsynced and renamed into ``.<store_name>.partial/``, whose
@@ -27,19 +30,26 @@ and a rerun continues from them. When every chunk is there, :func:`finalize` wri
 file under a temporary name, fsyncs it and renames it into place: a file under a final name is
 always complete. Chunks are keyed by global index ranges, so processes that each extract a
 contiguous range (torchrun ranks) can commit into one partial directory and one of them joins.
+
+Temporary files (``.chunk-*.npz.tmp-PID``, ``.<name>.h5.tmp-PID``) left by a killed process are
+deleted by the next writer that holds the store's :class:`StoreLock`; they are never reused, since
+a killed writer may have left them half written.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
 import json
 import os
 import shutil
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import h5py
 import numpy as np
@@ -61,6 +71,34 @@ def store_path(out_dir: str | os.PathLike, split: str, store_name: str) -> Path:
 
 def partial_dir(final: Path) -> Path:
     return final.with_name(f".{final.stem}.partial")
+
+
+# What, besides the file list, determines a store's values; extract.identity() builds this dict.
+IDENTITY_KEYS = ("backbone", "node", "weights_sha256", "preprocessing", "decode", "precision", "dtype")
+
+# Testing hook: FEATUREKIT_CRASH_AT=<point>[:<n>] SIGKILLs the process the n-th time it reaches a
+# point of the commit protocol, so tests can stop a real extraction exactly there.
+CRASH_ENV = "FEATUREKIT_CRASH_AT"
+CRASH_POINTS = ("manifest-written", "chunk-tmp-written", "chunk-committed", "finalize-tmp-written", "finalize-renamed")
+_crash_counts: dict[str, int] = {}
+
+
+def crash_point(point: str) -> None:
+    wanted = os.environ.get(CRASH_ENV)
+    if not wanted or wanted.partition(":")[0] != point:
+        return
+    _crash_counts[point] = _crash_counts.get(point, 0) + 1
+    if _crash_counts[point] == int(wanted.partition(":")[2] or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def identity_change(recorded: dict, current: dict) -> str | None:
+    """How the extraction identity of a store or partial differs from the current one, or None."""
+    current = json.loads(json.dumps(current))  # tuples -> lists, as stored
+    for key in IDENTITY_KEYS:
+        if recorded.get(key) != current.get(key):
+            return f"other {key.replace('_', ' ')} ({recorded.get(key)} != {current.get(key)})"
+    return None
 
 
 def fingerprint(listing: SplitListing, identity: dict) -> str:
@@ -89,39 +127,90 @@ class Chunk:
 
 
 class PartialStore:
-    """The committed chunks of one store under construction."""
+    """The committed chunks of one store under construction.
 
-    def __init__(self, final: Path, store_fingerprint: str):
+    Only a holder of the store's :class:`StoreLock` may call :meth:`open`, :meth:`write` and
+    :func:`finalize`: they delete what a killed writer left behind.
+    """
+
+    def __init__(self, final: Path, store_fingerprint: str, identity: dict | None = None):
         self.final = final
         self.dir = partial_dir(final)
         self.fingerprint = store_fingerprint
+        self.identity = identity or {}
 
-    def open(self) -> str:
-        """Create, reuse, or (stale fingerprint) clear the partial directory. Returns what it did."""
-        manifest = self.dir / "manifest.json"
-        if manifest.is_file():
-            try:
-                recorded = json.loads(manifest.read_text())["fingerprint"]
-            except (ValueError, KeyError, OSError):
-                recorded = None
-            if recorded == self.fingerprint:
-                return "resumed" if self.committed() else "started"
-            shutil.rmtree(self.dir)
-            state = "stale partial discarded"
-        else:
-            shutil.rmtree(self.dir, ignore_errors=True)
-            state = "started"
+    @property
+    def manifest(self) -> Path:
+        return self.dir / "manifest.json"
+
+    def recorded(self) -> dict | None:
+        """The manifest of the chunks on disk: None when there is none, {} when it is unreadable."""
+        if not self.manifest.is_file():
+            return None
+        try:
+            recorded = json.loads(self.manifest.read_text())
+        except (ValueError, OSError):
+            return {}
+        return recorded if isinstance(recorded, dict) else {}
+
+    def open(self, discard_stale: bool = False) -> str:
+        """Reuse chunks of the same fingerprint, or start afresh. Returns what it did.
+
+        Committed chunks of another fingerprint are discarded only with ``discard_stale``
+        (``--overwrite``); otherwise :class:`StoreError` says what changed.
+        """
+        removed = self.remove_temporaries()
+        tidied = f"; {removed} temporary file(s) of a killed run deleted" if removed else ""
+        committed = len(self.committed()) if self.dir.is_dir() else 0
+        if self.resumable():
+            return (f"resumed ({committed} chunks committed)" if committed else "started") + tidied
+        self.check_no_stale_chunks(discard_stale)
+        state = f"{committed} stale committed chunks discarded (--overwrite)" if committed else "started"
+        shutil.rmtree(self.dir, ignore_errors=True)
         self.dir.mkdir(parents=True)
-        _atomic_write(manifest, json.dumps({"fingerprint": self.fingerprint, "format_version": FORMAT_VERSION}).encode())
-        return state
+        manifest = {"fingerprint": self.fingerprint, "identity": self.identity, "format_version": FORMAT_VERSION}
+        _atomic_write(self.manifest, json.dumps(manifest, sort_keys=True).encode())
+        _fsync_dir(self.dir.parent)
+        crash_point("manifest-written")
+        return state + tidied
+
+    def temporaries(self) -> list[Path]:
+        """Files being written (by the lock holder) or half written (by a killed writer)."""
+        found = list(self.final.parent.glob(f".{glob_escape(self.final.name)}.tmp-*"))
+        return found + (list(self.dir.glob(".*.tmp-*")) if self.dir.is_dir() else [])
+
+    def resumable(self) -> bool:
+        """Whether the chunks on disk (if any) were committed for this very fingerprint."""
+        return (self.recorded() or {}).get("fingerprint") == self.fingerprint
+
+    def check_no_stale_chunks(self, discard_stale: bool = False) -> None:
+        """Raise :class:`StoreError` naming what changed if chunks of another fingerprint are
+        committed, unless ``discard_stale``. Safe without the lock: it only reads."""
+        if discard_stale or self.resumable() or not self.dir.is_dir() or not self.committed():
+            return
+        change = identity_change((self.recorded() or {}).get("identity", {}), self.identity)
+        why = f"used {change}" if change else "saw other image files (added, removed or modified since)"
+        raise StoreError(f"{self.final}: the {len(self.committed())} committed chunks in {self.dir} are from an "
+                         f"unfinished run that {why}; pass --overwrite to discard them")
+
+    def remove_temporaries(self) -> int:
+        """Delete half-written files of a killed writer of this store; returns how many."""
+        leftovers = self.temporaries()
+        for leftover in leftovers:
+            leftover.unlink(missing_ok=True)
+        return len(leftovers)
 
     def committed(self) -> list[tuple[int, int]]:
         """Ranges of the chunks already on disk, sorted."""
         ranges = []
-        for entry in self.dir.glob("chunk-*.npz"):
-            start, stop = entry.stem.split("-")[1:3]
-            ranges.append((int(start), int(stop)))
+        for entry in self.dir.glob("chunk-*-*.npz"):
+            bounds = entry.stem.split("-")[1:]
+            if len(bounds) == 2 and all(b.isdigit() for b in bounds):
+                ranges.append((int(bounds[0]), int(bounds[1])))
         return sorted(ranges)
+
+    def chunk_path(self, start: int, stop: int) -> Path:
+        return self.dir / f"chunk-{start:012d}-{stop:012d}.npz"
 
     def write(self, chunk: Chunk) -> None:
         """Commit one chunk atomically (temporary name, fsync, rename, fsync directory)."""
@@ -131,89 +220,166 @@ class PartialStore:
                 f"{self.final}: non-finite features for row {int(chunk.kept[bad.argmax()])} "
                 f"({'overflow of float16: use --dtype float32' if chunk.features.dtype == np.float16 else 'NaN/Inf from the model'})"
             )
-        target = self.dir / f"chunk-{chunk.start:012d}-{chunk.stop:012d}.npz"
+        target = self.chunk_path(chunk.start, chunk.stop)
         temporary = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-        try:
+        with _cleaned_on_failure(temporary, f"{target}: cannot write chunk"):
             with open(temporary, "wb") as handle:
                 np.savez(handle, kept=chunk.kept, features=chunk.features, skipped=chunk.skipped,
-                         reasons=np.array(chunk.reasons, dtype=object).astype(str))
+                         reasons=np.array(chunk.reasons, dtype=str).reshape(-1))
                 handle.flush()
                 os.fsync(handle.fileno())
+            crash_point("chunk-tmp-written")
             os.replace(temporary, target)
             _fsync_dir(self.dir)
-        except OSError as error:
-            temporary.unlink(missing_ok=True)
-            raise StoreError(f"{target}: cannot write chunk ({_os_reason(error)})") from None
+        crash_point("chunk-committed")
 
-    def read(self) -> list[Chunk]:
+    def read(self, n: int) -> list[Chunk]:
+        """The committed chunks that tile rows ``[0, n)``, in order. Raises :class:`StoreError`
+        when rows are missing, or removes a damaged chunk and says to run again."""
         chunks = []
-        for start, stop in self.committed():
-            path = self.dir / f"chunk-{start:012d}-{stop:012d}.npz"
-            with np.load(path, allow_pickle=False) as data:
-                chunks.append(Chunk(start, stop, data["kept"], data["features"], data["skipped"], tuple(data["reasons"].tolist())))
+        for start, stop in self._tiling(n):
+            path = self.chunk_path(start, stop)
+            try:
+                with np.load(path, allow_pickle=False) as data:
+                    chunk = Chunk(start, stop, data["kept"], data["features"], data["skipped"], tuple(data["reasons"].tolist()))
+            except Exception as error:  # zipfile, numpy and OS errors alike mean the file is damaged
+                path.unlink(missing_ok=True)
+                raise StoreError(f"{path}: damaged chunk removed ({_reason_of(error)}); run the same command again "
+                                 f"to recompute rows {start}-{stop}") from None
+            chunks.append(chunk)
         return chunks
+
+    def _tiling(self, n: int) -> list[tuple[int, int]]:
+        """Committed ranges that cover ``[0, n)`` exactly once (runs with other chunk sizes may overlap)."""
+        committed = self.committed()
+        gaps = uncovered(committed, n)
+        if gaps:
+            start, stop = gaps[0]
+            raise StoreError(f"{self.dir}: rows {start}-{stop} were never committed; run the same command again to finish")
+        next_stop: dict[int, int] = {n: n}
+        for start, stop in sorted(committed, reverse=True):  # a stop is always decided before its start
+            if stop in next_stop and start not in next_stop:
+                next_stop[start] = stop
+        if 0 not in next_stop:
+            raise StoreError(f"{self.dir}: committed chunks overlap without tiling rows 0-{n}; pass --overwrite to redo them")
+        tiling, position = [], 0
+        while position < n:
+            tiling.append((position, next_stop[position]))
+            position = next_stop[position]
+        return tiling
 
     def discard(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
 
+    def discard_if_finished(self) -> bool:
+        """Delete what a writer killed between its final rename and its cleanup left behind.
+
+        Only chunks of this fingerprint (the finished store's) go: chunks of another run are
+        someone's unfinished work. Returns whether anything was deleted.
+        """
+        finished = self.dir.is_dir() and self.resumable()
+        if finished:
+            self.discard()
+        return bool(self.remove_temporaries()) or finished
+
+
+def uncovered(ranges: Sequence[tuple[int, int]], n: int) -> list[tuple[int, int]]:
+    """The row ranges of ``[0, n)`` that no range in ``ranges`` covers, in order."""
+    gaps, position = [], 0
+    for start, stop in sorted(ranges):
+        if start > position:
+            gaps.append((position, min(start, n)))
+        position = max(position, stop)
+    if position < n:
+        gaps.append((position, n))
+    return [(start, stop) for start, stop in gaps if start < stop]
+
 
 def finalize(partial: PartialStore, listing: SplitListing, attrs: dict) -> Path:
     """Join the chunks into ``partial.final`` (complete, or not there at all)."""
-    chunks = partial.read()
-    _check_coverage(partial, chunks, len(listing))
+    chunks = partial.read(len(listing))
     kept = np.concatenate([c.kept for c in chunks])
-    features = np.concatenate([c.features for c in chunks]) if kept.size else None
-    if features is None:
+    if not kept.size:
         raise StoreError(f"{partial.final}: every image of {listing.split_dir} was skipped; nothing to store")
-    skipped = np.concatenate([c.skipped for c in chunks])
+    features = np.concatenate([c.features for c in chunks])
+    skipped = [listing.records[i] for c in chunks for i in c.skipped]
     reasons = [r for c in chunks for r in c.reasons]
     records = [listing.records[i] for i in kept]
     final = partial.final
     temporary = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    try:
+    with _cleaned_on_failure(temporary, f"{final}: cannot write store", f"; committed chunks kept in {partial.dir}"):
         with h5py.File(temporary, "w") as h5:
             h5.create_dataset("features", data=features)
             h5.create_dataset("labels", data=np.array([r.label for r in records], dtype=np.int64))
-            h5.create_dataset("paths", data=[printable_path(r.path) for r in records], dtype=STR)
+            _write_records(h5, "", records)
             h5.create_dataset("classes", data=list(listing.classes), dtype=STR)
-            h5.create_dataset("file_size", data=np.array([r.size for r in records], dtype=np.int64))
-            h5.create_dataset("file_mtime_ns", data=np.array([r.mtime_ns for r in records], dtype=np.int64))
-            h5.create_dataset("skipped_paths", data=[printable_path(listing.records[i].path) for i in skipped], dtype=STR)
-            h5.create_dataset("skipped_reasons", data=reasons, dtype=STR)
+            h5.create_dataset("skipped_reasons", data=[printable_path(r) for r in reasons], dtype=STR)
+            _write_records(h5, "skipped_", skipped)
             for key, value in {**attrs, "format": FORMAT, "format_version": FORMAT_VERSION,
                                "feature_dim": features.shape[1], "dtype": str(features.dtype),
                                "n_listed": len(listing), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}.items():
                 h5.attrs[key] = value if isinstance(value, (str, int, float, bool, np.integer)) else json.dumps(value, sort_keys=True)
             h5.attrs["complete"] = True
+            h5.attrs["content_sha256"] = content_sha256(h5)
             h5.flush()
         with open(temporary, "rb+") as handle:
             os.fsync(handle.fileno())
+        crash_point("finalize-tmp-written")
         os.replace(temporary, final)
         _fsync_dir(final.parent)
-    except OSError as error:
-        temporary.unlink(missing_ok=True)
-        raise StoreError(f"{final}: cannot write store ({_os_reason(error)}); committed chunks kept in {partial.dir}") from None
+    crash_point("finalize-renamed")
     partial.discard()
     return final
 
 
-def _check_coverage(partial: PartialStore, chunks: list[Chunk], n: int) -> None:
-    position = 0
-    for chunk in chunks:
-        if chunk.start != position:
-            raise StoreError(f"{partial.dir}: rows {position}-{chunk.start} were never committed; run extract again to finish")
-        position = chunk.stop
-    if position != n:
-        raise StoreError(f"{partial.dir}: rows {position}-{n} were never committed; run extract again to finish")
+def _write_records(h5: h5py.File, prefix: str, records: list) -> None:
+    """``<prefix>paths``, ``<prefix>file_size`` and ``<prefix>file_mtime_ns`` of listing records."""
+    h5.create_dataset(f"{prefix}paths", data=[printable_path(r.path) for r in records], dtype=STR)
+    h5.create_dataset(f"{prefix}file_size", data=np.array([r.size for r in records], dtype=np.int64))
+    h5.create_dataset(f"{prefix}file_mtime_ns", data=np.array([r.mtime_ns for r in records], dtype=np.int64))
+
+
+DIGEST_BLOCK_ROWS = 8192
+
+
+def content_sha256(h5: h5py.File) -> str:
+    """sha256 of every dataset (read in row blocks) and every attribute but this one."""
+    digest = hashlib.sha256()
+    for name in sorted(h5.keys()):
+        data = h5[name]
+        digest.update(f"{name}\0{data.dtype.str}\0{data.shape}\0".encode())
+        for start in range(0, data.shape[0], DIGEST_BLOCK_ROWS):
+            block = data[start:start + DIGEST_BLOCK_ROWS]
+            if block.dtype == object:  # strings come back as bytes
+                digest.update(b"\0".join(block.tolist()) + b"\0")
+            else:
+                digest.update(np.ascontiguousarray(block, dtype=block.dtype.newbyteorder("<")).tobytes())
+    for key in sorted(k for k in h5.attrs.keys() if k != "content_sha256"):
+        value = h5.attrs[key]
+        digest.update(f"{key}\0{value.item() if isinstance(value, np.generic) else value!r}\0".encode())
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def _cleaned_on_failure(temporary: Path, what: str, hint: str = ""):
+    """Delete ``temporary`` if the block fails; OS errors become one-line :class:`StoreError`."""
+    try:
+        yield
+    except BaseException as error:
+        temporary.unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise StoreError(f"{what} ({_os_reason(error)}){hint}") from None
+        raise
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(temporary, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+    with _cleaned_on_failure(temporary, f"{path}: cannot write"):
+        with open(temporary, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -225,9 +391,17 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _os_reason(error: OSError) -> str:
-    if error.errno == errno.ENOSPC:
+    if error.errno == errno.ENOSPC or "No space left" in str(error):  # h5py drops the errno
         return "no space left on device"
-    return error.strerror or str(error)
+    return error.strerror or _reason_of(error)
+
+
+def _reason_of(error: Exception) -> str:
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
+def glob_escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
 
 
 class StoreLock:
@@ -286,7 +460,7 @@ class StoreContents:
 def read_attrs(path: str | os.PathLike) -> dict:
     """The attributes of a complete store, JSON ones decoded. Raises :class:`StoreError`."""
     with open_h5(path) as h5:
-        return _attrs(h5)
+        return decoded_attrs(h5)
 
 
 def read_store(path: str | os.PathLike, features: bool = True) -> StoreContents:
@@ -298,7 +472,7 @@ def read_store(path: str | os.PathLike, features: bool = True) -> StoreContents:
             h5["labels"][()],
             [p.decode("utf-8") for p in h5["paths"][()]],
             [c.decode("utf-8") for c in h5["classes"][()]],
-            _attrs(h5),
+            decoded_attrs(h5),
             list(zip((p.decode() for p in h5["skipped_paths"][()]), (r.decode() for r in h5["skipped_reasons"][()]))),
         )
 
@@ -325,7 +499,8 @@ def open_h5(path: str | os.PathLike) -> h5py.File:
     return h5
 
 
-def _attrs(h5: h5py.File) -> dict:
+def decoded_attrs(h5: h5py.File) -> dict:
+    """The attributes of an open store, JSON ones decoded, numpy scalars as Python values."""
     attrs = {}
     for key, value in h5.attrs.items():
         if isinstance(value, np.generic):

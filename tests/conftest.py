@@ -1,12 +1,92 @@
-"""Shared fixtures: tiny real image folders written with PIL (the tests never read ../shared)."""
+"""Shared helpers: tiny real image folders, and the CLI run in-process or as a real subprocess.
+
+Every extraction here is resnet18 with seeded random weights on the CPU, in float32, two rows
+per chunk and per batch, so a whole run over a dozen 40x32 images takes well under a second
+once torch is imported.
+"""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+
+from featurekit.cli import main
+from featurekit.store import read_store
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_RUN = ["--backbone", "resnet18", "--weights", "random", "--device", "cpu", "--dtype", "float32",
+            "--chunk-size", "2", "--batch-size", "2", "--workers", "0", "--quiet"]
+
+
+def write_jpeg(path: Path, seed: int, size: tuple[int, int] = (40, 32)) -> Path:
+    """A smooth random RGB picture (noise alone would make every feature vector alike)."""
+    rng = np.random.default_rng(seed)
+    corners = rng.integers(0, 256, (2, 2, 3)).astype(np.float64)
+    y, x = np.mgrid[0:size[1], 0:size[0]] / np.array([[[max(size[1] - 1, 1)]], [[max(size[0] - 1, 1)]]])
+    top = corners[0, 0] * (1 - x[..., None]) + corners[0, 1] * x[..., None]
+    bottom = corners[1, 0] * (1 - x[..., None]) + corners[1, 1] * x[..., None]
+    pixels = top * (1 - y[..., None]) + bottom * y[..., None] + rng.normal(0, 8, (size[1], size[0], 3))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path, quality=90)
+    return path
+
+
+def make_folder(root: Path, split: str = "train", per_class: dict[str, int] | None = None, seed: int = 0) -> Path:
+    """``root/split/<class>/<i>.jpg``; returns ``root``."""
+    for offset, (class_name, count) in enumerate((per_class or {"ants": 5, "bees": 5}).items()):
+        for i in range(count):
+            write_jpeg(root / split / class_name / f"{i:02d}.jpg", seed * 1000 + offset * 100 + i)
+    return root
+
+
+@dataclass
+class CliResult:
+    code: int
+    out: str
+    err: str
+
+
+def run_cli(capsys, *args: str | os.PathLike) -> CliResult:
+    """``featurekit ARGS`` in this process (torch stays imported between runs)."""
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return CliResult(code, captured.out, captured.err)
+
+
+def run_subprocess(*args: str | os.PathLike, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    """``python -m featurekit ARGS`` as a real child process."""
+    return subprocess.run([sys.executable, "-m", "featurekit", *map(str, args)], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("featurekit: error:")]
+
+
+def assert_same_store(actual: Path, expected: Path) -> None:
+    """Same rows, same order, same values, same skipped images and reasons."""
+    a, e = read_store(actual), read_store(expected)
+    assert a.paths == e.paths
+    assert a.classes == e.classes
+    np.testing.assert_array_equal(a.labels, e.labels)
+    assert a.features.dtype == e.features.dtype
+    np.testing.assert_array_equal(a.features, e.features)
+    assert a.skipped == e.skipped
+    assert a.attrs["fingerprint"] == e.attrs["fingerprint"]
+
+
+def leftovers(out_split: Path) -> list[str]:
+    """Everything in an output split folder besides final stores and their lock files."""
+    return sorted(p.name for p in out_split.iterdir() if not (p.suffix == ".h5" and not p.name.startswith("."))
+                  and not p.name.endswith(".lock"))
 
 
 def write_image_folder(root: Path, layout: dict[str, dict[str, int]], seed: int = 0, size: tuple[int, int] = (40, 52)) -> Path:
