@@ -239,10 +239,11 @@ def delete_after_listing(monkeypatch, victim: Path) -> None:
     monkeypatch.setattr(extract_module, "list_split", list_then_delete)
 
 
-def test_skip_records_every_bad_file_and_keeps_backbones_aligned(corpus, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("decoder", ["pil", "torchvision"])  # torchvision: the nvJPEG path's code, on the CPU
+def test_skip_records_every_bad_file_and_keeps_backbones_aligned(corpus, tmp_path, capsys, monkeypatch, decoder):
     delete_after_listing(monkeypatch, corpus / "train" / "bad" / "vanishing.jpg")
     out = tmp_path / "out"
-    run = run_cli(capsys, *extract_args(corpus, out, "--on-error", "skip",
+    run = run_cli(capsys, *extract_args(corpus, out, "--on-error", "skip", "--decoder", decoder,
                                         "--backbone", "resnet18", "mobilenet_v3_small"))
     assert run.code == 0, run.err
     expected_skips = {f"bad/{name}": reason for name, (_, reason) in BROKEN.items()}
