@@ -126,8 +126,9 @@ def phase_featurekit(args) -> dict:
     device = _device(args.device)
     started = time.perf_counter()
     backbones = [load_backbone(name, weights="random") for name in args.backbones]
+    # float32 storage: random-weight ResNet152 activations overflow float16 (real weights do not)
     settings = ExtractSettings(device=str(device), precision=args.precision, batch_size=args.batch_size,
-                               num_workers=args.workers, compile=args.compile, progress=False,
+                               num_workers=args.workers, compile=args.compile, progress=False, dtype="float32",
                                chunk_size=max(args.batch_size * 4, 512))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
