@@ -125,10 +125,13 @@ class _SklearnHead(Head):
 
 
 def _full_proba(proba: np.ndarray, model_classes: np.ndarray, n_classes: int) -> np.ndarray:
-    """Columns for every target 0..C-1, even those a sub-model never saw (zero probability)."""
+    """Columns for every target 0..C-1, even those a sub-model never saw (zero probability).
+
+    Rows are renormalised in float64: sklearn returns float32 probabilities for float32 features.
+    """
     full = np.zeros((len(proba), n_classes))
     full[:, model_classes] = proba
-    return full
+    return full / full.sum(axis=1, keepdims=True)
 
 
 class LogisticHead(_SklearnHead):
@@ -261,8 +264,8 @@ class MLPHead(Head):
         was_training = model.training
         model.eval()
         device = next(model.parameters()).device
-        proba = [F.softmax(model(torch.from_numpy(X[i:i + 4096]).to(device)), dim=1).double().cpu()
-                 for i in range(0, len(X), 4096)]
+        proba = [F.softmax(model(torch.from_numpy(X[i:i + 4096]).to(device)).double(), dim=1).cpu()
+                 for i in range(0, len(X), 4096)]  # float64 softmax: rows sum to 1 within float64 rounding
         model.train(was_training)
         return torch.cat(proba).numpy()
 
