@@ -130,12 +130,9 @@ def _build_torchvision(spec: BackboneSpec, weights: str, weights_path: str | Non
     default = _torchvision_weights(spec, "DEFAULT")
     preprocessing = Preprocessing.from_transforms(default.transforms())
     if weights_path or weights == RANDOM:
-        kwargs = {**spec.arch_kwargs}
-        if weights_path:
-            kwargs["init_weights"] = kwargs.get("init_weights", True)
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # scipy-free init / aux_logits notes
-            model = seed_random(lambda: torchvision.models.get_model(spec.name, weights=None, **kwargs))
+            warnings.simplefilter("ignore")  # torchvision's notes on init_weights / aux_logits
+            model = seed_random(lambda: torchvision.models.get_model(spec.name, weights=None, **spec.arch_kwargs))
         info = load_file(model, weights_path) if weights_path else _random_info(model)
         return model, preprocessing, info
     chosen = _torchvision_weights(spec, weights)
@@ -243,7 +240,7 @@ def _eval_nodes(model: nn.Module) -> list[str]:
 
 def _check_node(name: str, model: nn.Module, node: str) -> None:
     nodes = _eval_nodes(model)
-    if node not in nodes:
+    if node not in nodes and not any(n.startswith(node + ".") for n in nodes):  # a module: its last node
         close = difflib.get_close_matches(node, nodes, n=5)
         raise ValueError(f"{name}: no graph node {node!r}; close: {', '.join(close) or 'none'} "
                          f"(last nodes: {', '.join(nodes[-6:])})")

@@ -267,7 +267,7 @@ class StoreLock:
 
 # --------------------------------------------------------------------------- reading
 
-JSON_ATTRS = ("preprocessing", "decode", "versions", "weights_report")
+JSON_ATTRS = ("preprocessing", "decode", "versions")
 
 
 @dataclass

@@ -53,7 +53,7 @@ def _second_listing_store(tmp_path: Path, name: str, counts: dict[str, int], shu
 
 def test_shuffled_paths_name_backbone_counts_and_row(tmp_path, two_backbone_features):
     _second_listing_store(tmp_path, "c", {"ant": 8, "bee": 8, "wasp": 8}, shuffle=True)
-    with pytest.raises(AlignmentError, match=r"^c \(.*c\.h5\) does not line up with a: 24 vs 24 rows, first differing row 0: 'ant/001.png' vs 'ant/000.png'"):
+    with pytest.raises(AlignmentError, match=r"^c \(.*c\.h5\) does not line up with a: 24 vs 24 rows, first differing row 0: 'ant/img_01.jpg' vs 'ant/img_00.jpg'"):
         load_features(tmp_path / "features", "train", ["a", "c"])
     with pytest.raises(AlignmentError, match="first differing row 0"):
         FeatureDataset(tmp_path / "features", "train", ["a", "c"])
@@ -61,7 +61,7 @@ def test_shuffled_paths_name_backbone_counts_and_row(tmp_path, two_backbone_feat
 
 def test_missing_rows_are_reported_with_both_counts(tmp_path, two_backbone_features):
     _second_listing_store(tmp_path, "c", {"ant": 8, "bee": 7, "wasp": 8})
-    with pytest.raises(AlignmentError, match=r"23 vs 24 rows, first differing row 15: 'wasp/000.png' vs 'bee/007.png'"):
+    with pytest.raises(AlignmentError, match=r"23 vs 24 rows, first differing row 15: 'wasp/img_00.jpg' vs 'bee/img_07.jpg'"):
         load_features(tmp_path / "features", "train", ["a", "c"])
 
 
@@ -79,7 +79,7 @@ def test_same_paths_but_different_labels(tmp_path, two_backbone_features):
         labels = h5["labels"][()]
         labels[5] = 2
         h5["labels"][...] = labels
-    with pytest.raises(AlignmentError, match=r"^b .*first differing label at row 5 \(ant/005.png\): 'wasp' vs 'ant'"):
+    with pytest.raises(AlignmentError, match=r"^b .*first differing label at row 5 \(ant/img_05.jpg\): 'wasp' vs 'ant'"):
         load_features(tmp_path / "features", "train", ["a", "b"])
 
 

@@ -1,0 +1,174 @@
+"""The ``featurekit`` command line. Each subcommand is a thin layer over one stage module.
+
+Every expected failure (bad data, missing weights, stale or damaged stores, bad images) ends
+the process with exit code 1 and one line on stderr naming the file and the reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from .images import DataError, DecodePolicy, ImageDecodeError
+
+EXPECTED_ERRORS = (DataError, ImageDecodeError, KeyError, ValueError, RuntimeError, OSError)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args) or 0
+    except KeyboardInterrupt:
+        print("featurekit: interrupted; committed chunks are kept, rerun the same command to resume", file=sys.stderr)
+        return 130
+    except EXPECTED_ERRORS as error:
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        print(f"featurekit: error: {message}", file=sys.stderr)
+        return 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="featurekit", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    _add_extract(commands)
+    _add_info(commands)
+    _add_list_backbones(commands)
+    return parser
+
+
+# --------------------------------------------------------------------------- extract
+
+
+def _add_extract(commands) -> None:
+    p = commands.add_parser("extract", help="run frozen trunks over an image folder and write HDF5 feature stores")
+    p.add_argument("data_root", type=Path, help="folder holding <split>/<class>/<image>")
+    p.add_argument("--split", nargs="+", default=["train", "valid"], help="splits to extract (default: train valid)")
+    p.add_argument("--backbone", nargs="+", required=True, help="registry names or torchvision models")
+    p.add_argument("--out", type=Path, default=Path("features"), help="output folder (default: features/)")
+    p.add_argument("--weights", default="DEFAULT",
+                   help="DEFAULT (the recipe's ImageNet weights), a torchvision weight name, IMAGENET, or random")
+    p.add_argument("--weights-path", help="local state-dict file (one backbone), loaded by names and shapes")
+    p.add_argument("--node", help="graph node to take features from instead of the default (spatial maps are averaged)")
+    p.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="storage dtype")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="compute precision (auto: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, default=None, help="decoding workers (default: sized to the cores)")
+    p.add_argument("--chunk-size", type=int, default=512, help="rows committed at a time (resume granularity)")
+    p.add_argument("--on-error", default="fail", choices=["fail", "skip"], help="bad images: stop, or skip and record")
+    p.add_argument("--overwrite", action="store_true", help="re-extract stores made from other inputs")
+    p.add_argument("--no-exif-transpose", action="store_true", help="ignore EXIF orientation")
+    p.add_argument("--full-decode", action="store_true", help="decode JPEGs at full size (no reduced-size draft)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the trunks")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=_run_extract)
+
+
+def _run_extract(args) -> int:
+    from .backbones import load_backbone
+    from .extract import ExtractSettings, extract_listings
+    from .images import list_split
+
+    if args.weights_path and len(args.backbone) != 1:
+        raise ValueError("--weights-path loads one state dict: give exactly one --backbone")
+    settings = ExtractSettings(
+        device=args.device, precision=args.precision, dtype=args.dtype, batch_size=args.batch_size,
+        num_workers=args.workers, chunk_size=args.chunk_size, on_error=args.on_error, overwrite=args.overwrite,
+        decode=DecodePolicy(exif_transpose=not args.no_exif_transpose,
+                            draft_min_side=None if args.full_decode else DecodePolicy.draft_min_side),
+        compile=args.compile, progress=not args.quiet,
+    ).resolved()
+    started = time.perf_counter()
+    listings = [list_split(args.data_root, split) for split in args.split]
+    for listing in listings:
+        _report_listing(listing)
+    backbones = []
+    for name in args.backbone:
+        backbone = load_backbone(name, args.weights, args.weights_path, args.node)
+        print(f"{backbone.store_name}: node {backbone.node}, {backbone.feature_dim} features, weights {backbone.weights.name} "
+              f"(sha256 {backbone.weights.sha256[:12]})", file=sys.stderr)
+        if backbone.weights.report.missing or backbone.weights.report.unexpected or backbone.weights.report.shape_mismatch:
+            print(f"  {args.weights_path}: {backbone.weights.report.summary()}", file=sys.stderr)
+        backbones.append(backbone)
+    results = extract_listings(listings, backbones, args.out, settings)
+    elapsed = time.perf_counter() - started
+    written = sum(r.rows + len(r.skipped) for r in results if r.status == "written")
+    for result in results:
+        print(f"{result.path}  {result.rows} rows  {result.status}" + (f"  {len(result.skipped)} skipped" if result.skipped else ""))
+        for path, reason in result.skipped:
+            print(f"  skipped {path}: {reason}")
+    images = written // max(1, len(backbones))
+    rate = f", {images / elapsed:.1f} images/s over {images} images" if images else ", all up to date"
+    print(f"{len(results)} stores in {elapsed:.1f} s{rate} ({settings.device}, {settings.precision})")
+    return 0
+
+
+def _report_listing(listing) -> None:
+    print(f"{listing.split_dir}: {len(listing)} images in {len(listing.classes)} classes", file=sys.stderr)
+    if listing.empty_classes:
+        print(f"  empty class folders (kept as classes): {', '.join(listing.empty_classes)}", file=sys.stderr)
+    if listing.ignored:
+        shown = ", ".join(listing.ignored[:5]) + (", ..." if len(listing.ignored) > 5 else "")
+        print(f"  {len(listing.ignored)} files without an image extension ignored: {shown}", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------- info, list-backbones
+
+
+def _add_info(commands) -> None:
+    p = commands.add_parser("info", help="describe a feature store")
+    p.add_argument("store", type=Path, nargs="+")
+    p.add_argument("--json", action="store_true", help="print the attributes as JSON")
+    p.set_defaults(run=_run_info)
+
+
+def _run_info(args) -> int:
+    from .store import read_store
+
+    for path in args.store:
+        contents = read_store(path, features=False)
+        attrs = contents.attrs
+        if args.json:
+            print(json.dumps({"path": str(path), **attrs, "rows": len(contents.paths), "classes": contents.classes}, default=str))
+            continue
+        counts = {name: 0 for name in contents.classes}
+        for label in contents.labels:
+            counts[contents.classes[label]] += 1
+        print(f"{path}")
+        print(f"  split {attrs['split']} of {attrs['data_root']}")
+        print(f"  backbone {attrs['backbone']} node {attrs['node']}: features {attrs['dtype']}[{len(contents.paths)}, {attrs['feature_dim']}]")
+        print(f"  weights {attrs['weights']} sha256 {attrs['weights_sha256']} ({attrs['weights_source']})")
+        print(f"  preprocessing {json.dumps(attrs['preprocessing'])}")
+        print(f"  decode {json.dumps(attrs['decode'])}, precision {attrs['precision']} on {attrs['device']}")
+        print(f"  classes ({len(counts)}): " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+        print(f"  skipped {len(contents.skipped)} of {attrs['n_listed']} listed" +
+              "".join(f"\n    {p}: {r}" for p, r in contents.skipped))
+        print(f"  fingerprint {attrs['fingerprint']}, created {attrs['created']}, versions {json.dumps(attrs['versions'])}")
+    return 0
+
+
+def _add_list_backbones(commands) -> None:
+    p = commands.add_parser("list-backbones", help="the backbone registry")
+    p.set_defaults(run=_run_list_backbones)
+
+
+def _run_list_backbones(args) -> int:
+    from .backbones import REGISTRY, torchvision_classifiers
+
+    for spec in REGISTRY.values():
+        print(f"{spec.name:20s} {spec.feature_dim or '?':>5} features  node {spec.feature_node:14s} "
+              f"weights {spec.default_weights:14s} {spec.description}")
+    others = [name for name in torchvision_classifiers() if name not in REGISTRY]
+    print(f"\nany other torchvision classification model (DEFAULT weights, input of the final classifier layer):\n  "
+          + ", ".join(others))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

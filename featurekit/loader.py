@@ -1,0 +1,103 @@
+"""Stage 2 in motion: feed decoded, per-backbone views to the trunks in deterministic batches.
+
+Each image is decoded once (in a DataLoader worker) and cut into one uint8 view per distinct
+:class:`~featurekit.views.Preprocessing`; failures travel with the batch as reasons instead of
+killing the worker, so the caller decides between failing and skipping.
+
+Batches never cross a chunk boundary, so a chunk's batches are the same on every run (resume
+reproduces the same values on the CPU, where kernels can depend on the batch size).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .images import DecodePolicy, ImageDecodeError, decode_image
+from .views import Preprocessing
+
+
+@dataclass
+class ViewBatch:
+    """``views[key]``: uint8[B, 3, crop, crop] for the ``B`` decoded images ``indices``."""
+
+    indices: list[int]
+    views: dict[str, torch.Tensor]
+    errors: list[tuple[int, str, str]] = field(default_factory=list)  # (index, path, reason)
+    chunk: tuple[int, int] | None = None
+    last_in_chunk: bool = False
+
+
+class ViewDataset(Dataset):
+    """Item ``i`` of ``files`` (os path, display name) -> (i, {key: uint8 view} or (path, reason))."""
+
+    def __init__(self, files: Sequence[tuple[str, str]], preprocessings: Sequence[Preprocessing], policy: DecodePolicy):
+        self.files = list(files)
+        self.preprocessings = {p.key: p for p in preprocessings}
+        self.policy = policy
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int):
+        path, display = self.files[index]
+        try:
+            image = decode_image(path, self.policy, display)
+            return index, {key: p.view(image) for key, p in self.preprocessings.items()}
+        except ImageDecodeError as error:
+            return index, (error.path, error.reason)
+
+
+def collate_views(items) -> ViewBatch:
+    indices, views, errors = [], {}, []
+    for index, result in items:
+        if isinstance(result, tuple):
+            errors.append((index, *result))
+            continue
+        indices.append(index)
+        for key, view in result.items():
+            views.setdefault(key, []).append(view)
+    return ViewBatch(indices, {key: torch.stack(v) for key, v in views.items()}, errors)
+
+
+def chunk_batches(chunks: Sequence[tuple[int, int]], batch_size: int) -> list[list[int]]:
+    """Index batches of at most ``batch_size`` that never straddle a chunk ``[start, stop)``."""
+    return [list(range(s, min(s + batch_size, stop))) for start, stop in chunks for s in range(start, stop, batch_size)]
+
+
+def default_workers(device: torch.device) -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    # On the CPU the model needs the cores more than decoding does.
+    return min(cores, 16) if device.type == "cuda" else max(1, cores // 2)
+
+
+def iterate_views(
+    dataset: ViewDataset,
+    chunks: Sequence[tuple[int, int]],
+    batch_size: int,
+    num_workers: int,
+    pin_memory: bool = False,
+) -> Iterator[ViewBatch]:
+    """Yield the batches of ``chunks`` in order, each tagged with its chunk."""
+    batches = chunk_batches(chunks, batch_size)
+    loader = DataLoader(
+        dataset,
+        batch_sampler=batches,
+        num_workers=num_workers,
+        collate_fn=collate_views,
+        pin_memory=pin_memory,
+        prefetch_factor=4 if num_workers else None,
+        persistent_workers=False,
+    )
+    bounds = iter(chunks)
+    current = next(bounds, None)
+    for indices, batch in zip(batches, loader):
+        while current is not None and indices[0] >= current[1]:
+            current = next(bounds, None)
+        batch.chunk = current
+        batch.last_in_chunk = indices[-1] == current[1] - 1
+        yield batch

@@ -1,0 +1,124 @@
+"""Extraction end to end on a tiny real folder: store layout, alignment, determinism, atomicity."""
+
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from featurekit import cli
+from featurekit.backbones import load_backbone
+from featurekit.extract import ExtractSettings, extract, shard
+from featurekit.store import StoreError, partial_dir, read_store
+
+SETTINGS = ExtractSettings(device="cpu", batch_size=2, chunk_size=2, num_workers=0, progress=False)
+
+
+@pytest.fixture(scope="module")
+def resnet18():
+    return load_backbone("resnet18", weights="random")
+
+
+def test_store_round_trip_with_plain_h5py(tiny_folder, tmp_path, resnet18):
+    results = extract(tiny_folder, ["train", "valid"], [resnet18], tmp_path / "features", SETTINGS)
+
+    assert [r.path.relative_to(tmp_path / "features").as_posix() for r in results] == ["train/resnet18.h5", "valid/resnet18.h5"]
+    with h5py.File(tmp_path / "features" / "train" / "resnet18.h5", "r") as h5:
+        features, labels = h5["features"][()], h5["labels"][()]
+        paths = [p.decode("utf-8") for p in h5["paths"][()]]
+        classes = [c.decode("utf-8") for c in h5["classes"][()]]
+        attrs = dict(h5.attrs)
+    expected = sorted(p.relative_to(tiny_folder / "train").as_posix() for p in (tiny_folder / "train").rglob("*.jpg"))
+    assert paths == expected
+    assert classes == ["cat", "dog"]
+    assert [classes[label] for label in labels] == [p.split("/")[0] for p in paths]
+    assert features.dtype == np.float16 and features.shape == (6, 512)
+    assert np.isfinite(features).all() and features.std() > 0
+    assert attrs["complete"] and attrs["format"] == "featurekit.store" and attrs["backbone"] == "resnet18"
+    assert attrs["weights"] == "random" and len(attrs["weights_sha256"]) == 64
+    assert json.loads(attrs["preprocessing"])["crop_size"] == 224
+    assert attrs["split"] == "train" and attrs["n_listed"] == 6
+
+
+def test_rows_are_identical_across_runs_and_settings(tiny_folder, tmp_path, resnet18):
+    first = extract(tiny_folder, ["train"], [resnet18], tmp_path / "a", SETTINGS)[0]
+    second = extract(tiny_folder, ["train"], [resnet18], tmp_path / "b",
+                     ExtractSettings(device="cpu", batch_size=3, chunk_size=5, num_workers=1, progress=False))[0]
+    a, b = read_store(first.path), read_store(second.path)
+    assert a.paths == b.paths and a.labels.tolist() == b.labels.tolist()
+    np.testing.assert_allclose(a.features.astype(np.float32), b.features.astype(np.float32), rtol=2e-3, atol=1e-3)
+
+
+def test_several_backbones_share_one_decode_and_line_up(tiny_folder, tmp_path, resnet18):
+    lite = load_backbone("efficientnet_lite0", weights="random")
+    results = extract(tiny_folder, ["valid"], [resnet18, lite], tmp_path / "features", SETTINGS)
+    stores = [read_store(r.path) for r in results]
+    assert stores[0].paths == stores[1].paths
+    assert [s.features.shape[1] for s in stores] == [512, 1280]
+
+
+def test_failure_mid_extraction_leaves_no_final_file(tiny_folder, tmp_path, resnet18, monkeypatch):
+    from featurekit import extract as engine
+
+    calls = {"n": 0}
+    real_forward = engine._Runner.forward
+
+    def failing_forward(self, batch):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("simulated crash")
+        return real_forward(self, batch)
+
+    monkeypatch.setattr(engine._Runner, "forward", failing_forward)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        extract(tiny_folder, ["train"], [resnet18], tmp_path / "features", SETTINGS)
+
+    final = tmp_path / "features" / "train" / "resnet18.h5"
+    assert not final.exists()
+    assert len(list(partial_dir(final).glob("chunk-*.npz"))) == 2  # the work before the crash is kept
+    with pytest.raises(StoreError, match="no such store"):
+        read_store(final)
+
+
+def test_failure_while_writing_the_hdf5_file_leaves_no_final_file(tiny_folder, tmp_path, resnet18, monkeypatch):
+    import errno
+
+    real = h5py.Group.create_dataset
+
+    def disk_full(self, name, *args, **kwargs):
+        if name == "classes":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(h5py.Group, "create_dataset", disk_full)
+    with pytest.raises(StoreError, match="no space left on device"):
+        extract(tiny_folder, ["valid"], [resnet18], tmp_path / "features", SETTINGS)
+    folder = tmp_path / "features" / "valid"
+    assert sorted(p.name for p in folder.iterdir() if not p.name.endswith(".lock")) == [".resnet18.partial"]
+
+
+def test_shards_are_contiguous_and_cover_every_chunk_once():
+    chunks = [(i, i + 1) for i in range(10)]
+    parts = [shard(chunks, rank, 3) for rank in range(3)]
+    assert [len(p) for p in parts] == [4, 3, 3]
+    assert sum(parts, []) == chunks
+
+
+def test_cli_extract_info_and_list(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "features"
+    assert cli.main(["extract", str(tiny_folder), "--backbone", "resnet18", "--weights", "random",
+                     "--out", str(out), "--quiet", "--workers", "0", "--batch-size", "4"]) == 0
+    printed = capsys.readouterr().out
+    assert "train/resnet18.h5  6 rows  written" in printed and "valid/resnet18.h5  4 rows  written" in printed
+    assert cli.main(["info", str(out / "train" / "resnet18.h5")]) == 0
+    info = capsys.readouterr().out
+    assert "features float16[6, 512]" in info and "weights random" in info and "cat 3, dog 3" in info
+    assert cli.main(["list-backbones"]) == 0
+    assert "inception_v3" in capsys.readouterr().out
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    assert cli.main(["extract", str(tmp_path / "nowhere"), "--backbone", "resnet18", "--weights", "random", "--quiet"]) == 1
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "nowhere/train: split folder not found" in error
