@@ -28,9 +28,8 @@ import sklearn
 import torch
 from sklearn import metrics
 
-from .dataset import AlignmentError, FeatureSet, check_same_extraction, load_features
+from .dataset import FeatureSet, check_same_extraction, load_features
 from .heads import HEADS, Head, make_head, save_head
-from .store import StoreError
 
 HEAD_CHOICES = (*HEADS, "all")
 HEAD_FILE = "head.joblib"
@@ -289,12 +288,8 @@ def run(args: argparse.Namespace) -> int:
     params = {key: getattr(args, key) for key in ("device", "max_epochs", "batch_size", "lr", "patience", "seed")}
     params["hidden_sizes"] = tuple(args.hidden_sizes) if args.hidden_sizes else None
     valid_split = None if args.valid_split.lower() == "none" else args.valid_split
-    try:
-        report = train_head(args.features_dir, args.backbones, args.head, args.out, args.train_split, valid_split,
-                            params, plots=not args.no_plots, log=lambda line: print(line, file=sys.stderr))
-    except (StoreError, AlignmentError, ValueError) as error:
-        print(f"featurekit train-head: error: {error}", file=sys.stderr)
-        return 2
+    report = train_head(args.features_dir, args.backbones, args.head, args.out, args.train_split, valid_split,
+                        params, plots=not args.no_plots, log=lambda line: print(line, file=sys.stderr))
     out = args.out or Path(args.features_dir) / "heads" / f"{args.head}-{'+'.join(args.backbones)}"
     valid = report["valid"]
     print(f"{report['head']} head: " + (f"{valid['split']} accuracy {valid['accuracy']:.4f}, " if valid else "")
