@@ -71,6 +71,8 @@ def _add_extract(commands) -> None:
     p.add_argument("--overwrite", action="store_true", help="re-extract stores made from other inputs")
     p.add_argument("--no-exif-transpose", action="store_true", help="ignore EXIF orientation")
     p.add_argument("--full-decode", action="store_true", help="decode JPEGs at full size (no reduced-size draft)")
+    p.add_argument("--decoder", default="auto", choices=["auto", "pil", "torchvision"],
+                   help="JPEG decoding: auto (batched nvJPEG on CUDA, PIL workers on CPU), pil, torchvision")
     p.add_argument("--compile", action="store_true", help="torch.compile the trunks")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_run_extract)
@@ -88,7 +90,7 @@ def _run_extract(args) -> int:
         num_workers=args.workers, chunk_size=args.chunk_size, on_error=args.on_error, overwrite=args.overwrite,
         decode=DecodePolicy(exif_transpose=not args.no_exif_transpose,
                             draft_min_side=None if args.full_decode else DecodePolicy.draft_min_side),
-        compile=args.compile, progress=not args.quiet,
+        decoder=args.decoder, compile=args.compile, progress=not args.quiet,
     ).resolved()
     started = time.perf_counter()
     listings = [list_split(args.data_root, split) for split in args.split]

@@ -12,6 +12,7 @@ missing chunks to processes (torchrun ranks) without padding or dropping images.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import sys
@@ -25,11 +26,13 @@ import numpy as np
 import PIL
 import torch
 import torchvision
+from torch.fx.experimental.optimization import fuse
 from tqdm import tqdm
 
 from . import __version__
 from .backbones import Backbone
 from .images import DecodePolicy, ImageDecodeError, SplitListing, fs_path, list_split, printable_path
+from .gpu_decode import decode_batch
 from .loader import ViewBatch, ViewDataset, default_workers, iterate_views
 from .store import Chunk, PartialStore, StoreError, StoreLock, finalize, fingerprint, read_attrs, read_store, store_path
 
@@ -49,6 +52,7 @@ class ExtractSettings:
     on_error: str = "fail"  # fail | skip
     overwrite: bool = False
     decode: DecodePolicy = field(default_factory=DecodePolicy)
+    decoder: str = "auto"  # auto (torchvision/nvJPEG on CUDA, PIL on CPU) | pil | torchvision
     channels_last: bool = True
     compile: bool = False
     progress: bool = True
@@ -67,7 +71,12 @@ class ExtractSettings:
             raise ValueError(f"unknown --on-error {self.on_error!r} (fail or skip)")
         chunk = -(-max(self.chunk_size, 1) // self.batch_size) * self.batch_size
         workers = self.num_workers if self.num_workers is not None else default_workers(torch.device(device))
-        return dataclasses.replace(self, device=device, precision=precision, chunk_size=chunk, num_workers=workers)
+        decoder = self.decoder if self.decoder != "auto" else ("torchvision" if device.startswith("cuda") else "pil")
+        if decoder not in ("pil", "torchvision"):
+            raise ValueError(f"unknown decoder {decoder!r} (auto, pil or torchvision)")
+        decode = dataclasses.replace(self.decode, backend=decoder)
+        return dataclasses.replace(self, device=device, precision=precision, chunk_size=chunk, num_workers=workers,
+                                   decoder=decoder, decode=decode)
 
 
 @dataclass(frozen=True)
@@ -169,9 +178,16 @@ class _Runner:
         if len(set(names)) != len(names):
             raise ValueError(f"backbone given twice: {', '.join(names)}")
         self.trunks = {b.store_name: self._prepare(b) for b in self.backbones}
+        self.preprocessings = {b.preprocessing.key: b.preprocessing for b in self.backbones}
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed input shapes: autotune each conv once
 
     def _prepare(self, backbone: Backbone) -> torch.nn.Module:
-        trunk = backbone.trunk.to(self.device)
+        """A device copy of the trunk (the caller's Backbone stays as built), BatchNorm folded
+        into the convolutions before it: one pass less over each activation (~10% on CPU)."""
+        trunk = copy.deepcopy(backbone.trunk).eval()  # deepcopy of an FX module resets eval mode
+        trunk.body = fuse(trunk.body, inplace=True, no_trace=True)
+        trunk = trunk.to(self.device)
         if self.settings.channels_last:
             trunk = trunk.to(memory_format=torch.channels_last)
         return torch.compile(trunk) if self.settings.compile else trunk
@@ -227,7 +243,7 @@ class _Runner:
         files = [(str(listing.split_dir / fs_path(r.path)), f"{listing.split_dir}/{printable_path(r.path)}") for r in listing.records]
         with ThreadPoolExecutor(max_workers=1) as writer:
             pending: list[Future] = []
-            rows: dict[str, list[np.ndarray]] = {}
+            rows: dict[str, list[torch.Tensor]] = {}
             kept: list[int] = []
             failed: list[tuple[int, str, str]] = []
             for batch, outputs in self.stream(files, todo, f"extract {listing.split}"):
@@ -236,7 +252,8 @@ class _Runner:
                 kept.extend(batch.indices)
                 failed.extend(batch.errors)
                 if batch.last_in_chunk:
-                    pending.append(writer.submit(self._commit, jobs, batch.chunk, rows, kept, failed))
+                    host, copied = self._to_host(rows)
+                    pending.append(writer.submit(self._commit, jobs, batch.chunk, host, copied, kept, failed))
                     rows, kept, failed = {}, [], []
                     _raise_finished(pending)
             for future in pending:
@@ -254,35 +271,79 @@ class _Runner:
                                        pin_memory=self.device.type == "cuda"):
                 if batch.errors and self.settings.on_error == "fail":
                     raise ImageDecodeError(*batch.errors[0][1:])
-                yield batch, self.forward(batch)
+                outputs = self.forward(batch)  # may move GPU-decode failures to batch.errors
+                if batch.errors and self.settings.on_error == "fail":
+                    raise ImageDecodeError(*batch.errors[0][1:])
+                yield batch, outputs
                 bar.update(len(batch.indices) + len(batch.errors))
 
-    def forward(self, batch: ViewBatch) -> dict[str, np.ndarray]:
-        """Every trunk on the batch's views: ``{store_name: float16|float32 [B, D]}``."""
+    def forward(self, batch: ViewBatch) -> dict[str, torch.Tensor]:
+        """Every trunk on the batch: ``{store_name: float16|float32 [B, D]}`` on the device.
+
+        GPU-decoded images that fail are moved to ``batch.errors`` first, so ``batch.indices``
+        lists exactly the rows returned.
+        """
+        views = self._views(batch)
+        storage = getattr(torch, self.settings.dtype)
         if not batch.indices:
-            return {b.store_name: np.zeros((0, b.feature_dim), self.settings.dtype) for b in self.backbones}
+            return {b.store_name: torch.zeros(0, b.feature_dim, dtype=storage, device=self.device) for b in self.backbones}
         memory_format = torch.channels_last if self.settings.channels_last else torch.contiguous_format
-        inputs = {}
-        for backbone in self.backbones:
-            key = backbone.preprocessing.key
-            if key not in inputs:
-                view = batch.views[key].to(self.device, non_blocking=True)
-                inputs[key] = backbone.preprocessing.normalize(view).contiguous(memory_format=memory_format)
+        count = len(batch.indices)
         dtype = PRECISIONS[self.settings.precision]
         outputs = {}
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32):
+            inputs = {key: self._pad(self.preprocessings[key].normalize(view)).contiguous(memory_format=memory_format)
+                      for key, view in views.items()}
             for backbone in self.backbones:
                 features = self.trunks[backbone.store_name](inputs[backbone.preprocessing.key])
-                outputs[backbone.store_name] = features.float().cpu().numpy().astype(self.settings.dtype)
+                outputs[backbone.store_name] = features[:count].to(storage)
         return outputs
 
-    def _commit(self, jobs: list[_Job], chunk: tuple[int, int], rows, kept, failed) -> None:
+    def _pad(self, images: torch.Tensor) -> torch.Tensor:
+        """Compiled trunks see one batch shape only (a short last batch would recompile)."""
+        missing = self.settings.batch_size - images.shape[0]
+        if not self.settings.compile or missing <= 0:
+            return images
+        return torch.cat([images, images.new_zeros(missing, *images.shape[1:])])
+
+    def _views(self, batch: ViewBatch) -> dict[str, torch.Tensor]:
+        """``{preprocessing key: uint8[B, 3, crop, crop]}`` on the device, in ``batch.indices`` order."""
+        cpu = {key: view.to(self.device, non_blocking=True) for key, view in batch.views.items()}
+        if not batch.raw:
+            return cpu
+        rows = {row: {key: view[j] for key, view in cpu.items()} for j, row in enumerate(batch.cpu_rows)}
+        for row, image in zip(batch.raw_rows, decode_batch(batch.raw, self.device, self.settings.decode)):
+            if isinstance(image, ImageDecodeError):
+                batch.errors.append((batch.indices[row], image.path, image.reason))
+            else:
+                rows[row] = {key: p.view_tensor(image) for key, p in self.preprocessings.items()}
+        order = sorted(rows)
+        batch.indices = [batch.indices[row] for row in order]
+        return {key: torch.stack([rows[row][key] for row in order]) for key in self.preprocessings} if order else {}
+
+    def _to_host(self, rows: dict[str, list[torch.Tensor]]):
+        """Start copying a chunk's features to pinned host memory without waiting for the GPU."""
+        if self.device.type != "cuda":
+            return {name: torch.cat(parts) for name, parts in rows.items()}, None
+        host = {}
+        for name, parts in rows.items():
+            joined = torch.cat(parts)
+            host[name] = torch.empty(joined.shape, dtype=joined.dtype, pin_memory=True)
+            host[name].copy_(joined, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        return host, copied
+
+    def _commit(self, jobs: list[_Job], chunk: tuple[int, int], host: dict[str, torch.Tensor],
+                copied, kept: list[int], failed: list[tuple[int, str, str]]) -> None:
+        """Writer thread: wait for the chunk's copy, then commit it to every store."""
+        if copied is not None:
+            copied.synchronize()
         kept_array = np.asarray(kept, dtype=np.int64)
         skipped = np.asarray([index for index, _, _ in failed], dtype=np.int64)
         reasons = tuple(reason for _, _, reason in failed)
         for job in jobs:
-            name = job.backbone.store_name
-            features = np.concatenate(rows[name]) if name in rows else np.zeros((0, job.backbone.feature_dim), self.settings.dtype)
+            features = host[job.backbone.store_name].numpy()
             job.partial.write(Chunk(chunk[0], chunk[1], kept_array, features, skipped, reasons))
 
 
@@ -304,15 +365,15 @@ def features_for_files(
     settings = dataclasses.replace(settings or ExtractSettings(progress=False), dtype="float32", on_error="skip").resolved()
     runner = _Runner(backbones, settings)
     files = [(str(p), str(p)) for p in paths]
-    rows: dict[str, list[np.ndarray]] = {}
+    rows: dict[str, list[torch.Tensor]] = {}
     result = FileFeatures({}, [], [])
     for batch, outputs in runner.stream(files, all_chunks(len(files), settings.chunk_size), "features"):
         for name, features in outputs.items():
             rows.setdefault(name, []).append(features)
         result.kept.extend(batch.indices)
         result.errors.extend((path, reason) for _, path, reason in batch.errors)
-    result.features = {b.store_name: np.concatenate(rows[b.store_name]) if rows else np.zeros((0, b.feature_dim), np.float32)
-                       for b in backbones}
+    result.features = {b.store_name: torch.cat(rows[b.store_name]).float().cpu().numpy() if rows
+                       else np.zeros((0, b.feature_dim), np.float32) for b in backbones}
     return result
 
 

@@ -146,12 +146,16 @@ class DecodePolicy:
       A constant, not a function of the backbones, so a store's features never depend on which
       other backbones shared the run.
     - ``max_pixels``: images above this count are refused as decompression bombs.
+    - ``backend``: ``pil``, or ``torchvision`` (JPEGs decoded in batches by ``decode_jpeg`` on the
+      extraction device, nvJPEG on CUDA, at full size; the rest by PIL). They round differently,
+      so the backend is part of a store's identity.
     """
 
     exif_transpose: bool = True
     alpha_background: int = 255
     draft_min_side: int | None = 768
     max_pixels: int = 2 * 89_478_485  # PIL's own DecompressionBombError threshold
+    backend: str = "pil"
 
     def to_dict(self) -> dict:
         return asdict(self)

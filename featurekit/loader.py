@@ -17,23 +17,35 @@ from typing import Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from .gpu_decode import RawJpeg, read_for_gpu
 from .images import DecodePolicy, ImageDecodeError, decode_image
 from .views import Preprocessing
 
 
 @dataclass
 class ViewBatch:
-    """``views[key]``: uint8[B, 3, crop, crop] for the ``B`` decoded images ``indices``."""
+    """The images ``indices`` of one batch, in order, and those that failed.
+
+    ``views[key]``: uint8[len(cpu_rows), 3, crop, crop], the PIL-decoded images at positions
+    ``cpu_rows`` of ``indices``; ``raw``: the JPEGs left for the GPU, at positions ``raw_rows``.
+    """
 
     indices: list[int]
     views: dict[str, torch.Tensor]
+    cpu_rows: list[int] = field(default_factory=list)
+    raw: list[RawJpeg] = field(default_factory=list)
+    raw_rows: list[int] = field(default_factory=list)
     errors: list[tuple[int, str, str]] = field(default_factory=list)  # (index, path, reason)
     chunk: tuple[int, int] | None = None
     last_in_chunk: bool = False
 
 
 class ViewDataset(Dataset):
-    """Item ``i`` of ``files`` (os path, display name) -> (i, {key: uint8 view} or (path, reason))."""
+    """Item ``i`` of ``files`` (os path, display name) -> ``(i, payload)``.
+
+    The payload is ``{key: uint8 view}`` after a PIL decode, a :class:`RawJpeg` for the GPU
+    (``policy.backend == "torchvision"``), or ``(path, reason)`` when the image cannot be decoded.
+    """
 
     def __init__(self, files: Sequence[tuple[str, str]], preprocessings: Sequence[Preprocessing], policy: DecodePolicy):
         self.files = list(files)
@@ -45,6 +57,10 @@ class ViewDataset(Dataset):
 
     def __getitem__(self, index: int):
         path, display = self.files[index]
+        if self.policy.backend == "torchvision":
+            raw = read_for_gpu(path, display, self.policy)
+            if raw is not None:
+                return index, raw
         try:
             image = decode_image(path, self.policy, display)
             return index, {key: p.view(image) for key, p in self.preprocessings.items()}
@@ -53,15 +69,22 @@ class ViewDataset(Dataset):
 
 
 def collate_views(items) -> ViewBatch:
-    indices, views, errors = [], {}, []
-    for index, result in items:
-        if isinstance(result, tuple):
-            errors.append((index, *result))
+    batch = ViewBatch([], {})
+    views: dict[str, list[torch.Tensor]] = {}
+    for index, payload in items:
+        if isinstance(payload, tuple):
+            batch.errors.append((index, *payload))
             continue
-        indices.append(index)
-        for key, view in result.items():
-            views.setdefault(key, []).append(view)
-    return ViewBatch(indices, {key: torch.stack(v) for key, v in views.items()}, errors)
+        if isinstance(payload, RawJpeg):
+            batch.raw_rows.append(len(batch.indices))
+            batch.raw.append(payload)
+        else:
+            batch.cpu_rows.append(len(batch.indices))
+            for key, view in payload.items():
+                views.setdefault(key, []).append(view)
+        batch.indices.append(index)
+    batch.views = {key: torch.stack(v) for key, v in views.items()}
+    return batch
 
 
 def chunk_batches(chunks: Sequence[tuple[int, int]], batch_size: int) -> list[list[int]]:

@@ -1,0 +1,43 @@
+# featurekit: `make demo` and `make test` work on a fresh machine (they install what they need).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The torch pair this project is tested with; on a GPU machine any CUDA build >= 2.2 works too.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+
+DATA ?= data/digits
+SPLITS ?= train valid
+BACKBONES ?= efficientnet_lite0 efficientnet_lite2
+WEIGHTS ?= DEFAULT
+FEATURES ?= features
+EXTRACT_FLAGS ?=
+
+.PHONY: install data extract demo test bench clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+data: install
+	$(PY) -m featurekit.demo --out data/digits
+
+extract: install
+	$(PY) -m featurekit extract $(DATA) --split $(SPLITS) --backbone $(BACKBONES) --weights $(WEIGHTS) --out $(FEATURES) $(EXTRACT_FLAGS)
+
+demo: data
+	$(MAKE) --no-print-directory extract DATA=data/digits FEATURES=features/digits BACKBONES="$(BACKBONES)"
+	$(PY) -m featurekit info features/digits/train/*.h5
+
+test: install
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf features/digits data/digits
+
+bench: install
+	$(PY) benchmarks/bench_extract.py --images 32 --batch-size 8
+	$(PY) benchmarks/bench_head.py

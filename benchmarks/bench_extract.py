@@ -1,0 +1,290 @@
+"""Extraction benchmark: the recipe's pipeline vs featurekit vs the model-only bound, in one run.
+
+    python benchmarks/bench_extract.py --images 64              # CPU, small
+    python benchmarks/bench_extract.py --images 8000 --batch-size 256 --compile   # one GPU
+
+Phases, each in its own subprocess so peak memory is its own:
+
+(a) recipe   ImageFolder + DataLoader + fp32, one pass per backbone (every image decoded again
+             for each), features gathered with torch.cat and written to HDF5 at the end (seed 003).
+(b) featurekit  ``featurekit.extract`` with its defaults for the device (bf16 + nvJPEG on CUDA).
+(c) bound    the same trunks, same precision, on device-resident tensors: forward only.
+
+Also: (b) again on half the images (peak memory must not grow with the data set), and (b) in
+fp32 on a subset to give the relative difference of bf16 features. All trunks use seeded random
+weights (speed does not depend on the weight values). Prints a table and ratios; ``--report``
+writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _write_jpeg(task: tuple[str, int, int, int]) -> None:
+    from PIL import Image
+
+    path, seed, width, height = task
+    rng = np.random.default_rng(seed)
+    # photo-like: smooth colour fields + texture, ~25-40 KB at quality 90 like the field notes' JPEGs
+    low = rng.uniform(0, 255, (height // 32 + 2, width // 32 + 2, 3)).astype(np.uint8)
+    image = Image.fromarray(low).resize((width, height), Image.Resampling.BICUBIC)
+    pixels = np.asarray(image, dtype=np.int16) + rng.integers(-12, 13, (height, width, 3), dtype=np.int16)
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path, quality=90)
+
+
+def make_images(root: Path, count: int, size: tuple[int, int]) -> Path:
+    tasks = []
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        folder = root / "train" / f"class_{i % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        width, height = int(size[0] * rng.uniform(0.75, 1.25)), int(size[1] * rng.uniform(0.75, 1.25))
+        tasks.append((str(folder / f"{i:06d}.jpg"), i, width, height))
+    with Pool(os.cpu_count()) as pool:
+        pool.map(_write_jpeg, tasks, chunksize=64)
+    return root
+
+
+# --------------------------------------------------------------------------- phases
+
+
+def _device(name: str):
+    import torch
+
+    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def phase_recipe(args) -> dict:
+    """Seed 003's method 2: one ImageFolder pass per backbone, fp32, torch.cat, HDF5 at the end."""
+    import h5py
+    import torch
+    from torchvision import datasets
+
+    from featurekit.backbones import load_backbone
+
+    device = _device(args.device)
+    started = time.perf_counter()
+    for name in args.backbones:
+        backbone = load_backbone(name, weights="random")
+        model = backbone.trunk.to(device).eval()
+        folder = datasets.ImageFolder(os.path.join(args.data, "train"), _recipe_transform(backbone.preprocessing))
+        loader = torch.utils.data.DataLoader(folder, batch_size=args.batch_size, shuffle=False,
+                                             num_workers=args.workers, pin_memory=device.type == "cuda")
+        feature_map, label_map = torch.FloatTensor(), torch.LongTensor()
+        with torch.no_grad():
+            for images, labels in loader:
+                out = model(images.to(device))
+                feature_map = torch.cat((feature_map, out.cpu()), 0)
+                label_map = torch.cat((label_map, labels), 0)
+        with h5py.File(os.path.join(args.scratch, f"train_feature_{name}.hd5f"), "w") as h:
+            h.create_dataset("data", data=feature_map.numpy())
+            h.create_dataset("label", data=label_map.numpy())
+    _sync(device)
+    return {"seconds": time.perf_counter() - started, "images": len(folder)}
+
+
+def _recipe_transform(preprocessing):
+    from torchvision import transforms
+
+    return transforms.Compose([
+        transforms.Resize(preprocessing.resize_size), transforms.CenterCrop(preprocessing.crop_size),
+        transforms.ToTensor(), transforms.Normalize(preprocessing.mean, preprocessing.std),
+    ])
+
+
+def phase_featurekit(args) -> dict:
+    import torch
+
+    from featurekit.backbones import load_backbone
+    from featurekit.extract import ExtractSettings, extract
+
+    device = _device(args.device)
+    started = time.perf_counter()
+    backbones = [load_backbone(name, weights="random") for name in args.backbones]
+    settings = ExtractSettings(device=str(device), precision=args.precision, batch_size=args.batch_size,
+                               num_workers=args.workers, compile=args.compile, progress=False,
+                               chunk_size=max(args.batch_size * 4, 512))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    results = extract(args.data, ["train"], backbones, args.scratch, settings)
+    _sync(device)
+    seconds = time.perf_counter() - started
+    return {"seconds": seconds, "images": results[0].rows, "stores": [str(r.path) for r in results],
+            "gpu_peak_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else 0}
+
+
+def phase_bound(args) -> dict:
+    """Forward only, device-resident inputs, same precision and memory format as featurekit."""
+    import torch
+
+    from featurekit.backbones import load_backbone
+    from featurekit.extract import PRECISIONS, ExtractSettings
+
+    device = _device(args.device)
+    settings = ExtractSettings(device=str(device), precision=args.precision).resolved()
+    dtype = PRECISIONS[settings.precision]
+    trunks, inputs = [], []
+    for name in args.backbones:
+        backbone = load_backbone(name, weights="random")
+        trunk = backbone.trunk.to(device).to(memory_format=torch.channels_last)
+        trunks.append(torch.compile(trunk) if args.compile else trunk)
+        size = backbone.preprocessing.crop_size
+        inputs.append(torch.randn(args.batch_size, 3, size, size, device=device).contiguous(memory_format=torch.channels_last))
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    steps = max(2, args.bound_images // args.batch_size)
+    with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        for _ in range(2):  # warm-up: autotuning, compilation
+            for trunk, x in zip(trunks, inputs):
+                trunk(x)
+        _sync(device)
+        started = time.perf_counter()
+        for _ in range(steps):
+            for trunk, x in zip(trunks, inputs):
+                trunk(x)
+        _sync(device)
+    seconds = time.perf_counter() - started
+    return {"seconds": seconds, "images": steps * args.batch_size}
+
+
+def phase_precision(args) -> dict:
+    """Relative difference of the default-precision features against fp32, on the same images."""
+    from featurekit.backbones import load_backbone
+    from featurekit.extract import ExtractSettings, extract
+    from featurekit.store import read_store
+
+    device = _device(args.device)
+    backbones = [load_backbone(name, weights="random") for name in args.backbones]
+    out = {}
+    for precision in (args.precision, "fp32"):
+        settings = ExtractSettings(device=str(device), precision=precision, batch_size=args.batch_size,
+                                   num_workers=args.workers, progress=False, dtype="float32")
+        results = extract(args.data, ["train"], backbones, os.path.join(args.scratch, precision), settings)
+        out[precision] = {Path(r.path).stem: read_store(r.path).features for r in results}
+    differences = {}
+    for name, reference in out["fp32"].items():
+        ours = out[args.precision][name]
+        relative = np.linalg.norm(ours - reference, axis=1) / np.linalg.norm(reference, axis=1)
+        differences[name] = {"median": float(np.median(relative)), "max": float(relative.max())}
+    return {"relative_difference": differences, "precision": ExtractSettings(device=str(device), precision=args.precision).resolved().precision}
+
+
+PHASES = {"recipe": phase_recipe, "featurekit": phase_featurekit, "bound": phase_bound, "precision": phase_precision}
+
+
+def run_phase(name: str, args, data: Path, scratch: Path) -> dict:
+    command = [sys.executable, __file__, "--phase", name, "--data", str(data), "--scratch", str(scratch),
+               "--device", args.device, "--batch-size", str(args.batch_size), "--workers", str(args.workers),
+               "--precision", args.precision, "--bound-images", str(args.bound_images), "--backbones", *args.backbones]
+    if args.compile:
+        command.append("--compile")
+    scratch.mkdir(parents=True, exist_ok=True)
+    completed = subprocess.run(command, capture_output=True, text=True)
+    if completed.returncode != 0:
+        raise SystemExit(f"phase {name} failed:\n{completed.stderr[-4000:]}")
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def _peak_rss_mb() -> dict:
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return {"peak_rss_mb": round(own, 1), "worker_peak_rss_mb": round(workers, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--size", default="400x300", help="mean JPEG size WxH of generated images")
+    parser.add_argument("--data", type=Path, help="an image folder with train/ (default: generate JPEGs)")
+    parser.add_argument("--backbones", nargs="+", default=["vgg19", "inception_v3", "resnet152"])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--precision", default="auto")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--bound-images", type=int, default=0, help="images for the bound (default: --images)")
+    parser.add_argument("--precision-images", type=int, default=0, help="images for the bf16/fp32 check (default: min(512, images))")
+    parser.add_argument("--phases", nargs="+", default=["recipe", "featurekit", "half", "bound", "precision"])
+    parser.add_argument("--report", type=Path)
+    parser.add_argument("--phase", choices=PHASES, help=argparse.SUPPRESS)
+    parser.add_argument("--scratch", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.bound_images = args.bound_images or args.images
+
+    if args.phase:  # child process: one phase, one JSON line
+        result = PHASES[args.phase](args)
+        print(json.dumps({**result, **_peak_rss_mb()}))
+        return
+
+    with tempfile.TemporaryDirectory(prefix="fk-bench-") as tmp:
+        tmp = Path(tmp)
+        width, height = (int(v) for v in args.size.split("x"))
+        started = time.perf_counter()
+        data = args.data or make_images(tmp / "data", args.images, (width, height))
+        print(f"data: {data} ({args.images} images{' generated in %.1f s' % (time.perf_counter() - started) if not args.data else ''})", flush=True)
+        half = make_images(tmp / "half", args.images // 2, (width, height)) if "half" in args.phases else None
+        subset = make_images(tmp / "subset", args.precision_images or min(512, args.images), (width, height)) if "precision" in args.phases else None
+        results = {}
+        for phase in args.phases:
+            source = {"half": half, "precision": subset}.get(phase, data)
+            results[phase] = run_phase("featurekit" if phase == "half" else phase, args, source, tmp / f"out-{phase}")
+            r = results[phase]
+            if "seconds" in r:
+                r["images_per_s"] = r["images"] / r["seconds"]
+            print(f"{phase:10s} " + json.dumps(r), flush=True)
+        report(results, args)
+        if args.report:
+            args.report.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results}, indent=2))
+
+
+def report(results: dict, args) -> None:
+    print("\n| phase | images | seconds | images/s | peak RSS MB (main / workers) | GPU peak MB |")
+    print("|---|---|---|---|---|---|")
+    for phase, r in results.items():
+        if "seconds" not in r:
+            continue
+        gpu = r.get("gpu_peak_bytes", 0) / 2**20
+        print(f"| {phase} | {r['images']} | {r['seconds']:.1f} | {r['images_per_s']:.1f} | "
+              f"{r['peak_rss_mb']:.0f} / {r['worker_peak_rss_mb']:.0f} | {gpu:.0f} |")
+    rate = {phase: r.get("images_per_s") for phase, r in results.items()}
+    if rate.get("recipe") and rate.get("featurekit"):
+        print(f"\nfeaturekit / recipe = {rate['featurekit'] / rate['recipe']:.2f}x")
+    if rate.get("bound") and rate.get("featurekit"):
+        print(f"featurekit / model-only bound = {rate['featurekit'] / rate['bound']:.0%}")
+    if "half" in results and "featurekit" in results:
+        full, half = results["featurekit"], results["half"]
+        print(f"peak RSS with {full['images']} images {full['peak_rss_mb']:.0f} MB, with {half['images']} images "
+              f"{half['peak_rss_mb']:.0f} MB; GPU peak {full['gpu_peak_bytes'] / 2**20:.0f} vs {half['gpu_peak_bytes'] / 2**20:.0f} MB")
+    if "precision" in results:
+        p = results["precision"]
+        print(f"{p['precision']} vs fp32 features, relative L2 difference per row: " +
+              ", ".join(f"{name} median {d['median']:.2e} max {d['max']:.2e}" for name, d in p["relative_difference"].items()))
+
+
+if __name__ == "__main__":
+    main()
