@@ -11,8 +11,10 @@ BACKBONES ?= efficientnet_lite0 efficientnet_lite2
 WEIGHTS ?= DEFAULT
 FEATURES ?= features
 EXTRACT_FLAGS ?=
+HEAD ?= all
+HEAD_FLAGS ?=
 
-.PHONY: install data extract demo test bench clean
+.PHONY: install data extract train-head demo test bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +29,9 @@ data: install
 
 extract: install
 	$(PY) -m featurekit extract $(DATA) --split $(SPLITS) --backbone $(BACKBONES) --weights $(WEIGHTS) --out $(FEATURES) $(EXTRACT_FLAGS)
+
+train-head: install
+	$(PY) -m featurekit train-head $(FEATURES) --backbones $(BACKBONES) --head $(HEAD) $(HEAD_FLAGS)
 
 demo: data
 	$(MAKE) --no-print-directory extract DATA=data/digits FEATURES=features/digits BACKBONES="$(BACKBONES)"
