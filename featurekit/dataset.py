@@ -172,6 +172,7 @@ class FeatureDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         if not -len(self) <= index < len(self):
             raise IndexError(f"row {index} out of range for {len(self)} rows")
+        index %= len(self)  # h5py reads no negative indices
         row = np.concatenate([h5["features"][index] for h5 in self._open()]).astype(np.float32)
         return torch.from_numpy(row), int(self.labels[index])
 

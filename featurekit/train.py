@@ -126,12 +126,16 @@ def timing(head: Head) -> dict:
             "seconds_per_epoch": float(np.mean(epochs)) if epochs else None}
 
 
+def default_out_dir(features_dir: str | Path, head_kind: str, store_names: Sequence[str]) -> Path:
+    return Path(features_dir) / "heads" / f"{head_kind}-{'+'.join(store_names)}"
+
+
 def train_head(features_dir: str | Path, store_names: Sequence[str], head_kind: str, out_dir: str | Path | None = None,
                train_split: str = "train", valid_split: str | None = "valid", params: dict | None = None,
                plots: bool = True, log: Callable[[str], None] = print) -> dict:
     """Fit, select, evaluate and write the head artifact and reports. Returns the report dict."""
     features_dir = Path(features_dir)
-    out_dir = Path(out_dir) if out_dir else features_dir / "heads" / f"{head_kind}-{'+'.join(store_names)}"
+    out_dir = Path(out_dir) if out_dir else default_out_dir(features_dir, head_kind, store_names)
     train = load_features(features_dir, train_split, store_names)
     valid = load_features(features_dir, valid_split, store_names) if valid_split else None
     rows = None
@@ -290,7 +294,7 @@ def run(args: argparse.Namespace) -> int:
     valid_split = None if args.valid_split.lower() == "none" else args.valid_split
     report = train_head(args.features_dir, args.backbones, args.head, args.out, args.train_split, valid_split,
                         params, plots=not args.no_plots, log=lambda line: print(line, file=sys.stderr))
-    out = args.out or Path(args.features_dir) / "heads" / f"{args.head}-{'+'.join(args.backbones)}"
+    out = args.out or default_out_dir(args.features_dir, args.head, args.backbones)
     valid = report["valid"]
     print(f"{report['head']} head: " + (f"{valid['split']} accuracy {valid['accuracy']:.4f}, " if valid else "")
           + f"written to {out}/ ({HEAD_FILE}, report.json, report.md)")

@@ -37,6 +37,9 @@ def test_dataloader_with_two_workers_returns_the_in_memory_rows(two_backbone_fea
     np.testing.assert_array_equal(torch.cat(rows).numpy(), memory.features)
     np.testing.assert_array_equal(torch.cat(labels).numpy(), memory.labels)
     assert dataset.paths == memory.paths and dataset.classes == memory.classes
+    np.testing.assert_array_equal(dataset[-1][0].numpy(), memory.features[-1])
+    with pytest.raises(IndexError):
+        dataset[len(dataset)]
     dataset.close()
 
 
