@@ -36,6 +36,7 @@ train-head: install
 demo: data
 	$(MAKE) --no-print-directory extract DATA=data/digits FEATURES=features/digits BACKBONES="$(BACKBONES)"
 	$(PY) -m featurekit info features/digits/train/*.h5
+	$(MAKE) --no-print-directory train-head FEATURES=features/digits BACKBONES="$(BACKBONES)" HEAD=mlp
 
 test: install
 	$(PY) -m pytest -q
