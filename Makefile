@@ -11,8 +11,10 @@ BACKBONES ?= efficientnet_lite0 efficientnet_lite2
 WEIGHTS ?= DEFAULT
 FEATURES ?= features
 EXTRACT_FLAGS ?=
+HEAD ?= all
+HEAD_FLAGS ?=
 
-.PHONY: install data extract demo test bench clean
+.PHONY: install data extract train-head demo test bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,9 +30,13 @@ data: install
 extract: install
 	$(PY) -m featurekit extract $(DATA) --split $(SPLITS) --backbone $(BACKBONES) --weights $(WEIGHTS) --out $(FEATURES) $(EXTRACT_FLAGS)
 
+train-head: install
+	$(PY) -m featurekit train-head $(FEATURES) --backbones $(BACKBONES) --head $(HEAD) $(HEAD_FLAGS)
+
 demo: data
 	$(MAKE) --no-print-directory extract DATA=data/digits FEATURES=features/digits BACKBONES="$(BACKBONES)"
 	$(PY) -m featurekit info features/digits/train/*.h5
+	$(MAKE) --no-print-directory train-head FEATURES=features/digits BACKBONES="$(BACKBONES)" HEAD=mlp
 
 test: install
 	$(PY) -m pytest -q

@@ -167,7 +167,8 @@ def _build_lite(spec: BackboneSpec, weights: str, weights_path: str | None) -> t
     except ImportError:
         raise WeightsError(f"{spec.name} needs the package efficientnet-lite-pytorch: pip install 'featurekit[lite]'") from None
     model = seed_random(lambda: EfficientNet.from_name(spec.name.replace("_", "-")))
-    model.set_swish(memory_efficient=False)  # plain x * sigmoid(x): traceable and compilable
+    # Lite variants use ReLU6 (traceable as is). set_swish() would replace it with Swish: the
+    # trunk then stops being the pretrained model (its own fc scored 0/50 ant/bee right on them).
     if weights_path:
         info = load_file(model, weights_path)
     elif weights == RANDOM:

@@ -39,6 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_verify(commands)
     _add_info(commands)
     _add_list_backbones(commands)
+    # --- heads (issue 3): train-head and predict live in their own modules -------------------
+    from . import predict, train
+
+    train.add_parser(commands)
+    predict.add_parser(commands)
+    # --- end heads ---------------------------------------------------------------------------
     return parser
 
 

@@ -1,0 +1,107 @@
+import numpy as np
+import pytest
+import torch
+
+from featurekit.heads import HEADS, HeadFileError, MLPHead, build_mlp, load_head, make_head, save_head
+
+from conftest import blobs
+
+FAST = {"mlp": {"hidden_sizes": (32,), "max_epochs": 20, "patience": 5, "batch_size": 45}}
+
+
+@pytest.fixture(scope="module")
+def separable():
+    labels = np.repeat(np.arange(3), 30)
+    X = blobs(np.concatenate([labels, labels]), dim=12, seed=0, spread=0.5)
+    y = np.array([10, 20, 30])[labels]  # labels need not be 0..C-1
+    return X[:90], y, X[90:], y
+
+
+@pytest.mark.parametrize("kind", sorted(HEADS))
+def test_head_learns_separable_problem_and_reloads_identically(kind, separable, tmp_path):
+    X, y, X_val, y_val = separable
+    head = make_head(kind, **FAST.get(kind, {})).fit(X, y, X_val, y_val)
+    assert (head.predict(X_val) == y_val).mean() == 1.0
+    proba = head.predict_proba(X_val)
+    assert proba.shape == (90, 3) and np.allclose(proba.sum(axis=1), 1.0)
+    np.testing.assert_array_equal(head.classes_, [10, 20, 30])
+    grid = getattr(head, f"{head.grid_param}_grid")
+    assert [entry[head.grid_param] for entry in head.selection_] == list(grid)
+    assert head.best_params_[head.grid_param] in grid
+    save_head(tmp_path / "head.joblib", head, {"note": kind})
+    loaded, metadata = load_head(tmp_path / "head.joblib")
+    assert metadata == {"note": kind} and type(loaded) is type(head)
+    np.testing.assert_array_equal(loaded.predict_proba(X_val), proba)
+    np.testing.assert_array_equal(loaded.predict(X_val), head.predict(X_val))
+
+
+def test_init_only_stores_parameters():
+    for cls in HEADS.values():
+        head = cls()
+        assert not [name for name in vars(head) if name.endswith("_")]
+        assert set(vars(head)) == set(head.get_params())
+
+
+def test_standardisation_is_fitted_on_train_rows_only(separable):
+    X, y, X_val, y_val = separable
+    head = make_head("logreg").fit(X, y, X_val + 100.0, y_val)
+    np.testing.assert_allclose(head.scaler_.mean_, X.mean(axis=0), rtol=1e-5)
+
+
+def test_selection_picks_the_grid_value_with_best_validation_score(separable):
+    X, y, X_val, y_val = separable
+    rng = np.random.default_rng(0)
+    noisy = X + rng.normal(scale=4.0, size=X.shape).astype(np.float32)
+    head = make_head("logreg", C_grid=(1e-6, 1.0)).fit(noisy, y, X_val, y_val)
+    by_value = {entry["C"]: entry for entry in head.selection_}
+    winner = max(head.selection_, key=lambda e: (e["val_accuracy"], -e["val_log_loss"]))
+    assert head.best_params_ == {"C": winner["C"]}
+    assert by_value[1.0]["val_log_loss"] < by_value[1e-6]["val_log_loss"]  # C=1e-6 is nearly uniform
+
+
+def test_mlp_layers_follow_the_recipe():
+    layers = [type(m).__name__ for m in build_mlp(8192, (1000,), 2, 0.5)]
+    assert layers == ["Dropout", "Linear", "ReLU", "Dropout", "Linear"]
+
+
+def test_mlp_early_stopping_keeps_best_epoch(separable):
+    X, y, X_val, y_val = separable
+    misleading = {10: 20, 20: 30, 30: 10}  # validation disagrees with train: learning makes it worse
+    y_bad = np.array([misleading[v] for v in y_val])
+    head = MLPHead(hidden_sizes=(16,), max_epochs=40, patience=3, weight_decay_grid=(0.0,), batch_size=16).fit(X, y, X_val, y_bad)
+    scores = [(r["val_accuracy"], -r["val_log_loss"]) for r in head.history_]
+    best = scores.index(max(scores))
+    assert len(head.history_) == best + 1 + 3 < 40
+    kept = head._scores(head.model_, (head._scale(X_val), np.searchsorted(head.classes_, y_bad)))
+    assert kept["val_log_loss"] == pytest.approx(head.history_[best]["val_log_loss"])
+    assert kept["val_log_loss"] < head.history_[-1]["val_log_loss"]
+
+
+def test_mlp_without_validation_trains_max_epochs_and_is_seeded(separable):
+    X, y, _, _ = separable
+    first = MLPHead(hidden_sizes=(8,), max_epochs=3, batch_size=32).fit(X, y)
+    second = MLPHead(hidden_sizes=(8,), max_epochs=3, batch_size=32).fit(X, y)
+    assert len(first.history_) == 3 and first.best_params_ == {"weight_decay": 0.0}
+    for a, b in zip(first.model_.state_dict().values(), second.model_.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_validation_labels_outside_training_classes_are_refused(separable):
+    X, y, X_val, y_val = separable
+    with pytest.raises(ValueError, match=r"validation labels \[99\]"):
+        make_head("knn").fit(X, y, X_val, np.where(y_val == 30, 99, y_val))
+
+
+def test_wrong_feature_width_is_refused(separable):
+    X, y, X_val, y_val = separable
+    head = make_head("knn").fit(X, y)
+    with pytest.raises(ValueError, match="expects 12 features per row, got 11"):
+        head.predict(X_val[:, :11])
+
+
+def test_not_a_head_file(tmp_path):
+    (tmp_path / "x.joblib").write_bytes(b"not a pickle")
+    with pytest.raises(HeadFileError, match=r"x\.joblib: not a readable head file"):
+        load_head(tmp_path / "x.joblib")
+    with pytest.raises(HeadFileError, match="no such head file"):
+        load_head(tmp_path / "missing.joblib")

@@ -1,0 +1,92 @@
+"""predict end to end: real extraction (resnet18, random weights) -> stores -> head -> predict."""
+
+import csv
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from featurekit import cli
+from featurekit.backbones import load_backbone
+from featurekit.extract import ExtractSettings, extract
+from featurekit.heads import load_head, save_head
+from featurekit.predict import HeadMismatchError, predict_files
+from featurekit.store import read_store, store_path
+from featurekit.train import train_head
+
+from conftest import write_image_folder
+
+SETTINGS = ExtractSettings(device="cpu", batch_size=4, num_workers=0, dtype="float32", progress=False)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """(data root, features dir, head file) for a logreg head on resnet18 (random weights) features."""
+    tmp = tmp_path_factory.mktemp("predict")
+    root = write_image_folder(tmp / "data", {"train": {"cat": 3, "dog": 3}, "valid": {"cat": 2, "dog": 2}})
+    extract(root, ["train", "valid"], [load_backbone("resnet18", weights="random")], tmp / "features", SETTINGS)
+    train_head(tmp / "features", ["resnet18"], "logreg", tmp / "head", plots=False, log=lambda _: None)
+    return root, tmp / "features", tmp / "head" / "head.joblib"
+
+
+def test_predictions_match_the_head_on_the_stored_features(trained):
+    root, features_dir, head_file = trained
+    predictions = predict_files(head_file, [root / "valid"], SETTINGS)
+    store = read_store(store_path(features_dir, "valid", "resnet18"))
+    assert [p.split("/valid/")[1] for p in predictions.paths] == store.paths and predictions.errors == []
+    head, metadata = load_head(head_file)
+    assert predictions.classes == metadata["classes"] == ["cat", "dog"]
+    np.testing.assert_allclose(predictions.proba, head.predict_proba(store.features), atol=1e-5)
+
+
+def test_cli_csv_and_kaggle_forms_and_undecodable_files(trained, tmp_path, capsys):
+    root, _, head_file = trained
+    folder = tmp_path / "test"
+    folder.mkdir()
+    for stem, source in zip(("10", "2", "1"), sorted((root / "valid").rglob("*.jpg"))):
+        shutil.copy(source, folder / f"{stem}.jpg")
+    (folder / "3.jpg").write_bytes(b"")
+    common = ["predict", "--head", str(head_file), "--device", "cpu", "--workers", "0", str(folder)]
+    assert cli.main([*common, "--out", str(tmp_path / "p.csv")]) == 0
+    assert cli.main([*common, "--out", str(tmp_path / "k.csv"), "--format", "kaggle"]) == 0
+    assert "skipped " + str(folder / "3.jpg") + ": empty file" in capsys.readouterr().err
+    rows = list(csv.DictReader(open(tmp_path / "p.csv")))
+    assert list(rows[0]) == ["path", "predicted", "prob_cat", "prob_dog"] and len(rows) == 3
+    for row in rows:
+        assert row["predicted"] == ("dog" if float(row["prob_dog"]) > float(row["prob_cat"]) else "cat")
+    kaggle = list(csv.reader(open(tmp_path / "k.csv")))
+    by_stem = {r["path"].rsplit("/", 1)[1][:-4]: r["prob_dog"] for r in rows}
+    assert kaggle == [["id", "label"], ["1", by_stem["1"]], ["2", by_stem["2"]], ["10", by_stem["10"]]]
+
+
+def test_refuses_a_head_trained_on_other_weights(trained, tmp_path, capsys):
+    root, _, head_file = trained
+    torch.manual_seed(1)
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "other.pt")
+    code = cli.main(["predict", "--head", str(head_file), "--weights-path", f"resnet18={tmp_path / 'other.pt'}",
+                     "--out", str(tmp_path / "p.csv"), str(root / "valid")])
+    error = capsys.readouterr().err.strip()
+    assert code == 1 and "\n" not in error and not (tmp_path / "p.csv").exists()
+    assert error.startswith(f"featurekit: error: {head_file}: resnet18 was trained on weights random (sha256 ")
+    assert "file:other.pt" in error and error.endswith("refusing to predict")
+
+
+def test_refuses_a_head_trained_with_other_preprocessing(trained, tmp_path):
+    root, _, head_file = trained
+    head, metadata = load_head(head_file)
+    metadata["backbones"][0]["preprocessing"]["resize_size"] = 232
+    save_head(tmp_path / "other.joblib", head, metadata)
+    with pytest.raises(HeadMismatchError, match=r"resnet18 was trained with preprocessing \{.*\"resize_size\": 232.*refusing"):
+        predict_files(tmp_path / "other.joblib", [root / "valid"], SETTINGS)
+
+
+def test_train_head_cli_writes_the_artifact(trained, tmp_path, capsys):
+    _, features_dir, _ = trained
+    assert cli.main(["train-head", str(features_dir), "--backbones", "resnet18", "--head", "knn",
+                     "--out", str(tmp_path / "knn"), "--no-plots"]) == 0
+    assert "knn head: valid accuracy" in capsys.readouterr().out
+    assert load_head(tmp_path / "knn" / "head.joblib")[1]["backbones"][0]["weights"] == "random"
+    assert cli.main(["train-head", str(features_dir), "--backbones", "resnet18", "nope"]) == 1
+    assert "nope.h5: no such store" in capsys.readouterr().err

@@ -1,0 +1,72 @@
+import json
+import zlib
+
+import numpy as np
+import pytest
+
+from featurekit.dataset import load_features
+from featurekit.heads import load_head
+from featurekit.train import train_head
+
+from conftest import make_image_folder, write_store
+
+FAST_MLP = {"hidden_sizes": (16,), "max_epochs": 15, "batch_size": 8, "lr": 1e-2}
+
+
+def _named_blobs(listing, dim: int, seed: int) -> np.ndarray:
+    """Features whose cluster depends on the class *name*, so splits with other class lists agree."""
+    rng = np.random.default_rng(seed)
+    names = [listing.classes[r.label] for r in listing.records]
+    centre = {name: np.random.default_rng(zlib.crc32(name.encode()) + seed).normal(size=dim) * 3 for name in set(names)}
+    return np.stack([centre[n] for n in names]) + 0.3 * rng.normal(size=(len(names), dim))
+
+
+def test_mlp_report_artifact_and_plots(two_backbone_features, tmp_path):
+    _, features_dir = two_backbone_features
+    report = train_head(features_dir, ["a", "b"], "mlp", tmp_path / "out", params=FAST_MLP, log=lambda _: None)
+    files = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert files == ["confusion_matrix.png", "head.joblib", "learning_curves.png", "report.json", "report.md"]
+    saved = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert saved["valid"]["accuracy"] == report["valid"]["accuracy"] == 1.0
+    assert saved["valid"]["confusion_matrix"] == [[4, 0, 0], [0, 4, 0], [0, 0, 4]]
+    assert [c["class"] for c in saved["valid"]["per_class"]] == ["ant", "bee", "wasp"]
+    assert saved["chosen"]["head"] == "mlp" and "weight_decay" in saved["chosen"]
+    assert saved["timing"]["epochs"] == len(saved["history"]) and saved["timing"]["seconds_per_epoch"] > 0
+    assert "| **wasp** | 0 | 0 | 4 |" in (tmp_path / "out" / "report.md").read_text()
+    head, metadata = load_head(tmp_path / "out" / "head.joblib")
+    assert metadata["classes"] == ["ant", "bee", "wasp"]
+    assert [(b["store_name"], b["columns"], b["weights_sha256"]) for b in metadata["backbones"]] == [("a", [0, 6], "ab" * 32), ("b", [6, 10], "ab" * 32)]
+    assert metadata["backbones"][0]["fingerprints"] == {"train": "test-a-train", "valid": "test-a-valid"}
+    valid = load_features(features_dir, "valid", ["a", "b"])
+    assert (head.predict(valid.features) == valid.labels).all()
+
+
+def test_valid_labels_are_mapped_by_name_and_unknown_classes_reported(tmp_path):
+    root, features_dir = tmp_path / "data", tmp_path / "features"
+    train = make_image_folder(root, "train", {"ant": 6, "bee": 6, "empty": 0, "wasp": 6})
+    valid = make_image_folder(root, "valid", {"ant": 3, "bee": 3, "hornet": 2, "wasp": 3})
+    for listing in (train, valid):
+        write_store(features_dir, listing, "a", _named_blobs(listing, 5, seed=0))
+    messages = []
+    report = train_head(features_dir, ["a"], "logreg", tmp_path / "out", log=messages.append)
+    assert any("hornet (2 rows)" in m and m.startswith("warning") for m in messages)
+    assert report["valid"]["excluded_classes"] == {"hornet": 2}
+    assert report["valid"]["n"] == 9 and report["valid"]["accuracy"] == 1.0  # wasp is index 3 in train, 3 in valid; bee 1, 1
+    assert report["classes"] == ["ant", "bee", "wasp"]  # "empty" has no rows: no probability column
+    assert "**left out**" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_all_keeps_the_best_head_on_validation(two_backbone_features, tmp_path):
+    _, features_dir = two_backbone_features
+    report = train_head(features_dir, ["a", "b"], "all", tmp_path / "out", params=FAST_MLP, plots=False, log=lambda _: None)
+    assert {entry["head"] for entry in report["selection"]} == {"mlp", "logreg", "svm", "knn"}
+    best = max(report["selection"], key=lambda e: (e["val_accuracy"], -e["val_log_loss"]))
+    assert report["head"] == best["head"]
+    head, metadata = load_head(tmp_path / "out" / "head.joblib")
+    assert head.kind == metadata["head"] == report["head"]
+
+
+def test_all_needs_a_validation_split(two_backbone_features):
+    _, features_dir = two_backbone_features
+    with pytest.raises(ValueError, match="--head all chooses on the validation split"):
+        train_head(features_dir, ["a"], "all", valid_split=None, log=lambda _: None)
