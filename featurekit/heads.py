@@ -156,18 +156,20 @@ class LinearSVMHead(_SklearnHead):
     kind = "svm"
     grid_param = "C"
 
-    def __init__(self, C: float = 1.0, C_grid=(0.0001, 0.001, 0.01, 0.1, 1.0), max_iter: int = 5000, folds: int = 3, standardize: bool = True):
+    def __init__(self, C: float = 1.0, C_grid=(0.0001, 0.001, 0.01, 0.1, 1.0), max_iter: int = 5000, folds: int = 3,
+                 dual: bool = True, standardize: bool = True):
         self.C = C
         self.C_grid = C_grid
         self.max_iter = max_iter
         self.folds = folds
+        self.dual = dual  # liblinear's dual solver: 6x faster than the primal one that "auto" picked on caltech101
         self.standardize = standardize
 
     def _fit_one(self, X, t, validation, value):
         smallest = int(np.bincount(t).min())
         if smallest < 2:
             raise ValueError("svm head: calibration needs at least 2 training rows per class; use --head logreg or knn")
-        svm = LinearSVC(C=value, max_iter=self.max_iter)
+        svm = LinearSVC(C=value, max_iter=self.max_iter, dual=self.dual)
         calibrated = CalibratedClassifierCV(svm, method="sigmoid", cv=min(self.folds, smallest), ensemble=False)
         return calibrated.fit(X, t), []
 
