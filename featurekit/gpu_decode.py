@@ -24,7 +24,6 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import functional as F
 
 from .images import DecodePolicy, ImageDecodeError, decode_image
-from .views import Preprocessing
 
 # torchvision 0.29 deprecates its decoders in favour of TorchCodec; decode_jpeg still works, and
 # featurekit keeps it until TorchCodec's batched nvJPEG decoding is a drop-in replacement.
@@ -98,8 +97,3 @@ def _decode_one(raw: RawJpeg, device: torch.device, policy: DecodePolicy) -> tor
     except ImageDecodeError as error:
         return error
     return F.pil_to_tensor(image).to(device)
-
-
-def gpu_views(images: list[torch.Tensor], preprocessings: dict[str, Preprocessing]) -> dict[str, list[torch.Tensor]]:
-    """One ``uint8[3, crop, crop]`` view per image and preprocessing, on the images' device."""
-    return {key: [p.view_tensor(image) for image in images] for key, p in preprocessings.items()}
