@@ -80,7 +80,7 @@ def _add_extract(commands) -> None:
     p.add_argument("--node", help="graph node to take features from instead of the default (spatial maps are averaged)")
     p.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="storage dtype")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="compute precision (auto: bf16 on CUDA, fp32 on CPU)")
+                   help="compute precision (auto: bf16 on CUDA and on CPUs with AVX512-BF16/AMX, else fp32)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=None, help="decoding workers (default: sized to the cores)")

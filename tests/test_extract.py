@@ -1,18 +1,21 @@
 """Extraction end to end on a tiny real folder: store layout, alignment, determinism, atomicity."""
 
+import dataclasses
 import json
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
+import torch
 
 from featurekit import cli
 from featurekit.backbones import load_backbone
+from featurekit import extract as extract_module
 from featurekit.extract import ExtractSettings, extract, shard
 from featurekit.store import StoreError, partial_dir, read_store
 
-SETTINGS = ExtractSettings(device="cpu", batch_size=2, chunk_size=2, num_workers=0, progress=False)
+SETTINGS = ExtractSettings(device="cpu", precision="fp32", batch_size=2, chunk_size=2, num_workers=0, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +47,7 @@ def test_store_round_trip_with_plain_h5py(tiny_folder, tmp_path, resnet18):
 def test_rows_are_identical_across_runs_and_settings(tiny_folder, tmp_path, resnet18):
     first = extract(tiny_folder, ["train"], [resnet18], tmp_path / "a", SETTINGS)[0]
     second = extract(tiny_folder, ["train"], [resnet18], tmp_path / "b",
-                     ExtractSettings(device="cpu", batch_size=3, chunk_size=5, num_workers=1, progress=False))[0]
+                     ExtractSettings(device="cpu", precision="fp32", batch_size=3, chunk_size=5, num_workers=1, progress=False))[0]
     a, b = read_store(first.path), read_store(second.path)
     assert a.paths == b.paths and a.labels.tolist() == b.labels.tolist()
     np.testing.assert_allclose(a.features.astype(np.float32), b.features.astype(np.float32), rtol=2e-3, atol=1e-3)
@@ -56,6 +59,30 @@ def test_several_backbones_share_one_decode_and_line_up(tiny_folder, tmp_path, r
     stores = [read_store(r.path) for r in results]
     assert stores[0].paths == stores[1].paths
     assert [s.features.shape[1] for s in stores] == [512, 1280]
+
+
+def test_bf16_on_cpu_is_recorded_close_to_fp32_and_leaves_the_backbone_as_built(tiny_folder, tmp_path):
+    lite = load_backbone("efficientnet_lite0", weights="random")  # BatchNorm to fold, ReLU6, depthwise convs
+    before = {name: tensor.clone() for name, tensor in lite.trunk.state_dict().items()}
+    settings = dataclasses.replace(SETTINGS, dtype="float32")
+    fp32 = read_store(extract(tiny_folder, ["valid"], [lite], tmp_path / "fp32", settings)[0].path)
+    bf16 = read_store(extract(tiny_folder, ["valid"], [lite], tmp_path / "bf16", dataclasses.replace(settings, precision="bf16"))[0].path)
+
+    assert (fp32.attrs["precision"], bf16.attrs["precision"]) == ("fp32", "bf16")
+    relative = np.linalg.norm(bf16.features - fp32.features, axis=1) / np.linalg.norm(fp32.features, axis=1)
+    assert 0 < relative.max() < 0.05, relative
+    after = lite.trunk.state_dict()  # the run cast and fused its own copy, not the caller's trunk
+    assert after.keys() == before.keys()
+    assert all(after[name].dtype == tensor.dtype and torch.equal(after[name], tensor) for name, tensor in before.items())
+
+
+def test_auto_precision_is_bf16_only_where_the_hardware_computes_it(monkeypatch):
+    monkeypatch.setattr(extract_module, "native_bf16_cpu", lambda: False)
+    assert ExtractSettings(device="cpu").resolved().precision == "fp32"
+    assert ExtractSettings(device="cuda:1").resolved().precision == "bf16"
+    monkeypatch.setattr(extract_module, "native_bf16_cpu", lambda: True)
+    assert ExtractSettings(device="cpu").resolved().precision == "bf16"
+    assert ExtractSettings(device="cpu", precision="fp32").resolved().precision == "fp32"
 
 
 def test_failure_mid_extraction_leaves_no_final_file(tiny_folder, tmp_path, resnet18, monkeypatch):

@@ -18,7 +18,7 @@ from featurekit.train import train_head
 
 from conftest import write_image_folder
 
-SETTINGS = ExtractSettings(device="cpu", batch_size=4, num_workers=0, dtype="float32", progress=False)
+SETTINGS = ExtractSettings(device="cpu", precision="fp32", batch_size=4, num_workers=0, dtype="float32", progress=False)
 
 
 @pytest.fixture(scope="module")

@@ -47,7 +47,7 @@ def _mixed_folder(tmp_path):
 def test_tensor_decoder_matches_pil_decoder_and_reports_bad_files(tmp_path):
     root = _mixed_folder(tmp_path)
     backbone = load_backbone("resnet18", weights="random")
-    common = dict(device="cpu", dtype="float32", batch_size=4, num_workers=0, progress=False, on_error="skip")
+    common = dict(device="cpu", precision="fp32", dtype="float32", batch_size=4, num_workers=0, progress=False, on_error="skip")
 
     (pil,) = extract(root, ["train"], [backbone], tmp_path / "pil", ExtractSettings(decoder="pil", **common))
     (tensor,) = extract(root, ["train"], [backbone], tmp_path / "tensor", ExtractSettings(decoder="torchvision", **common))

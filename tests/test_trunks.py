@@ -14,7 +14,7 @@ from featurekit.extract import ExtractSettings, extract
 
 from conftest import write_image_folder
 
-SETTINGS = ExtractSettings(device="cpu", dtype="float32", batch_size=2, num_workers=0, progress=False)
+SETTINGS = ExtractSettings(device="cpu", precision="fp32", dtype="float32", batch_size=2, num_workers=0, progress=False)
 
 
 def reference_features(name: str, backbone, files: list[Path]) -> np.ndarray:
