@@ -14,7 +14,7 @@ EXTRACT_FLAGS ?=
 HEAD ?= all
 HEAD_FLAGS ?=
 
-.PHONY: install data extract train-head demo test bench clean
+.PHONY: install data extract train-head demo test bench bench-precision clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -47,3 +47,7 @@ clean:
 bench: install
 	$(PY) benchmarks/bench_extract.py --images 32 --batch-size 8
 	$(PY) benchmarks/bench_head.py
+
+# Head accuracy on bf16 vs fp32 features (issue 5 goal: within 0.5 points), e.g. DATA=path/to/hymenoptera
+bench-precision: install
+	$(PY) benchmarks/bench_precision.py $(DATA)
