@@ -49,6 +49,12 @@ from .store import (
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
+# Bumped whenever a change to featurekit alters the features computed from the same images, weights
+# and settings (trunk construction, decoding, resizing). It is part of every store's identity, so a
+# store made by an older build reads as stale instead of up to date. 2: the EfficientNet-Lite trunk
+# fix (f9a1400); stores from before carry no features_version at all.
+FEATURES_VERSION = 2
+
 
 def native_bf16_cpu() -> bool:
     """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX). There oneDNN runs the
@@ -132,6 +138,7 @@ def identity(backbone: Backbone, settings: ExtractSettings) -> dict:
         "decode": settings.decode.to_dict(),
         "precision": settings.precision,
         "dtype": settings.dtype,
+        "features_version": FEATURES_VERSION,
     }
 
 
@@ -148,6 +155,7 @@ def store_attrs(backbone: Backbone, listing: SplitListing, settings: ExtractSett
         "preprocessing": backbone.preprocessing.to_dict(),
         "decode": settings.decode.to_dict(),
         "precision": settings.precision,
+        "features_version": FEATURES_VERSION,
         "device": torch.device(settings.device).type,
         "on_error": settings.on_error,
         "fingerprint": store_fingerprint,

@@ -19,7 +19,7 @@ dataset                   shape, dtype                 meaning
 
 Attributes: ``format``, ``format_version``, ``split``, ``backbone``, ``node``, ``feature_dim``,
 ``dtype``, ``weights``, ``weights_sha256``, ``weights_source``, ``weights_report``,
-``preprocessing`` (JSON), ``decode`` (JSON), ``precision``, ``device``, ``versions`` (JSON),
+``preprocessing`` (JSON), ``decode`` (JSON), ``precision``, ``features_version``, ``device``, ``versions`` (JSON),
 ``fingerprint``, ``n_listed``, ``data_root``, ``created``, ``complete``, and ``content_sha256``
 (written last: sha256 of every dataset and attribute, so ``featurekit verify`` notices edits).
 
@@ -74,7 +74,7 @@ def partial_dir(final: Path) -> Path:
 
 
 # What, besides the file list, determines a store's values; extract.identity() builds this dict.
-IDENTITY_KEYS = ("backbone", "node", "weights_sha256", "preprocessing", "decode", "precision", "dtype")
+IDENTITY_KEYS = ("backbone", "node", "weights_sha256", "preprocessing", "decode", "precision", "dtype", "features_version")
 
 # Testing hook: FEATUREKIT_CRASH_AT=<point>[:<n>] SIGKILLs the process the n-th time it reaches a
 # point of the commit protocol, so tests can stop a real extraction exactly there.
@@ -103,7 +103,8 @@ def identity_change(recorded: dict, current: dict) -> str | None:
 
 def fingerprint(listing: SplitListing, identity: dict) -> str:
     """sha256 of what determines a store's content: the file list (path, size, mtime) and the
-    extraction identity (backbone, node, weights sha256, preprocessing, decode policy, dtype, precision)."""
+    extraction identity (backbone, node, weights sha256, preprocessing, decode policy, dtype, precision,
+    features version)."""
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode())
     digest.update(json.dumps(listing.classes).encode())
     for record in listing.records:

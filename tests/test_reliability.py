@@ -14,6 +14,7 @@ from pathlib import Path
 import h5py
 import pytest
 
+from featurekit import extract as extract_module
 from featurekit import store
 from featurekit.cli import main
 from featurekit.store import StoreLock, open_h5, partial_dir, read_store
@@ -174,6 +175,17 @@ def test_other_settings_are_refused_not_reused(option, what, reference, tmp_path
     refused = run_cli(capsys, *extract_args(data, out), *option)
     assert refused.code == 1
     assert f"other {what}" in error_lines(refused.err)[0]
+    assert_same_store(out / "train" / "resnet18.h5", expected)
+
+
+def test_store_of_an_older_feature_computation_is_refused_not_reused(reference, tmp_path, capsys, monkeypatch):
+    data, expected = reference
+    out = tmp_path / "out"
+    shutil.copytree(expected.parent, out / "train")
+    monkeypatch.setattr(extract_module, "FEATURES_VERSION", extract_module.FEATURES_VERSION + 1)  # a newer build
+    refused = run_cli(capsys, *extract_args(data, out))
+    assert refused.code == 1
+    assert "other features version" in error_lines(refused.err)[0]
     assert_same_store(out / "train" / "resnet18.h5", expected)
 
 
