@@ -45,7 +45,7 @@ clean:
 	rm -rf features/digits data/digits
 
 bench: install
-	$(PY) benchmarks/bench_extract.py --images 32 --batch-size 8
+	$(PY) benchmarks/bench_extract.py
 	$(PY) benchmarks/bench_head.py
 
 # Head accuracy on bf16 vs fp32 features (issue 5 goal: within 0.5 points), e.g. DATA=path/to/hymenoptera

@@ -1,7 +1,7 @@
 """Extraction benchmark: the recipe's pipeline vs featurekit vs the model-only bound, in one run.
 
-    python benchmarks/bench_extract.py --images 64              # CPU, small
-    python benchmarks/bench_extract.py --images 8000 --batch-size 256 --compile   # one GPU
+    python benchmarks/bench_extract.py              # 48 images, batch 8 on CPU; 8000, batch 256 on CUDA
+    python benchmarks/bench_extract.py --compile    # one GPU, compiled trunks (the issue's bound)
 
 Phases, each in its own subprocess so peak memory is its own:
 
@@ -223,13 +223,13 @@ def _peak_rss_mb() -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--images", type=int, help="default: 48 on CPU, 8000 on CUDA")
     parser.add_argument("--size", default="400x300", help="mean JPEG size WxH of generated images")
     parser.add_argument("--data", type=Path, help="an image folder with train/ (default: generate JPEGs)")
     parser.add_argument("--backbones", nargs="+", default=["vgg19", "inception_v3", "resnet152"])
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="auto")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, help="default: 8 on CPU, 256 on CUDA")
     parser.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--bound-images", type=int, default=0, help="images for the bound (default: --images)")
@@ -239,6 +239,10 @@ def main() -> None:
     parser.add_argument("--phase", choices=PHASES, help=argparse.SUPPRESS)
     parser.add_argument("--scratch", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if not args.phase:  # small on a CPU, at scale on a GPU
+        on_gpu = _device(args.device).type == "cuda"
+        args.images = args.images or (8000 if on_gpu else 48)
+        args.batch_size = args.batch_size or (256 if on_gpu else 8)
     args.bound_images = args.bound_images or args.images
 
     if args.phase:  # child process: one phase, one JSON line

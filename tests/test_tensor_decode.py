@@ -68,7 +68,7 @@ def test_gpu_extraction_matches_cpu_features(tmp_path):
     backbone = load_backbone("resnet18", weights="random")
     common = dict(dtype="float32", batch_size=4, num_workers=2, progress=False, on_error="skip")
 
-    (cpu,) = extract(root, ["train"], [backbone], tmp_path / "cpu", ExtractSettings(device="cpu", **common))
+    (cpu,) = extract(root, ["train"], [backbone], tmp_path / "cpu", ExtractSettings(device="cpu", precision="fp32", **common))
     (fp32,) = extract(root, ["train"], [backbone], tmp_path / "fp32", ExtractSettings(device="cuda", precision="fp32", **common))
     (bf16,) = extract(root, ["train"], [backbone], tmp_path / "bf16", ExtractSettings(device="cuda", **common))
 
