@@ -17,6 +17,10 @@ from .images import DataError, DecodePolicy, ImageDecodeError
 
 EXPECTED_ERRORS = (DataError, ImageDecodeError, KeyError, ValueError, RuntimeError, OSError)
 
+# heads.HEADS' keys, spelled out so that building the parser imports neither torch nor sklearn
+# (``featurekit info`` and ``--help`` answer in a fraction of a second); a test keeps them equal.
+HEAD_KINDS = ("mlp", "logreg", "svm", "knn")
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
@@ -39,12 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_verify(commands)
     _add_info(commands)
     _add_list_backbones(commands)
-    # --- heads (issue 3): train-head and predict live in their own modules -------------------
-    from . import predict, train
-
-    train.add_parser(commands)
-    predict.add_parser(commands)
-    # --- end heads ---------------------------------------------------------------------------
+    _add_train_head(commands)
+    _add_predict(commands)
     return parser
 
 
@@ -223,6 +223,55 @@ def _run_list_backbones(args) -> int:
     print(f"\nany other torchvision classification model (DEFAULT weights, input of the final classifier layer):\n  "
           + ", ".join(others))
     return 0
+
+
+def _add_train_head(commands) -> None:
+    parser = commands.add_parser("train-head", help="train a head on concatenated backbone features",
+                                 description="fit a head on concatenated backbone features, evaluate, write a report")
+    parser.add_argument("features_dir", metavar="FEATURES_DIR", type=Path)
+    parser.add_argument("--backbones", nargs="+", required=True, metavar="STORE",
+                        help="store names (backbone, or backbone@node), concatenated in this order")
+    parser.add_argument("--head", default="mlp", choices=[*HEAD_KINDS, "all"], help="all: every head, the best on validation kept")
+    parser.add_argument("--train-split", default="train")
+    parser.add_argument("--valid-split", default="valid", help="'none' trains without validation (no selection)")
+    parser.add_argument("--out", type=Path, help="output folder (default FEATURES_DIR/heads/<head>-<backbones>)")
+    parser.add_argument("--device", default="cpu", help="MLP training device (cpu, cuda, cuda:1)")
+    parser.add_argument("--epochs", type=int, dest="max_epochs", help="MLP: most epochs per candidate (default 50)")
+    parser.add_argument("--batch-size", type=int, help="MLP batch size (default 64)")
+    parser.add_argument("--hidden", type=int, nargs="+", dest="hidden_sizes", help="MLP hidden sizes (default 1000)")
+    parser.add_argument("--lr", type=float, help="MLP Adam learning rate (default 1e-3)")
+    parser.add_argument("--patience", type=int, help="MLP early stopping patience in epochs (default 5)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    parser.set_defaults(run=_run_train_head)
+
+
+def _run_train_head(args) -> int:
+    from .train import run
+
+    return run(args)
+
+
+def _add_predict(commands) -> None:
+    parser = commands.add_parser("predict", help="classify image files with a trained head",
+                                 description="classify image files with a trained head, re-extracting their features")
+    parser.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders (searched recursively)")
+    parser.add_argument("--head", required=True, type=Path, help="head.joblib written by train-head")
+    parser.add_argument("--out", type=Path, default=Path("predictions.csv"))
+    parser.add_argument("--format", default="csv", choices=["csv", "kaggle"],
+                        help="kaggle: id,label with the probability of the second class (dogs-vs-cats)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=None, help="decoding workers (default: sized to the cores)")
+    parser.add_argument("--weights-path", nargs="+", default=[], metavar="STORE=FILE",
+                        help="load a backbone's weights from FILE instead of the path recorded in the head")
+    parser.set_defaults(run=_run_predict)
+
+
+def _run_predict(args) -> int:
+    from .predict import run
+
+    return run(args)
 
 
 if __name__ == "__main__":

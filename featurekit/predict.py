@@ -146,23 +146,6 @@ def _kaggle_rows(predictions: Predictions) -> list[tuple[str, str]]:
 # --------------------------------------------------------------------------- command line
 
 
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser("predict", help="classify image files with a trained head",
-                                   description=__doc__.split("\n\n")[0])
-    parser.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders (searched recursively)")
-    parser.add_argument("--head", required=True, type=Path, help="head.joblib written by train-head")
-    parser.add_argument("--out", type=Path, default=Path("predictions.csv"))
-    parser.add_argument("--format", default="csv", choices=["csv", "kaggle"],
-                        help="kaggle: id,label with the probability of the second class (dogs-vs-cats)")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--workers", type=int, default=None, help="decoding workers (default: sized to the cores)")
-    parser.add_argument("--weights-path", nargs="+", default=[], metavar="STORE=FILE",
-                        help="load a backbone's weights from FILE instead of the path recorded in the head")
-    parser.set_defaults(run=run)
-    return parser
-
-
 def _weights_paths(pairs: Sequence[str]) -> dict[str, str]:
     bad = [pair for pair in pairs if "=" not in pair]
     if bad:

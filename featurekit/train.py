@@ -31,7 +31,6 @@ from sklearn import metrics
 from .dataset import FeatureSet, check_same_extraction, load_features
 from .heads import HEADS, Head, make_head, save_head
 
-HEAD_CHOICES = (*HEADS, "all")
 HEAD_FILE = "head.joblib"
 
 
@@ -264,28 +263,6 @@ def _confusion_plot(plt, matrix: list[list[int]], classes: list[str], path: Path
 
 
 # --------------------------------------------------------------------------- command line
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser("train-head", help="train a head on concatenated backbone features",
-                                   description=__doc__.split("\n\n")[0])
-    parser.add_argument("features_dir", metavar="FEATURES_DIR", type=Path)
-    parser.add_argument("--backbones", nargs="+", required=True, metavar="STORE",
-                        help="store names (backbone, or backbone@node), concatenated in this order")
-    parser.add_argument("--head", default="mlp", choices=HEAD_CHOICES, help="all: every head, the best on validation kept")
-    parser.add_argument("--train-split", default="train")
-    parser.add_argument("--valid-split", default="valid", help="'none' trains without validation (no selection)")
-    parser.add_argument("--out", type=Path, help="output folder (default FEATURES_DIR/heads/<head>-<backbones>)")
-    parser.add_argument("--device", default="cpu", help="MLP training device (cpu, cuda, cuda:1)")
-    parser.add_argument("--epochs", type=int, dest="max_epochs", help="MLP: most epochs per candidate (default 50)")
-    parser.add_argument("--batch-size", type=int, help="MLP batch size (default 64)")
-    parser.add_argument("--hidden", type=int, nargs="+", dest="hidden_sizes", help="MLP hidden sizes (default 1000)")
-    parser.add_argument("--lr", type=float, help="MLP Adam learning rate (default 1e-3)")
-    parser.add_argument("--patience", type=int, help="MLP early stopping patience in epochs (default 5)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    parser.set_defaults(run=run)
-    return parser
 
 
 def run(args: argparse.Namespace) -> int:
