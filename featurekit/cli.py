@@ -104,6 +104,16 @@ def _add_extract(commands) -> None:
 
 
 def _run_extract(args) -> int:
+    from . import distributed
+
+    launch = distributed.from_environment()  # torchrun: one process per GPU, rank 0 reports
+    try:
+        return _extract(args, launch)
+    finally:
+        distributed.shutdown()
+
+
+def _extract(args, launch) -> int:
     from .backbones import load_backbone
     from .extract import ExtractSettings, extract_listings, list_split
 
@@ -114,21 +124,23 @@ def _run_extract(args) -> int:
         num_workers=args.workers, chunk_size=args.chunk_size, on_error=args.on_error, overwrite=args.overwrite,
         decode=DecodePolicy(exif_transpose=not args.no_exif_transpose,
                             draft_min_side=None if args.full_decode else DecodePolicy.draft_min_side),
-        decoder=args.decoder, compile=args.compile, progress=not args.quiet,
+        decoder=args.decoder, compile=args.compile, progress=not args.quiet and launch.rank == 0,
+        rank=launch.rank, world_size=launch.world_size, local_rank=launch.local_rank,
     ).resolved()
+    report = launch.rank == 0
     started = time.perf_counter()
     listings = [list_split(args.data_root, split) for split in args.split]
-    for listing in listings:
+    for listing in listings if report else ():
         _report_listing(listing)
     backbones = []
     for name in args.backbone:
         backbone = load_backbone(name, args.weights, args.weights_path, args.node)
-        print(f"{backbone.store_name}: node {backbone.node}, {backbone.feature_dim} features, weights {backbone.weights.name} "
-              f"(sha256 {backbone.weights.sha256[:12]})", file=sys.stderr)
-        if backbone.weights.report.missing or backbone.weights.report.unexpected or backbone.weights.report.shape_mismatch:
-            print(f"  {args.weights_path}: {backbone.weights.report.summary()}", file=sys.stderr)
+        if report:
+            _report_backbone(backbone, args.weights_path)
         backbones.append(backbone)
     results = extract_listings(listings, backbones, args.out, settings)
+    if not report:
+        return 0
     elapsed = time.perf_counter() - started
     written = sum(r.rows + len(r.skipped) for r in results if r.status == "written")
     for result in results:
@@ -137,8 +149,17 @@ def _run_extract(args) -> int:
             print(f"  skipped {path}: {reason}")
     images = written // max(1, len(backbones))
     rate = f", {images / elapsed:.1f} images/s over {images} images" if images else ", all up to date"
-    print(f"{len(results)} stores in {elapsed:.1f} s{rate} ({settings.device}, {settings.precision})")
+    processes = f" x {launch.world_size} processes" if launch.world_size > 1 else ""
+    print(f"{len(results)} stores in {elapsed:.1f} s{rate} ({settings.device}{processes}, {settings.precision})")
     return 0
+
+
+def _report_backbone(backbone, weights_path) -> None:
+    print(f"{backbone.store_name}: node {backbone.node}, {backbone.feature_dim} features, weights {backbone.weights.name} "
+          f"(sha256 {backbone.weights.sha256[:12]})", file=sys.stderr)
+    report = backbone.weights.report
+    if report.missing or report.unexpected or report.shape_mismatch:
+        print(f"  {weights_path}: {report.summary()}", file=sys.stderr)
 
 
 def _report_listing(listing) -> None:

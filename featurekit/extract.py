@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from . import __version__
 from .backbones import Backbone
+from .distributed import barrier, broadcast, check_group
 from .images import DecodePolicy, ImageDecodeError, SplitListing, fs_path, list_split, printable_path
 from .gpu_decode import decode_batch
 from .loader import ViewBatch, ViewDataset, default_workers, iterate_views
@@ -88,12 +89,17 @@ class ExtractSettings:
     channels_last: bool = True
     compile: bool = False
     progress: bool = True
-    rank: int = 0
+    rank: int = 0  # torchrun: this process's rank of world_size (featurekit.distributed)
     world_size: int = 1
+    local_rank: int = 0  # picks the GPU: device "cuda" means cuda:<local_rank> when world_size > 1
 
     def resolved(self) -> "ExtractSettings":
         device = "cuda" if self.device == "auto" and torch.cuda.is_available() else self.device
         device = "cpu" if device == "auto" else device
+        if device == "cuda" and self.world_size > 1:
+            device = f"cuda:{self.local_rank}"
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} is not one of world_size {self.world_size}")
         precision = self.precision if self.precision != "auto" else auto_precision(device)
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r} (choose from {', '.join(PRECISIONS)})")
@@ -215,8 +221,9 @@ def extract_listings(
 ) -> list[StoreResult]:
     """:func:`extract` over splits already listed (a bad split fails before any model is built)."""
     settings = (settings or ExtractSettings()).resolved()
-    for listing in listings:
-        _report_listing(listing)
+    if settings.rank == 0:
+        for listing in listings:
+            _report_listing(listing)
     runner = _Runner(backbones, settings)
     for listing in listings:  # refuse stale stores of any split before extracting the first
         runner.check_reusable(listing, Path(out_dir))
@@ -244,8 +251,11 @@ class _Runner:
     """Trunks on the device, run over one split at a time."""
 
     def __init__(self, backbones: Sequence[Backbone], settings: ExtractSettings):
+        check_group(settings.world_size)
         self.settings = settings
         self.device = torch.device(settings.device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # events, streams and pinned copies follow the current device
         self.backbones = list(backbones)
         names = [b.store_name for b in self.backbones]
         if len(set(names)) != len(names):
@@ -258,29 +268,47 @@ class _Runner:
     # ------------------------------------------------------------------ one split
 
     def run_split(self, listing: SplitListing, out_dir: Path) -> list[StoreResult]:
-        results, jobs = [], []
+        """Extract the stores of one split. Under torchrun every rank calls this; rank 0 opens
+        the stores and joins them, and only rank 0's results list the stores it wrote."""
+        rank, world_size = self.settings.rank, self.settings.world_size
+        results = []
         with contextlib.ExitStack() as locks:
+            status = self._open_stores(listing, out_dir, locks) if rank == 0 else None
+            status = broadcast(status, world_size)  # every partial is open before any rank writes
+            jobs = []
             for backbone in self.backbones:
                 partial = self._partial(listing, out_dir, backbone)
-                final = partial.final
-                if self._up_to_date(partial, listing):  # checked without the lock: readers never wait
-                    _tidy_finished(partial)
-                    results.append(_result(final, "up to date"))
-                    continue
-                locks.enter_context(StoreLock(final))
-                if self._up_to_date(partial, listing):  # finished by another process meanwhile
-                    partial.discard_if_finished()
-                    results.append(_result(final, "up to date"))
-                    continue
-                state = partial.open(discard_stale=self.settings.overwrite)
-                if state != "started":
-                    _say(f"{final}: {state}")
-                jobs.append(_Job(backbone, partial, store_attrs(backbone, listing, self.settings, partial.fingerprint)))
+                if status[backbone.store_name] == "up to date":
+                    results.append(_result(partial.final, "up to date"))
+                else:
+                    jobs.append(_Job(backbone, partial, store_attrs(backbone, listing, self.settings, partial.fingerprint)))
             if jobs:
                 self._compute(listing, jobs)
-                if self.settings.rank == 0:
+                barrier(world_size)  # every rank's chunks are committed
+                if rank == 0:
                     results.extend(self._finalize(listing, job) for job in jobs)
         return results
+
+    def _open_stores(self, listing: SplitListing, out_dir: Path, locks: contextlib.ExitStack) -> dict[str, str]:
+        """``{store_name: "up to date" | "open"}``; each open store's lock is held in ``locks``
+        and its partial directory tidied and ready for chunks."""
+        status = {}
+        for backbone in self.backbones:
+            partial = self._partial(listing, out_dir, backbone)
+            final = partial.final
+            status[backbone.store_name] = "up to date"
+            if self._up_to_date(partial, listing):  # checked without the lock: readers never wait
+                _tidy_finished(partial)
+                continue
+            locks.enter_context(StoreLock(final))
+            if self._up_to_date(partial, listing):  # finished by another process meanwhile
+                partial.discard_if_finished()
+                continue
+            state = partial.open(discard_stale=self.settings.overwrite)
+            if state != "started":
+                _say(f"{final}: {state}")
+            status[backbone.store_name] = "open"
+        return status
 
     def check_reusable(self, listing: SplitListing, out_dir: Path) -> None:
         """Raise :class:`StoreError` if a store or committed chunks of this split were made from
@@ -318,8 +346,11 @@ class _Runner:
     # ------------------------------------------------------------------ the hot loop
 
     def _compute(self, listing: SplitListing, jobs: list[_Job]) -> None:
-        todo = missing_chunks([job.partial.committed() for job in jobs], len(listing), self.settings.chunk_size)
-        todo = shard(todo, self.settings.rank, self.settings.world_size)
+        rank, world_size = self.settings.rank, self.settings.world_size
+        todo = missing_chunks([job.partial.committed() for job in jobs], len(listing), self.settings.chunk_size) if rank == 0 else None
+        todo = shard(broadcast(todo, world_size), rank, world_size)  # rank 0 read the chunks before anyone wrote
+        if world_size > 1:
+            _say(f"rank {rank}/{world_size}: {len(todo)} chunks ({sum(b - a for a, b in todo)} images) of {listing.split}")
         if not todo:
             return
         files = [(str(listing.split_dir / fs_path(r.path)), f"{listing.split_dir}/{printable_path(r.path)}") for r in listing.records]

@@ -130,8 +130,9 @@ class Chunk:
 class PartialStore:
     """The committed chunks of one store under construction.
 
-    Only a holder of the store's :class:`StoreLock` may call :meth:`open`, :meth:`write` and
-    :func:`finalize`: they delete what a killed writer left behind.
+    Only a holder of the store's :class:`StoreLock` may call :meth:`open` and :func:`finalize`:
+    they delete what a killed writer left behind. :meth:`write` also runs in the other ranks of a
+    torchrun job whose rank 0 holds the lock (each commits its own chunks under its own names).
     """
 
     def __init__(self, final: Path, store_fingerprint: str, identity: dict | None = None):
