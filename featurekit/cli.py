@@ -126,6 +126,7 @@ def _extract(args, launch) -> int:
                             draft_min_side=None if args.full_decode else DecodePolicy.draft_min_side),
         decoder=args.decoder, compile=args.compile, progress=not args.quiet and launch.rank == 0,
         rank=launch.rank, world_size=launch.world_size, local_rank=launch.local_rank,
+        local_world_size=launch.local_world_size,
     ).resolved()
     report = launch.rank == 0
     started = time.perf_counter()

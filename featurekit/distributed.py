@@ -33,11 +33,13 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class Launch:
-    """This process's place in the job: ``rank`` of ``world_size``, ``local_rank`` on its node."""
+    """This process's place in the job: ``rank`` of ``world_size``, ``local_rank`` of
+    ``local_world_size`` on its node."""
 
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
+    local_world_size: int = 1
 
 
 def from_environment() -> Launch:
@@ -48,7 +50,8 @@ def from_environment() -> Launch:
         return Launch()
     if not dist.is_initialized():
         dist.init_process_group("gloo", timeout=BARRIER_TIMEOUT)
-    return Launch(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0")), world_size)
+    return Launch(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0")), world_size,
+                  int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 def check_group(world_size: int) -> None:

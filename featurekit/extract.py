@@ -92,6 +92,7 @@ class ExtractSettings:
     rank: int = 0  # torchrun: this process's rank of world_size (featurekit.distributed)
     world_size: int = 1
     local_rank: int = 0  # picks the GPU: device "cuda" means cuda:<local_rank> when world_size > 1
+    local_world_size: int = 1  # processes on this node: they share its cores between their workers
 
     def resolved(self) -> "ExtractSettings":
         device = "cuda" if self.device == "auto" and torch.cuda.is_available() else self.device
@@ -108,7 +109,9 @@ class ExtractSettings:
         if self.on_error not in ("fail", "skip"):
             raise ValueError(f"unknown --on-error {self.on_error!r} (fail or skip)")
         chunk = -(-max(self.chunk_size, 1) // self.batch_size) * self.batch_size
-        workers = self.num_workers if self.num_workers is not None else default_workers(torch.device(device))
+        workers = self.num_workers
+        if workers is None:
+            workers = max(1, default_workers(torch.device(device)) // max(1, self.local_world_size))
         decoder = self.decoder if self.decoder != "auto" else ("torchvision" if device.startswith("cuda") else "pil")
         if decoder not in ("pil", "torchvision"):
             raise ValueError(f"unknown decoder {decoder!r} (auto, pil or torchvision)")
