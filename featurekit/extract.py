@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -57,6 +58,7 @@ PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float
 FEATURES_VERSION = 2
 
 
+@functools.cache
 def native_bf16_cpu() -> bool:
     """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX). There oneDNN runs the
     trunks 2-3x faster in bf16 than in fp32; elsewhere it emulates bf16 and gains nothing."""
