@@ -184,11 +184,16 @@ def decode_image(path: str | os.PathLike, policy: DecodePolicy = DecodePolicy(),
         raise ImageDecodeError(display, _reason(error)) from None
 
 
+def first_line(error: BaseException) -> str:
+    """An exception's message cut to its first line (one-line errors), or its type if it has none."""
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
 def _reason(error: Exception) -> str:
     if isinstance(error, OSError) and error.errno is not None:
         # "[Errno 40] Too many levels of symbolic links: 'path'" would name the file twice.
         return f"cannot read file ({error.strerror or errno.errorcode.get(error.errno, error.errno)})"
-    text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    text = first_line(error)
     if isinstance(error, OSError) and "truncated" in text:
         return f"truncated image ({text})"
     return text

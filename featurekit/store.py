@@ -54,7 +54,7 @@ from typing import Sequence
 import h5py
 import numpy as np
 
-from .images import SplitListing, printable_path
+from .images import SplitListing, first_line, printable_path
 
 FORMAT = "featurekit.store"
 FORMAT_VERSION = 1
@@ -246,7 +246,7 @@ class PartialStore:
                     chunk = Chunk(start, stop, data["kept"], data["features"], data["skipped"], tuple(data["reasons"].tolist()))
             except Exception as error:  # zipfile, numpy and OS errors alike mean the file is damaged
                 path.unlink(missing_ok=True)
-                raise StoreError(f"{path}: damaged chunk removed ({_reason_of(error)}); run the same command again "
+                raise StoreError(f"{path}: damaged chunk removed ({first_line(error)}); run the same command again "
                                  f"to recompute rows {start}-{stop}") from None
             chunks.append(chunk)
         return chunks
@@ -395,11 +395,7 @@ def _fsync_dir(path: Path) -> None:
 def _os_reason(error: OSError) -> str:
     if error.errno == errno.ENOSPC or "No space left" in str(error):  # h5py drops the errno
         return "no space left on device"
-    return error.strerror or _reason_of(error)
-
-
-def _reason_of(error: Exception) -> str:
-    return str(error).splitlines()[0] if str(error) else type(error).__name__
+    return error.strerror or first_line(error)
 
 
 def glob_escape(name: str) -> str:
@@ -487,7 +483,7 @@ def open_h5(path: str | os.PathLike) -> h5py.File:
     try:
         h5 = h5py.File(path, "r")
     except OSError as error:
-        raise StoreError(f"{path}: not a readable HDF5 file ({str(error).splitlines()[0]})") from None
+        raise StoreError(f"{path}: not a readable HDF5 file ({first_line(error)})") from None
     problem = None
     if h5.attrs.get("format") != FORMAT:
         problem = "not a featurekit store (no format attribute)"

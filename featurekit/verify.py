@@ -18,7 +18,7 @@ from typing import Sequence
 import h5py
 import numpy as np
 
-from .images import DataError, SplitListing, list_split, printable_path
+from .images import DataError, SplitListing, first_line, list_split, printable_path
 from .store import DIGEST_BLOCK_ROWS, IDENTITY_KEYS, StoreError, content_sha256, decoded_attrs, fingerprint, open_h5
 
 NAMES_SHOWN = 10  # per kind of change; the count is always complete
@@ -76,7 +76,7 @@ def verify_store(path: str | os.PathLike, data_root: str | os.PathLike | None = 
     except StoreError as error:
         report.problems.append(str(error).removeprefix(f"{path}: "))
     except (OSError, RuntimeError, KeyError, ValueError) as error:  # h5py on damaged blocks
-        report.problems.append(f"unreadable data ({str(error).splitlines()[0] if str(error) else type(error).__name__})")
+        report.problems.append(f"unreadable data ({first_line(error)})")
     return report
 
 

@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .images import first_line
+
 RANDOM = "random"
 RANDOM_SEED = 0
 
@@ -108,7 +110,7 @@ def load_file(model: nn.Module, path: str | os.PathLike) -> WeightsInfo:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise WeightsError(f"{path}: cannot read a state dict ({str(error).splitlines()[0]})") from None
+        raise WeightsError(f"{path}: cannot read a state dict ({first_line(error)})") from None
     report = load_matching(model, unwrap_state_dict(obj, path))
     if not report.loaded:
         raise WeightsError(f"{path}: no tensor matches the architecture by name and shape ({report.summary()})")
@@ -132,7 +134,7 @@ def torchvision_download(weights):
         yield
     except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as error:
         cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
-        reason = getattr(error, "reason", None) or (str(error).splitlines() or [type(error).__name__])[0]
+        reason = getattr(error, "reason", None) or first_line(error)
         raise WeightsError(
             f"cannot download {weights} from {weights.url} ({reason}): put that file at {cached}, "
             "or pass --weights-path FILE (a local state dict), or --weights random for a smoke run"
