@@ -48,6 +48,7 @@ from .store import (
     store_path,
     uncovered,
 )
+from .verify import folder_changes
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -276,13 +277,13 @@ class _Runner:
         """Extract the stores of one split. Under torchrun every rank calls this; rank 0 opens
         the stores and joins them, and only rank 0's results list the stores it wrote."""
         rank, world_size = self.settings.rank, self.settings.world_size
+        partials = [self._partial(listing, out_dir, backbone) for backbone in self.backbones]
         results = []
         with contextlib.ExitStack() as locks:
-            status = self._open_stores(listing, out_dir, locks) if rank == 0 else None
+            status = self._open_stores(listing, partials, locks) if rank == 0 else None
             status = broadcast(status, world_size)  # every partial is open before any rank writes
             jobs = []
-            for backbone in self.backbones:
-                partial = self._partial(listing, out_dir, backbone)
+            for backbone, partial in zip(self.backbones, partials):
                 if status[backbone.store_name] == "up to date":
                     results.append(_result(partial.final, "up to date"))
                 else:
@@ -294,12 +295,11 @@ class _Runner:
                     results.extend(self._finalize(listing, job) for job in jobs)
         return results
 
-    def _open_stores(self, listing: SplitListing, out_dir: Path, locks: contextlib.ExitStack) -> dict[str, str]:
-        """``{store_name: "up to date" | "open"}``; each open store's lock is held in ``locks``
-        and its partial directory tidied and ready for chunks."""
+    def _open_stores(self, listing: SplitListing, partials: list[PartialStore], locks: contextlib.ExitStack) -> dict[str, str]:
+        """``{store_name: "up to date" | "open"}`` for ``partials`` (one per backbone); each open
+        store's lock is held in ``locks`` and its partial directory tidied and ready for chunks."""
         status = {}
-        for backbone in self.backbones:
-            partial = self._partial(listing, out_dir, backbone)
+        for backbone, partial in zip(self.backbones, partials):
             final = partial.final
             status[backbone.store_name] = "up to date"
             if self._up_to_date(partial, listing):  # checked without the lock: readers never wait
@@ -516,8 +516,6 @@ def _raise_finished(pending: list[Future]) -> None:
 
 
 def _what_changed(final: Path, attrs: dict, listing: SplitListing, store_identity: dict) -> str:
-    from .verify import folder_changes
-
     change = identity_change(attrs, store_identity)
     if change:
         return f"was made with {change}"
