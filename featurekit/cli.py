@@ -55,8 +55,9 @@ EXTRACT_EPILOG = """\
 existing stores and interrupted runs:
   A store whose fingerprint (image files' paths, sizes and mtimes, class folders, backbone, node,
   weights sha256, preprocessing, decode policy, precision, dtype, featurekit's features version)
-  matches this run is left as it is ("up to date"). Rows are committed in chunks under .<store>.partial/; a run killed at any moment
-  and started again with the same command continues from its last committed chunk.
+  matches this run is left as it is ("up to date"). Rows are committed in chunks under
+  .<store>.partial/; a run killed at any moment and started again with the same command continues
+  from its last committed chunk.
   --resume (the default) reuses only what matches this run: a store or committed chunks made from
     other inputs (folder changed, other weights or preprocessing) stop the run with a message
     naming what changed, before any work.
