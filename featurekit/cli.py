@@ -64,7 +64,8 @@ existing stores and interrupted runs:
   --overwrite re-extracts such stores and discards such chunks. The old store stays readable until
     the new one is complete and atomically renamed over it; matching committed chunks are still
     resumed, so an interrupted --overwrite run also continues where it stopped.
-  A store being written by another featurekit process is refused (one writer per store).
+  A store being written by another featurekit process is refused (one writer per store; the
+  processes of one torchrun job count as one).
 """
 
 
