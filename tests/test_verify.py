@@ -70,16 +70,46 @@ def edit(store: Path, change) -> None:
         change(h5)
 
 
-def test_edited_feature_value(copy, capsys):
+def nudge_a_value(h5):
+    h5["features"][3, 7] += 0.5
+
+
+def swap_two_labels(h5):
+    h5["labels"][0], h5["labels"][9] = h5["labels"][9], h5["labels"][0]
+
+
+def relabel_the_weights(h5):
+    h5.attrs["weights"] = "IMAGENET1K_V1"  # random weights passed off as pretrained
+
+
+def remove_the_completeness_mark(h5):
+    h5.attrs["complete"] = False
+
+
+def drop_a_feature_column(h5):
+    features = h5["features"][:, :-1]
+    del h5["features"]
+    h5["features"] = features
+
+
+EDITED = "content checksum mismatch: features, rows or attributes were changed after extraction"
+
+
+@pytest.mark.parametrize("change, message", [
+    pytest.param(change, message, id=change.__name__) for change, message in [
+        (nudge_a_value, EDITED),
+        (swap_two_labels, EDITED),
+        (relabel_the_weights, EDITED),
+        (remove_the_completeness_mark, "incomplete store (no completeness mark)"),
+        (drop_a_feature_column, "features are float32[10, 511] but the store records float32[10, 512]"),
+    ]
+])
+def test_one_damage_gives_one_line_naming_it(copy, capsys, change, message):
     data, store = copy
-
-    def nudge(h5):
-        h5["features"][3, 7] += 0.5
-
-    edit(store, nudge)
+    edit(store, change)
     result = verify(capsys, store, data)
     assert result.code == 1
-    assert result.out == f"{store}: content checksum mismatch: features, rows or attributes were changed after extraction\n"
+    assert result.out == f"{store}: {message}\n"
 
 
 def test_nan_row_is_named(copy, capsys):
@@ -92,46 +122,6 @@ def test_nan_row_is_named(copy, capsys):
     result = verify(capsys, store, data)
     assert result.code == 1
     assert f"{store}: NaN or Inf features in 1 rows (first: row 2, ants/02.jpg)" in result.out.splitlines()
-
-
-def test_swapped_labels(copy, capsys):
-    data, store = copy
-
-    def swap(h5):
-        h5["labels"][0], h5["labels"][9] = h5["labels"][9], h5["labels"][0]
-
-    edit(store, swap)
-    assert "content checksum mismatch" in verify(capsys, store, data).out
-
-
-def test_edited_attribute(copy, capsys):
-    data, store = copy
-
-    def relabel(h5):
-        h5.attrs["weights"] = "IMAGENET1K_V1"  # random weights passed off as pretrained
-
-    edit(store, relabel)
-    assert "content checksum mismatch" in verify(capsys, store, data).out
-
-
-def test_completeness_mark_removed(copy, capsys):
-    data, store = copy
-    edit(store, lambda h5: h5.attrs.__setitem__("complete", False))
-    assert verify(capsys, store, data).out == f"{store}: incomplete store (no completeness mark)\n"
-
-
-def test_wrong_feature_shape(copy, capsys):
-    data, store = copy
-
-    def shrink(h5):
-        features = h5["features"][:, :-1]
-        del h5["features"]
-        h5["features"] = features
-
-    edit(store, shrink)
-    result = verify(capsys, store, data)
-    assert result.code == 1
-    assert result.out == f"{store}: features are float32[10, 511] but the store records float32[10, 512]\n"
 
 
 def test_wrong_label_dtype_and_missing_dataset(copy, capsys):
