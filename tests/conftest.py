@@ -12,13 +12,15 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from featurekit.cli import main
-from featurekit.store import read_store
+from featurekit.images import SplitListing, list_split
+from featurekit.store import partial_dir, read_store
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_RUN = ["--backbone", "resnet18", "--weights", "random", "--device", "cpu", "--dtype", "float32",
@@ -61,10 +63,17 @@ def run_cli(capsys, *args: str | os.PathLike) -> CliResult:
     return CliResult(code, captured.out, captured.err)
 
 
-def run_subprocess(*args: str | os.PathLike, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    """``python -m featurekit ARGS`` as a real child process."""
-    return subprocess.run([sys.executable, "-m", "featurekit", *map(str, args)], cwd=REPO, capture_output=True,
+def run_subprocess(*args: str | os.PathLike, env: dict | None = None, timeout: float = 120,
+                   launcher: Sequence[str] = ()) -> subprocess.CompletedProcess:
+    """``python [LAUNCHER] -m featurekit ARGS`` as a real child process (``launcher``: e.g. torchrun's
+    ``-m torch.distributed.run ...``)."""
+    return subprocess.run([sys.executable, *launcher, "-m", "featurekit", *map(str, args)], cwd=REPO, capture_output=True,
                           text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
+
+
+def committed_chunks(final: Path) -> int:
+    """How many chunks of ``final`` are committed in its partial directory."""
+    return len(list(partial_dir(final).glob("chunk-*.npz")))
 
 
 def error_lines(stderr: str) -> list[str]:
@@ -116,10 +125,8 @@ def tiny_folder(tmp_path: Path) -> Path:
 STORE_PREPROCESSING = {"resize_size": 8, "crop_size": 8, "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bilinear", "antialias": True}
 
 
-def make_image_folder(root: Path, split: str, counts: dict[str, int]) -> "SplitListing":
+def make_image_folder(root: Path, split: str, counts: dict[str, int]) -> SplitListing:
     """``root/split/<class>/img_NN.jpg`` (``write_image_folder``), listed by the real lister."""
-    from featurekit.images import list_split
-
     write_image_folder(root, {split: counts})
     return list_split(root, split)
 

@@ -4,24 +4,20 @@ that died leaves chunks that a rerun with another number of processes finishes."
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from featurekit import store
-from featurekit.store import partial_dir, read_store
-from tests.conftest import REPO, TINY_RUN, leftovers, make_folder, run_cli, run_subprocess
+from featurekit.store import read_store
+from tests.conftest import TINY_RUN, committed_chunks, leftovers, make_folder, run_cli, run_subprocess
 
 
 def torchrun(processes: int, *args: str | os.PathLike, env: dict | None = None) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
-               "-m", "featurekit", *map(str, args)]
-    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
+    return run_subprocess(*args, env=env, timeout=300,
+                          launcher=["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"])
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +58,7 @@ def test_a_job_killed_midway_is_finished_by_a_rerun_with_other_process_counts(re
     args = ("extract", data, "--split", "train", "--out", out, *TINY_RUN)
     killed = torchrun(2, *args, env={store.CRASH_ENV: "chunk-committed:2"})  # each rank dies after its 2nd chunk
     assert killed.returncode != 0 and not final.exists()
-    assert len(list(partial_dir(final).glob("chunk-*.npz"))) == 4
+    assert committed_chunks(final) == 4
 
     finished = run_subprocess(*args)  # one process finishes what two left
     assert finished.returncode == 0, finished.stderr

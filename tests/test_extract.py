@@ -2,7 +2,6 @@
 
 import dataclasses
 import json
-from pathlib import Path
 
 import h5py
 import numpy as np
@@ -13,7 +12,8 @@ from featurekit import cli
 from featurekit.backbones import load_backbone
 from featurekit import extract as extract_module
 from featurekit.extract import ExtractSettings, extract, shard
-from featurekit.store import StoreError, partial_dir, read_store
+from featurekit.store import StoreError, read_store
+from tests.conftest import committed_chunks
 
 SETTINGS = ExtractSettings(device="cpu", precision="fp32", batch_size=2, chunk_size=2, num_workers=0, progress=False)
 
@@ -103,7 +103,7 @@ def test_failure_mid_extraction_leaves_no_final_file(tiny_folder, tmp_path, resn
 
     final = tmp_path / "features" / "train" / "resnet18.h5"
     assert not final.exists()
-    assert len(list(partial_dir(final).glob("chunk-*.npz"))) == 2  # the work before the crash is kept
+    assert committed_chunks(final) == 2  # the work before the crash is kept
     with pytest.raises(StoreError, match="no such store"):
         read_store(final)
 

@@ -22,6 +22,7 @@ from tests.conftest import (
     REPO,
     TINY_RUN,
     assert_same_store,
+    committed_chunks,
     error_lines,
     leftovers,
     make_folder,
@@ -44,10 +45,6 @@ def reference(tmp_path_factory) -> tuple[Path, Path]:
 
 def extract_args(data: Path, out: Path, *extra: str) -> list[str]:
     return ["extract", str(data), "--split", "train", "--out", str(out), *TINY_RUN, *extra]
-
-
-def committed_chunks(final: Path) -> int:
-    return len(list(partial_dir(final).glob("chunk-*.npz")))
 
 
 # (crash point, what must be on disk after the kill besides committed chunks)
