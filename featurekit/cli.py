@@ -244,7 +244,7 @@ def _run_list_backbones(args) -> int:
         print(f"{spec.name:20s} {spec.feature_dim or '?':>5} features  node {spec.feature_node:14s} "
               f"weights {spec.default_weights:14s} {spec.description}")
     others = [name for name in torchvision_classifiers() if name not in REGISTRY]
-    print(f"\nany other torchvision classification model (DEFAULT weights, input of the final classifier layer):\n  "
+    print("\nany other torchvision classification model (DEFAULT weights, input of the final classifier layer):\n  "
           + ", ".join(others))
     return 0
 

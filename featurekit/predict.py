@@ -27,7 +27,7 @@ import numpy as np
 
 from .backbones import Backbone, load_backbone
 from .extract import ExtractSettings, features_for_files
-from .heads import Head, load_head
+from .heads import load_head
 from .images import IMAGE_EXTENSIONS, DecodePolicy
 
 
