@@ -122,7 +122,7 @@ def phase_featurekit(args) -> dict:
     import torch
 
     from featurekit.backbones import load_backbone
-    from featurekit.extract import ExtractSettings, extract
+    from featurekit.extraction import ExtractSettings, extract
 
     device = _device(args.device)
     started = time.perf_counter()
@@ -149,10 +149,10 @@ def phase_bound(args) -> dict:
     import torch
 
     from featurekit.backbones import load_backbone
-    from featurekit.extract import PRECISIONS, ExtractSettings, prepare_trunk
+    from featurekit.runner import PRECISIONS, RunSettings, prepare_trunk
 
     device = _device(args.device)
-    settings = ExtractSettings(device=str(device), precision=args.precision, compile=args.compile).resolved()
+    settings = RunSettings(device=str(device), precision=args.precision, compile=args.compile).resolved()
     dtype = PRECISIONS[settings.precision]
     trunks, inputs = [], []
     for name in args.backbones:
@@ -180,7 +180,7 @@ def phase_bound(args) -> dict:
 def phase_precision(args) -> dict:
     """Relative difference of the default-precision features against fp32, on the same images."""
     from featurekit.backbones import load_backbone
-    from featurekit.extract import ExtractSettings, extract
+    from featurekit.extraction import ExtractSettings, extract
     from featurekit.store import read_store
 
     device = _device(args.device)

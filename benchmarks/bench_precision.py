@@ -19,7 +19,7 @@ from pathlib import Path
 import featurekit  # noqa: F401  (first: sets OMP_WAIT_POLICY before torch loads)
 import numpy as np
 from featurekit.backbones import load_backbone
-from featurekit.extract import ExtractSettings, extract
+from featurekit.extraction import ExtractSettings, extract
 from featurekit.train import train_head
 
 

@@ -1,9 +1,21 @@
 """featurekit: cached-feature extraction for image transfer learning.
 
 images -> decode once -> per-backbone views -> frozen trunks -> HDF5 stores -> feature dataset -> head
+
+The public Python API (docs/api.md), imported on first use so that ``import featurekit`` and the
+command line's ``--help`` stay fast:
+
+- :func:`extract` (``featurekit.extraction.extract``): write the stores, as ``featurekit extract`` does;
+- :func:`load` (``featurekit.dataset.load_features``): a split of several stores, aligned, in memory;
+- :class:`FeatureDataset`: the same rows, read lazily, for a torch DataLoader;
+- :func:`embed` (``featurekit.runner.embed``): features of a few images, no store;
+- :func:`load_head` and :func:`predict_files`: a trained head, and prediction on image files;
+- :class:`ExtractSettings`, :class:`RunSettings`, :func:`load_backbone`, :class:`FeaturekitError`.
 """
 
+import importlib
 import os
+from typing import TYPE_CHECKING
 
 # torch and scikit-learn each bundle a libgomp; with both loaded, threads that spin while waiting
 # made small torch steps (the MLP head) 30x slower on a 2-core machine (0.39 -> 12 s per epoch in
@@ -12,3 +24,41 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.1.0"
+
+_API = {
+    "extract": ("extraction", "extract"),
+    "ExtractSettings": ("extraction", "ExtractSettings"),
+    "load": ("dataset", "load_features"),
+    "FeatureDataset": ("dataset", "FeatureDataset"),
+    "FeatureSet": ("dataset", "FeatureSet"),
+    "embed": ("runner", "embed"),
+    "RunSettings": ("runner", "RunSettings"),
+    "load_backbone": ("backbones", "load_backbone"),
+    "load_head": ("heads", "load_head"),
+    "predict_files": ("predict", "predict_files"),
+    "FeaturekitError": ("errors", "FeaturekitError"),
+}
+__all__ = sorted(_API)
+
+if TYPE_CHECKING:
+    from .backbones import load_backbone
+    from .dataset import FeatureDataset, FeatureSet
+    from .dataset import load_features as load
+    from .errors import FeaturekitError
+    from .extraction import ExtractSettings, extract
+    from .heads import load_head
+    from .predict import predict_files
+    from .runner import RunSettings, embed
+
+
+def __getattr__(name: str):
+    if name not in _API:
+        raise AttributeError(f"module 'featurekit' has no attribute {name!r}")
+    module, attribute = _API[name]
+    value = getattr(importlib.import_module(f".{module}", __name__), attribute)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_API])

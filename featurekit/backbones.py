@@ -24,6 +24,7 @@ import torchvision
 from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
+from .errors import FeaturekitError
 from .views import Preprocessing
 from .weights import (
     RANDOM,
@@ -35,6 +36,10 @@ from .weights import (
     state_sha256,
     torchvision_download,
 )
+
+
+class BackboneError(FeaturekitError, ValueError):
+    """An unknown backbone name or feature node. One line, with the closest names."""
 
 
 @dataclass(frozen=True)
@@ -104,10 +109,10 @@ def get_spec(name: str) -> BackboneSpec:
         arch_kwargs = {"transform_input": True, "init_weights": False} if name == "googlenet" else {}
         return BackboneSpec(name, "torchvision", "DEFAULT", None, None,
                             f"torchvision {name}, input of its final classifier layer", arch_kwargs)
-    known = list(REGISTRY) + torchvision_classifiers()
+    known = list(dict.fromkeys([*REGISTRY, *torchvision_classifiers()]))
     close = difflib.get_close_matches(name, known, n=3)
     hint = f" (did you mean {', '.join(close)}?)" if close else ""
-    raise KeyError(f"unknown backbone {name!r}{hint}; `featurekit list-backbones` lists them")
+    raise BackboneError(f"unknown backbone {name!r}{hint}; `featurekit list-backbones` lists them")
 
 
 # --------------------------------------------------------------------------- architectures
@@ -228,7 +233,7 @@ def penultimate_node(name: str, model: nn.Module) -> str:
         nodes = _eval_nodes(model)
         last = max((i for i, n in enumerate(nodes) if n in linears), default=None)
         if last is None:
-            raise ValueError(f"{name}: no final Linear layer found; pass --node (one of {', '.join(nodes[-5:])})")
+            raise BackboneError(f"{name}: no final Linear layer found; pass --node (one of {', '.join(nodes[-5:])})")
         _penultimate_node_cache[name] = nodes[last - 1]
     return _penultimate_node_cache[name]
 
@@ -243,15 +248,15 @@ def _check_node(name: str, model: nn.Module, node: str) -> None:
     nodes = _eval_nodes(model)
     if node not in nodes and not any(n.startswith(node + ".") for n in nodes):  # a module: its last node
         close = difflib.get_close_matches(node, nodes, n=5)
-        raise ValueError(f"{name}: no graph node {node!r}; close: {', '.join(close) or 'none'} "
+        raise BackboneError(f"{name}: no graph node {node!r}; close: {', '.join(close) or 'none'} "
                          f"(last nodes: {', '.join(nodes[-6:])})")
 
 
 def load_backbone(name: str, weights: str = "DEFAULT", weights_path: str | None = None, node: str | None = None) -> Backbone:
     """Build a frozen, eval-mode trunk on the CPU.
 
-    Raises ``KeyError`` (unknown name), :class:`WeightsError` (weights unavailable or unfitting),
-    ``ValueError`` (unknown node).
+    Raises :class:`BackboneError` (unknown name or node), :class:`WeightsError` (weights unavailable
+    or unfitting).
     """
     spec = get_spec(name)
     model, preprocessing, info = _BUILDERS[spec.family](spec, weights, weights_path)

@@ -1,7 +1,9 @@
 """The ``featurekit`` command line. Each subcommand is a thin layer over one stage module.
 
-Every expected failure (bad data, missing weights, stale or damaged stores, bad images) ends
-the process with exit code 1 and one line on stderr naming the file and the reason.
+Every error a user can cause (:class:`~featurekit.errors.FeaturekitError`: bad data, missing
+weights, stale or damaged stores, bad images, bad options) and every OS error ends the process
+with exit code 1 and one line on stderr naming the file and the reason. Anything else is a bug
+and keeps its traceback. Building the parser imports neither torch nor scikit-learn.
 """
 
 from __future__ import annotations
@@ -13,9 +15,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from .images import DataError, DecodePolicy, ImageDecodeError
-
-EXPECTED_ERRORS = (DataError, ImageDecodeError, KeyError, ValueError, RuntimeError, OSError)
+from .errors import FeaturekitError, SettingsError, describe_os_error, one_line
 
 # heads.HEADS' keys, spelled out so that building the parser imports neither torch nor sklearn
 # (``featurekit info`` and ``--help`` answer in a fraction of a second); a test keeps them equal.
@@ -30,9 +30,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("featurekit: interrupted; committed chunks are kept, rerun the same command to resume", file=sys.stderr)
         return 130
-    except EXPECTED_ERRORS as error:
-        message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        print(f"featurekit: error: {message}", file=sys.stderr)
+    except (FeaturekitError, OSError) as error:
+        message = describe_os_error(error) if isinstance(error, OSError) else str(error)
+        print(f"featurekit: error: {one_line(message)}", file=sys.stderr)
         return 1
 
 
@@ -117,37 +117,38 @@ def _run_extract(args) -> int:
 
 def _extract(args, launch) -> int:
     from .backbones import load_backbone
-    from .extract import ExtractSettings, extract_listings, list_split
+    from .extraction import ExtractSettings, extract_listings, list_split, report_listing
+    from .images import DecodePolicy
 
     if args.weights_path and len(args.backbone) != 1:
-        raise ValueError("--weights-path loads one state dict: give exactly one --backbone")
+        raise SettingsError("--weights-path loads one state dict: give exactly one --backbone")
+    decode = DecodePolicy(exif_transpose=not args.no_exif_transpose, backend=args.decoder,
+                          draft_min_side=None if args.full_decode else DecodePolicy.draft_min_side)
     settings = ExtractSettings(
         device=args.device, precision=args.precision, dtype=args.dtype, batch_size=args.batch_size,
         num_workers=args.workers, chunk_size=args.chunk_size, on_error=args.on_error, overwrite=args.overwrite,
-        decode=DecodePolicy(exif_transpose=not args.no_exif_transpose,
-                            draft_min_side=None if args.full_decode else DecodePolicy.draft_min_side),
-        decoder=args.decoder, compile=args.compile, progress=not args.quiet and launch.rank == 0,
-        rank=launch.rank, world_size=launch.world_size, local_rank=launch.local_rank,
-        local_world_size=launch.local_world_size,
+        decode=decode, compile=args.compile, progress=not args.quiet and launch.rank == 0, launch=launch,
     ).resolved()
     report = launch.rank == 0
+    log = (lambda line: print(line, file=sys.stderr)) if report else (lambda line: None)
     started = time.perf_counter()
     listings = [list_split(args.data_root, split) for split in args.split]
-    for listing in listings if report else ():
-        _report_listing(listing)
+    for listing in listings:
+        report_listing(listing, log)
     backbones = []
     for name in args.backbone:
         backbone = load_backbone(name, args.weights, args.weights_path, args.node)
         if report:
             _report_backbone(backbone, args.weights_path)
         backbones.append(backbone)
-    results = extract_listings(listings, backbones, args.out, settings)
+    results = extract_listings(listings, backbones, args.out, settings, log)
     if not report:
         return 0
     elapsed = time.perf_counter() - started
     written = sum(r.rows + len(r.skipped) for r in results if r.status == "written")
     for result in results:
-        print(f"{result.path}  {result.rows} rows  {result.status}" + (f"  {len(result.skipped)} skipped" if result.skipped else ""))
+        print(f"{result.path}  {result.rows} rows  {result.status}"
+              + (f"  {len(result.skipped)} skipped" if result.skipped else ""))
         for path, reason in result.skipped:
             print(f"  skipped {path}: {reason}")
     images = written // max(1, len(backbones))
@@ -163,10 +164,6 @@ def _report_backbone(backbone, weights_path) -> None:
     report = backbone.weights.report
     if report.missing or report.unexpected or report.shape_mismatch:
         print(f"  {weights_path}: {report.summary()}", file=sys.stderr)
-
-
-def _report_listing(listing) -> None:
-    print(f"{listing.split_dir}: {len(listing)} images in {len(listing.classes)} classes", file=sys.stderr)
 
 
 # --------------------------------------------------------------------------- verify
@@ -212,23 +209,25 @@ def _run_info(args) -> int:
 
     for path in args.store:
         contents = read_store(path, features=False)
-        attrs = contents.attrs
+        header = contents.header
         if args.json:
-            print(json.dumps({"path": str(path), **attrs, "rows": len(contents.paths), "classes": contents.classes}, default=str))
+            print(json.dumps({"path": str(path), **header.to_dict(), "rows": len(contents.paths),
+                              "classes": contents.classes}))
             continue
-        counts = {name: 0 for name in contents.classes}
+        counts = dict.fromkeys(contents.classes, 0)
         for label in contents.labels:
             counts[contents.classes[label]] += 1
         print(f"{path}")
-        print(f"  split {attrs['split']} of {attrs['data_root']}")
-        print(f"  backbone {attrs['backbone']} node {attrs['node']}: features {attrs['dtype']}[{len(contents.paths)}, {attrs['feature_dim']}]")
-        print(f"  weights {attrs['weights']} sha256 {attrs['weights_sha256']} ({attrs['weights_source']})")
-        print(f"  preprocessing {json.dumps(attrs['preprocessing'])}")
-        print(f"  decode {json.dumps(attrs['decode'])}, precision {attrs['precision']} on {attrs['device']}")
-        print(f"  classes ({len(counts)}): " + ", ".join(f"{k} {v}" for k, v in counts.items()))
-        print(f"  skipped {len(contents.skipped)} of {attrs['n_listed']} listed" +
-              "".join(f"\n    {p}: {r}" for p, r in contents.skipped))
-        print(f"  fingerprint {attrs['fingerprint']}, created {attrs['created']}, versions {json.dumps(attrs['versions'])}")
+        print(f"  split {header.split} of {header.data_root}")
+        print(f"  backbone {header.backbone} node {header.node}: features {header.dtype}[{len(contents.paths)}, "
+              f"{header.feature_dim}]")
+        print(f"  weights {header.weights} sha256 {header.weights_sha256} ({header.weights_source})")
+        print(f"  preprocessing {json.dumps(header.preprocessing)}")
+        print(f"  decode {json.dumps(header.decode)}, precision {header.precision} on {header.device}")
+        print("  classes ({}): ".format(len(counts)) + ", ".join(f"{k} {v}" for k, v in counts.items()))
+        print(f"  skipped {len(contents.skipped)} of {header.n_listed} listed"
+              + "".join(f"\n    {p}: {r}" for p, r in contents.skipped))
+        print(f"  fingerprint {header.fingerprint}, created {header.created}, versions {json.dumps(header.versions)}")
     return 0
 
 
@@ -259,21 +258,35 @@ def _add_train_head(commands) -> None:
     parser.add_argument("--train-split", default="train")
     parser.add_argument("--valid-split", default="valid", help="'none' trains without validation (no selection)")
     parser.add_argument("--out", type=Path, help="output folder (default FEATURES_DIR/heads/<head>-<backbones>)")
-    parser.add_argument("--device", default="cpu", help="MLP training device (cpu, cuda, cuda:1)")
+    parser.add_argument("--device", help="MLP training device (cpu, cuda, cuda:1; default cpu)")
     parser.add_argument("--epochs", type=int, dest="max_epochs", help="MLP: most epochs per candidate (default 50)")
     parser.add_argument("--batch-size", type=int, help="MLP batch size (default 64)")
     parser.add_argument("--hidden", type=int, nargs="+", dest="hidden_sizes", help="MLP hidden sizes (default 1000)")
     parser.add_argument("--lr", type=float, help="MLP Adam learning rate (default 1e-3)")
     parser.add_argument("--patience", type=int, help="MLP early stopping patience in epochs (default 5)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, help="MLP initialisation and batch order seed (default 0)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     parser.set_defaults(run=_run_train_head)
 
 
-def _run_train_head(args) -> int:
-    from .train import run
+# train-head options that become head parameters; None (not given) leaves each head's default.
+HEAD_OPTIONS = ("device", "max_epochs", "batch_size", "hidden_sizes", "lr", "patience", "seed")
 
-    return run(args)
+
+def _run_train_head(args) -> int:
+    from .train import HEAD_FILE, default_out_dir, train_head
+
+    params = {key: getattr(args, key) for key in HEAD_OPTIONS if getattr(args, key) is not None}
+    if "hidden_sizes" in params:
+        params["hidden_sizes"] = tuple(params["hidden_sizes"])
+    valid_split = None if args.valid_split.lower() == "none" else args.valid_split
+    report = train_head(args.features_dir, args.backbones, args.head, args.out, args.train_split, valid_split,
+                        params, plots=not args.no_plots, log=lambda line: print(line, file=sys.stderr))
+    out = args.out or default_out_dir(args.features_dir, args.head, args.backbones)
+    valid = report["valid"]
+    print(f"{report['head']} head: " + (f"{valid['split']} accuracy {valid['accuracy']:.4f}, " if valid else "")
+          + f"written to {out}/ ({HEAD_FILE}, report.json, report.md)")
+    return 0
 
 
 def _add_predict(commands) -> None:
@@ -289,13 +302,30 @@ def _add_predict(commands) -> None:
     parser.add_argument("--workers", type=int, default=None, help="decoding workers (default: sized to the cores)")
     parser.add_argument("--weights-path", nargs="+", default=[], metavar="STORE=FILE",
                         help="load a backbone's weights from FILE instead of the path recorded in the head")
+    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
+                        help="compute precision (default: the one the head's stores were extracted at); "
+                             "another one is written in the output's .json")
     parser.set_defaults(run=_run_predict)
 
 
 def _run_predict(args) -> int:
-    from .predict import run
+    from .predict import predict_files, write_predictions
+    from .runner import RunSettings
 
-    return run(args)
+    pairs = args.weights_path
+    if any("=" not in pair for pair in pairs):
+        raise SettingsError(f"--weights-path expects STORE=FILE, got {next(p for p in pairs if '=' not in p)!r}")
+    settings = RunSettings(device=args.device, batch_size=args.batch_size, num_workers=args.workers, progress=False)
+    predictions = predict_files(args.head, args.paths, settings, dict(p.split("=", 1) for p in pairs), args.precision)
+    for path, reason in predictions.errors:
+        print(f"skipped {path}: {reason}", file=sys.stderr)
+    if not predictions.paths:
+        raise SettingsError(f"none of the {len(predictions.errors)} files could be decoded")
+    write_predictions(predictions, args.out, args.head, args.format)
+    print(f"{len(predictions.paths)} predictions written to {args.out}"
+          + (f" ({len(predictions.errors)} files skipped)" if predictions.errors else "")
+          + f" ({predictions.settings.device}, {predictions.settings.precision})")
+    return 0
 
 
 if __name__ == "__main__":

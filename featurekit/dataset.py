@@ -2,13 +2,19 @@
 
 Rows of different stores line up only if every store lists the same images in the same order
 with the same labels; the recipe relied on ``shuffle=False`` and never checked. Here nothing is
-concatenated before :func:`check_alignment` has compared paths, labels, class names and split,
-and a mismatch is one :class:`AlignmentError` naming the backbone, the counts and the first
-differing row.
+concatenated before the stores are checked, each failure one :class:`AlignmentError` naming the
+stores and what differs:
+
+- every store is whole (its content checksum holds) and of the requested split;
+- every store lists the same classes, paths and labels, from the same files (``listing_sha256``:
+  the same names in two different folders do not pass);
+- every store was made alike (:attr:`StoreIdentity.RUN_FIELDS`: decode policy, precision, dtype,
+  features version), as one run would make them, so predict can rebuild them together;
+- :func:`check_same_extraction`: a backbone's stores of two splits have equal identities.
 
 Two ways in:
 
-- :func:`load_features`: the whole split in memory, ``float32[N, sum D]``, for training heads fast.
+- :func:`load_features` (``featurekit.load``): the whole split in memory, ``float32[N, sum D]``.
 - :class:`FeatureDataset`: a ``torch.utils.data.Dataset`` that opens the HDF5 files lazily in
   each process, so DataLoader workers never inherit an h5py handle opened before ``fork``.
 """
@@ -25,15 +31,13 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .store import StoreContents, StoreError, open_h5, partial_dir, read_store, store_path
-
-# Attributes that must agree between the train and valid stores of one backbone: they decide
-# what a feature means (a head trained on one cannot be evaluated on the other).
-EXTRACTION_ATTRS = ("backbone", "node", "weights", "weights_sha256", "preprocessing", "decode", "feature_dim")
+from .errors import FeaturekitError, SettingsError
+from .partial import PartialStore
+from .store import StoreContents, StoreError, StoreHeader, StoreIdentity, check_content, open_h5, read_store, store_path
 
 
-class AlignmentError(ValueError):
-    """Stores that should describe the same images row for row do not. One line, names the backbone."""
+class AlignmentError(FeaturekitError, ValueError):
+    """Stores that should describe the same images row for row, alike, do not. One line naming them."""
 
 
 @dataclass(frozen=True)
@@ -42,12 +46,8 @@ class StoreInfo:
 
     store_name: str
     path: Path
-    attrs: dict
+    header: StoreHeader
     columns: slice
-
-    @property
-    def feature_dim(self) -> int:
-        return self.columns.stop - self.columns.start
 
 
 @dataclass
@@ -55,7 +55,7 @@ class FeatureSet:
     """One split of several backbones' features, rows aligned.
 
     ``features``: float32[N, sum D]; ``labels``: int64[N] indices into ``classes``;
-    ``paths``: N paths relative to ``<root>/<split>``.
+    ``paths``: N paths relative to ``<root>/<split>``; ``stores``: where each backbone's columns are.
     """
 
     split: str
@@ -72,27 +72,29 @@ class FeatureSet:
 def store_files(features_dir: str | os.PathLike, split: str, store_names: Sequence[str]) -> list[Path]:
     """The store of each backbone for ``split``; a missing one is a :class:`StoreError` saying why."""
     if not store_names:
-        raise ValueError("no backbones given")
-    if len(set(store_names)) != len(store_names):
-        raise ValueError(f"backbones given twice: {', '.join(sorted({n for n in store_names if list(store_names).count(n) > 1}))}")
+        raise SettingsError("no backbones given")
+    twice = sorted({name for name in store_names if list(store_names).count(name) > 1})
+    if twice:
+        raise SettingsError(f"backbones given twice: {', '.join(twice)}")
     files = [store_path(features_dir, split, name) for name in store_names]
     for name, path in zip(store_names, files):
         if not path.is_file():
-            unfinished = partial_dir(path).is_dir()
-            reason = "extraction unfinished (partial chunks only); run extract again to finish" if unfinished else "no such store; run extract for this backbone and split"
+            reason = ("extraction unfinished (partial chunks only); run extract again to finish"
+                      if PartialStore(path).dir.is_dir() else "no such store; run extract for this backbone and split")
             raise StoreError(f"{path}: {reason} ({name}, split {split!r})")
     return files
 
 
 def check_alignment(store_names: Sequence[str], contents: Sequence[StoreContents], split: str) -> None:
-    """Raise :class:`AlignmentError` unless every store has the first one's rows, labels and classes."""
+    """Raise :class:`AlignmentError` unless every store is of ``split`` and has the first one's rows,
+    labels, classes and files, made alike (the run fields of their identities)."""
     reference_name, reference = store_names[0], contents[0]
     for name, store in zip(store_names, contents):
-        if store.attrs.get("split") != split:
-            raise AlignmentError(f"{name} ({store.path}): store is of split {store.attrs.get('split')!r}, expected {split!r}")
+        if store.header.split != split:
+            raise AlignmentError(f"{name} ({store.path}): store is of split {store.header.split!r}, expected {split!r}")
         if name == reference_name:
             continue
-        where = f"{name} ({store.path}) does not line up with {reference_name}"
+        where = f"{name} ({store.path}) does not line up with {reference_name} ({reference.path})"
         if store.classes != reference.classes:
             row = _first_difference(store.classes, reference.classes)
             raise AlignmentError(f"{where}: {len(store.classes)} vs {len(reference.classes)} classes, "
@@ -104,24 +106,32 @@ def check_alignment(store_names: Sequence[str], contents: Sequence[StoreContents
         if not np.array_equal(store.labels, reference.labels):
             row = int(np.flatnonzero(store.labels != reference.labels)[0])
             raise AlignmentError(f"{where}: {len(store.labels)} rows, first differing label at row {row} "
-                                 f"({store.paths[row]}): {store.classes[store.labels[row]]!r} vs {reference.classes[reference.labels[row]]!r}")
+                                 f"({store.paths[row]}): {store.classes[store.labels[row]]!r} vs "
+                                 f"{reference.classes[reference.labels[row]]!r}")
+        if store.header.listing_sha256 != reference.header.listing_sha256:
+            raise AlignmentError(f"{where}: same file names, but other files (sizes or modification times differ: "
+                                 f"{store.header.data_root} vs {reference.header.data_root}); re-extract one of them")
+        change = store.header.difference(reference.header, StoreIdentity.RUN_FIELDS)
+        if change:
+            raise AlignmentError(f"{where}: extracted with other {change}; re-extract one of them alike")
 
 
 def check_same_extraction(train: FeatureSet, other: FeatureSet) -> None:
     """Raise :class:`AlignmentError` if a backbone's features of two splits were not made alike."""
     for mine, theirs in zip(train.stores, other.stores):
-        for key in EXTRACTION_ATTRS:
-            if mine.attrs.get(key) != theirs.attrs.get(key):
-                raise AlignmentError(f"{mine.store_name}: {key} differs between split {train.split!r} ({mine.path}) "
-                                     f"and split {other.split!r} ({theirs.path}): {mine.attrs.get(key)!r} vs {theirs.attrs.get(key)!r}")
+        change = mine.header.identity.difference(theirs.header.identity)
+        if change:
+            raise AlignmentError(f"{mine.store_name}: split {train.split!r} ({mine.path}) and split {other.split!r} "
+                                 f"({theirs.path}) were extracted with other {change}; re-extract one of them")
 
 
-def load_features(features_dir: str | os.PathLike, split: str, store_names: Sequence[str]) -> FeatureSet:
-    """Read, check and concatenate the stores of ``store_names`` for ``split`` into float32[N, sum D]."""
-    files = store_files(features_dir, split, store_names)
-    headers = [read_store(path, features=False) for path in files]
-    check_alignment(store_names, headers, split)
-    stores = _store_infos(store_names, files, headers)
+def load_features(features_dir: str | os.PathLike, split: str, store_names: Sequence[str],
+                  verify: bool = True) -> FeatureSet:
+    """Read, check and concatenate the stores of ``store_names`` for ``split`` into float32[N, sum D].
+
+    ``verify``: check each store's content checksum first (one more read of each file).
+    """
+    headers, stores = _checked_stores(features_dir, split, store_names, verify)
     features = np.empty((len(headers[0].labels), stores[-1].columns.stop), dtype=np.float32)
     for info in stores:
         with open_h5(info.path) as h5:
@@ -130,13 +140,18 @@ def load_features(features_dir: str | os.PathLike, split: str, store_names: Sequ
     return FeatureSet(split, features, first.labels.astype(np.int64), first.paths, first.classes, stores)
 
 
-def _store_infos(store_names: Sequence[str], files: Sequence[Path], headers: Sequence[StoreContents]) -> list[StoreInfo]:
-    infos, start = [], 0
-    for name, path, header in zip(store_names, files, headers):
-        dim = int(header.attrs["feature_dim"])
-        infos.append(StoreInfo(name, path, header.attrs, slice(start, start + dim)))
-        start += dim
-    return infos
+def _checked_stores(features_dir, split, store_names, verify) -> tuple[list[StoreContents], list[StoreInfo]]:
+    files = store_files(features_dir, split, store_names)
+    headers = [read_store(path, features=False) for path in files]
+    check_alignment(store_names, headers, split)
+    if verify:
+        for path in files:
+            check_content(path)
+    stores, start = [], 0
+    for name, path, contents in zip(store_names, files, headers):
+        stores.append(StoreInfo(name, path, contents.header, slice(start, start + contents.header.feature_dim)))
+        start += contents.header.feature_dim
+    return headers, stores
 
 
 def _first_difference(a: Sequence, b: Sequence) -> int:
@@ -150,17 +165,15 @@ def _at(items: Sequence, index: int) -> str:
 class FeatureDataset(Dataset):
     """Rows of the concatenated stores, read from HDF5 on demand.
 
-    ``dataset[i]`` is ``(float32[sum D] tensor, int64 label)``. Alignment is checked once, on
-    construction, from the small datasets only. HDF5 files are opened on first access in each
-    process (keyed by pid), so the object can be created before DataLoader workers fork or spawn.
+    ``dataset[i]`` is ``(float32[sum D] tensor, int64 label)``. The stores are checked once, on
+    construction, as by :func:`load_features` (``verify=False`` skips the checksum read). HDF5
+    files are opened on first access in each process (keyed by pid), so the object can be
+    created before DataLoader workers fork or spawn.
     """
 
-    def __init__(self, features_dir: str | os.PathLike, split: str, store_names: Sequence[str]):
-        files = store_files(features_dir, split, store_names)
-        headers = [read_store(path, features=False) for path in files]
-        check_alignment(store_names, headers, split)
+    def __init__(self, features_dir: str | os.PathLike, split: str, store_names: Sequence[str], verify: bool = True):
+        headers, self.stores = _checked_stores(features_dir, split, store_names, verify)
         self.split = split
-        self.stores = _store_infos(store_names, files, headers)
         self.labels = headers[0].labels.astype(np.int64)
         self.paths = headers[0].paths
         self.classes = headers[0].classes

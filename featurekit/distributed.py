@@ -6,7 +6,7 @@ with ``--nnodes`` and a rendezvous; the output folder must be on a file system t
 
 - Rank 0 alone holds the store locks; it tidies and opens each store's ``.partial/`` directory
   and decides what is left to do before any rank writes, and tells the others (a broadcast).
-- Every rank extracts a contiguous block of the chunks still missing (:func:`extract.shard`)
+- Every rank extracts a contiguous block of the chunks still missing (:func:`extraction.shard`)
   and commits them into the shared partial directories.
 - After a barrier rank 0 joins the chunks into the final store.
 
@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import torch.distributed as dist
+
+from .errors import SettingsError
 
 # Ranks wait at the barrier for the slowest one; blocks are balanced, but a slow disk or a
 # skewed split must not turn a long extraction into a timeout.
@@ -55,9 +57,9 @@ def from_environment() -> Launch:
 
 
 def check_group(world_size: int) -> None:
-    """Raise ValueError when ``world_size`` > 1 but no process group joins the processes."""
+    """Raise :class:`SettingsError` when ``world_size`` > 1 but no process group joins the processes."""
     if world_size > 1 and not dist.is_initialized():
-        raise ValueError(f"world_size {world_size} needs the processes joined by torch.distributed: launch with "
+        raise SettingsError(f"world_size {world_size} needs the processes joined by torch.distributed: launch with "
                          "torchrun, or call featurekit.distributed.from_environment() in each process")
 
 

@@ -9,9 +9,11 @@ y_val=None)`` returns ``self``; fitted attributes end in ``_``; ``predict`` retu
 - Model selection uses the validation rows when given: each head tries every value of its grid
   (``C_grid`` for the linear heads, ``n_neighbors_grid`` for kNN, ``weight_decay_grid`` with early
   stopping for the MLP) and keeps the best by validation accuracy, ties broken by log loss. Every
-  candidate's scores are in ``selection_``, the winner in ``best_params_``. Without validation
-  rows the single value ``C`` / ``n_neighbors`` / ``weight_decay`` is used and the MLP trains for
-  ``max_epochs``.
+  candidate's scores are in ``selection_``, the winner in ``best_params_``, and the grid
+  parameter is set to it, so ``get_params()`` (and ``sklearn.base.clone``) give the chosen model.
+  Without validation rows the single value ``C`` / ``n_neighbors`` / ``weight_decay`` is used and
+  the MLP trains for ``max_epochs``.
+- The heads pass scikit-learn's ``check_estimator`` (tests/test_heads.py lists the exclusions).
 
 A head file (:func:`save_head`) is one joblib pickle of ``{"format", "format_version", "kind",
 "head", "metadata"}``; the MLP's module is stored on the CPU. Being a pickle, load only files you trust.
@@ -34,15 +36,22 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
-from sklearn.utils.validation import check_is_fitted
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted, validate_data
 from torch import nn
+
+from .errors import FeaturekitError, SettingsError, first_line
 
 HEAD_FORMAT = "featurekit.head"
 HEAD_FORMAT_VERSION = 1
 
 
-class HeadFileError(RuntimeError):
+class HeadFileError(FeaturekitError):
     """A head file cannot be read or is not a featurekit head. One line naming the file."""
+
+
+class HeadError(FeaturekitError, ValueError):
+    """A head cannot be trained on these rows (one class only, too few rows for calibration)."""
 
 
 class Head(ClassifierMixin, BaseEstimator):
@@ -51,15 +60,21 @@ class Head(ClassifierMixin, BaseEstimator):
     kind: ClassVar[str]
     grid_param: ClassVar[str]  # the parameter swept on validation; its grid is ``<grid_param>_grid``
 
-    def fit(self, X: np.ndarray, y: np.ndarray, X_val: np.ndarray | None = None, y_val: np.ndarray | None = None) -> "Head":
-        X, y = _as_features(X), np.asarray(y)
-        if len(X) != len(y):
-            raise ValueError(f"{len(X)} feature rows but {len(y)} labels")
+    def fit(self, X: np.ndarray, y: np.ndarray, X_val: np.ndarray | None = None,
+            y_val: np.ndarray | None = None) -> "Head":
+        """Fit on float32[N, D] / labels[N]. With validation rows, sweep the grid and keep the best:
+        afterwards the grid parameter holds the chosen value (``get_params()``, ``clone``)."""
+        X, y = validate_data(self, X, y, dtype=np.float32)
+        check_classification_targets(y)
         self.classes_ = np.unique(y)
-        self.n_features_in_ = X.shape[1]
+        if len(self.classes_) < 2:
+            raise HeadError(f"{self.kind} head: the training rows hold 1 class ({self.classes_[0]!r}); "
+                            "a classifier needs at least 2")
         self.scaler_ = StandardScaler().fit(X) if self.standardize else None
         train = (self._scale(X), np.searchsorted(self.classes_, y))
-        validation = None if X_val is None else (self._scale(_as_features(X_val)), self._targets(y_val))
+        validation = None
+        if X_val is not None:
+            validation = (self._scale(validate_data(self, X_val, reset=False, dtype=np.float32)), self._targets(y_val))
         grid = list(getattr(self, f"{self.grid_param}_grid")) if validation is not None else []
         start = time.perf_counter()
         self.selection_, best_score = [], None
@@ -71,16 +86,17 @@ class Head(ClassifierMixin, BaseEstimator):
             if best_score is None or score > best_score:
                 best_score, self.model_, self.history_ = score, model, history
                 self.best_params_ = {self.grid_param: value}
+        self.set_params(**self.best_params_)
         self.fit_seconds_ = time.perf_counter() - start
+        iterations = self._iterations(self.model_)
+        if iterations is not None:
+            self.n_iter_ = iterations
         return self
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
-        """float64[N, len(classes_)]."""
-        check_is_fitted(self, "model_")
-        X = _as_features(X)
-        if X.shape[1] != self.n_features_in_:
-            raise ValueError(f"{self.kind} head expects {self.n_features_in_} features per row, got {X.shape[1]}")
-        return self._model_proba(self.model_, self._scale(X))
+        """float64[N, len(classes_)], columns in ``classes_`` order."""
+        check_is_fitted(self)
+        return self._model_proba(self.model_, self._scale(validate_data(self, X, reset=False, dtype=np.float32)))
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         return self.classes_[self.predict_proba(X).argmax(axis=1)]
@@ -92,7 +108,7 @@ class Head(ClassifierMixin, BaseEstimator):
         y = np.asarray(y)
         unknown = np.setdiff1d(y, self.classes_)
         if unknown.size:
-            raise ValueError(f"validation labels {unknown.tolist()} are not among the training classes {self.classes_.tolist()}")
+            raise HeadError(f"validation labels {unknown.tolist()} are not among the training classes {self.classes_.tolist()}")
         return np.searchsorted(self.classes_, y)
 
     def _scores(self, model: Any, validation: tuple[np.ndarray, np.ndarray]) -> dict[str, float]:
@@ -108,12 +124,9 @@ class Head(ClassifierMixin, BaseEstimator):
     def _model_proba(self, model: Any, X: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
-
-def _as_features(X: np.ndarray) -> np.ndarray:
-    X = np.asarray(X, dtype=np.float32)
-    if X.ndim != 2:
-        raise ValueError(f"features must be a 2-D array [N, D], got shape {X.shape}")
-    return X
+    def _iterations(self, model: Any) -> int | None:
+        """Solver iterations of the kept candidate (``n_iter_``), for heads with an iteration limit."""
+        return None
 
 
 # --------------------------------------------------------------------------- scikit-learn heads
@@ -149,6 +162,9 @@ class LogisticHead(_SklearnHead):
     def _fit_one(self, X, t, validation, value):
         return LogisticRegression(C=value, max_iter=self.max_iter).fit(X, t), []
 
+    def _iterations(self, model: LogisticRegression) -> int:
+        return int(np.max(model.n_iter_))
+
 
 class LinearSVMHead(_SklearnHead):
     """Linear SVM with probabilities from sigmoid calibration on internal cross-validation folds."""
@@ -168,10 +184,13 @@ class LinearSVMHead(_SklearnHead):
     def _fit_one(self, X, t, validation, value):
         smallest = int(np.bincount(t).min())
         if smallest < 2:
-            raise ValueError("svm head: calibration needs at least 2 training rows per class; use --head logreg or knn")
+            raise HeadError("svm head: calibration needs at least 2 training rows per class; use --head logreg or knn")
         svm = LinearSVC(C=value, max_iter=self.max_iter, dual=self.dual)
         calibrated = CalibratedClassifierCV(svm, method="sigmoid", cv=min(self.folds, smallest), ensemble=False)
         return calibrated.fit(X, t), []
+
+    def _iterations(self, model: CalibratedClassifierCV) -> int:
+        return int(max(np.max(c.estimator.n_iter_) for c in model.calibrated_classifiers_))
 
 
 class KNNHead(_SklearnHead):
@@ -297,12 +316,22 @@ HEADS: dict[str, type[Head]] = {cls.kind: cls for cls in (MLPHead, LogisticHead,
 
 
 def make_head(kind: str, **params) -> Head:
-    """A head of ``kind`` (mlp, logreg, svm, knn); ``params`` that it does not take are ignored."""
-    if kind not in HEADS:
-        raise ValueError(f"unknown head {kind!r} (choices: {', '.join(HEADS)})")
-    cls = HEADS[kind]
-    accepted = cls().get_params()
-    return cls(**{k: v for k, v in params.items() if k in accepted and v is not None})
+    """A head of ``kind`` (mlp, logreg, svm, knn). A parameter it does not take is a :class:`SettingsError`."""
+    return make_heads([kind], params)[0]
+
+
+def make_heads(kinds: list[str], params: dict) -> list[Head]:
+    """One head per kind, each given the ``params`` it takes; a parameter none of them takes is a
+    :class:`SettingsError` (an option silently ignored would make a run mean something else)."""
+    unknown = [kind for kind in kinds if kind not in HEADS]
+    if unknown:
+        raise SettingsError(f"unknown head {unknown[0]!r} (choices: {', '.join(HEADS)})")
+    accepted = {kind: HEADS[kind]().get_params() for kind in kinds}
+    unused = [name for name in params if not any(name in taken for taken in accepted.values())]
+    if unused:
+        takes = "; ".join(f"{kind}: {', '.join(sorted(taken))}" for kind, taken in accepted.items())
+        raise SettingsError(f"{' or '.join(kinds)} head takes no parameter {unused[0]!r} ({takes})")
+    return [HEADS[kind](**{k: v for k, v in params.items() if k in accepted[kind]}) for kind in kinds]
 
 
 def save_head(path: str | os.PathLike, head: Head, metadata: dict) -> Path:
@@ -325,7 +354,7 @@ def load_head(path: str | os.PathLike) -> tuple[Head, dict]:
     try:
         content = joblib.load(path)
     except Exception as error:
-        raise HeadFileError(f"{path}: not a readable head file ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})") from None
+        raise HeadFileError(f"{path}: not a readable head file ({type(error).__name__}: {first_line(error)})") from None
     if not isinstance(content, dict) or content.get("format") != HEAD_FORMAT:
         raise HeadFileError(f"{path}: not a featurekit head file")
     if content["format_version"] > HEAD_FORMAT_VERSION:

@@ -20,16 +20,18 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from .errors import FeaturekitError, SettingsError, first_line
+
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
 )
 
 
-class DataError(ValueError):
+class DataError(FeaturekitError, ValueError):
     """The data set folder itself is unusable (missing split, no classes, no images)."""
 
 
-class ImageDecodeError(Exception):
+class ImageDecodeError(FeaturekitError):
     """One image could not be turned into RGB pixels. ``str()`` is ``"<path>: <reason>"``."""
 
     def __init__(self, path: str, reason: str):
@@ -75,14 +77,6 @@ def fs_path(relative: str) -> str:
     return os.fsdecode(os.fsencode(relative))
 
 
-def is_utf8_name(relative: str) -> bool:
-    try:
-        relative.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def printable_path(relative: str) -> str:
     """A path that can be printed and stored as UTF-8, undecodable bytes shown as ``\\xNN``."""
     return os.fsencode(relative).decode("utf-8", errors="backslashreplace")
@@ -112,6 +106,28 @@ def list_split(root: str | os.PathLike, split: str) -> SplitListing:
     if not records:
         raise DataError(f"{split_dir}: no images in any of its {len(classes)} class folders")
     return SplitListing(root, split, tuple(classes), tuple(records), tuple(sorted(ignored)), tuple(empty))
+
+
+def listing_changes(recorded: dict[str, tuple[int, int]], recorded_classes: list[str], listing: SplitListing) -> list[str]:
+    """How ``listing`` differs from an earlier one, given as printable path -> (size, mtime_ns) and
+    class names: added, removed and modified files, changed class folders. Empty if it does not."""
+    current = {printable_path(record.path): (record.size, record.mtime_ns) for record in listing.records}
+    changes = [
+        _named("added since extraction", sorted(current.keys() - recorded.keys())),
+        _named("removed since extraction", sorted(recorded.keys() - current.keys())),
+        _named("modified since extraction (size or mtime)",
+               sorted(p for p in recorded.keys() & current.keys() if recorded[p] != current[p])),
+    ]
+    if recorded_classes != list(listing.classes):
+        changes.append(f"class folders changed ({', '.join(recorded_classes)} -> {', '.join(listing.classes)})")
+    return [change for change in changes if change]
+
+
+def _named(kind: str, paths: list[str], shown: int = 10) -> str:
+    if not paths:
+        return ""
+    more = f" and {len(paths) - shown} more" if len(paths) > shown else ""
+    return f"{len(paths)} {'image' if len(paths) == 1 else 'images'} {kind}: {', '.join(paths[:shown])}{more}"
 
 
 def _list_class(split_dir: Path, class_name: str, label: int, ignored: list[str]) -> list[ImageRecord]:
@@ -149,20 +165,32 @@ class DecodePolicy:
     - ``max_pixels``: images above this count are refused as decompression bombs.
     - ``backend``: ``pil``, or ``torchvision`` (JPEGs decoded in batches by ``decode_jpeg`` on the
       extraction device, nvJPEG on CUDA, at full size; the rest by PIL). They round differently,
-      so the backend is part of a store's identity.
+      so the backend is part of a store's identity. ``auto`` (torchvision on CUDA, PIL elsewhere)
+      is resolved against the device before a run (``RunSettings.resolved``) and never stored.
     """
 
     exif_transpose: bool = True
     alpha_background: int = 255
     draft_min_side: int | None = 768
     max_pixels: int = 2 * 89_478_485  # PIL's own DecompressionBombError threshold
-    backend: str = "pil"
+    backend: str = "auto"
+
+    BACKENDS = ("auto", "pil", "torchvision")
+
+    def __post_init__(self) -> None:
+        if self.backend not in self.BACKENDS:
+            raise SettingsError(f"unknown decoder {self.backend!r} (choose from {', '.join(self.BACKENDS)})")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, values: dict) -> "DecodePolicy":
+        """The policy a store or head recorded (:meth:`to_dict`)."""
+        return cls(**values)
 
-def decode_image(path: str | os.PathLike, policy: DecodePolicy = DecodePolicy(), display: str | None = None) -> Image.Image:
+
+def decode_image(path: str | os.PathLike, policy: DecodePolicy | None = None, display: str | None = None) -> Image.Image:
     """Decode one file into an 8-bit RGB image. Raises :class:`ImageDecodeError`.
 
     ``display`` is the name used in error messages (defaults to ``path``).
@@ -170,7 +198,7 @@ def decode_image(path: str | os.PathLike, policy: DecodePolicy = DecodePolicy(),
     display = display or str(path)
     try:
         with open(path, "rb") as handle:
-            return _decode_open_file(handle, policy)
+            return _decode_open_file(handle, policy or DecodePolicy())
     except _Refused as refusal:
         raise ImageDecodeError(display, str(refusal)) from None
     except FileNotFoundError:
@@ -182,11 +210,6 @@ def decode_image(path: str | os.PathLike, policy: DecodePolicy = DecodePolicy(),
         raise ImageDecodeError(display, f"decompression bomb refused ({error})") from None
     except Exception as error:  # PIL raises many types for bad data; the reason is what matters
         raise ImageDecodeError(display, _reason(error)) from None
-
-
-def first_line(error: BaseException) -> str:
-    """An exception's message cut to its first line (one-line errors), or its type if it has none."""
-    return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
 def _reason(error: Exception) -> str:

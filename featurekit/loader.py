@@ -12,14 +12,18 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Iterator, Sequence, Union
 
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from .gpu_decode import RawJpeg, read_for_gpu
-from .images import DecodePolicy, ImageDecodeError, decode_image
+from .images import DecodePolicy, ImageDecodeError, decode_image, to_rgb
 from .views import Preprocessing
+
+# An image to decode: (os path, name in messages), or (PIL image, name) for pixels already in memory.
+Source = tuple[Union[str, Image.Image], str]
 
 
 @dataclass
@@ -41,31 +45,35 @@ class ViewBatch:
 
 
 class ViewDataset(Dataset):
-    """Item ``i`` of ``files`` (os path, display name) -> ``(i, payload)``.
+    """Item ``i`` of ``sources`` -> ``(i, payload)``.
 
     The payload is ``{key: uint8 view}`` after a PIL decode, a :class:`RawJpeg` for the GPU
-    (``policy.backend == "torchvision"``), or ``(path, reason)`` when the image cannot be decoded.
+    (``policy.backend == "torchvision"``), or ``(name, reason)`` when the image cannot be decoded.
     """
 
-    def __init__(self, files: Sequence[tuple[str, str]], preprocessings: Sequence[Preprocessing], policy: DecodePolicy):
-        self.files = list(files)
+    def __init__(self, sources: Sequence[Source], preprocessings: Sequence[Preprocessing], policy: DecodePolicy):
+        self.sources = list(sources)
         self.preprocessings = {p.key: p for p in preprocessings}
         self.policy = policy
 
     def __len__(self) -> int:
-        return len(self.files)
+        return len(self.sources)
 
     def __getitem__(self, index: int):
-        path, display = self.files[index]
+        source, display = self.sources[index]
+        if isinstance(source, Image.Image):
+            return index, self._views(to_rgb(source, self.policy.alpha_background))
         if self.policy.backend == "torchvision":
-            raw = read_for_gpu(path, display, self.policy)
+            raw = read_for_gpu(source, display, self.policy)
             if raw is not None:
                 return index, raw
         try:
-            image = decode_image(path, self.policy, display)
-            return index, {key: p.view(image) for key, p in self.preprocessings.items()}
+            return index, self._views(decode_image(source, self.policy, display))
         except ImageDecodeError as error:
             return index, (error.path, error.reason)
+
+    def _views(self, image: Image.Image) -> dict[str, torch.Tensor]:
+        return {key: p.view(image) for key, p in self.preprocessings.items()}
 
 
 def collate_views(items) -> ViewBatch:

@@ -1,48 +1,55 @@
-"""``featurekit predict``: classify image files with a trained head, re-extracting their features.
+"""Stage 8: classify image files with a trained head, re-extracting their features exactly.
 
-The head file records, per backbone, the node, weights name and sha256, preprocessing and decode
-policy its training features were made with. Prediction rebuilds each backbone the same way and
-refuses, in one line, when the weights' sha256, the preprocessing or the node differ: features from
-other weights look like features and give confident, wrong answers. The recorded decode policy is
-reused as is.
+A head records, per backbone, the identity of the features it was trained on
+(:meth:`StoreHeader.backbone_record`: backbone, node, weights sha256, preprocessing, decode policy,
+precision, dtype, features version) and where the weights came from. Prediction rebuilds each
+backbone and runs the :class:`~featurekit.runner.TrunkRunner` under exactly the recorded decode
+policy, precision and storage dtype, then compares the identity it would record with the one the
+head recorded: any difference (other weights, preprocessing, node, ...) is refused in one line,
+since features from another trunk look like features and give confident, wrong answers. Only
+``precision`` may be overridden, on request, and the run's precision is written in the output.
 
-Output is a CSV: ``path,predicted,prob_<class>...`` (one probability column per class, in the
-head's class order), or with ``--format kaggle`` the dogs-vs-cats submission ``id,label``
-(id = file stem, label = probability of the second class).
+Output: a CSV ``path,predicted,prob_<class>...`` (one probability column per class, in the head's
+class order), or with ``--format kaggle`` the dogs-vs-cats submission ``id,label`` (id = file stem,
+label = probability of the second class); beside it ``<out>.json`` says how the features were made.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import json
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from . import __version__
 from .backbones import Backbone, load_backbone
-from .extract import ExtractSettings, features_for_files
+from .errors import FeaturekitError, SettingsError
+from .files import atomic_output, atomic_write
 from .heads import load_head
-from .images import IMAGE_EXTENSIONS, DecodePolicy
+from .images import IMAGE_EXTENSIONS, DataError, DecodePolicy
+from .runner import RunSettings, TrunkRunner, store_identity
+from .store import StoreIdentity, short
 
 
-class HeadMismatchError(ValueError):
+class HeadMismatchError(FeaturekitError, ValueError):
     """The backbones available now would not make the features the head was trained on."""
 
 
 @dataclass
 class Predictions:
-    """``proba``: float64[len(paths), len(classes)]; ``errors``: (path, reason) of undecodable files."""
+    """``proba``: float64[len(paths), len(classes)]; ``errors``: (path, reason) of undecodable files;
+    ``settings``: how the features were computed (resolved)."""
 
     paths: list[str]
     classes: list[str]
     proba: np.ndarray
     errors: list[tuple[str, str]]
+    settings: RunSettings
 
     @property
     def predicted(self) -> list[str]:
@@ -59,30 +66,44 @@ def expand_paths(paths: Sequence[str | os.PathLike]) -> list[Path]:
         elif path.is_file():
             found.append(path)
         else:
-            raise FileNotFoundError(f"{path}: no such file or folder")
+            raise DataError(f"{path}: no such file or folder")
     if not found:
-        raise ValueError(f"no image files in {', '.join(map(str, paths))}")
+        raise DataError(f"no image files in {', '.join(map(str, paths))}")
     return found
 
 
-def _comparable(value) -> str:
-    return json.dumps(value, sort_keys=True)  # tuples and lists (JSON round trip) compare equal
+def recorded_settings(head_path: Path, metadata: dict, base: RunSettings, precision: str | None = None) -> RunSettings:
+    """``base`` with the decode policy, precision and storage dtype the head's stores were made with
+    (``precision`` overrides the recorded one); one run computes every backbone, so they must agree."""
+    identities = [StoreIdentity.from_dict(record) for record in metadata["backbones"]]
+    for record, identity in zip(metadata["backbones"][1:], identities[1:]):
+        change = identity.difference(identities[0], StoreIdentity.RUN_FIELDS)
+        if change:
+            raise HeadMismatchError(f"{head_path}: {record['store_name']}'s features were made with other {change} "
+                                    "than the first backbone's; one prediction run cannot reproduce both")
+    first = identities[0]
+    return dataclasses.replace(base, decode=DecodePolicy.from_dict(first.decode), dtype=first.dtype,
+                               precision=precision or first.precision)
 
 
-def check_backbone(head_path: Path, recorded: dict, backbone: Backbone) -> None:
-    """Raise :class:`HeadMismatchError` unless ``backbone`` makes the features ``recorded`` describes."""
-    name = recorded["store_name"]
-    if backbone.weights.sha256 != recorded["weights_sha256"]:
+def check_backbone(head_path: Path, recorded: dict, backbone: Backbone, settings: RunSettings) -> None:
+    """Raise :class:`HeadMismatchError` unless ``backbone`` under ``settings`` makes the features
+    ``recorded`` describes (its precision aside: :func:`recorded_settings` decided it)."""
+    expected = dataclasses.replace(StoreIdentity.from_dict(recorded), precision=settings.precision)
+    found = expected.first_difference(store_identity(backbone, settings))
+    if not found:
+        return
+    name, trained, now = found
+    if name == "weights_sha256":
         raise HeadMismatchError(
-            f"{head_path}: {name} was trained on weights {recorded['weights']} (sha256 {recorded['weights_sha256'][:16]}) "
-            f"but {backbone.weights.name} from {backbone.weights.source} has sha256 {backbone.weights.sha256[:16]}; refusing to predict")
-    for key, now in (("preprocessing", backbone.preprocessing.to_dict()), ("node", backbone.node), ("feature_dim", backbone.feature_dim)):
-        if _comparable(now) != _comparable(recorded[key]):
-            raise HeadMismatchError(f"{head_path}: {name} was trained with {key} {_comparable(recorded[key])} "
-                                    f"but this featurekit makes {_comparable(now)}; refusing to predict")
+            f"{head_path}: {recorded['store_name']} was trained on weights {recorded['weights']} (sha256 {trained[:16]}) "
+            f"but {backbone.weights.name} from {backbone.weights.source} has sha256 {now[:16]}; refusing to predict")
+    raise HeadMismatchError(f"{head_path}: {recorded['store_name']} was trained with {name.replace('_', ' ')} "
+                            f"{short(trained)} but this run makes {short(now)}; refusing to predict")
 
 
-def head_backbones(head_path: Path, metadata: dict, weights_paths: dict[str, str] | None = None) -> list[Backbone]:
+def head_backbones(head_path: Path, metadata: dict, settings: RunSettings,
+                   weights_paths: dict[str, str] | None = None) -> list[Backbone]:
     """Rebuild the head's backbones, each checked against what the head was trained on.
 
     Weights loaded from a file during extraction are loaded from the recorded path again, or from
@@ -92,75 +113,58 @@ def head_backbones(head_path: Path, metadata: dict, weights_paths: dict[str, str
     for recorded in metadata["backbones"]:
         override = (weights_paths or {}).get(recorded["store_name"])
         from_file = override or (recorded["weights_source"] if recorded["weights"].startswith("file:") else None)
-        backbone = load_backbone(recorded["backbone"], "DEFAULT" if from_file else recorded["weights"], from_file, recorded["node"])
-        check_backbone(head_path, recorded, backbone)
+        backbone = load_backbone(recorded["backbone"], "DEFAULT" if from_file else recorded["weights"], from_file,
+                                 recorded["node"])
+        check_backbone(head_path, recorded, backbone, settings)
         backbones.append(backbone)
     return backbones
 
 
-def recorded_decode(head_path: Path, metadata: dict) -> DecodePolicy:
-    """The decode policy of the training features; one extraction decodes once for all backbones."""
-    policies = {_comparable(b["decode"]) for b in metadata["backbones"]}
-    if len(policies) > 1:
-        raise HeadMismatchError(f"{head_path}: its backbones' features were decoded under different policies "
-                                f"({' vs '.join(sorted(policies))}); predict decodes each image once")
-    return DecodePolicy(**metadata["backbones"][0]["decode"])
+def predict_files(head_path: str | os.PathLike, paths: Sequence[str | os.PathLike], settings: RunSettings | None = None,
+                  weights_paths: dict[str, str] | None = None, precision: str | None = None) -> Predictions:
+    """Extract features of ``paths`` (files or folders) as the head's stores were made, and classify them.
 
-
-def predict_files(head_path: str | os.PathLike, paths: Sequence[str | os.PathLike], settings: ExtractSettings | None = None,
-                  weights_paths: dict[str, str] | None = None) -> Predictions:
-    """Extract features of ``paths`` (files or folders) with the head's backbones and classify them."""
+    ``settings`` gives the device, batch size and workers; the decode policy, precision and dtype
+    are the recorded ones (``precision`` overrides the precision). Undecodable files are reported
+    in ``errors``, not raised.
+    """
     head_path = Path(head_path)
     head, metadata = load_head(head_path)
     files = expand_paths(paths)
-    backbones = head_backbones(head_path, metadata, weights_paths)
-    settings = dataclasses.replace(settings or ExtractSettings(progress=False), decode=recorded_decode(head_path, metadata))
-    extracted = features_for_files(files, backbones, settings)
+    base = dataclasses.replace(settings or RunSettings(progress=False), on_error="skip")
+    settings = recorded_settings(head_path, metadata, base, precision).resolved()
+    backbones = head_backbones(head_path, metadata, settings, weights_paths)
+    extracted = TrunkRunner(backbones, settings).embed([(str(f), str(f)) for f in files], "predict")
     features = np.concatenate([extracted.features[b.store_name] for b in backbones], axis=1)
     proba = head.predict_proba(features) if len(features) else np.zeros((0, len(metadata["classes"])))
-    return Predictions([str(files[i]) for i in extracted.kept], list(metadata["classes"]), proba, extracted.errors)
+    return Predictions([str(files[i]) for i in extracted.kept], list(metadata["classes"]), proba, extracted.errors,
+                       settings)
 
 
-def write_csv(predictions: Predictions, out: Path, form: str = "csv") -> Path:
+def write_predictions(predictions: Predictions, out: Path, head_path: Path, form: str = "csv") -> list[Path]:
+    """Write the CSV (``form`` csv or kaggle) and ``<out>.json`` (how the features were made), atomically."""
+    if form not in ("csv", "kaggle"):
+        raise SettingsError(f"unknown format {form!r} (csv or kaggle)")
+    rows = _kaggle_rows(predictions) if form == "kaggle" else [
+        [path, name, *(f"{p:.6g}" for p in row)]
+        for path, name, row in zip(predictions.paths, predictions.predicted, predictions.proba)]
+    header = ["id", "label"] if form == "kaggle" else ["path", "predicted", *(f"prob_{c}" for c in predictions.classes)]
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", newline="") as handle:
+    with atomic_output(out) as temporary, open(temporary, "w", newline="") as handle:
         writer = csv.writer(handle)
-        if form == "kaggle":
-            writer.writerow(["id", "label"])
-            writer.writerows(_kaggle_rows(predictions))
-        else:
-            writer.writerow(["path", "predicted", *(f"prob_{name}" for name in predictions.classes)])
-            for path, name, row in zip(predictions.paths, predictions.predicted, predictions.proba):
-                writer.writerow([path, name, *(f"{p:.6g}" for p in row)])
-    return out
+        writer.writerow(header)
+        writer.writerows(rows)
+    settings = predictions.settings
+    about = {"head": str(head_path), "rows": len(predictions.paths), "format": form, "device": settings.device,
+             "precision": settings.precision, "dtype": settings.dtype, "decode": settings.decode.to_dict(),
+             "skipped": [{"path": p, "reason": r} for p, r in predictions.errors], "featurekit": __version__}
+    meta = atomic_write(out.with_name(out.name + ".json"), json.dumps(about, indent=2) + "\n")
+    return [out, meta]
 
 
 def _kaggle_rows(predictions: Predictions) -> list[tuple[str, str]]:
     if len(predictions.classes) != 2:
-        raise ValueError(f"--format kaggle needs a two-class head; this one has {len(predictions.classes)} classes")
+        raise SettingsError(f"--format kaggle needs a two-class head; this one has {len(predictions.classes)} classes")
     rows = [(Path(path).stem, f"{p:.6g}") for path, p in zip(predictions.paths, predictions.proba[:, 1])]
     numeric = all(stem.isdigit() for stem, _ in rows)
     return sorted(rows, key=lambda row: (int(row[0]) if numeric else 0, row[0]))
-
-
-# --------------------------------------------------------------------------- command line
-
-
-def _weights_paths(pairs: Sequence[str]) -> dict[str, str]:
-    bad = [pair for pair in pairs if "=" not in pair]
-    if bad:
-        raise ValueError(f"--weights-path expects STORE=FILE, got {bad[0]!r}")
-    return dict(pair.split("=", 1) for pair in pairs)
-
-
-def run(args: argparse.Namespace) -> int:
-    settings = ExtractSettings(device=args.device, batch_size=args.batch_size, num_workers=args.workers, progress=False)
-    predictions = predict_files(args.head, args.paths, settings, _weights_paths(args.weights_path))
-    for path, reason in predictions.errors:
-        print(f"skipped {path}: {reason}", file=sys.stderr)
-    if not predictions.paths:
-        raise ValueError(f"none of the {len(predictions.errors)} files could be decoded")
-    write_csv(predictions, args.out, args.format)
-    print(f"{len(predictions.paths)} predictions written to {args.out}"
-          + (f" ({len(predictions.errors)} files skipped)" if predictions.errors else ""))
-    return 0

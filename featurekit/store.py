@@ -1,347 +1,228 @@
-"""Stage 5: the HDF5 feature store, the one place that knows its format.
+"""Stage 5: the HDF5 feature store, the one place that knows its format and its life cycle.
 
-One file per (split, backbone): ``<out>/<split>/<store_name>.h5``.
+One file per (split, backbone): ``<out>/<split>/<store_name>.h5``; docs/store-format.md lists its
+datasets (``features`` float16|float32 [N, D], ``labels`` int64 [N], ``paths``, ``classes``, ...).
+The attributes are the fields of :class:`StoreHeader` (dict fields as JSON), plus ``format``,
+``format_version``, ``complete`` and ``content_sha256`` (written last: sha256 of every dataset and
+attribute, so an edit is noticed). :class:`StoreIdentity`, the part of the header that decides
+the feature values, is what a fingerprint, a stale-cache refusal, a head's record and the
+checks across joined stores are all derived from.
 
-========================  ===========================  ======================================
-dataset                   shape, dtype                 meaning
-========================  ===========================  ======================================
-``features``              float16 (or float32) [N, D]  one row per kept image, listing order
-``labels``                int64 [N]                    index into ``classes``
-``paths``                 UTF-8 str [N]                relative to ``<root>/<split>``
-``classes``               UTF-8 str [C]                class folder names, string order
-``file_size``             int64 [N]                    bytes, at extraction time
-``file_mtime_ns``         int64 [N]                    modification time, at extraction time
-``skipped_paths``         UTF-8 str [K]                images left out (``--on-error skip``)
-``skipped_reasons``       UTF-8 str [K]                why each was left out
-``skipped_file_size``     int64 [K]                    bytes of each skipped file (-1: unreadable)
-``skipped_file_mtime_ns`` int64 [K]                    its modification time (-1: unreadable)
-========================  ===========================  ======================================
-
-Attributes: ``format``, ``format_version``, ``split``, ``backbone``, ``node``, ``feature_dim``,
-``dtype``, ``weights``, ``weights_sha256``, ``weights_source``, ``weights_report``,
-``preprocessing`` (JSON), ``decode`` (JSON), ``precision``, ``features_version``, ``device``, ``versions`` (JSON),
-``fingerprint``, ``n_listed``, ``data_root``, ``created``, ``complete``, and ``content_sha256``
-(written last: sha256 of every dataset and attribute, so ``featurekit verify`` notices edits).
-
-Writing is crash-safe by construction. Rows are committed in chunks: each chunk is an ``.npz``
-written under a temporary name, fsynced and renamed into ``.<store_name>.partial/``, whose
-``manifest.json`` holds the fingerprint. A run killed at any moment leaves only whole chunks,
-and a rerun continues from them. When every chunk is there, :func:`finalize` writes the HDF5
-file under a temporary name, fsyncs it and renames it into place: a file under a final name is
-always complete. Chunks are keyed by global index ranges, so processes that each extract a
-contiguous range (torchrun ranks) can commit into one partial directory and one of them joins.
-
-Temporary files (``.chunk-*.npz.tmp-PID``, ``.<name>.h5.tmp-PID``) left by a killed process are
-deleted by the next writer that holds the store's :class:`StoreLock`; they are never reused, since
-a killed writer may have left them half written.
+:class:`StoreWriter` is the life cycle: a store is reused only if it is this very extraction and
+whole; otherwise its chunks are committed (:mod:`featurekit.partial`) and joined into an HDF5
+file written under a temporary name and renamed into place, so a file under a final name is
+always complete.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
+import dataclasses
 import hashlib
 import json
 import os
-import shutil
-import signal
+import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, ClassVar, Mapping
 
 import h5py
 import numpy as np
 
-from .images import SplitListing, first_line, printable_path
+from .errors import first_line
+from .files import FileLock, LockError, atomic_output, crash_point
+from .images import SplitListing, listing_changes, printable_path
+from .partial import Chunk, PartialStore, StoreError
+
+__all__ = ["Chunk", "StoreError", "StoreIdentity", "StoreHeader", "StoreWriter", "read_store", "read_header"]
 
 FORMAT = "featurekit.store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: listing_sha256; identity and header as one schema
+
+# Bumped whenever a change to featurekit alters the features computed from the same images, weights
+# and settings (trunk construction, decoding, resizing). It is part of every store's identity, so a
+# store made by an older build reads as stale instead of up to date. 2: the EfficientNet-Lite trunk fix.
+FEATURES_VERSION = 2
+
 STR = h5py.string_dtype("utf-8")
+DIGEST_BLOCK_ROWS = 8192
 
 
-class StoreError(RuntimeError):
-    """A store is missing, incomplete, stale or damaged. ``str()`` names the file and the reason."""
+@dataclass(frozen=True)
+class StoreIdentity:
+    """What, besides the image files, decides a store's values: equal identities over the same
+    files give the same features. ``preprocessing``: :meth:`views.Preprocessing.to_dict`;
+    ``decode``: :meth:`images.DecodePolicy.to_dict` with its backend resolved."""
+
+    backbone: str
+    node: str
+    weights_sha256: str
+    preprocessing: dict
+    decode: dict
+    precision: str  # fp32 | bf16 | fp16
+    dtype: str  # storage: float16 | float32
+    features_version: int
+
+    # One run decodes each image once and computes every trunk alike: stores joined for one head
+    # (and rebuilt together by predict) must agree on these.
+    RUN_FIELDS: ClassVar[tuple[str, ...]] = ("decode", "precision", "dtype", "features_version")
+
+    def __post_init__(self) -> None:
+        for name in ("preprocessing", "decode"):  # tuples -> lists, as JSON gives them back
+            object.__setattr__(self, name, json.loads(json.dumps(getattr(self, name), sort_keys=True)))
+
+    @property
+    def identity(self) -> "StoreIdentity":
+        return StoreIdentity(**{f.name: getattr(self, f.name) for f in fields(StoreIdentity)})
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(StoreIdentity)}
+
+    @classmethod
+    def from_dict(cls, values: Mapping) -> "StoreIdentity":
+        """The identity fields of ``values`` (a header's, a head's record); extra keys are ignored."""
+        return StoreIdentity(**{f.name: values[f.name] for f in fields(StoreIdentity)})
+
+    def first_difference(self, other: "StoreIdentity", names: tuple[str, ...] | None = None) -> tuple | None:
+        """``(field, mine, theirs)`` for the first field (of ``names``, default all) that differs, or None."""
+        for name in names or tuple(f.name for f in fields(StoreIdentity)):
+            if getattr(self, name) != getattr(other, name):
+                return name, getattr(self, name), getattr(other, name)
+        return None
+
+    def difference(self, other: "StoreIdentity", names: tuple[str, ...] | None = None) -> str | None:
+        """The first differing field as ``field (mine != theirs)``, or None."""
+        found = self.first_difference(other, names)
+        return f"{found[0].replace('_', ' ')} ({short(found[1])} != {short(found[2])})" if found else None
+
+
+@dataclass(frozen=True)
+class StoreHeader(StoreIdentity):
+    """Every attribute of a store: its identity and where, from what and how it was made."""
+
+    split: str
+    data_root: str  # resolved path of the folder holding <split>/
+    listing_sha256: str  # classes and every listed file's path, label, size, mtime (see listing_sha256)
+    weights: str
+    weights_source: str
+    weights_report: str
+    device: str
+    on_error: str
+    fingerprint: str  # sha256 of the identity and the listing: equal means "this very extraction"
+    feature_dim: int
+    n_listed: int
+    versions: dict
+    created: str = ""
+
+    def backbone_record(self) -> dict:
+        """What a consumer of these features (a head) records to rebuild the trunk that made them."""
+        return {**self.identity.to_dict(), "weights": self.weights, "weights_source": self.weights_source,
+                "feature_dim": self.feature_dim}
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_attrs(self) -> dict:
+        """HDF5 attributes: dict fields as JSON, the rest as they are."""
+        encoded = {k: json.dumps(v, sort_keys=True) if isinstance(v, dict) else v for k, v in self.to_dict().items()}
+        return {"format": FORMAT, "format_version": FORMAT_VERSION, **encoded}
+
+    @classmethod
+    def from_attrs(cls, attrs: Mapping, path: str | os.PathLike) -> "StoreHeader":
+        """Parse a store's attributes; a missing or malformed one is a :class:`StoreError` naming ``path``."""
+        missing = [f.name for f in fields(cls) if f.name not in attrs and f.default is dataclasses.MISSING]
+        if missing:
+            raise StoreError(f"{path}: missing attribute{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
+        values = {}
+        for f in fields(cls):
+            value = attrs.get(f.name, f.default)
+            value = value.item() if isinstance(value, np.generic) else value
+            try:
+                values[f.name] = json.loads(value) if f.type == "dict" else value
+            except (TypeError, ValueError):
+                raise StoreError(f"{path}: attribute {f.name} is not JSON") from None
+        return cls(**values)
 
 
 def store_path(out_dir: str | os.PathLike, split: str, store_name: str) -> Path:
     return Path(out_dir) / split / f"{store_name}.h5"
 
 
-def partial_dir(final: Path) -> Path:
-    return final.with_name(f".{final.stem}.partial")
+def store_lock(final: Path) -> FileLock:
+    """The lock one writer of the store ``final`` holds: ``.<name>.lock`` beside it, removed on release."""
+    return FileLock(final.with_name(f".{final.stem}.lock"), str(final))
 
 
-# What, besides the file list, determines a store's values; extract.identity() builds this dict.
-IDENTITY_KEYS = ("backbone", "node", "weights_sha256", "preprocessing", "decode", "precision", "dtype", "features_version")
-
-# Testing hook: FEATUREKIT_CRASH_AT=<point>[:<n>] SIGKILLs the process the n-th time it reaches a
-# point of the commit protocol, so tests can stop a real extraction exactly there.
-CRASH_ENV = "FEATUREKIT_CRASH_AT"
-CRASH_POINTS = ("manifest-written", "chunk-tmp-written", "chunk-committed", "finalize-tmp-written", "finalize-renamed")
-_crash_counts: dict[str, int] = {}
-
-
-def crash_point(point: str) -> None:
-    wanted = os.environ.get(CRASH_ENV)
-    if not wanted or wanted.partition(":")[0] != point:
-        return
-    _crash_counts[point] = _crash_counts.get(point, 0) + 1
-    if _crash_counts[point] == int(wanted.partition(":")[2] or 1):
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def identity_change(recorded: dict, current: dict) -> str | None:
-    """How the extraction identity of a store or partial differs from the current one, or None."""
-    current = json.loads(json.dumps(current))  # tuples -> lists, as stored
-    for key in IDENTITY_KEYS:
-        if recorded.get(key) != current.get(key):
-            return f"other {key.replace('_', ' ')} ({recorded.get(key)} != {current.get(key)})"
-    return None
-
-
-def fingerprint(listing: SplitListing, identity: dict) -> str:
-    """sha256 of what determines a store's content: the file list (path, size, mtime) and the
-    extraction identity (backbone, node, weights sha256, preprocessing, decode policy, dtype, precision,
-    features version)."""
-    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode())
-    digest.update(json.dumps(listing.classes).encode())
+def listing_sha256(listing: SplitListing) -> str:
+    """sha256 of a listing: its class names and every file's path, label, size and mtime, in order."""
+    digest = hashlib.sha256(json.dumps(listing.classes).encode())
     for record in listing.records:
         digest.update(f"{printable_path(record.path)}\0{record.label}\0{record.size}\0{record.mtime_ns}\n".encode())
     return digest.hexdigest()
 
 
-# --------------------------------------------------------------------------- writing
+def fingerprint(identity: StoreIdentity, listing_digest: str) -> str:
+    """sha256 of everything that determines a store's content: identity and listing."""
+    return hashlib.sha256(json.dumps([identity.to_dict(), listing_digest], sort_keys=True).encode()).hexdigest()
 
 
-@dataclass(frozen=True)
-class Chunk:
-    """Rows ``[start, stop)`` of the listing: features of the kept ones, reasons for the rest."""
-
-    start: int
-    stop: int
-    kept: np.ndarray  # int64[n] global indices
-    features: np.ndarray  # float16|float32 [n, D]
-    skipped: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # int64[k]
-    reasons: tuple[str, ...] = ()
+# --------------------------------------------------------------------------- reading
 
 
-class PartialStore:
-    """The committed chunks of one store under construction.
+@dataclass
+class StoreContents:
+    """A whole store in memory. ``features``: float16|float32 [N, D]; ``labels``: int64[N]."""
 
-    Only a holder of the store's :class:`StoreLock` may call :meth:`open` and :func:`finalize`:
-    they delete what a killed writer left behind. :meth:`write` also runs in the other ranks of a
-    torchrun job whose rank 0 holds the lock (each commits its own chunks under its own names).
-    """
-
-    def __init__(self, final: Path, store_fingerprint: str, identity: dict | None = None):
-        self.final = final
-        self.dir = partial_dir(final)
-        self.fingerprint = store_fingerprint
-        self.identity = identity or {}
-
-    @property
-    def manifest(self) -> Path:
-        return self.dir / "manifest.json"
-
-    def recorded(self) -> dict | None:
-        """The manifest of the chunks on disk: None when there is none, {} when it is unreadable."""
-        if not self.manifest.is_file():
-            return None
-        try:
-            recorded = json.loads(self.manifest.read_text())
-        except (ValueError, OSError):
-            return {}
-        return recorded if isinstance(recorded, dict) else {}
-
-    def open(self, discard_stale: bool = False) -> str:
-        """Reuse chunks of the same fingerprint, or start afresh. Returns what it did.
-
-        Committed chunks of another fingerprint are discarded only with ``discard_stale``
-        (``--overwrite``); otherwise :class:`StoreError` says what changed.
-        """
-        removed = self.remove_temporaries()
-        tidied = f"; {removed} temporary file(s) of a killed run deleted" if removed else ""
-        committed = len(self.committed()) if self.dir.is_dir() else 0
-        if self.resumable():
-            return (f"resumed ({committed} chunks committed)" if committed else "started") + tidied
-        self.check_no_stale_chunks(discard_stale)
-        state = f"{committed} stale committed chunks discarded (--overwrite)" if committed else "started"
-        shutil.rmtree(self.dir, ignore_errors=True)
-        self.dir.mkdir(parents=True)
-        manifest = {"fingerprint": self.fingerprint, "identity": self.identity, "format_version": FORMAT_VERSION}
-        _atomic_write(self.manifest, json.dumps(manifest, sort_keys=True).encode())
-        _fsync_dir(self.dir.parent)
-        crash_point("manifest-written")
-        return state + tidied
-
-    def temporaries(self) -> list[Path]:
-        """Files being written (by the lock holder) or half written (by a killed writer)."""
-        found = list(self.final.parent.glob(f".{glob_escape(self.final.name)}.tmp-*"))
-        return found + (list(self.dir.glob(".*.tmp-*")) if self.dir.is_dir() else [])
-
-    def resumable(self) -> bool:
-        """Whether the chunks on disk (if any) were committed for this very fingerprint."""
-        return (self.recorded() or {}).get("fingerprint") == self.fingerprint
-
-    def check_no_stale_chunks(self, discard_stale: bool = False) -> None:
-        """Raise :class:`StoreError` naming what changed if chunks of another fingerprint are
-        committed, unless ``discard_stale``. Safe without the lock: it only reads."""
-        if discard_stale or self.resumable() or not self.dir.is_dir() or not self.committed():
-            return
-        change = identity_change((self.recorded() or {}).get("identity", {}), self.identity)
-        why = f"used {change}" if change else "saw other image files (added, removed or modified since)"
-        raise StoreError(f"{self.final}: the {len(self.committed())} committed chunks in {self.dir} are from an "
-                         f"unfinished run that {why}; pass --overwrite to discard them")
-
-    def remove_temporaries(self) -> int:
-        """Delete half-written files of a killed writer of this store; returns how many."""
-        leftovers = self.temporaries()
-        for leftover in leftovers:
-            leftover.unlink(missing_ok=True)
-        return len(leftovers)
-
-    def committed(self) -> list[tuple[int, int]]:
-        """Ranges of the chunks already on disk, sorted."""
-        ranges = []
-        for entry in self.dir.glob("chunk-*-*.npz"):
-            bounds = entry.stem.split("-")[1:]
-            if len(bounds) == 2 and all(b.isdigit() for b in bounds):
-                ranges.append((int(bounds[0]), int(bounds[1])))
-        return sorted(ranges)
-
-    def chunk_path(self, start: int, stop: int) -> Path:
-        return self.dir / f"chunk-{start:012d}-{stop:012d}.npz"
-
-    def write(self, chunk: Chunk) -> None:
-        """Commit one chunk atomically (temporary name, fsync, rename, fsync directory)."""
-        bad = ~np.isfinite(chunk.features).all(axis=1)
-        if bad.any():
-            raise StoreError(
-                f"{self.final}: non-finite features for row {int(chunk.kept[bad.argmax()])} "
-                f"({'overflow of float16: use --dtype float32' if chunk.features.dtype == np.float16 else 'NaN/Inf from the model'})"
-            )
-        target = self.chunk_path(chunk.start, chunk.stop)
-        temporary = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-        with _cleaned_on_failure(temporary, f"{target}: cannot write chunk"):
-            with open(temporary, "wb") as handle:
-                np.savez(handle, kept=chunk.kept, features=chunk.features, skipped=chunk.skipped,
-                         reasons=np.array(chunk.reasons, dtype=str).reshape(-1))
-                handle.flush()
-                os.fsync(handle.fileno())
-            crash_point("chunk-tmp-written")
-            os.replace(temporary, target)
-            _fsync_dir(self.dir)
-        crash_point("chunk-committed")
-
-    def read(self, n: int) -> list[Chunk]:
-        """The committed chunks that tile rows ``[0, n)``, in order. Raises :class:`StoreError`
-        when rows are missing, or removes a damaged chunk and says to run again."""
-        chunks = []
-        for start, stop in self._tiling(n):
-            path = self.chunk_path(start, stop)
-            try:
-                with np.load(path, allow_pickle=False) as data:
-                    chunk = Chunk(start, stop, data["kept"], data["features"], data["skipped"], tuple(data["reasons"].tolist()))
-            except Exception as error:  # zipfile, numpy and OS errors alike mean the file is damaged
-                path.unlink(missing_ok=True)
-                raise StoreError(f"{path}: damaged chunk removed ({first_line(error)}); run the same command again "
-                                 f"to recompute rows {start}-{stop}") from None
-            chunks.append(chunk)
-        return chunks
-
-    def _tiling(self, n: int) -> list[tuple[int, int]]:
-        """Committed ranges that cover ``[0, n)`` exactly once (runs with other chunk sizes may overlap)."""
-        committed = self.committed()
-        gaps = uncovered(committed, n)
-        if gaps:
-            start, stop = gaps[0]
-            raise StoreError(f"{self.dir}: rows {start}-{stop} were never committed; run the same command again to finish")
-        next_stop: dict[int, int] = {n: n}
-        for start, stop in sorted(committed, reverse=True):  # a stop is always decided before its start
-            if stop in next_stop and start not in next_stop:
-                next_stop[start] = stop
-        if 0 not in next_stop:
-            raise StoreError(f"{self.dir}: committed chunks overlap without tiling rows 0-{n}; pass --overwrite to redo them")
-        tiling, position = [], 0
-        while position < n:
-            tiling.append((position, next_stop[position]))
-            position = next_stop[position]
-        return tiling
-
-    def discard(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-    def discard_if_finished(self) -> bool:
-        """Delete what a writer killed between its final rename and its cleanup left behind.
-
-        Only chunks of this fingerprint (the finished store's) go: chunks of another run are
-        someone's unfinished work. Returns whether anything was deleted.
-        """
-        finished = self.dir.is_dir() and self.resumable()
-        if finished:
-            self.discard()
-        return bool(self.remove_temporaries()) or finished
+    path: Path
+    header: StoreHeader
+    features: np.ndarray
+    labels: np.ndarray
+    paths: list[str]
+    classes: list[str]
+    skipped: list[tuple[str, str]]
 
 
-def uncovered(ranges: Sequence[tuple[int, int]], n: int) -> list[tuple[int, int]]:
-    """The row ranges of ``[0, n)`` that no range in ``ranges`` covers, in order."""
-    gaps, position = [], 0
-    for start, stop in sorted(ranges):
-        if start > position:
-            gaps.append((position, min(start, n)))
-        position = max(position, stop)
-    if position < n:
-        gaps.append((position, n))
-    return [(start, stop) for start, stop in gaps if start < stop]
+def open_h5(path: str | os.PathLike) -> h5py.File:
+    """Open a store read-only after checking it is a complete featurekit store of this format."""
+    path = Path(path)
+    if not path.is_file():
+        raise StoreError(f"{path}: no such store")
+    try:
+        h5 = h5py.File(path, "r")
+    except OSError as error:
+        raise StoreError(f"{path}: not a readable HDF5 file ({first_line(error)})") from None
+    version, problem = int(h5.attrs.get("format_version", -1)), None
+    if h5.attrs.get("format") != FORMAT:
+        problem = "not a featurekit store (no format attribute)"
+    elif version != FORMAT_VERSION:
+        problem = (f"store format {version} is {'newer' if version > FORMAT_VERSION else 'older'} than this "
+                   f"featurekit's ({FORMAT_VERSION}); " + ("upgrade featurekit" if version > FORMAT_VERSION
+                                                           else "re-extract it (extract --overwrite)"))
+    elif not h5.attrs.get("complete", False):
+        problem = "incomplete store (no completeness mark)"
+    if problem:
+        h5.close()
+        raise StoreError(f"{path}: {problem}")
+    return h5
 
 
-def finalize(partial: PartialStore, listing: SplitListing, attrs: dict) -> Path:
-    """Join the chunks into ``partial.final`` (complete, or not there at all)."""
-    chunks = partial.read(len(listing))
-    kept = np.concatenate([c.kept for c in chunks])
-    if not kept.size:
-        raise StoreError(f"{partial.final}: every image of {listing.split_dir} was skipped; nothing to store")
-    features = np.concatenate([c.features for c in chunks])
-    skipped = [listing.records[i] for c in chunks for i in c.skipped]
-    reasons = [r for c in chunks for r in c.reasons]
-    records = [listing.records[i] for i in kept]
-    final = partial.final
-    temporary = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    with _cleaned_on_failure(temporary, f"{final}: cannot write store", f"; committed chunks kept in {partial.dir}"):
-        with h5py.File(temporary, "w") as h5:
-            h5.create_dataset("features", data=features)
-            h5.create_dataset("labels", data=np.array([r.label for r in records], dtype=np.int64))
-            _write_records(h5, "", records)
-            h5.create_dataset("classes", data=list(listing.classes), dtype=STR)
-            h5.create_dataset("skipped_reasons", data=[printable_path(r) for r in reasons], dtype=STR)
-            _write_records(h5, "skipped_", skipped)
-            for key, value in {**attrs, "format": FORMAT, "format_version": FORMAT_VERSION,
-                               "feature_dim": features.shape[1], "dtype": str(features.dtype),
-                               "n_listed": len(listing), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}.items():
-                h5.attrs[key] = value if isinstance(value, (str, int, float, bool, np.integer)) else json.dumps(value, sort_keys=True)
-            h5.attrs["complete"] = True
-            h5.attrs["content_sha256"] = content_sha256(h5)
-            h5.flush()
-        with open(temporary, "rb+") as handle:
-            os.fsync(handle.fileno())
-        crash_point("finalize-tmp-written")
-        os.replace(temporary, final)
-        _fsync_dir(final.parent)
-    crash_point("finalize-renamed")
-    partial.discard()
-    return final
+def read_header(path: str | os.PathLike) -> StoreHeader:
+    with open_h5(path) as h5:
+        return StoreHeader.from_attrs(h5.attrs, path)
 
 
-def _write_records(h5: h5py.File, prefix: str, records: list) -> None:
-    """``<prefix>paths``, ``<prefix>file_size`` and ``<prefix>file_mtime_ns`` of listing records."""
-    h5.create_dataset(f"{prefix}paths", data=[printable_path(r.path) for r in records], dtype=STR)
-    h5.create_dataset(f"{prefix}file_size", data=np.array([r.size for r in records], dtype=np.int64))
-    h5.create_dataset(f"{prefix}file_mtime_ns", data=np.array([r.mtime_ns for r in records], dtype=np.int64))
-
-
-DIGEST_BLOCK_ROWS = 8192
+def read_store(path: str | os.PathLike, features: bool = True) -> StoreContents:
+    """Load a complete store into memory (``features=False`` skips the big array). Labels outside
+    ``classes`` are refused: they would index the wrong class, or none."""
+    with open_h5(path) as h5:
+        header = StoreHeader.from_attrs(h5.attrs, path)
+        classes, labels = _strings(h5["classes"]), h5["labels"][()]
+        if labels.size and (labels.min() < 0 or labels.max() >= len(classes)):
+            raise StoreError(f"{path}: labels outside 0-{len(classes) - 1} (the store is damaged)")
+        return StoreContents(Path(path), header, h5["features"][()] if features else np.zeros((0, 0), np.float16),
+                             labels, _strings(h5["paths"]), classes,
+                             list(zip(_strings(h5["skipped_paths"]), _strings(h5["skipped_reasons"]))))
 
 
 def content_sha256(h5: h5py.File) -> str:
@@ -362,146 +243,198 @@ def content_sha256(h5: h5py.File) -> str:
     return digest.hexdigest()
 
 
-@contextlib.contextmanager
-def _cleaned_on_failure(temporary: Path, what: str, hint: str = ""):
-    """Delete ``temporary`` if the block fails; OS errors become one-line :class:`StoreError`."""
-    try:
-        yield
-    except BaseException as error:
-        temporary.unlink(missing_ok=True)
-        if isinstance(error, OSError):
-            raise StoreError(f"{what} ({_os_reason(error)}){hint}") from None
-        raise
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with _cleaned_on_failure(temporary, f"{path}: cannot write"):
-        with open(temporary, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-
-
-def _fsync_dir(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def _os_reason(error: OSError) -> str:
-    if error.errno == errno.ENOSPC or "No space left" in str(error):  # h5py drops the errno
-        return "no space left on device"
-    return error.strerror or first_line(error)
-
-
-def glob_escape(name: str) -> str:
-    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
-
-
-class StoreLock:
-    """An exclusive, non-blocking lock on one store name (``.<name>.lock`` beside it).
-
-    flock is advisory and may not work on NFS; on local disks it keeps two extract processes
-    from writing the same store.
-    """
-
-    def __init__(self, final: Path):
-        self.path = final.with_name(f".{final.stem}.lock")
-        self._handle = None
-
-    def __enter__(self) -> "StoreLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(self.path, "a+")
+def check_content(path: str | os.PathLike) -> None:
+    """Raise :class:`StoreError` unless the store's content checksum matches (nothing edited or damaged)."""
+    with open_h5(path) as h5:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            owner = handle.read().strip() or "?"
-            handle.close()
-            raise StoreError(f"{self.path.with_name(self.path.stem[1:] + '.h5')}: another featurekit process (pid {owner}) is writing this store") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(str(os.getpid()))
-        handle.flush()
-        self._handle = handle
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._handle:
-            fcntl.flock(self._handle, fcntl.LOCK_UN)
-            self._handle.close()
-            self._handle = None
+            whole = content_sha256(h5) == h5.attrs.get("content_sha256")
+        except (OSError, RuntimeError, ValueError) as error:  # h5py on damaged blocks
+            raise StoreError(f"{path}: unreadable data ({first_line(error)})") from None
+    if not whole:
+        raise StoreError(f"{path}: content checksum mismatch (features, rows or attributes changed after extraction)")
 
 
-# --------------------------------------------------------------------------- reading
+def recorded_files(h5: h5py.File) -> dict[str, tuple[int, int]]:
+    """Every image listed when the store was made, kept or skipped: printable path -> (size, mtime_ns)."""
+    files = {}
+    for prefix in ("", "skipped_"):
+        sizes, mtimes = h5[f"{prefix}file_size"][()].tolist(), h5[f"{prefix}file_mtime_ns"][()].tolist()
+        files.update(zip(_strings(h5[f"{prefix}paths"]), zip(sizes, mtimes)))
+    return files
 
-JSON_ATTRS = ("preprocessing", "decode", "versions")
+
+def folder_changes(path: str | os.PathLike, listing: SplitListing) -> list[str]:
+    """How ``listing`` differs from the folder the store at ``path`` was made from; empty if it does not."""
+    with open_h5(path) as h5:
+        return listing_changes(recorded_files(h5), _strings(h5["classes"]), listing)
 
 
-@dataclass
-class StoreContents:
-    """A whole store in memory. ``features``: float16|float32 [N, D]."""
+# --------------------------------------------------------------------------- writing
 
+
+@dataclass(frozen=True)
+class StoreResult:
     path: Path
-    features: np.ndarray
-    labels: np.ndarray
-    paths: list[str]
-    classes: list[str]
-    attrs: dict
+    status: str  # written | up to date
+    rows: int
     skipped: list[tuple[str, str]]
 
 
-def read_attrs(path: str | os.PathLike) -> dict:
-    """The attributes of a complete store, JSON ones decoded. Raises :class:`StoreError`."""
-    with open_h5(path) as h5:
-        return decoded_attrs(h5)
+class StoreWriter:
+    """The life cycle of one store of one run: reuse it, or lock, resume or start, commit, join.
+
+    ``header`` is the store as it will be written (``created`` is set when it is joined). A store
+    is reused only if its fingerprint is this run's and its content checksum holds; a store or
+    committed chunks made from other inputs stop the run with what changed, unless ``overwrite``
+    (then the old store stays readable until its successor is renamed over it).
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, listing: SplitListing, store_name: str, header: StoreHeader,
+                 overwrite: bool = False, log: Callable[[str], None] | None = None):
+        self.final = store_path(out_dir, listing.split, store_name)
+        self.store_name = store_name
+        self.listing = listing
+        self.header = header
+        self.overwrite = overwrite
+        self.partial = PartialStore(self.final)
+        self.log = log or (lambda message: print(message, file=sys.stderr))
+
+    def is_current(self) -> bool:
+        """Whether the final store is this very extraction, whole. Raises :class:`StoreError` when
+        another store is there, unless ``overwrite``."""
+        if not self.final.exists():
+            return False
+        try:
+            same = read_header(self.final).fingerprint == self.header.fingerprint
+            if same:
+                check_content(self.final)
+                return True
+            why = self._what_changed()
+        except StoreError as error:
+            why = f"is damaged ({str(error).removeprefix(f'{self.final}: ')})"
+        if not self.overwrite:
+            raise StoreError(f"{self.final}: exists but {why}; pass --overwrite to re-extract it")
+        return False
+
+    def check_reusable(self) -> None:
+        """Raise :class:`StoreError` now, before any work, if :meth:`begin` would refuse. Only reads."""
+        if not self.is_current():
+            self._check_chunks()
+
+    def begin(self, locks: contextlib.ExitStack) -> bool:
+        """Take the store's lock (held in ``locks``) and get its chunks ready. False: already current."""
+        if self.is_current():  # checked without the lock: readers never wait
+            self._tidy_finished()
+            return False
+        locks.enter_context(self.lock())
+        if self.is_current():  # finished by another process meanwhile
+            self._discard_finished()
+            return False
+        removed = self.partial.remove_temporaries()
+        committed = len(self.partial.committed()) if self.partial.dir.is_dir() else 0
+        if self.partial.holds(self.header.fingerprint):
+            state = f"resumed ({committed} chunks committed)" if committed else ""
+        else:
+            self._check_chunks()
+            self.partial.start(self.header.fingerprint, self.header.identity.to_dict())
+            state = f"{committed} stale committed chunks discarded (--overwrite)" if committed else ""
+        if removed:
+            state += f"{'; ' if state else ''}{removed} temporary file(s) of a killed run deleted"
+        if state:
+            self.log(f"{self.final}: {state}")
+        return True
+
+    def lock(self) -> FileLock:
+        return store_lock(self.final)
+
+    def committed(self) -> list[tuple[int, int]]:
+        return self.partial.committed()
+
+    def commit(self, chunk: Chunk) -> None:
+        self.partial.write(chunk)
+
+    def finish(self) -> StoreResult:
+        """Join the committed chunks into the final store (complete, or not there at all)."""
+        chunks = self.partial.read(len(self.listing))
+        kept = np.concatenate([c.kept for c in chunks])
+        if not kept.size:
+            raise StoreError(f"{self.final}: every image of {self.listing.split_dir} was skipped; nothing to store")
+        features = np.concatenate([c.features for c in chunks])
+        if features.shape[1] != self.header.feature_dim or str(features.dtype) != self.header.dtype:
+            raise RuntimeError(f"{self.final}: chunks hold {features.dtype}[{features.shape[1]}], header says "
+                               f"{self.header.dtype}[{self.header.feature_dim}]")
+        records, skipped = self.listing.records, [self.listing.records[i] for c in chunks for i in c.skipped]
+        reasons = [printable_path(r) for c in chunks for r in c.reasons]
+        header = dataclasses.replace(self.header, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        with atomic_output(self.final, "cannot write store", f"; committed chunks kept in {self.partial.dir}",
+                           lambda: crash_point("finalize-tmp-written")) as temporary:
+            with h5py.File(temporary, "w") as h5:
+                h5.create_dataset("features", data=features)
+                h5.create_dataset("labels", data=np.array([records[i].label for i in kept], dtype=np.int64))
+                _write_records(h5, "", [records[i] for i in kept])
+                h5.create_dataset("classes", data=list(self.listing.classes), dtype=STR)
+                h5.create_dataset("skipped_reasons", data=reasons, dtype=STR)
+                _write_records(h5, "skipped_", skipped)
+                h5.attrs.update(header.to_attrs())
+                h5.attrs["complete"] = True
+                h5.attrs["content_sha256"] = content_sha256(h5)
+        crash_point("finalize-renamed")
+        self.partial.discard()
+        return StoreResult(self.final, "written", int(kept.size),
+                           [(printable_path(r.path), why) for r, why in zip(skipped, reasons)])
+
+    def result(self) -> StoreResult:
+        """The current store, as it is on disk."""
+        contents = read_store(self.final, features=False)
+        return StoreResult(self.final, "up to date", len(contents.paths), contents.skipped)
+
+    def _check_chunks(self) -> None:
+        """Refuse committed chunks of another run, unless ``overwrite``."""
+        if self.overwrite or self.partial.holds(self.header.fingerprint) or not self.partial.committed():
+            return
+        recorded = (self.partial.recorded() or {}).get("identity", {})
+        try:
+            change = StoreIdentity.from_dict(recorded).difference(self.header.identity)
+        except (KeyError, TypeError):
+            change = "an unreadable manifest"
+        why = f"used other {change}" if change else "saw other image files (added, removed or modified since)"
+        raise StoreError(f"{self.final}: the {len(self.partial.committed())} committed chunks in {self.partial.dir} "
+                         f"are from an unfinished run that {why}; pass --overwrite to discard them")
+
+    def _what_changed(self) -> str:
+        change = read_header(self.final).identity.difference(self.header.identity)
+        if change:
+            return f"was made with other {change}"
+        changes = folder_changes(self.final, self.listing) or ["same files, other recorded fingerprint"]
+        return f"was made from another state of {self.listing.split_dir} ({'; '.join(changes)})"
+
+    def _tidy_finished(self) -> None:
+        """Delete what a writer killed just after its final rename left, unless someone is writing."""
+        if not (self.partial.dir.exists() or self.partial.temporaries()):
+            return
+        with contextlib.suppress(LockError, OSError), self.lock():
+            if self._discard_finished():
+                self.log(f"{self.final}: leftovers of a killed run deleted")
+
+    def _discard_finished(self) -> bool:
+        """Delete chunks of this (finished) store and temporaries; chunks of another run are someone's work."""
+        finished = self.partial.dir.is_dir() and self.partial.holds(self.header.fingerprint)
+        if finished:
+            self.partial.discard()
+        return bool(self.partial.remove_temporaries()) or finished
 
 
-def read_store(path: str | os.PathLike, features: bool = True) -> StoreContents:
-    """Load a complete store into memory (``features=False`` skips the big array)."""
-    with open_h5(path) as h5:
-        return StoreContents(
-            Path(path),
-            h5["features"][()] if features else np.zeros((0, 0), np.float16),
-            h5["labels"][()],
-            [p.decode("utf-8") for p in h5["paths"][()]],
-            [c.decode("utf-8") for c in h5["classes"][()]],
-            decoded_attrs(h5),
-            list(zip((p.decode() for p in h5["skipped_paths"][()]), (r.decode() for r in h5["skipped_reasons"][()]))),
-        )
+def _write_records(h5: h5py.File, prefix: str, records: list) -> None:
+    """``<prefix>paths``, ``<prefix>file_size`` and ``<prefix>file_mtime_ns`` of listing records."""
+    h5.create_dataset(f"{prefix}paths", data=[printable_path(r.path) for r in records], dtype=STR)
+    h5.create_dataset(f"{prefix}file_size", data=np.array([r.size for r in records], dtype=np.int64))
+    h5.create_dataset(f"{prefix}file_mtime_ns", data=np.array([r.mtime_ns for r in records], dtype=np.int64))
 
 
-def open_h5(path: str | os.PathLike) -> h5py.File:
-    """Open a store read-only after checking it is a complete featurekit store."""
-    path = Path(path)
-    if not path.is_file():
-        raise StoreError(f"{path}: no such store")
-    try:
-        h5 = h5py.File(path, "r")
-    except OSError as error:
-        raise StoreError(f"{path}: not a readable HDF5 file ({first_line(error)})") from None
-    problem = None
-    if h5.attrs.get("format") != FORMAT:
-        problem = "not a featurekit store (no format attribute)"
-    elif int(h5.attrs.get("format_version", -1)) > FORMAT_VERSION:
-        problem = f"store format {h5.attrs['format_version']} is newer than this featurekit reads ({FORMAT_VERSION})"
-    elif not h5.attrs.get("complete", False):
-        problem = "incomplete store (no completeness mark)"
-    if problem:
-        h5.close()
-        raise StoreError(f"{path}: {problem}")
-    return h5
+def _strings(dataset: h5py.Dataset) -> list[str]:
+    return [value.decode("utf-8") for value in dataset[()]]
 
 
-def decoded_attrs(h5: h5py.File) -> dict:
-    """The attributes of an open store, JSON ones decoded, numpy scalars as Python values."""
-    attrs = {}
-    for key, value in h5.attrs.items():
-        if isinstance(value, np.generic):
-            value = value.item()
-        attrs[key] = json.loads(value) if key in JSON_ATTRS and isinstance(value, str) else value
-    return attrs
+def short(value) -> str:
+    """A field value as messages show it (dicts as sorted JSON)."""
+    return json.dumps(value, sort_keys=True) if isinstance(value, (dict, list)) else str(value)

@@ -15,9 +15,7 @@ without training rows cannot be predicted and are left out of selection and metr
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +27,8 @@ import torch
 from sklearn import metrics
 
 from .dataset import FeatureSet, check_same_extraction, load_features
-from .heads import HEADS, Head, make_head, save_head
+from .errors import SettingsError
+from .heads import HEADS, Head, make_heads, save_head
 
 HEAD_FILE = "head.joblib"
 
@@ -57,8 +56,7 @@ def fit_heads(kinds: Sequence[str], params: dict, train: FeatureSet, valid: Vali
               log: Callable[[str], None]) -> tuple[Head, list[dict]]:
     """Fit each head kind; keep the best by validation accuracy, then log loss. Returns (head, sweep)."""
     best, best_score, sweep = None, None, []
-    for kind in kinds:
-        head = make_head(kind, **params)
+    for kind, head in zip(kinds, make_heads(list(kinds), params)):
         head.fit(train.features, train.labels, *((valid.features, valid.labels) if valid else ()))
         chosen = next(e for e in head.selection_ if e[head.grid_param] == head.best_params_[head.grid_param])
         sweep += [{"head": kind, **entry} for entry in head.selection_]
@@ -94,14 +92,12 @@ def head_metadata(head: Head, train: FeatureSet, valid: FeatureSet | None, featu
     """What predict needs to rebuild the features exactly, and what the head was trained on."""
     backbones = []
     for index, info in enumerate(train.stores):
-        attrs = info.attrs
         backbones.append({
             "store_name": info.store_name,
-            **{key: attrs.get(key) for key in ("backbone", "node", "weights", "weights_sha256", "weights_source",
-                                               "preprocessing", "decode", "precision", "feature_dim")},
+            **info.header.backbone_record(),
             "columns": [info.columns.start, info.columns.stop],
-            "fingerprints": {train.split: attrs.get("fingerprint"),
-                             **({valid.split: valid.stores[index].attrs.get("fingerprint")} if valid else {})},
+            "fingerprints": {train.split: info.header.fingerprint,
+                             **({valid.split: valid.stores[index].header.fingerprint} if valid else {})},
         })
     return {
         "head": head.kind,
@@ -145,9 +141,9 @@ def train_head(features_dir: str | Path, store_names: Sequence[str], head_kind: 
             log(f"warning: split {valid_split!r} has classes without training rows, left out of selection and metrics: "
                 + ", ".join(f"{name} ({n} rows)" for name, n in rows.excluded.items()))
         if not len(rows.labels):
-            raise ValueError(f"split {valid_split!r}: no row of a class the training split has")
+            raise SettingsError(f"split {valid_split!r}: no row of a class the training split has")
     elif head_kind == "all":
-        raise ValueError("--head all chooses on the validation split; give one (--valid-split)")
+        raise SettingsError("--head all chooses on the validation split; give one (--valid-split)")
     log(f"train: {len(train)} rows x {train.features.shape[1]} features ({', '.join(store_names)}), {len(np.unique(train.labels))} classes"
         + (f"; {valid_split}: {len(rows.labels)} rows" if rows else ""))
     head, sweep = fit_heads(list(HEADS) if head_kind == "all" else [head_kind], params or {}, train, rows, log)
@@ -260,19 +256,3 @@ def _confusion_plot(plt, matrix: list[list[int]], classes: list[str], path: Path
     figure.savefig(path, dpi=100)
     plt.close(figure)
     return path
-
-
-# --------------------------------------------------------------------------- command line
-
-
-def run(args: argparse.Namespace) -> int:
-    params = {key: getattr(args, key) for key in ("device", "max_epochs", "batch_size", "lr", "patience", "seed")}
-    params["hidden_sizes"] = tuple(args.hidden_sizes) if args.hidden_sizes else None
-    valid_split = None if args.valid_split.lower() == "none" else args.valid_split
-    report = train_head(args.features_dir, args.backbones, args.head, args.out, args.train_split, valid_split,
-                        params, plots=not args.no_plots, log=lambda line: print(line, file=sys.stderr))
-    out = args.out or default_out_dir(args.features_dir, args.head, args.backbones)
-    valid = report["valid"]
-    print(f"{report['head']} head: " + (f"{valid['split']} accuracy {valid['accuracy']:.4f}, " if valid else "")
-          + f"written to {out}/ ({HEAD_FILE}, report.json, report.md)")
-    return 0

@@ -18,11 +18,21 @@ from typing import Sequence
 import h5py
 import numpy as np
 
-from .images import DataError, SplitListing, first_line, list_split, printable_path
-from .store import DIGEST_BLOCK_ROWS, IDENTITY_KEYS, StoreError, content_sha256, decoded_attrs, fingerprint, open_h5
+from .errors import first_line
+from .images import DataError, listing_changes, list_split
+from .store import (
+    DIGEST_BLOCK_ROWS,
+    StoreError,
+    StoreHeader,
+    content_sha256,
+    fingerprint,
+    listing_sha256,
+    open_h5,
+    recorded_files,
+)
 
-NAMES_SHOWN = 10  # per kind of change; the count is always complete
-REQUIRED_ATTRS = tuple(dict.fromkeys(("fingerprint", "data_root", "split", "feature_dim", "dtype", "n_listed") + IDENTITY_KEYS))
+DATASETS = ("features", "labels", "paths", "classes", "file_size", "file_mtime_ns", "skipped_paths", "skipped_reasons",
+            "skipped_file_size", "skipped_file_mtime_ns")
 
 
 @dataclass
@@ -59,20 +69,23 @@ def verify_store(path: str | os.PathLike, data_root: str | os.PathLike | None = 
     report = VerifyReport(Path(path))
     try:
         with open_h5(path) as h5:
-            report.problems = _structure_problems(h5)
+            header = StoreHeader.from_attrs(h5.attrs, path)
+            report.problems = _structure_problems(h5, header)
             if report.problems:  # the value and folder checks would only repeat the damage
                 return report
             report.rows, report.skipped = len(h5["paths"]), len(h5["skipped_paths"])
             report.problems = _value_problems(h5)
-            attrs = decoded_attrs(h5)
-            report.alignment = (attrs["data_root"], attrs["split"], _rows_sha256(h5))
-            root = Path(data_root) if data_root is not None else Path(attrs["data_root"])
+            report.alignment = (header.data_root, header.split, _rows_sha256(h5))
+            root = Path(data_root) if data_root is not None else Path(header.data_root)
             try:
-                listing = list_split(root, attrs["split"])
+                listing = list_split(root, header.split)
             except DataError as error:
                 report.problems.append(f"cannot check the image folder: {error}")
                 return report
-            report.problems += _folder_changes(h5, listing)
+            classes = [c.decode("utf-8") for c in h5["classes"][()]]
+            report.problems += listing_changes(recorded_files(h5), classes, listing)
+            if not report.problems and fingerprint(header.identity, listing_sha256(listing)) != header.fingerprint:
+                report.problems.append("recorded fingerprint does not match the folder and the recorded settings")
     except StoreError as error:
         report.problems.append(str(error).removeprefix(f"{path}: "))
     except (OSError, RuntimeError, KeyError, ValueError) as error:  # h5py on damaged blocks
@@ -80,36 +93,29 @@ def verify_store(path: str | os.PathLike, data_root: str | os.PathLike | None = 
     return report
 
 
-def folder_changes(store: str | os.PathLike, listing: SplitListing) -> list[str]:
-    """How ``listing`` differs from the folder ``store`` was extracted from; empty when it does not."""
-    with open_h5(store) as h5:
-        return _folder_changes(h5, listing)
-
-
 # --------------------------------------------------------------------------- checks
 
 
-def _structure_problems(h5: h5py.File) -> list[str]:
-    missing = [name for name in ("features", "labels", "paths", "classes", "file_size", "file_mtime_ns",
-                                 "skipped_paths", "skipped_reasons") if name not in h5]
-    missing_attrs = [key for key in REQUIRED_ATTRS if key not in h5.attrs]
-    if missing or missing_attrs:
-        return [f"missing {', '.join(missing + [f'attribute {key}' for key in missing_attrs])}"]
+def _structure_problems(h5: h5py.File, header: StoreHeader) -> list[str]:
+    missing = [name for name in DATASETS if name not in h5]
+    if missing:
+        return [f"missing {', '.join(missing)}"]
     features = h5["features"]
     n, problems = len(h5["paths"]), []
     if features.ndim != 2 or features.dtype not in (np.float16, np.float32):
         problems.append(f"features are {features.dtype}{list(features.shape)}, expected float16 or float32 [N, D]")
-    elif features.shape != (n, h5.attrs["feature_dim"]) or str(features.dtype) != h5.attrs["dtype"]:
+    elif features.shape != (n, header.feature_dim) or str(features.dtype) != header.dtype:
         problems.append(f"features are {features.dtype}{list(features.shape)} but the store records "
-                        f"{h5.attrs['dtype']}[{n}, {h5.attrs['feature_dim']}]")
-    for name in ("labels", "file_size", "file_mtime_ns"):
-        if h5[name].shape != (n,) or h5[name].dtype != np.int64:
-            problems.append(f"{name} is {h5[name].dtype}{list(h5[name].shape)}, expected int64[{n}]")
+                        f"{header.dtype}[{n}, {header.feature_dim}]")
     k = len(h5["skipped_paths"])
+    for prefix, rows in (("", n), ("skipped_", k)):
+        for name in (f"{prefix}file_size", f"{prefix}file_mtime_ns") + (("labels",) if not prefix else ()):
+            if h5[name].shape != (rows,) or h5[name].dtype != np.int64:
+                problems.append(f"{name} is {h5[name].dtype}{list(h5[name].shape)}, expected int64[{rows}]")
     if h5["skipped_reasons"].shape != (k,):
         problems.append(f"{k} skipped paths but {len(h5['skipped_reasons'])} reasons")
-    if n + k != h5.attrs["n_listed"]:
-        problems.append(f"{n} rows + {k} skipped != {h5.attrs['n_listed']} images listed")
+    if n + k != header.n_listed:
+        problems.append(f"{n} rows + {k} skipped != {header.n_listed} images listed")
     labels = h5["labels"][()]
     if labels.size and not problems and (labels.min() < 0 or labels.max() >= len(h5["classes"])):
         problems.append(f"labels outside 0-{len(h5['classes']) - 1}")
@@ -127,50 +133,10 @@ def _value_problems(h5: h5py.File) -> list[str]:
         problems.append(f"NaN or Inf features in {len(bad_rows)} rows (first: row {bad_rows[0]}, {first})")
     recorded = h5.attrs.get("content_sha256")
     if recorded is None:
-        problems.append("no content checksum (not written by featurekit finalize): edits cannot be ruled out")
+        problems.append("missing attribute content_sha256: edits cannot be ruled out")
     elif content_sha256(h5) != recorded:
         problems.append("content checksum mismatch: features, rows or attributes were changed after extraction")
     return problems
-
-
-def _folder_changes(h5: h5py.File, listing: SplitListing) -> list[str]:
-    stored = _stored_files(h5)
-    current = {printable_path(record.path): (record.size, record.mtime_ns) for record in listing.records}
-    changes = [
-        _named("added since extraction", sorted(current.keys() - stored.keys())),
-        _named("removed since extraction", sorted(stored.keys() - current.keys())),
-        _named("modified since extraction (size or mtime)",
-               sorted(p for p in stored.keys() & current.keys() if stored[p] not in (None, current[p]))),
-    ]
-    classes = [c.decode("utf-8") for c in h5["classes"][()]]
-    if classes != list(listing.classes):
-        changes.append(f"class folders changed ({', '.join(classes)} -> {', '.join(listing.classes)})")
-    changes = [change for change in changes if change]
-    if not changes:
-        attrs = decoded_attrs(h5)
-        identity = {key: attrs[key] for key in IDENTITY_KEYS}
-        if fingerprint(listing, identity) != h5.attrs["fingerprint"]:
-            changes.append("recorded fingerprint does not match the folder and the recorded settings")
-    return changes
-
-
-def _stored_files(h5: h5py.File) -> dict[str, tuple[int, int] | None]:
-    """Every listed image: printable path -> (size, mtime_ns), None where it was not recorded."""
-    files: dict[str, tuple[int, int] | None] = dict(zip(
-        (p.decode("utf-8") for p in h5["paths"][()]), zip(h5["file_size"][()].tolist(), h5["file_mtime_ns"][()].tolist())))
-    skipped = [p.decode("utf-8") for p in h5["skipped_paths"][()]]
-    if "skipped_file_size" in h5 and "skipped_file_mtime_ns" in h5:
-        files.update(zip(skipped, zip(h5["skipped_file_size"][()].tolist(), h5["skipped_file_mtime_ns"][()].tolist())))
-    else:
-        files.update(dict.fromkeys(skipped))
-    return files
-
-
-def _named(kind: str, paths: list[str]) -> str:
-    if not paths:
-        return ""
-    more = f" and {len(paths) - NAMES_SHOWN} more" if len(paths) > NAMES_SHOWN else ""
-    return f"{len(paths)} {'image' if len(paths) == 1 else 'images'} {kind}: {', '.join(paths[:NAMES_SHOWN])}{more}"
 
 
 def _rows_sha256(h5: h5py.File) -> str:

@@ -23,13 +23,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .images import first_line
+from .errors import FeaturekitError, first_line
 
 RANDOM = "random"
 RANDOM_SEED = 0
 
 
-class WeightsError(RuntimeError):
+class WeightsError(FeaturekitError):
     """Weights cannot be obtained or do not fit the architecture. One line, says what to do."""
 
 

@@ -20,7 +20,8 @@ from PIL import Image
 
 from featurekit.cli import main
 from featurekit.images import SplitListing, list_split
-from featurekit.store import partial_dir, read_store
+from featurekit.partial import PartialStore
+from featurekit.store import read_store
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_RUN = ["--backbone", "resnet18", "--weights", "random", "--device", "cpu", "--dtype", "float32",
@@ -73,7 +74,7 @@ def run_subprocess(*args: str | os.PathLike, env: dict | None = None, timeout: f
 
 def committed_chunks(final: Path) -> int:
     """How many chunks of ``final`` are committed in its partial directory."""
-    return len(list(partial_dir(final).glob("chunk-*.npz")))
+    return len(PartialStore(final).committed())
 
 
 def error_lines(stderr: str) -> list[str]:
@@ -89,13 +90,12 @@ def assert_same_store(actual: Path, expected: Path) -> None:
     assert a.features.dtype == e.features.dtype
     np.testing.assert_array_equal(a.features, e.features)
     assert a.skipped == e.skipped
-    assert a.attrs["fingerprint"] == e.attrs["fingerprint"]
+    assert a.header.fingerprint == e.header.fingerprint
 
 
 def leftovers(out_split: Path) -> list[str]:
-    """Everything in an output split folder besides final stores and their lock files."""
-    return sorted(p.name for p in out_split.iterdir() if not (p.suffix == ".h5" and not p.name.startswith("."))
-                  and not p.name.endswith(".lock"))
+    """Everything in an output split folder besides final stores."""
+    return sorted(p.name for p in out_split.iterdir() if not (p.suffix == ".h5" and not p.name.startswith(".")))
 
 
 def write_image_folder(root: Path, layout: dict[str, dict[str, int]], seed: int = 0, size: tuple[int, int] = (40, 52)) -> Path:
@@ -131,31 +131,41 @@ def make_image_folder(root: Path, split: str, counts: dict[str, int]) -> SplitLi
     return list_split(root, split)
 
 
-def store_attrs(backbone: str, split: str, **overrides) -> dict:
+def store_header(backbone: str, listing: SplitListing, dim: int, **overrides):
+    """A real :class:`StoreHeader` for test features of ``listing`` (fields overridable)."""
     from featurekit.images import DecodePolicy
+    from featurekit.store import FEATURES_VERSION, StoreHeader, StoreIdentity, fingerprint, listing_sha256
 
-    attrs = {"backbone": backbone, "node": "flatten", "weights": "random", "weights_sha256": "ab" * 32,
-             "weights_source": "random(seed=0)", "preprocessing": STORE_PREPROCESSING, "decode": DecodePolicy().to_dict(),
-             "precision": "fp32", "device": "cpu", "fingerprint": f"test-{backbone}-{split}", "split": split,
-             "data_root": "test"}
-    return {**attrs, **overrides}
+    identity = {"backbone": backbone, "node": "flatten", "weights_sha256": "ab" * 32,
+                "preprocessing": STORE_PREPROCESSING, "decode": DecodePolicy(backend="pil").to_dict(),
+                "precision": "fp32", "dtype": "float32", "features_version": FEATURES_VERSION}
+    identity.update({k: v for k, v in overrides.items() if k in identity})
+    digest = listing_sha256(listing)
+    fields = {"split": listing.split, "data_root": str(listing.root.resolve()), "listing_sha256": digest,
+              "weights": "random", "weights_source": "random(seed=0)", "weights_report": "", "device": "cpu",
+              "on_error": "fail", "fingerprint": fingerprint(StoreIdentity(**identity), digest), "feature_dim": dim,
+              "n_listed": len(listing), "versions": {}}
+    fields.update({k: v for k, v in overrides.items() if k not in identity})
+    return StoreHeader(**identity, **fields)
 
 
 def write_store(features_dir: Path, listing, store_name: str, features: np.ndarray,
-                rows: int | None = None, **attr_overrides) -> Path:
+                rows: int | None = None, **header_overrides) -> Path:
     """Write ``features`` (one row per listed image) through the real store writer; ``rows`` < N leaves it unfinished."""
-    from featurekit.store import Chunk, PartialStore, finalize, store_path
+    import contextlib
 
-    final = store_path(features_dir, listing.split, store_name)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    attrs = store_attrs(store_name, listing.split, **attr_overrides)
-    partial = PartialStore(final, attrs["fingerprint"])
-    partial.open()
-    stop = len(listing) if rows is None else rows
-    partial.write(Chunk(0, stop, np.arange(stop, dtype=np.int64), features[:stop].astype(np.float32)))
-    if rows is None:
-        finalize(partial, listing, attrs)
-    return final
+    from featurekit.store import Chunk, StoreWriter
+
+    dtype = header_overrides.get("dtype", "float32")
+    header = store_header(store_name, listing, features.shape[1], **header_overrides)
+    writer = StoreWriter(features_dir, listing, store_name, header, log=lambda _: None)
+    with contextlib.ExitStack() as locks:
+        assert writer.begin(locks)
+        stop = len(listing) if rows is None else rows
+        writer.commit(Chunk(0, stop, np.arange(stop, dtype=np.int64), features[:stop].astype(dtype)))
+        if rows is None:
+            writer.finish()
+    return writer.final
 
 
 def blobs(labels: np.ndarray, dim: int, seed: int, spread: float = 0.3) -> np.ndarray:

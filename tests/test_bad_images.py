@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from featurekit import extract as extract_module
+from featurekit import extraction as extract_module
 from featurekit.images import DataError, DecodePolicy, ImageDecodeError, decode_image, list_split
 from featurekit.store import read_store
 from tests.conftest import TINY_RUN, error_lines, make_folder, run_cli, write_jpeg
@@ -257,8 +257,8 @@ def test_skip_records_every_bad_file_and_keeps_backbones_aligned(corpus, tmp_pat
         assert set(contents.paths) == kept | {"bad/00.jpg", "bad/caf\\xe9.jpg"}
         assert contents.classes == ["bad", "empty", "good"]
         assert np.isfinite(contents.features).all()
-        assert contents.attrs["decode"]["exif_transpose"] is True
-        assert contents.attrs["n_listed"] == len(contents.paths) + len(contents.skipped)
+        assert contents.header.decode["exif_transpose"] is True
+        assert contents.header.n_listed == len(contents.paths) + len(contents.skipped)
     assert stores[0].paths == stores[1].paths and (stores[0].labels == stores[1].labels).all()
     for path, reason in stores[0].skipped:  # the summary names each, for each store
         assert run.out.count(f"skipped {path}: {reason}") == 2

@@ -56,7 +56,7 @@ def _second_listing_store(tmp_path: Path, name: str, counts: dict[str, int], shu
 
 def test_shuffled_paths_name_backbone_counts_and_row(tmp_path, two_backbone_features):
     _second_listing_store(tmp_path, "c", {"ant": 8, "bee": 8, "wasp": 8}, shuffle=True)
-    with pytest.raises(AlignmentError, match=r"^c \(.*c\.h5\) does not line up with a: 24 vs 24 rows, first differing row 0: 'ant/img_01.jpg' vs 'ant/img_00.jpg'"):
+    with pytest.raises(AlignmentError, match=r"^c \(.*c\.h5\) does not line up with a \(.*a\.h5\): 24 vs 24 rows, first differing row 0: 'ant/img_01.jpg' vs 'ant/img_00.jpg'"):
         load_features(tmp_path / "features", "train", ["a", "c"])
     with pytest.raises(AlignmentError, match="first differing row 0"):
         FeatureDataset(tmp_path / "features", "train", ["a", "c"])
@@ -103,20 +103,78 @@ def test_store_without_completeness_mark_is_refused(two_backbone_features):
 
 
 def test_store_of_another_split_is_refused(two_backbone_features):
-    _, features_dir = two_backbone_features
-    with h5py.File(store_path(features_dir, "valid", "b"), "r+") as h5:
-        h5.attrs["split"] = "train"
+    root, features_dir = two_backbone_features
+    valid_b = store_path(features_dir, "valid", "b")
+    valid_b.unlink()
+    train_b = store_path(features_dir, "train", "b")
+    valid_b.write_bytes(train_b.read_bytes())  # a train store copied under the valid name: whole, but wrong
     with pytest.raises(AlignmentError, match=r"^b .*store is of split 'train', expected 'valid'"):
         load_features(features_dir, "valid", ["a", "b"])
 
 
-def test_train_and_valid_extracted_differently(two_backbone_features):
+def test_edited_store_is_refused_by_its_checksum(two_backbone_features):
+    _, features_dir = two_backbone_features
+    path = store_path(features_dir, "valid", "b")
+    with h5py.File(path, "r+") as h5:
+        h5["features"][0, 0] += 1.0
+    with pytest.raises(StoreError, match=r"b\.h5: content checksum mismatch"):
+        load_features(features_dir, "valid", ["a", "b"])
+    with pytest.raises(StoreError, match="content checksum mismatch"):
+        FeatureDataset(features_dir, "valid", ["a", "b"])
+    assert len(FeatureDataset(features_dir, "valid", ["a", "b"], verify=False)) == 12
+
+
+def test_labels_outside_the_classes_are_refused(two_backbone_features):
     _, features_dir = two_backbone_features
     with h5py.File(store_path(features_dir, "valid", "a"), "r+") as h5:
-        h5.attrs["weights_sha256"] = "cd" * 32
+        labels = h5["labels"][()]
+        labels[0] = 7
+        h5["labels"][...] = labels
+    with pytest.raises(StoreError, match=r"a\.h5: labels outside 0-2"):
+        load_features(features_dir, "valid", ["a"])
+
+
+def _rewrite(features_dir: Path, root: Path, split: str, name: str, **header):
+    """Store ``name`` of ``split`` written again over the same images, with other header fields."""
+    from featurekit.images import list_split
+
+    listing = list_split(root, split)
+    store_path(features_dir, split, name).unlink()
+    labels = np.array([r.label for r in listing.records])
+    write_store(features_dir, listing, name, blobs(labels, 4, seed=2), **header)
+
+
+def test_train_and_valid_extracted_differently(two_backbone_features):
+    root, features_dir = two_backbone_features
+    _rewrite(features_dir, root, "valid", "b", weights_sha256="cd" * 32)
     train, valid = (load_features(features_dir, split, ["a", "b"]) for split in ("train", "valid"))
-    with pytest.raises(AlignmentError, match=r"^a: weights_sha256 differs between split 'train'"):
+    with pytest.raises(AlignmentError, match=r"^b: split 'train' \(.*\) and split 'valid' \(.*\) were extracted "
+                                             r"with other weights sha256 \(abab.* != cdcd.*\)"):
         check_same_extraction(train, valid)
+
+
+@pytest.mark.parametrize("field, value", [("precision", "bf16"), ("dtype", "float16"), ("features_version", 1),
+                                          ("decode", {"backend": "torchvision"})])
+def test_backbones_extracted_unlike_are_not_joined(two_backbone_features, field, value):
+    root, features_dir = two_backbone_features
+    if field == "decode":
+        from featurekit.images import DecodePolicy
+
+        value = DecodePolicy(backend="torchvision").to_dict()
+    _rewrite(features_dir, root, "valid", "b", **{field: value})
+    with pytest.raises(AlignmentError, match=rf"^b \(.*b\.h5\) does not line up with a \(.*a\.h5\): "
+                                             rf"extracted with other {field.replace('_', ' ')} "):
+        load_features(features_dir, "valid", ["a", "b"])
+
+
+def test_same_names_from_another_folder_are_not_joined(tmp_path, two_backbone_features):
+    _, features_dir = two_backbone_features
+    other = make_image_folder(tmp_path / "elsewhere", "valid", {"ant": 4, "bee": 4, "wasp": 4})
+    store_path(features_dir, "valid", "b").unlink()
+    labels = np.array([r.label for r in other.records])
+    write_store(features_dir, other, "b", blobs(labels, 4, seed=2))  # same relative names, other files
+    with pytest.raises(AlignmentError, match=r"same file names, but other files .*elsewhere"):
+        load_features(features_dir, "valid", ["a", "b"])
 
 
 def test_unknown_backbone_names_the_missing_store(two_backbone_features):

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from featurekit import store
+from featurekit import files
 from featurekit.store import read_store
 from tests.conftest import TINY_RUN, committed_chunks, leftovers, make_folder, run_cli, run_subprocess
 
@@ -34,7 +34,7 @@ def same_rows(actual: Path, expected: Path) -> None:
     process with one thread)."""
     a, e = read_store(actual), read_store(expected)
     assert a.paths == e.paths and a.labels.tolist() == e.labels.tolist()
-    assert a.attrs["fingerprint"] == e.attrs["fingerprint"]
+    assert a.header.fingerprint == e.header.fingerprint
     np.testing.assert_allclose(a.features, e.features, rtol=1e-4, atol=1e-5)
 
 
@@ -56,7 +56,7 @@ def test_a_job_killed_midway_is_finished_by_a_rerun_with_other_process_counts(re
     out = tmp_path / "out"
     final = out / "train" / "resnet18.h5"
     args = ("extract", data, "--split", "train", "--out", out, *TINY_RUN)
-    killed = torchrun(2, *args, env={store.CRASH_ENV: "chunk-committed:2"})  # each rank dies after its 2nd chunk
+    killed = torchrun(2, *args, env={files.CRASH_ENV: "chunk-committed:2"})  # each rank dies after its 2nd chunk
     assert killed.returncode != 0 and not final.exists()
     assert committed_chunks(final) == 4
 

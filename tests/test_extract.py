@@ -10,8 +10,9 @@ import torch
 
 from featurekit import cli
 from featurekit.backbones import load_backbone
-from featurekit import extract as extract_module
-from featurekit.extract import ExtractSettings, extract, shard
+from featurekit import runner
+from featurekit.extraction import ExtractSettings, extract, shard
+from featurekit.files import WriteError
 from featurekit.store import StoreError, read_store
 from tests.conftest import committed_chunks
 
@@ -68,7 +69,7 @@ def test_bf16_on_cpu_is_recorded_close_to_fp32_and_leaves_the_backbone_as_built(
     fp32 = read_store(extract(tiny_folder, ["valid"], [lite], tmp_path / "fp32", settings)[0].path)
     bf16 = read_store(extract(tiny_folder, ["valid"], [lite], tmp_path / "bf16", dataclasses.replace(settings, precision="bf16"))[0].path)
 
-    assert (fp32.attrs["precision"], bf16.attrs["precision"]) == ("fp32", "bf16")
+    assert (fp32.header.precision, bf16.header.precision) == ("fp32", "bf16")
     relative = np.linalg.norm(bf16.features - fp32.features, axis=1) / np.linalg.norm(fp32.features, axis=1)
     assert 0 < relative.max() < 0.05, relative
     after = lite.trunk.state_dict()  # the run cast and fused its own copy, not the caller's trunk
@@ -77,19 +78,17 @@ def test_bf16_on_cpu_is_recorded_close_to_fp32_and_leaves_the_backbone_as_built(
 
 
 def test_auto_precision_is_bf16_only_where_the_hardware_computes_it(monkeypatch):
-    monkeypatch.setattr(extract_module, "native_bf16_cpu", lambda: False)
+    monkeypatch.setattr(runner, "native_bf16_cpu", lambda: False)
     assert ExtractSettings(device="cpu").resolved().precision == "fp32"
-    assert ExtractSettings(device="cuda:1").resolved().precision == "bf16"
-    monkeypatch.setattr(extract_module, "native_bf16_cpu", lambda: True)
+    assert runner.auto_precision("cuda:1") == "bf16"
+    monkeypatch.setattr(runner, "native_bf16_cpu", lambda: True)
     assert ExtractSettings(device="cpu").resolved().precision == "bf16"
     assert ExtractSettings(device="cpu", precision="fp32").resolved().precision == "fp32"
 
 
 def test_failure_mid_extraction_leaves_no_final_file(tiny_folder, tmp_path, resnet18, monkeypatch):
-    from featurekit import extract as engine
-
     calls = {"n": 0}
-    real_forward = engine._Runner.forward
+    real_forward = runner.TrunkRunner.forward
 
     def failing_forward(self, batch):
         calls["n"] += 1
@@ -97,7 +96,7 @@ def test_failure_mid_extraction_leaves_no_final_file(tiny_folder, tmp_path, resn
             raise RuntimeError("simulated crash")
         return real_forward(self, batch)
 
-    monkeypatch.setattr(engine._Runner, "forward", failing_forward)
+    monkeypatch.setattr(runner.TrunkRunner, "forward", failing_forward)
     with pytest.raises(RuntimeError, match="simulated crash"):
         extract(tiny_folder, ["train"], [resnet18], tmp_path / "features", SETTINGS)
 
@@ -119,10 +118,10 @@ def test_failure_while_writing_the_hdf5_file_leaves_no_final_file(tiny_folder, t
         return real(self, name, *args, **kwargs)
 
     monkeypatch.setattr(h5py.Group, "create_dataset", disk_full)
-    with pytest.raises(StoreError, match="no space left on device"):
+    with pytest.raises(WriteError, match="resnet18.h5: cannot write store .no space left on device"):
         extract(tiny_folder, ["valid"], [resnet18], tmp_path / "features", SETTINGS)
     folder = tmp_path / "features" / "valid"
-    assert sorted(p.name for p in folder.iterdir() if not p.name.endswith(".lock")) == [".resnet18.partial"]
+    assert sorted(p.name for p in folder.iterdir()) == [".resnet18.partial"]  # no lock file left either
 
 
 def test_shards_are_contiguous_and_cover_every_chunk_once():

@@ -95,7 +95,7 @@ def test_validation_labels_outside_training_classes_are_refused(separable):
 def test_wrong_feature_width_is_refused(separable):
     X, y, X_val, y_val = separable
     head = make_head("knn").fit(X, y)
-    with pytest.raises(ValueError, match="expects 12 features per row, got 11"):
+    with pytest.raises(ValueError, match="X has 11 features, but KNNHead is expecting 12 features"):
         head.predict(X_val[:, :11])
 
 

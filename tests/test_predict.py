@@ -10,7 +10,7 @@ import torchvision
 
 from featurekit import cli
 from featurekit.backbones import load_backbone
-from featurekit.extract import ExtractSettings, extract
+from featurekit.extraction import ExtractSettings, extract
 from featurekit.heads import load_head, save_head
 from featurekit.predict import HeadMismatchError, predict_files
 from featurekit.store import read_store, store_path

@@ -14,10 +14,11 @@ from pathlib import Path
 import h5py
 import pytest
 
-from featurekit import extract as extract_module
+from featurekit import files, runner
 from featurekit import store
 from featurekit.cli import main
-from featurekit.store import StoreLock, open_h5, partial_dir, read_store
+from featurekit.partial import PartialStore
+from featurekit.store import open_h5, read_store, store_lock
 from tests.conftest import (
     REPO,
     TINY_RUN,
@@ -63,12 +64,12 @@ def test_sigkill_then_same_command_resumes_to_identical_store(point, reference, 
     data, expected = reference
     out = tmp_path / "out"
     final = out / "train" / "resnet18.h5"
-    killed = run_subprocess(*extract_args(data, out), env={store.CRASH_ENV: point})
+    killed = run_subprocess(*extract_args(data, out), env={files.CRASH_ENV: point})
     assert killed.returncode == -signal.SIGKILL, killed.stderr
 
     names = leftovers(out / "train")
     if point.startswith("chunk-tmp"):
-        assert any(n.startswith(".chunk-") for n in os.listdir(partial_dir(final))), "kill did not land mid-chunk"
+        assert any(n.startswith(".chunk-") for n in os.listdir(PartialStore(final).dir)), "kill did not land mid-chunk"
     if point == "finalize-tmp-written":
         assert any(n.startswith(".resnet18.h5.tmp-") for n in names), names
     if point == "finalize-renamed":
@@ -98,7 +99,7 @@ def test_external_sigkill_at_a_random_moment_resumes(tmp_path, capsys):
     child = subprocess.Popen([sys.executable, "-m", "featurekit", *extract_args(data, out)], cwd=REPO,
                              env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        while child.poll() is None and not (partial_dir(final).is_dir() and committed_chunks(final)):
+        while child.poll() is None and not (PartialStore(final).dir.is_dir() and committed_chunks(final)):
             time.sleep(0.005)
         child.kill()
     finally:
@@ -116,7 +117,7 @@ def test_kill_between_backbones_of_one_chunk_resumes_both(reference, tmp_path, c
     """Chunk 1 committed for resnet18 only: the stores are at different rows when killed."""
     data, expected = reference
     out, two = tmp_path / "out", ["--backbone", "resnet18", "mobilenet_v3_small"]
-    killed = run_subprocess(*extract_args(data, out, *two), env={store.CRASH_ENV: "chunk-committed:3"})
+    killed = run_subprocess(*extract_args(data, out, *two), env={files.CRASH_ENV: "chunk-committed:3"})
     assert killed.returncode == -signal.SIGKILL
     assert committed_chunks(out / "train" / "resnet18.h5") == 2
     assert committed_chunks(out / "train" / "mobilenet_v3_small.h5") == 1
@@ -130,7 +131,7 @@ def test_kill_between_backbones_of_one_chunk_resumes_both(reference, tmp_path, c
 def test_resume_with_another_chunk_size_keeps_committed_rows(reference, tmp_path, capsys):
     data, expected = reference
     out = tmp_path / "out"
-    assert run_subprocess(*extract_args(data, out), env={store.CRASH_ENV: "chunk-committed:2"}).returncode == -signal.SIGKILL
+    assert run_subprocess(*extract_args(data, out), env={files.CRASH_ENV: "chunk-committed:2"}).returncode == -signal.SIGKILL
     resumed = run_cli(capsys, *extract_args(data, out), "--chunk-size", "4")
     assert resumed.code == 0, resumed.err
     assert "resumed (2 chunks committed)" in resumed.err
@@ -179,7 +180,7 @@ def test_store_of_an_older_feature_computation_is_refused_not_reused(reference, 
     data, expected = reference
     out = tmp_path / "out"
     shutil.copytree(expected.parent, out / "train")
-    monkeypatch.setattr(extract_module, "FEATURES_VERSION", extract_module.FEATURES_VERSION + 1)  # a newer build
+    monkeypatch.setattr(runner, "FEATURES_VERSION", runner.FEATURES_VERSION + 1)  # a newer build
     refused = run_cli(capsys, *extract_args(data, out))
     assert refused.code == 1
     assert "other features version" in error_lines(refused.err)[0]
@@ -189,7 +190,7 @@ def test_store_of_an_older_feature_computation_is_refused_not_reused(reference, 
 def test_stale_committed_chunks_are_refused_then_discarded_with_overwrite(reference, tmp_path, capsys):
     data, expected = reference
     out = tmp_path / "out"
-    assert run_subprocess(*extract_args(data, out), env={store.CRASH_ENV: "chunk-committed:2"}).returncode == -signal.SIGKILL
+    assert run_subprocess(*extract_args(data, out), env={files.CRASH_ENV: "chunk-committed:2"}).returncode == -signal.SIGKILL
     refused = run_cli(capsys, *extract_args(data, out), "--dtype", "float16")
     assert refused.code == 1
     assert "2 committed chunks" in refused.err and "other dtype" in refused.err and "--overwrite" in refused.err
@@ -204,7 +205,7 @@ def test_overwrite_run_that_is_killed_resumes_and_keeps_old_store_readable(refer
     out = tmp_path / "out"
     shutil.copytree(expected.parent, out / "train")
     killed = run_subprocess(*extract_args(data, out, "--overwrite", "--dtype", "float16"),
-                            env={store.CRASH_ENV: "chunk-committed:2"})
+                            env={files.CRASH_ENV: "chunk-committed:2"})
     assert killed.returncode == -signal.SIGKILL
     assert_same_store(out / "train" / "resnet18.h5", expected)  # the old store until the new one is whole
     resumed = run_cli(capsys, *extract_args(data, out, "--overwrite", "--dtype", "float16"))
@@ -233,7 +234,7 @@ def test_disk_full_while_committing_a_chunk(reference, tmp_path, capsys, monkeyp
     [line] = error_lines(failed.err)
     assert "chunk-000000000004-000000000006.npz: cannot write chunk (no space left on device)" in line
     assert not (out / "train" / "resnet18.h5").exists()
-    assert not [n for n in os.listdir(partial_dir(out / "train" / "resnet18.h5")) if ".tmp-" in n]
+    assert not [n for n in os.listdir(PartialStore(out / "train" / "resnet18.h5").dir) if ".tmp-" in n]
 
     monkeypatch.setattr(store.np, "savez", real_savez)
     assert run_cli(capsys, *extract_args(data, out)).code == 0
@@ -295,29 +296,30 @@ def test_second_writer_is_refused_while_readers_of_finished_stores_are_not(refer
     out = tmp_path / "out"
     final = out / "train" / "resnet18.h5"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from pathlib import Path; from featurekit.store import StoreLock\n"
-                               "with StoreLock(Path(sys.argv[1])):\n    print('locked', flush=True); sys.stdin.read()",
+        [sys.executable, "-c", "import sys; from pathlib import Path; from featurekit.store import store_lock\n"
+                               "with store_lock(Path(sys.argv[1])):\n    print('locked', flush=True); sys.stdin.read()",
          str(final)], cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         env={**os.environ, "PYTHONPATH": str(REPO)})
     try:
         assert holder.stdout.readline().strip() == "locked"
         refused = run_cli(capsys, *extract_args(data, out))
         assert refused.code == 1
-        assert f"another featurekit process (pid {holder.pid}) is writing this store" in error_lines(refused.err)[0]
-        assert not partial_dir(final).exists()
+        assert f"another featurekit process (pid {holder.pid}) is writing it" in error_lines(refused.err)[0]
+        assert not PartialStore(final).dir.exists()
 
         shutil.copy2(expected, final)  # a finished store is read, not written: no lock needed
         assert run_cli(capsys, *extract_args(data, out)).code == 0
     finally:
         holder.communicate("", timeout=30)
-    with StoreLock(final):  # released with its holder
+    with store_lock(final):  # released with its holder, and its file removed
         pass
+    assert not final.with_name(".resnet18.lock").exists()
 
 
 def test_reader_never_opens_a_store_killed_during_finalize(reference, tmp_path):
     data, _ = reference
     out = tmp_path / "out"
-    assert run_subprocess(*extract_args(data, out), env={store.CRASH_ENV: "finalize-tmp-written"}).returncode == -signal.SIGKILL
+    assert run_subprocess(*extract_args(data, out), env={files.CRASH_ENV: "finalize-tmp-written"}).returncode == -signal.SIGKILL
     [temporary] = [p for p in (out / "train").iterdir() if ".h5.tmp-" in p.name]
     with pytest.raises(store.StoreError, match="no such store"):
         open_h5(out / "train" / "resnet18.h5")
@@ -341,8 +343,8 @@ def test_stale_store_of_a_later_split_is_refused_before_any_work(tmp_path, capsy
 def test_damaged_committed_chunk_is_recomputed(reference, tmp_path, capsys):
     data, expected = reference
     out = tmp_path / "out"
-    assert run_subprocess(*extract_args(data, out), env={store.CRASH_ENV: "chunk-committed:3"}).returncode == -signal.SIGKILL
-    damaged = partial_dir(out / "train" / "resnet18.h5") / "chunk-000000000002-000000000004.npz"
+    assert run_subprocess(*extract_args(data, out), env={files.CRASH_ENV: "chunk-committed:3"}).returncode == -signal.SIGKILL
+    damaged = PartialStore(out / "train" / "resnet18.h5").dir / "chunk-000000000002-000000000004.npz"
     damaged.write_bytes(damaged.read_bytes()[:100])  # a disk that lied about its fsync
 
     failed = run_cli(capsys, *extract_args(data, out))
@@ -355,7 +357,7 @@ def test_damaged_committed_chunk_is_recomputed(reference, tmp_path, capsys):
 
 
 def test_missing_chunks_follow_the_grid_and_cover_every_store():
-    from featurekit.extract import missing_chunks
+    from featurekit.extraction import missing_chunks
 
     # store A has rows 0-4, store B rows 0-2: rows 2-10 are needed, cut on the grid of 4
     assert missing_chunks([[(0, 2), (2, 4)], [(0, 2)]], 10, 4) == [(2, 4), (4, 8), (8, 10)]
@@ -364,7 +366,7 @@ def test_missing_chunks_follow_the_grid_and_cover_every_store():
 
 
 def test_overlapping_chunks_of_two_chunk_sizes_still_tile(tmp_path):
-    partial = store.PartialStore(tmp_path / "x.h5", "f")
+    partial = PartialStore(tmp_path / "x.h5")
     partial.dir.mkdir()
     for start, stop in [(0, 3), (3, 6), (4, 6), (6, 8), (2, 4)]:
         partial.chunk_path(start, stop).touch()

@@ -8,8 +8,9 @@ import torch
 from PIL import Image, ImageOps
 
 from featurekit.backbones import load_backbone
-from featurekit.extract import ExtractSettings, extract
+from featurekit.extraction import ExtractSettings, extract
 from featurekit.gpu_decode import apply_orientation
+from featurekit.images import DecodePolicy
 from featurekit.store import read_store
 
 from conftest import write_image_folder
@@ -49,11 +50,11 @@ def test_tensor_decoder_matches_pil_decoder_and_reports_bad_files(tmp_path):
     backbone = load_backbone("resnet18", weights="random")
     common = dict(device="cpu", precision="fp32", dtype="float32", batch_size=4, num_workers=0, progress=False, on_error="skip")
 
-    (pil,) = extract(root, ["train"], [backbone], tmp_path / "pil", ExtractSettings(decoder="pil", **common))
-    (tensor,) = extract(root, ["train"], [backbone], tmp_path / "tensor", ExtractSettings(decoder="torchvision", **common))
+    (pil,) = extract(root, ["train"], [backbone], tmp_path / "pil", ExtractSettings(decode=DecodePolicy(backend="pil"), **common))
+    (tensor,) = extract(root, ["train"], [backbone], tmp_path / "tensor", ExtractSettings(decode=DecodePolicy(backend="torchvision"), **common))
 
     a, b = read_store(pil.path), read_store(tensor.path)
-    assert b.attrs["decode"]["backend"] == "torchvision" and a.attrs["decode"]["backend"] == "pil"
+    assert b.header.decode["backend"] == "torchvision" and a.header.decode["backend"] == "pil"
     assert a.paths == b.paths and "b/rotated.jpg" in b.paths and "b/plain.png" in b.paths
     assert [p for p, _ in b.skipped] == ["a/cut.jpg"] == [p for p, _ in a.skipped]
     # same decoder library underneath; only tensor vs PIL resizing rounds differently
@@ -75,7 +76,7 @@ def test_gpu_extraction_matches_cpu_features(tmp_path):
     reference = read_store(cpu.path)
     for result, tolerance in ((fp32, 0.05), (bf16, 0.06)):
         store = read_store(result.path)
-        assert store.paths == reference.paths and store.attrs["decode"]["backend"] == "torchvision"
+        assert store.paths == reference.paths and store.header.decode["backend"] == "torchvision"
         relative = np.linalg.norm(store.features - reference.features, axis=1) / np.linalg.norm(reference.features, axis=1)
         assert relative.max() < tolerance, (result.path, relative)
-    assert read_store(bf16.path).attrs["precision"] == "bf16"
+    assert read_store(bf16.path).header.precision == "bf16"

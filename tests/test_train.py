@@ -6,6 +6,7 @@ import pytest
 
 from featurekit.dataset import load_features
 from featurekit.heads import load_head
+from featurekit.store import StoreIdentity, read_header, store_path
 from featurekit.train import train_head
 
 from conftest import make_image_folder, write_store
@@ -36,7 +37,9 @@ def test_mlp_report_artifact_and_plots(two_backbone_features, tmp_path):
     head, metadata = load_head(tmp_path / "out" / "head.joblib")
     assert metadata["classes"] == ["ant", "bee", "wasp"]
     assert [(b["store_name"], b["columns"], b["weights_sha256"]) for b in metadata["backbones"]] == [("a", [0, 6], "ab" * 32), ("b", [6, 10], "ab" * 32)]
-    assert metadata["backbones"][0]["fingerprints"] == {"train": "test-a-train", "valid": "test-a-valid"}
+    stores = {split: read_header(store_path(features_dir, split, "a")) for split in ("train", "valid")}
+    assert metadata["backbones"][0]["fingerprints"] == {split: h.fingerprint for split, h in stores.items()}
+    assert StoreIdentity.from_dict(metadata["backbones"][0]) == stores["train"].identity
     valid = load_features(features_dir, "valid", ["a", "b"])
     assert (head.predict(valid.features) == valid.labels).all()
 

@@ -9,8 +9,8 @@ import torch
 import torchvision
 from PIL import Image
 
-from featurekit.backbones import load_backbone
-from featurekit.extract import ExtractSettings, extract
+from featurekit.backbones import BackboneError, load_backbone
+from featurekit.extraction import ExtractSettings, extract
 
 from conftest import write_image_folder
 
@@ -65,7 +65,7 @@ def test_spatial_node_is_average_pooled(tmp_path):
 
 
 def test_unknown_backbone_and_node_are_clear_errors():
-    with pytest.raises(KeyError, match="resnet152"):
+    with pytest.raises(BackboneError, match="resnet152"):
         load_backbone("resnet512", weights="random")
-    with pytest.raises(ValueError, match="no graph node 'layer9'"):
+    with pytest.raises(BackboneError, match="no graph node 'layer9'"):
         load_backbone("resnet18", weights="random", node="layer9")

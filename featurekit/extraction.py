@@ -1,0 +1,214 @@
+"""Stage 4: run frozen trunks over each split and write the feature stores.
+
+    listing -> chunks some store of the run has not committed -> TrunkRunner.stream (decode once,
+            every trunk) -> each chunk's rows committed to every StoreWriter -> joined into
+            <out>/<split>/<store_name>.h5
+
+The unit of work is a chunk: ``chunk_size`` consecutive rows of the sorted listing. A chunk is
+done when it is committed for every store of the run. A run computes only the chunks not yet
+committed, so a killed run resumes, and :func:`shard` hands contiguous blocks of the missing
+chunks to processes (torchrun ranks) without padding or dropping images.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import sys
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import h5py
+import numpy as np
+import PIL
+import torch
+import torchvision
+
+from . import __version__
+from .backbones import Backbone, load_backbone
+from .distributed import Launch, barrier, broadcast, check_group
+from .errors import SettingsError
+from .images import SplitListing, list_split, printable_path
+from .partial import Chunk, uncovered
+from .runner import RunSettings, TrunkRunner, store_identity
+from .store import StoreHeader, StoreResult, StoreWriter, fingerprint, listing_sha256
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class ExtractSettings(RunSettings):
+    """How to run an extraction: :class:`~featurekit.runner.RunSettings` and the store side."""
+
+    chunk_size: int = 512  # rows per committed chunk (resume granularity); rounded up to whole batches
+    overwrite: bool = False  # replace stores, and discard committed chunks, made from other inputs
+    launch: Launch = field(default_factory=Launch)  # this process's place in a torchrun job
+
+    def resolved(self) -> "ExtractSettings":
+        launch = self.launch
+        if not 0 <= launch.rank < launch.world_size:
+            raise SettingsError(f"rank {launch.rank} is not one of world_size {launch.world_size}")
+        if self.chunk_size < 1:
+            raise SettingsError(f"--chunk-size must be at least 1 (got {self.chunk_size})")
+        run = RunSettings.resolved(self, launch.local_rank if launch.world_size > 1 else None,
+                                   launch.local_world_size)
+        return dataclasses.replace(run, chunk_size=-(-self.chunk_size // run.batch_size) * run.batch_size)
+
+
+def extract(
+    root: str | Path,
+    splits: Sequence[str],
+    backbones: Sequence[str | Backbone],
+    out_dir: str | Path = "features",
+    settings: ExtractSettings | None = None,
+    *,
+    weights: str = "DEFAULT",
+    weights_path: str | None = None,
+    node: str | None = None,
+    log: Log | None = None,
+) -> list[StoreResult]:
+    """Extract the store of every (split, backbone) of ``root`` into ``out_dir``; one result per store.
+
+    ``backbones``: registry names (built with ``weights``, ``weights_path`` and ``node``) or
+    :class:`~featurekit.backbones.Backbone` objects. Every split is listed, and every store
+    checked for staleness, before any model runs.
+    """
+    log = log or _say
+    listings = [list_split(root, split) for split in splits]
+    for listing in listings:
+        report_listing(listing, log)
+    built = [b if isinstance(b, Backbone) else load_backbone(b, weights, weights_path, node) for b in backbones]
+    return extract_listings(listings, built, out_dir, settings, log)
+
+
+def extract_listings(listings: Sequence[SplitListing], backbones: Sequence[Backbone], out_dir: str | Path,
+                     settings: ExtractSettings | None = None, log: Log | None = None) -> list[StoreResult]:
+    """:func:`extract` over splits already listed and backbones already built. Under torchrun every
+    rank calls this; only rank 0's results list the stores."""
+    settings, log = (settings or ExtractSettings()).resolved(), log or _say
+    check_group(settings.launch.world_size)
+    plans = [(listing, [_writer(listing, b, settings, out_dir, log) for b in backbones]) for listing in listings]
+    for _, writers in plans:  # refuse stale stores of any split before extracting the first
+        for writer in writers:
+            writer.check_reusable()
+    runner = TrunkRunner(backbones, settings)
+    return [result for listing, writers in plans for result in _extract_split(runner, listing, writers, settings)]
+
+
+def report_listing(listing: SplitListing, log: Log) -> None:
+    log(f"{listing.split_dir}: {len(listing)} images in {len(listing.classes)} classes")
+    if listing.empty_classes:
+        log(f"{listing.split_dir}: empty class folders (kept as classes, no rows): {', '.join(listing.empty_classes)}")
+    if listing.ignored:
+        more = f" and {len(listing.ignored) - 5} more" if len(listing.ignored) > 5 else ""
+        log(f"{listing.split_dir}: {len(listing.ignored)} files without an image extension ignored: "
+            f"{', '.join(listing.ignored[:5])}{more}")
+
+
+def shard(chunks: Sequence[tuple[int, int]], rank: int, world_size: int) -> list[tuple[int, int]]:
+    """The contiguous block of ``chunks`` that ``rank`` of ``world_size`` extracts."""
+    per, extra = divmod(len(chunks), world_size)
+    start = rank * per + min(rank, extra)
+    return list(chunks[start:start + per + (rank < extra)])
+
+
+def missing_chunks(committed: Sequence[Sequence[tuple[int, int]]], n: int, chunk_size: int) -> list[tuple[int, int]]:
+    """Chunks of the rows that some store has not committed, cut on the ``chunk_size`` grid.
+
+    ``committed`` holds each store's committed ranges. On the grid, an unchanged command
+    recomputes exactly the chunks (and so the batches) an uninterrupted run would have.
+    """
+    merged: list[tuple[int, int]] = []
+    for start, stop in sorted(gap for ranges in committed for gap in uncovered(ranges, n)):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], stop))
+        else:
+            merged.append((start, stop))
+    todo = []
+    for start, stop in merged:
+        while start < stop:
+            cut = min(stop, (start // chunk_size + 1) * chunk_size)
+            todo.append((start, cut))
+            start = cut
+    return todo
+
+
+def _writer(listing: SplitListing, backbone: Backbone, settings: ExtractSettings, out_dir: str | Path,
+            log: Log) -> StoreWriter:
+    identity, digest = store_identity(backbone, settings), listing_sha256(listing)
+    header = StoreHeader(
+        **identity.to_dict(), split=listing.split, data_root=str(listing.root.resolve()), listing_sha256=digest,
+        weights=backbone.weights.name, weights_source=backbone.weights.source,
+        weights_report=backbone.weights.report.summary(), device=torch.device(settings.device).type,
+        on_error=settings.on_error, fingerprint=fingerprint(identity, digest), feature_dim=backbone.feature_dim,
+        n_listed=len(listing), versions=_versions())
+    return StoreWriter(out_dir, listing, backbone.store_name, header, settings.overwrite, log)
+
+
+def _versions() -> dict:
+    return {"featurekit": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "h5py": h5py.__version__, "numpy": np.__version__, "pillow": PIL.__version__}
+
+
+def _extract_split(runner: TrunkRunner, listing: SplitListing, writers: list[StoreWriter],
+                   settings: ExtractSettings) -> list[StoreResult]:
+    """Rank 0 decides and locks, every rank computes its block of the missing chunks, rank 0 joins."""
+    launch = settings.launch
+    with contextlib.ExitStack() as locks:
+        todo = [writer.begin(locks) for writer in writers] if launch.rank == 0 else None
+        todo = broadcast(todo, launch.world_size)  # every store is open before any rank writes
+        if any(todo):
+            _compute(runner, listing, [writer for writer, needed in zip(writers, todo) if needed], settings)
+            barrier(launch.world_size)  # every rank's chunks are committed
+        if launch.rank != 0:
+            return []
+        return [writer.finish() if needed else writer.result() for writer, needed in zip(writers, todo)]
+
+
+def _compute(runner: TrunkRunner, listing: SplitListing, writers: list[StoreWriter], settings: ExtractSettings) -> None:
+    launch = settings.launch
+    todo = missing_chunks([w.committed() for w in writers], len(listing), settings.chunk_size) if launch.rank == 0 else None
+    todo = shard(broadcast(todo, launch.world_size), launch.rank, launch.world_size)  # read before anyone wrote
+    if launch.world_size > 1:
+        _say(f"rank {launch.rank}/{launch.world_size}: {len(todo)} chunks ({sum(b - a for a, b in todo)} images) "
+             f"of {listing.split}")
+    if not todo:
+        return
+    sources = [(str(listing.absolute(i)), f"{listing.split_dir}/{printable_path(r.path)}")
+               for i, r in enumerate(listing.records)]
+    with ThreadPoolExecutor(max_workers=1) as background:  # commits overlap the next chunk's compute
+        pending: list[Future] = []
+        rows: dict[str, list[torch.Tensor]] = {}
+        kept: list[int] = []
+        failed: list[tuple[int, str, str]] = []
+        for batch, outputs in runner.stream(sources, todo, f"extract {listing.split}"):
+            for name, features in outputs.items():
+                rows.setdefault(name, []).append(features)
+            kept.extend(batch.indices)
+            failed.extend(batch.errors)
+            if batch.last_in_chunk:
+                host, copied = runner.to_host(rows)
+                pending.append(background.submit(_commit, writers, batch.chunk, host, copied, kept, failed))
+                rows, kept, failed = {}, [], []
+                while pending and pending[0].done():  # a failed commit surfaces now, not at the end
+                    pending.pop(0).result()
+        for future in pending:
+            future.result()
+
+
+def _commit(writers: list[StoreWriter], chunk: tuple[int, int], host: dict[str, torch.Tensor], copied,
+            kept: list[int], failed: list[tuple[int, str, str]]) -> None:
+    """Background thread: wait for the chunk's copy to the host, then commit it to every store."""
+    if copied is not None:
+        copied.synchronize()
+    kept_rows = np.asarray(kept, dtype=np.int64)
+    skipped = np.asarray([index for index, _, _ in failed], dtype=np.int64)
+    reasons = tuple(reason for _, _, reason in failed)
+    for writer in writers:
+        writer.commit(Chunk(chunk[0], chunk[1], kept_rows, host[writer.store_name].numpy(), skipped, reasons))
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr)

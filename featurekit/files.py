@@ -1,0 +1,150 @@
+"""Files that are whole or absent, and one writer at a time.
+
+Every file featurekit writes goes through :func:`atomic_output`: it is written under a temporary
+name beside its target, fsynced, and renamed over the target, so a reader (or a rerun after a
+crash) sees the old file, the new one, or none, never a cut one. :class:`FileLock` keeps two
+processes from writing the same output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import signal
+from pathlib import Path
+from typing import Callable, Iterator
+
+from .errors import FeaturekitError, first_line
+
+# Testing hook: FEATUREKIT_CRASH_AT=<point>[:<n>] SIGKILLs the process the n-th time it reaches a
+# point of a commit protocol, so tests can stop a real extraction exactly there.
+CRASH_ENV = "FEATUREKIT_CRASH_AT"
+_crash_counts: dict[str, int] = {}
+
+
+class WriteError(FeaturekitError):
+    """An output cannot be written (disk full, permissions). Names the file; nothing half written stays."""
+
+
+class LockError(FeaturekitError):
+    """Another process holds the output, or its lock file is not a plain file."""
+
+
+def crash_point(point: str) -> None:
+    wanted = os.environ.get(CRASH_ENV)
+    if not wanted or wanted.partition(":")[0] != point:
+        return
+    _crash_counts[point] = _crash_counts.get(point, 0) + 1
+    if _crash_counts[point] == int(wanted.partition(":")[2] or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def temporary_name(path: Path) -> Path:
+    """Where ``path`` is written before its rename: hidden, and owned by this process."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike, what: str = "cannot write", hint: str = "",
+                  before_rename: Callable[[], None] | None = None) -> Iterator[Path]:
+    """Yield a temporary path to write ``path``'s content to; then fsync it and rename it into place.
+
+    If the block fails the temporary file is deleted and ``path`` is untouched; OS errors become a
+    one-line :class:`WriteError`: ``<path>: <what> (<reason>)<hint>`` (``hint``: what was kept, what to do).
+    """
+    path = Path(path)
+    temporary = temporary_name(path)
+    try:
+        yield temporary
+        with open(temporary, "rb+") as handle:
+            os.fsync(handle.fileno())
+        if before_rename:
+            before_rename()
+        os.replace(temporary, path)
+        fsync_dir(path.parent)
+    except BaseException as error:
+        temporary.unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise WriteError(f"{path}: {what} ({os_reason(error)}){hint}") from None
+        raise
+
+
+def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
+    """Write ``data`` to ``path`` through :func:`atomic_output`."""
+    with atomic_output(path) as temporary:
+        Path(temporary).write_bytes(data.encode() if isinstance(data, str) else data)
+    return Path(path)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename in ``path`` durable (the directory entry, not only the file's data)."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def os_reason(error: OSError) -> str:
+    if error.errno == errno.ENOSPC or "No space left" in str(error):  # h5py drops the errno
+        return "no space left on device"
+    return error.strerror or first_line(error)
+
+
+class FileLock:
+    """An exclusive, non-blocking lock: a ``flock`` on ``path``, which is removed on release.
+
+    ``owner`` is what the lock protects, named in the refusal. The lock file is opened with
+    ``O_NOFOLLOW`` (a planted symbolic link is refused, its target never written). Since every
+    holder removes the file before it unlocks, a process that opened the old file re-checks,
+    once it holds the lock, that the path still names the file it locked, and retries if not.
+    flock is advisory and may not work on NFS.
+    """
+
+    def __init__(self, path: str | os.PathLike, owner: str):
+        self.path = Path(path)
+        self.owner = owner
+        self._descriptor: int | None = None
+
+    def __enter__(self) -> "FileLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while self._descriptor is None:
+            descriptor = self._open()
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(descriptor, 32).decode(errors="replace").strip() or "?"
+                os.close(descriptor)
+                raise LockError(f"{self.owner}: another featurekit process (pid {holder}) is writing it") from None
+            if self._still_named(descriptor):
+                self._descriptor = descriptor
+            else:  # its previous holder removed it between our open and our flock
+                os.close(descriptor)
+        os.ftruncate(self._descriptor, 0)
+        os.write(self._descriptor, str(os.getpid()).encode())
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._descriptor is not None:
+            self.path.unlink(missing_ok=True)
+            fcntl.flock(self._descriptor, fcntl.LOCK_UN)
+            os.close(self._descriptor)
+            self._descriptor = None
+
+    def _open(self) -> int:
+        try:
+            return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        except OSError as error:
+            if error.errno == errno.ELOOP:
+                raise LockError(f"{self.path}: lock file is a symbolic link; refusing to follow it (remove it)") from None
+            raise
+
+    def _still_named(self, descriptor: int) -> bool:
+        try:
+            current = os.stat(self.path, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        opened = os.fstat(descriptor)
+        return (current.st_dev, current.st_ino) == (opened.st_dev, opened.st_ino)
