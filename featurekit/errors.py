@@ -8,6 +8,8 @@ scikit-learn convention expects it (bad argument values, bad input data).
 
 from __future__ import annotations
 
+import json
+
 
 class FeaturekitError(Exception):
     """An error the user can cause and fix. ``str()`` is one line naming the file and the reason."""
@@ -32,3 +34,8 @@ def describe_os_error(error: OSError) -> str:
     """``<file>: <reason>`` for an OS error (``[Errno 28] ...`` names no file and says it twice)."""
     reason = "no space left on device" if error.errno == 28 else (error.strerror or first_line(error))
     return f"{error.filename}: {reason}" if error.filename else reason
+
+
+def short(value: object) -> str:
+    """A value as messages show it (dicts and lists as sorted JSON)."""
+    return json.dumps(value, sort_keys=True) if isinstance(value, (dict, list)) else str(value)

@@ -33,9 +33,24 @@ from .errors import SettingsError
 from .images import SplitListing, list_split, printable_path
 from .partial import Chunk, uncovered
 from .runner import RunSettings, TrunkRunner, store_identity
-from .store import StoreHeader, StoreResult, StoreWriter, fingerprint, listing_sha256
+from .store import StoreHeader, StoreWriter, fingerprint, read_store
 
 Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class StoreResult:
+    """One store of a run: ``status`` is ``written`` or ``up to date``; ``skipped``: (path, reason)."""
+
+    path: Path
+    status: str
+    rows: int
+    skipped: list[tuple[str, str]]
+
+    @classmethod
+    def read(cls, path: Path, status: str) -> "StoreResult":
+        contents = read_store(path, features=False)
+        return cls(path, status, len(contents.paths), contents.skipped)
 
 
 @dataclass(frozen=True)
@@ -137,7 +152,7 @@ def missing_chunks(committed: Sequence[Sequence[tuple[int, int]]], n: int, chunk
 
 def _writer(listing: SplitListing, backbone: Backbone, settings: ExtractSettings, out_dir: str | Path,
             log: Log) -> StoreWriter:
-    identity, digest = store_identity(backbone, settings), listing_sha256(listing)
+    identity, digest = store_identity(backbone, settings), listing.sha256()
     header = StoreHeader(
         **identity.to_dict(), split=listing.split, data_root=str(listing.root.resolve()), listing_sha256=digest,
         weights=backbone.weights.name, weights_source=backbone.weights.source,
@@ -164,7 +179,8 @@ def _extract_split(runner: TrunkRunner, listing: SplitListing, writers: list[Sto
             barrier(launch.world_size)  # every rank's chunks are committed
         if launch.rank != 0:
             return []
-        return [writer.finish() if needed else writer.result() for writer, needed in zip(writers, todo)]
+        return [StoreResult.read(writer.finish(), "written") if needed else StoreResult.read(writer.final, "up to date")
+                for writer, needed in zip(writers, todo)]
 
 
 def _compute(runner: TrunkRunner, listing: SplitListing, writers: list[StoreWriter], settings: ExtractSettings) -> None:

@@ -12,6 +12,8 @@ naming the file and the reason.
 from __future__ import annotations
 
 import errno
+import hashlib
+import json
 import os
 import warnings
 from dataclasses import asdict, dataclass
@@ -70,6 +72,14 @@ class SplitListing:
 
     def absolute(self, index: int) -> Path:
         return self.split_dir / fs_path(self.records[index].path)
+
+    def sha256(self) -> str:
+        """sha256 of the class names and every file's path, label, size and mtime, in order: equal
+        digests mean the same files (a store records it to tell two folders of equal names apart)."""
+        digest = hashlib.sha256(json.dumps(self.classes).encode())
+        for record in self.records:
+            digest.update(f"{printable_path(record.path)}\0{record.label}\0{record.size}\0{record.mtime_ns}\n".encode())
+        return digest.hexdigest()
 
 
 def fs_path(relative: str) -> str:

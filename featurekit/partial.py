@@ -44,6 +44,17 @@ class Chunk:
     reasons: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class JoinedRows:
+    """All chunks of a store, joined: ``kept`` int64[N] rows with ``features`` [N, D], ``skipped``
+    int64[K] rows with their ``reasons``."""
+
+    kept: np.ndarray
+    features: np.ndarray
+    skipped: np.ndarray
+    reasons: list[str]
+
+
 class PartialStore:
     """The committed chunks of the store ``final``.
 
@@ -157,8 +168,22 @@ class PartialStore:
             position = next_stop[position]
         return tiling
 
+    def join(self, n: int) -> "JoinedRows":
+        """Every committed row of ``[0, n)``, in listing order."""
+        chunks = self.read(n)
+        return JoinedRows(np.concatenate([c.kept for c in chunks]), np.concatenate([c.features for c in chunks]),
+                          np.concatenate([c.skipped for c in chunks]), [r for c in chunks for r in c.reasons])
+
     def discard(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
+
+    def discard_finished(self, fingerprint: str) -> bool:
+        """Delete what a writer killed between the final rename and its cleanup left: temporaries, and
+        chunks of ``fingerprint`` (the finished store's; chunks of another run are someone's work)."""
+        finished = self.dir.is_dir() and self.holds(fingerprint)
+        if finished:
+            self.discard()
+        return bool(self.remove_temporaries()) or finished
 
 
 def uncovered(ranges: Sequence[tuple[int, int]], n: int) -> list[tuple[int, int]]:

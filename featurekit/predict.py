@@ -28,12 +28,12 @@ import numpy as np
 
 from . import __version__
 from .backbones import Backbone, load_backbone
-from .errors import FeaturekitError, SettingsError
+from .errors import FeaturekitError, SettingsError, short
 from .files import atomic_output, atomic_write
 from .heads import load_head
 from .images import IMAGE_EXTENSIONS, DataError, DecodePolicy
 from .runner import RunSettings, TrunkRunner, store_identity
-from .store import StoreIdentity, short
+from .store import StoreIdentity
 
 
 class HeadMismatchError(FeaturekitError, ValueError):
@@ -90,16 +90,15 @@ def check_backbone(head_path: Path, recorded: dict, backbone: Backbone, settings
     """Raise :class:`HeadMismatchError` unless ``backbone`` under ``settings`` makes the features
     ``recorded`` describes (its precision aside: :func:`recorded_settings` decided it)."""
     expected = dataclasses.replace(StoreIdentity.from_dict(recorded), precision=settings.precision)
-    found = expected.first_difference(store_identity(backbone, settings))
-    if not found:
-        return
-    name, trained, now = found
-    if name == "weights_sha256":
+    found = expected.difference(store_identity(backbone, settings))
+    if found and found.field == "weights_sha256":
         raise HeadMismatchError(
-            f"{head_path}: {recorded['store_name']} was trained on weights {recorded['weights']} (sha256 {trained[:16]}) "
-            f"but {backbone.weights.name} from {backbone.weights.source} has sha256 {now[:16]}; refusing to predict")
-    raise HeadMismatchError(f"{head_path}: {recorded['store_name']} was trained with {name.replace('_', ' ')} "
-                            f"{short(trained)} but this run makes {short(now)}; refusing to predict")
+            f"{head_path}: {recorded['store_name']} was trained on weights {recorded['weights']} (sha256 "
+            f"{found.mine[:16]}) but {backbone.weights.name} from {backbone.weights.source} has sha256 "
+            f"{found.theirs[:16]}; refusing to predict")
+    if found:
+        raise HeadMismatchError(f"{head_path}: {recorded['store_name']} was trained with {found.field.replace('_', ' ')} "
+                                f"{short(found.mine)} but this run makes {short(found.theirs)}; refusing to predict")
 
 
 def head_backbones(head_path: Path, metadata: dict, settings: RunSettings,

@@ -1,17 +1,15 @@
 """Stage 5: the HDF5 feature store, the one place that knows its format and its life cycle.
 
-One file per (split, backbone): ``<out>/<split>/<store_name>.h5``; docs/store-format.md lists its
-datasets (``features`` float16|float32 [N, D], ``labels`` int64 [N], ``paths``, ``classes``, ...).
-The attributes are the fields of :class:`StoreHeader` (dict fields as JSON), plus ``format``,
-``format_version``, ``complete`` and ``content_sha256`` (written last: sha256 of every dataset and
-attribute, so an edit is noticed). :class:`StoreIdentity`, the part of the header that decides
-the feature values, is what a fingerprint, a stale-cache refusal, a head's record and the
-checks across joined stores are all derived from.
+One file per (split, backbone), ``<out>/<split>/<store_name>.h5``, with the datasets listed in
+docs/store-format.md (``features`` float16|float32 [N, D], ``labels`` int64 [N], ``paths``, ...).
+Its attributes are the fields of :class:`StoreHeader` (dicts as JSON), ``format``,
+``format_version``, ``complete`` and, last, ``content_sha256`` (of every dataset and attribute).
+:class:`StoreIdentity`, the part that decides the values, is what fingerprints, stale-cache
+refusals, a head's records and the checks across joined stores all derive from.
 
 :class:`StoreWriter` is the life cycle: a store is reused only if it is this very extraction and
-whole; otherwise its chunks are committed (:mod:`featurekit.partial`) and joined into an HDF5
-file written under a temporary name and renamed into place, so a file under a final name is
-always complete.
+whole; otherwise its chunks are committed (:mod:`featurekit.partial`) and joined into a file
+written under a temporary name and renamed into place: a file under a final name is complete.
 """
 
 from __future__ import annotations
@@ -25,17 +23,15 @@ import sys
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Callable, ClassVar, Mapping
+from typing import Callable, ClassVar, Mapping, NamedTuple
 
 import h5py
 import numpy as np
 
-from .errors import first_line
+from .errors import first_line, short
 from .files import FileLock, LockError, atomic_output, crash_point
 from .images import SplitListing, listing_changes, printable_path
 from .partial import Chunk, PartialStore, StoreError
-
-__all__ = ["Chunk", "StoreError", "StoreIdentity", "StoreHeader", "StoreWriter", "read_store", "read_header"]
 
 FORMAT = "featurekit.store"
 FORMAT_VERSION = 2  # 2: listing_sha256; identity and header as one schema
@@ -64,8 +60,7 @@ class StoreIdentity:
     dtype: str  # storage: float16 | float32
     features_version: int
 
-    # One run decodes each image once and computes every trunk alike: stores joined for one head
-    # (and rebuilt together by predict) must agree on these.
+    # What one run shares among its stores: stores joined for a head (rebuilt together by predict) agree on it.
     RUN_FIELDS: ClassVar[tuple[str, ...]] = ("decode", "precision", "dtype", "features_version")
 
     def __post_init__(self) -> None:
@@ -84,17 +79,23 @@ class StoreIdentity:
         """The identity fields of ``values`` (a header's, a head's record); extra keys are ignored."""
         return StoreIdentity(**{f.name: values[f.name] for f in fields(StoreIdentity)})
 
-    def first_difference(self, other: "StoreIdentity", names: tuple[str, ...] | None = None) -> tuple | None:
-        """``(field, mine, theirs)`` for the first field (of ``names``, default all) that differs, or None."""
+    def difference(self, other: "StoreIdentity", names: tuple[str, ...] | None = None) -> "Difference | None":
+        """The first field (of ``names``, default all) that differs from ``other``'s, or None."""
         for name in names or tuple(f.name for f in fields(StoreIdentity)):
             if getattr(self, name) != getattr(other, name):
-                return name, getattr(self, name), getattr(other, name)
+                return Difference(name, getattr(self, name), getattr(other, name))
         return None
 
-    def difference(self, other: "StoreIdentity", names: tuple[str, ...] | None = None) -> str | None:
-        """The first differing field as ``field (mine != theirs)``, or None."""
-        found = self.first_difference(other, names)
-        return f"{found[0].replace('_', ' ')} ({short(found[1])} != {short(found[2])})" if found else None
+
+class Difference(NamedTuple):
+    """One field of two identities; ``str()`` reads ``field (mine != theirs)``."""
+
+    field: str
+    mine: object
+    theirs: object
+
+    def __str__(self) -> str:
+        return f"{self.field.replace('_', ' ')} ({short(self.mine)} != {short(self.theirs)})"
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,7 @@ class StoreHeader(StoreIdentity):
 
     split: str
     data_root: str  # resolved path of the folder holding <split>/
-    listing_sha256: str  # classes and every listed file's path, label, size, mtime (see listing_sha256)
+    listing_sha256: str  # classes and every listed file's path, label, size, mtime (SplitListing.sha256)
     weights: str
     weights_source: str
     weights_report: str
@@ -152,14 +153,6 @@ def store_path(out_dir: str | os.PathLike, split: str, store_name: str) -> Path:
 def store_lock(final: Path) -> FileLock:
     """The lock one writer of the store ``final`` holds: ``.<name>.lock`` beside it, removed on release."""
     return FileLock(final.with_name(f".{final.stem}.lock"), str(final))
-
-
-def listing_sha256(listing: SplitListing) -> str:
-    """sha256 of a listing: its class names and every file's path, label, size and mtime, in order."""
-    digest = hashlib.sha256(json.dumps(listing.classes).encode())
-    for record in listing.records:
-        digest.update(f"{printable_path(record.path)}\0{record.label}\0{record.size}\0{record.mtime_ns}\n".encode())
-    return digest.hexdigest()
 
 
 def fingerprint(identity: StoreIdentity, listing_digest: str) -> str:
@@ -263,21 +256,7 @@ def recorded_files(h5: h5py.File) -> dict[str, tuple[int, int]]:
     return files
 
 
-def folder_changes(path: str | os.PathLike, listing: SplitListing) -> list[str]:
-    """How ``listing`` differs from the folder the store at ``path`` was made from; empty if it does not."""
-    with open_h5(path) as h5:
-        return listing_changes(recorded_files(h5), _strings(h5["classes"]), listing)
-
-
 # --------------------------------------------------------------------------- writing
-
-
-@dataclass(frozen=True)
-class StoreResult:
-    path: Path
-    status: str  # written | up to date
-    rows: int
-    skipped: list[tuple[str, str]]
 
 
 class StoreWriter:
@@ -305,8 +284,7 @@ class StoreWriter:
         if not self.final.exists():
             return False
         try:
-            same = read_header(self.final).fingerprint == self.header.fingerprint
-            if same:
+            if read_header(self.final).fingerprint == self.header.fingerprint:
                 check_content(self.final)
                 return True
             why = self._what_changed()
@@ -326,9 +304,9 @@ class StoreWriter:
         if self.is_current():  # checked without the lock: readers never wait
             self._tidy_finished()
             return False
-        locks.enter_context(self.lock())
+        locks.enter_context(store_lock(self.final))
         if self.is_current():  # finished by another process meanwhile
-            self._discard_finished()
+            self.partial.discard_finished(self.header.fingerprint)
             return False
         removed = self.partial.remove_temporaries()
         committed = len(self.partial.committed()) if self.partial.dir.is_dir() else 0
@@ -344,34 +322,30 @@ class StoreWriter:
             self.log(f"{self.final}: {state}")
         return True
 
-    def lock(self) -> FileLock:
-        return store_lock(self.final)
-
     def committed(self) -> list[tuple[int, int]]:
         return self.partial.committed()
 
     def commit(self, chunk: Chunk) -> None:
         self.partial.write(chunk)
 
-    def finish(self) -> StoreResult:
+    def finish(self) -> Path:
         """Join the committed chunks into the final store (complete, or not there at all)."""
-        chunks = self.partial.read(len(self.listing))
-        kept = np.concatenate([c.kept for c in chunks])
-        if not kept.size:
+        rows = self.partial.join(len(self.listing))
+        if not rows.kept.size:
             raise StoreError(f"{self.final}: every image of {self.listing.split_dir} was skipped; nothing to store")
-        features = np.concatenate([c.features for c in chunks])
-        if features.shape[1] != self.header.feature_dim or str(features.dtype) != self.header.dtype:
-            raise RuntimeError(f"{self.final}: chunks hold {features.dtype}[{features.shape[1]}], header says "
-                               f"{self.header.dtype}[{self.header.feature_dim}]")
-        records, skipped = self.listing.records, [self.listing.records[i] for c in chunks for i in c.skipped]
-        reasons = [printable_path(r) for c in chunks for r in c.reasons]
+        if rows.features.shape[1] != self.header.feature_dim or str(rows.features.dtype) != self.header.dtype:
+            raise RuntimeError(f"{self.final}: chunks hold {rows.features.dtype}[{rows.features.shape[1]}], header "
+                               f"says {self.header.dtype}[{self.header.feature_dim}]")
+        records = self.listing.records
+        kept, skipped = [records[i] for i in rows.kept], [records[i] for i in rows.skipped]
+        reasons = [printable_path(reason) for reason in rows.reasons]
         header = dataclasses.replace(self.header, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         with atomic_output(self.final, "cannot write store", f"; committed chunks kept in {self.partial.dir}",
                            lambda: crash_point("finalize-tmp-written")) as temporary:
             with h5py.File(temporary, "w") as h5:
-                h5.create_dataset("features", data=features)
-                h5.create_dataset("labels", data=np.array([records[i].label for i in kept], dtype=np.int64))
-                _write_records(h5, "", [records[i] for i in kept])
+                h5.create_dataset("features", data=rows.features)
+                h5.create_dataset("labels", data=np.array([r.label for r in kept], dtype=np.int64))
+                _write_records(h5, "", kept)
                 h5.create_dataset("classes", data=list(self.listing.classes), dtype=STR)
                 h5.create_dataset("skipped_reasons", data=reasons, dtype=STR)
                 _write_records(h5, "skipped_", skipped)
@@ -380,13 +354,7 @@ class StoreWriter:
                 h5.attrs["content_sha256"] = content_sha256(h5)
         crash_point("finalize-renamed")
         self.partial.discard()
-        return StoreResult(self.final, "written", int(kept.size),
-                           [(printable_path(r.path), why) for r, why in zip(skipped, reasons)])
-
-    def result(self) -> StoreResult:
-        """The current store, as it is on disk."""
-        contents = read_store(self.final, features=False)
-        return StoreResult(self.final, "up to date", len(contents.paths), contents.skipped)
+        return self.final
 
     def _check_chunks(self) -> None:
         """Refuse committed chunks of another run, unless ``overwrite``."""
@@ -405,23 +373,18 @@ class StoreWriter:
         change = read_header(self.final).identity.difference(self.header.identity)
         if change:
             return f"was made with other {change}"
-        changes = folder_changes(self.final, self.listing) or ["same files, other recorded fingerprint"]
+        with open_h5(self.final) as h5:
+            changes = listing_changes(recorded_files(h5), _strings(h5["classes"]), self.listing)
+        changes = changes or ["same files, other recorded fingerprint"]
         return f"was made from another state of {self.listing.split_dir} ({'; '.join(changes)})"
 
     def _tidy_finished(self) -> None:
         """Delete what a writer killed just after its final rename left, unless someone is writing."""
         if not (self.partial.dir.exists() or self.partial.temporaries()):
             return
-        with contextlib.suppress(LockError, OSError), self.lock():
-            if self._discard_finished():
+        with contextlib.suppress(LockError, OSError), store_lock(self.final):
+            if self.partial.discard_finished(self.header.fingerprint):
                 self.log(f"{self.final}: leftovers of a killed run deleted")
-
-    def _discard_finished(self) -> bool:
-        """Delete chunks of this (finished) store and temporaries; chunks of another run are someone's work."""
-        finished = self.partial.dir.is_dir() and self.partial.holds(self.header.fingerprint)
-        if finished:
-            self.partial.discard()
-        return bool(self.partial.remove_temporaries()) or finished
 
 
 def _write_records(h5: h5py.File, prefix: str, records: list) -> None:
@@ -434,7 +397,3 @@ def _write_records(h5: h5py.File, prefix: str, records: list) -> None:
 def _strings(dataset: h5py.Dataset) -> list[str]:
     return [value.decode("utf-8") for value in dataset[()]]
 
-
-def short(value) -> str:
-    """A field value as messages show it (dicts as sorted JSON)."""
-    return json.dumps(value, sort_keys=True) if isinstance(value, (dict, list)) else str(value)

@@ -26,7 +26,6 @@ from .store import (
     StoreHeader,
     content_sha256,
     fingerprint,
-    listing_sha256,
     open_h5,
     recorded_files,
 )
@@ -84,7 +83,7 @@ def verify_store(path: str | os.PathLike, data_root: str | os.PathLike | None = 
                 return report
             classes = [c.decode("utf-8") for c in h5["classes"][()]]
             report.problems += listing_changes(recorded_files(h5), classes, listing)
-            if not report.problems and fingerprint(header.identity, listing_sha256(listing)) != header.fingerprint:
+            if not report.problems and fingerprint(header.identity, listing.sha256()) != header.fingerprint:
                 report.problems.append("recorded fingerprint does not match the folder and the recorded settings")
     except StoreError as error:
         report.problems.append(str(error).removeprefix(f"{path}: "))

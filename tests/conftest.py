@@ -134,13 +134,13 @@ def make_image_folder(root: Path, split: str, counts: dict[str, int]) -> SplitLi
 def store_header(backbone: str, listing: SplitListing, dim: int, **overrides):
     """A real :class:`StoreHeader` for test features of ``listing`` (fields overridable)."""
     from featurekit.images import DecodePolicy
-    from featurekit.store import FEATURES_VERSION, StoreHeader, StoreIdentity, fingerprint, listing_sha256
+    from featurekit.store import FEATURES_VERSION, StoreHeader, StoreIdentity, fingerprint
 
     identity = {"backbone": backbone, "node": "flatten", "weights_sha256": "ab" * 32,
                 "preprocessing": STORE_PREPROCESSING, "decode": DecodePolicy(backend="pil").to_dict(),
                 "precision": "fp32", "dtype": "float32", "features_version": FEATURES_VERSION}
     identity.update({k: v for k, v in overrides.items() if k in identity})
-    digest = listing_sha256(listing)
+    digest = listing.sha256()
     fields = {"split": listing.split, "data_root": str(listing.root.resolve()), "listing_sha256": digest,
               "weights": "random", "weights_source": "random(seed=0)", "weights_report": "", "device": "cpu",
               "on_error": "fail", "fingerprint": fingerprint(StoreIdentity(**identity), digest), "feature_dim": dim,

@@ -58,9 +58,11 @@ def test_a_job_killed_midway_is_finished_by_a_rerun_with_other_process_counts(re
     args = ("extract", data, "--split", "train", "--out", out, *TINY_RUN)
     killed = torchrun(2, *args, env={files.CRASH_ENV: "chunk-committed:2"})  # each rank dies after its 2nd chunk
     assert killed.returncode != 0 and not final.exists()
-    assert committed_chunks(final) == 4
+    # the first rank to die makes torchrun stop the other, maybe before its 2nd commit (a loaded machine)
+    committed = committed_chunks(final)
+    assert 2 <= committed <= 4  # rank 0 committed 2 before it died
 
     finished = run_subprocess(*args)  # one process finishes what two left
     assert finished.returncode == 0, finished.stderr
-    assert "resumed (4 chunks committed)" in finished.stderr
+    assert f"resumed ({committed} chunks committed)" in finished.stderr
     same_rows(final, expected)
