@@ -9,7 +9,7 @@ command line's ``--help`` stay fast:
 - :func:`load` (``featurekit.dataset.load_features``): a split of several stores, aligned, in memory;
 - :class:`FeatureDataset`: the same rows, read lazily, for a torch DataLoader;
 - :func:`embed` (``featurekit.runner.embed``): features of a few images, no store;
-- :func:`load_head` and :func:`predict_files`: a trained head, and prediction on image files;
+- :func:`train_head`, :func:`load_head` and :func:`predict_files`: heads, as train-head and predict;
 - :class:`ExtractSettings`, :class:`RunSettings`, :func:`load_backbone`, :class:`FeaturekitError`.
 """
 
@@ -35,6 +35,7 @@ _API = {
     "RunSettings": ("runner", "RunSettings"),
     "load_backbone": ("backbones", "load_backbone"),
     "load_head": ("heads", "load_head"),
+    "train_head": ("train", "train_head"),
     "predict_files": ("predict", "predict_files"),
     "FeaturekitError": ("errors", "FeaturekitError"),
 }
@@ -49,6 +50,7 @@ if TYPE_CHECKING:
     from .heads import load_head
     from .predict import predict_files
     from .runner import RunSettings, embed
+    from .train import train_head
 
 
 def __getattr__(name: str):

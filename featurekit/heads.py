@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -33,7 +34,6 @@ import torch.nn.functional as F
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.linear_model import LogisticRegression
-from sklearn.neighbors import KNeighborsClassifier
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
 from sklearn.utils.multiclass import check_classification_targets
@@ -68,7 +68,7 @@ class Head(ClassifierMixin, BaseEstimator):
         check_classification_targets(y)
         self.classes_ = np.unique(y)
         if len(self.classes_) < 2:
-            raise HeadError(f"{self.kind} head: the training rows hold 1 class ({self.classes_[0]!r}); "
+            raise HeadError(f"{self.kind} head: the training rows hold 1 class ({self.classes_[0]}); "
                             "a classifier needs at least 2")
         self.scaler_ = StandardScaler().fit(X) if self.standardize else None
         train = (self._scale(X), np.searchsorted(self.classes_, y))
@@ -99,7 +99,8 @@ class Head(ClassifierMixin, BaseEstimator):
         return self._model_proba(self.model_, self._scale(validate_data(self, X, reset=False, dtype=np.float32)))
 
     def predict(self, X: np.ndarray) -> np.ndarray:
-        return self.classes_[self.predict_proba(X).argmax(axis=1)]
+        proba = self.predict_proba(X)  # first: it raises NotFittedError before fit
+        return self.classes_[proba.argmax(axis=1)]
 
     def _scale(self, X: np.ndarray) -> np.ndarray:
         return X if self.scaler_ is None else self.scaler_.transform(X).astype(np.float32, copy=False)
@@ -185,7 +186,7 @@ class LinearSVMHead(_SklearnHead):
         smallest = int(np.bincount(t).min())
         if smallest < 2:
             raise HeadError("svm head: calibration needs at least 2 training rows per class; use --head logreg or knn")
-        svm = LinearSVC(C=value, max_iter=self.max_iter, dual=self.dual)
+        svm = LinearSVC(C=value, max_iter=self.max_iter, dual=self.dual, random_state=0)  # liblinear shuffles
         calibrated = CalibratedClassifierCV(svm, method="sigmoid", cv=min(self.folds, smallest), ensemble=False)
         return calibrated.fit(X, t), []
 
@@ -193,20 +194,57 @@ class LinearSVMHead(_SklearnHead):
         return int(max(np.max(c.estimator.n_iter_) for c in model.calibrated_classifiers_))
 
 
-class KNNHead(_SklearnHead):
-    """k nearest neighbours by cosine distance, distance-weighted votes; k swept on validation."""
+@dataclass(frozen=True)
+class Neighbours:
+    """A fitted kNN: unit-norm training rows float32[N, D], their targets int64[N], and k."""
+
+    rows: np.ndarray
+    targets: np.ndarray
+    k: int
+
+
+class KNNHead(Head):
+    """k nearest neighbours by cosine similarity; k swept on validation.
+
+    Each of the k neighbours votes with weight ``exp(similarity / temperature)`` (the weighted kNN
+    of DINO's evaluation), the votes scaled to sum to k, and the class probabilities are the
+    additively smoothed vote shares ``(votes + 1) / (k + C)``: never exactly 0 or 1, so a kNN that
+    merely ties the others on accuracy cannot win selection on log loss with hard 0/1 votes, and
+    probabilities change smoothly with the features (no singular weight at distance 0).
+    """
 
     kind = "knn"
     grid_param = "n_neighbors"
 
-    def __init__(self, n_neighbors: int = 10, n_neighbors_grid=(1, 3, 5, 10, 20, 50), standardize: bool = True):
+    def __init__(self, n_neighbors: int = 10, n_neighbors_grid=(1, 3, 5, 10, 20, 50), temperature: float = 0.07,
+                 standardize: bool = True):
         self.n_neighbors = n_neighbors
         self.n_neighbors_grid = n_neighbors_grid
+        self.temperature = temperature
         self.standardize = standardize
 
     def _fit_one(self, X, t, validation, value):
-        model = KNeighborsClassifier(n_neighbors=min(value, len(X)), metric="cosine", algorithm="brute", weights="distance")
-        return model.fit(X, t), []
+        return Neighbours(_unit_rows(X), t.astype(np.int64), int(min(value, len(X)))), []
+
+    def _model_proba(self, model: Neighbours, X: np.ndarray) -> np.ndarray:
+        n_classes, k = len(self.classes_), model.k
+        queries, proba = _unit_rows(X), np.empty((len(X), len(self.classes_)))
+        for start in range(0, len(queries), 1024):  # similarities of 1024 queries at a time: bounded memory
+            similarity = queries[start:start + 1024] @ model.rows.T
+            nearest = np.argpartition(-similarity, k - 1, axis=1)[:, :k] if k < similarity.shape[1] else \
+                np.broadcast_to(np.arange(similarity.shape[1]), similarity.shape)
+            closeness = np.take_along_axis(similarity, nearest, axis=1).astype(np.float64)
+            weights = np.exp((closeness - closeness.max(axis=1, keepdims=True)) / self.temperature)
+            weights *= k / weights.sum(axis=1, keepdims=True)
+            votes = np.zeros((len(weights), n_classes))
+            np.add.at(votes, (np.arange(len(weights))[:, None], model.targets[nearest]), weights)
+            proba[start:start + len(votes)] = (votes + 1.0) / (k + n_classes)
+        return proba
+
+
+def _unit_rows(X: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(X, axis=1, keepdims=True)
+    return (X / np.maximum(norms, 1e-12)).astype(np.float32)
 
 
 # --------------------------------------------------------------------------- MLP head

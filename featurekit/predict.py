@@ -30,9 +30,9 @@ from . import __version__
 from .backbones import Backbone, load_backbone
 from .errors import FeaturekitError, SettingsError, short
 from .files import atomic_output, atomic_write
-from .heads import load_head
+from .heads import Head, load_head
 from .images import IMAGE_EXTENSIONS, DataError, DecodePolicy
-from .runner import RunSettings, TrunkRunner, store_identity
+from .runner import FileFeatures, RunSettings, TrunkRunner, store_identity
 from .store import StoreIdentity
 
 
@@ -119,13 +119,26 @@ def head_backbones(head_path: Path, metadata: dict, settings: RunSettings,
     return backbones
 
 
-def predict_files(head_path: str | os.PathLike, paths: Sequence[str | os.PathLike], settings: RunSettings | None = None,
-                  weights_paths: dict[str, str] | None = None, precision: str | None = None) -> Predictions:
-    """Extract features of ``paths`` (files or folders) as the head's stores were made, and classify them.
+@dataclass
+class HeadFeatures:
+    """A head, and features of image files made as its stores were: ``extracted.features`` holds
+    float32[len(extracted.kept), D] per backbone, in the head's order; ``settings`` what ran."""
+
+    head: Head
+    metadata: dict
+    files: list[Path]
+    extracted: FileFeatures
+    settings: RunSettings
+
+
+def head_features(head_path: str | os.PathLike, paths: Sequence[str | os.PathLike], settings: RunSettings | None = None,
+                  weights_paths: dict[str, str] | None = None, precision: str | None = None) -> HeadFeatures:
+    """Features of ``paths`` (files or folders) for the head at ``head_path``: the rows extract
+    would have stored for those files under the head's stores' recorded settings.
 
     ``settings`` gives the device, batch size and workers; the decode policy, precision and dtype
-    are the recorded ones (``precision`` overrides the precision). Undecodable files are reported
-    in ``errors``, not raised.
+    are the recorded ones (``precision`` overrides the precision). Undecodable files are reported,
+    not raised.
     """
     head_path = Path(head_path)
     head, metadata = load_head(head_path)
@@ -134,10 +147,19 @@ def predict_files(head_path: str | os.PathLike, paths: Sequence[str | os.PathLik
     settings = recorded_settings(head_path, metadata, base, precision).resolved()
     backbones = head_backbones(head_path, metadata, settings, weights_paths)
     extracted = TrunkRunner(backbones, settings).embed([(str(f), str(f)) for f in files], "predict")
-    features = np.concatenate([extracted.features[b.store_name] for b in backbones], axis=1)
-    proba = head.predict_proba(features) if len(features) else np.zeros((0, len(metadata["classes"])))
-    return Predictions([str(files[i]) for i in extracted.kept], list(metadata["classes"]), proba, extracted.errors,
-                       settings)
+    extracted.features = {b.store_name: extracted.features[b.store_name] for b in backbones}
+    return HeadFeatures(head, metadata, files, extracted, settings)
+
+
+def predict_files(head_path: str | os.PathLike, paths: Sequence[str | os.PathLike], settings: RunSettings | None = None,
+                  weights_paths: dict[str, str] | None = None, precision: str | None = None) -> Predictions:
+    """Classify image files (or folders of them) with a head file; see :func:`head_features`."""
+    made = head_features(head_path, paths, settings, weights_paths, precision)
+    features = np.concatenate(list(made.extracted.features.values()), axis=1)
+    classes = list(made.metadata["classes"])
+    proba = made.head.predict_proba(features) if len(features) else np.zeros((0, len(classes)))
+    return Predictions([str(made.files[i]) for i in made.extracted.kept], classes, proba, made.extracted.errors,
+                       made.settings)
 
 
 def write_predictions(predictions: Predictions, out: Path, head_path: Path, form: str = "csv") -> list[Path]:

@@ -2,7 +2,23 @@ import numpy as np
 import pytest
 import torch
 
-from featurekit.heads import HEADS, HeadFileError, MLPHead, build_mlp, load_head, make_head, save_head
+from sklearn.base import clone
+from sklearn.utils.estimator_checks import parametrize_with_checks
+
+from featurekit.errors import SettingsError
+from featurekit.heads import (
+    HEADS,
+    HeadError,
+    HeadFileError,
+    KNNHead,
+    LinearSVMHead,
+    LogisticHead,
+    MLPHead,
+    build_mlp,
+    load_head,
+    make_head,
+    save_head,
+)
 
 from conftest import blobs
 
@@ -105,3 +121,44 @@ def test_not_a_head_file(tmp_path):
         load_head(tmp_path / "x.joblib")
     with pytest.raises(HeadFileError, match="no such head file"):
         load_head(tmp_path / "missing.joblib")
+
+
+# scikit-learn's own estimator checks, every one of them. Two skip themselves here, by sklearn's
+# choice: check_array_api_input (SCIPY_ARRAY_API unset) and check_classifier_data_not_an_array
+# (pandas is not a featurekit dependency). The MLP is smaller than the default so 55 fits stay quick.
+@parametrize_with_checks([LogisticHead(), KNNHead(), LinearSVMHead(), MLPHead(hidden_sizes=(64,), max_epochs=30)])
+def test_heads_pass_sklearn_check_estimator(estimator, check):
+    check(estimator)
+
+
+@pytest.mark.parametrize("kind", sorted(HEADS))
+def test_after_a_sweep_get_params_holds_the_chosen_value_and_clone_refits_it(kind, separable):
+    X, y, X_val, y_val = separable
+    params = FAST.get(kind, {})
+    head = make_head(kind, **params).fit(X, y, X_val, y_val)
+    chosen = head.best_params_[head.grid_param]
+    assert head.get_params()[head.grid_param] == chosen
+    again = clone(head).fit(X, y)  # no validation rows: the chosen value, no sweep
+    assert again.best_params_ == {head.grid_param: chosen} and len(again.selection_) == 1
+
+
+def test_unknown_head_parameters_are_an_error():
+    with pytest.raises(SettingsError, match=r"logreg head takes no parameter 'hidden_sizes' \(logreg: C, C_grid"):
+        make_head("logreg", hidden_sizes=(10,))
+    with pytest.raises(SettingsError, match="unknown head 'forest'"):
+        make_head("forest")
+
+
+def test_knn_probabilities_are_smoothed_never_hard(separable):
+    X, y, X_val, y_val = separable
+    head = KNNHead(n_neighbors=1).fit(X, y)
+    proba = head.predict_proba(X_val)
+    assert (head.predict(X_val) == y_val).all()
+    assert proba.max() < 1.0 and proba.min() > 0.0  # 1-NN: (1 + 1) / (1 + 3) for the winner
+    np.testing.assert_allclose(proba.max(axis=1), 0.5)
+
+
+def test_one_class_is_a_one_line_head_error(separable):
+    X, y, _, _ = separable
+    with pytest.raises(HeadError, match=r"^logreg head: the training rows hold 1 class \(10\); a classifier needs at least 2$"):
+        LogisticHead().fit(X[:30], y[:30])

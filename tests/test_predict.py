@@ -1,6 +1,8 @@
 """predict end to end: real extraction (resnet18, random weights) -> stores -> head -> predict."""
 
 import csv
+import dataclasses
+import json
 import shutil
 
 import numpy as np
@@ -8,11 +10,11 @@ import pytest
 import torch
 import torchvision
 
-from featurekit import cli
+from featurekit import cli, runner
 from featurekit.backbones import load_backbone
 from featurekit.extraction import ExtractSettings, extract
 from featurekit.heads import load_head, save_head
-from featurekit.predict import HeadMismatchError, predict_files
+from featurekit.predict import HeadMismatchError, head_features, predict_files
 from featurekit.store import read_store, store_path
 from featurekit.train import train_head
 
@@ -90,3 +92,38 @@ def test_train_head_cli_writes_the_artifact(trained, tmp_path, capsys):
     assert load_head(tmp_path / "knn" / "head.joblib")[1]["backbones"][0]["weights"] == "random"
     assert cli.main(["train-head", str(features_dir), "--backbones", "resnet18", "nope"]) == 1
     assert "nope.h5: no such store" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def float16_head(tmp_path_factory):
+    """A logreg head on float16 stores extracted at fp32 (what a GPU-less default run could differ from)."""
+    tmp = tmp_path_factory.mktemp("float16")
+    root = write_image_folder(tmp / "data", {"train": {"cat": 3, "dog": 3}, "valid": {"cat": 2, "dog": 2}})
+    settings = dataclasses.replace(SETTINGS, dtype="float16")
+    extract(root, ["train", "valid"], [load_backbone("resnet18", weights="random")], tmp / "features", settings)
+    train_head(tmp / "features", ["resnet18"], "logreg", tmp / "head", plots=False, log=lambda _: None)
+    return root, tmp / "features", tmp / "head" / "head.joblib"
+
+
+def test_predict_features_equal_the_store_rows_within_its_dtype(float16_head):
+    root, features_dir, head_file = float16_head
+    store = read_store(store_path(features_dir, "valid", "resnet18"))
+    made = head_features(head_file, [root / "valid"], dataclasses.replace(SETTINGS, batch_size=3))
+    assert [str(made.files[i]).split("/valid/")[1] for i in made.extracted.kept] == store.paths
+    assert (made.settings.precision, made.settings.dtype) == ("fp32", "float16")
+    rows = made.extracted.features["resnet18"]
+    assert rows.dtype == np.float32 and np.array_equal(rows.astype(np.float16).astype(np.float32), rows)
+    np.testing.assert_allclose(rows, store.features.astype(np.float32), rtol=1e-3, atol=1e-3)  # float16 rounding
+
+
+def test_a_head_of_fp32_stores_runs_at_fp32_unless_asked(float16_head, tmp_path, capsys, monkeypatch):
+    root, _, head_file = float16_head
+    monkeypatch.setattr(runner, "native_bf16_cpu", lambda: True)  # where `auto` would pick bf16
+    assert predict_files(head_file, [root / "valid"], SETTINGS).settings.precision == "fp32"
+    common = ["predict", "--head", head_file, "--device", "cpu", "--workers", "0", root / "valid"]
+    assert cli.main([str(a) for a in [*common, "--out", tmp_path / "p.csv"]]) == 0
+    assert json.loads((tmp_path / "p.csv.json").read_text())["precision"] == "fp32"
+    assert cli.main([str(a) for a in [*common, "--out", tmp_path / "b.csv", "--precision", "bf16"]]) == 0
+    assert "(cpu, bf16)" in capsys.readouterr().out
+    about = json.loads((tmp_path / "b.csv.json").read_text())
+    assert about["precision"] == "bf16" and about["dtype"] == "float16" and about["rows"] == 4

@@ -1,0 +1,29 @@
+"""docs/api.md runs as written: every python block, in order, in one namespace, in a fresh folder."""
+
+import contextlib
+import io
+import os
+import re
+
+from tests.conftest import REPO
+
+
+def python_blocks(markdown: str) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", markdown, flags=re.S)
+
+
+def test_api_snippets_run(tmp_path, monkeypatch):
+    blocks = python_blocks((REPO / "docs" / "api.md").read_text())
+    assert len(blocks) >= 7
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(io.StringIO()):
+        for block in blocks:
+            exec(compile(block, "docs/api.md", "exec"), namespace)
+    out = printed.getvalue()
+    assert "features/digits/train/efficientnet_lite0.h5 30 written" in out
+    assert "(30, 1280) float32" in out and "torch.Size([16, 1280]) torch.int64" in out
+    assert "(3, 1280) float32" in out and out.rstrip().endswith("True")
+    assert namespace["probabilities"].shape == (20, 10)
+    assert os.path.isfile("heads/digits/head.joblib")
