@@ -39,6 +39,7 @@ demo: data
 	$(MAKE) --no-print-directory train-head FEATURES=features/digits BACKBONES="$(BACKBONES)" HEAD=mlp
 
 test: install
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
 clean:

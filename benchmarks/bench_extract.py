@@ -159,7 +159,8 @@ def phase_bound(args) -> dict:
         backbone = load_backbone(name, weights="random")
         trunks.append(prepare_trunk(backbone, settings))
         size = backbone.preprocessing.crop_size
-        inputs.append(torch.randn(args.batch_size, 3, size, size, device=device).contiguous(memory_format=torch.channels_last))
+        batch = torch.randn(args.batch_size, 3, size, size, device=device)
+        inputs.append(batch.contiguous(memory_format=torch.channels_last))
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     steps = max(2, args.bound_images // args.batch_size)
@@ -196,7 +197,8 @@ def phase_precision(args) -> dict:
         ours = out[args.precision][name]
         relative = np.linalg.norm(ours - reference, axis=1) / np.linalg.norm(reference, axis=1)
         differences[name] = {"median": float(np.median(relative)), "max": float(relative.max())}
-    return {"relative_difference": differences, "precision": ExtractSettings(device=str(device), precision=args.precision).resolved().precision}
+    resolved = ExtractSettings(device=str(device), precision=args.precision).resolved()
+    return {"relative_difference": differences, "precision": resolved.precision}
 
 
 PHASES = {"recipe": phase_recipe, "featurekit": phase_featurekit, "bound": phase_bound, "precision": phase_precision}
@@ -233,7 +235,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--bound-images", type=int, default=0, help="images for the bound (default: --images)")
-    parser.add_argument("--precision-images", type=int, default=0, help="images for the bf16/fp32 check (default: min(512, images))")
+    parser.add_argument("--precision-images", type=int, default=0,
+                        help="images for the bf16/fp32 check (default: min(512, images))")
     parser.add_argument("--phases", nargs="+", default=["recipe", "featurekit", "half", "bound", "precision"])
     parser.add_argument("--report", type=Path)
     parser.add_argument("--phase", choices=PHASES, help=argparse.SUPPRESS)
@@ -255,9 +258,12 @@ def main() -> None:
         width, height = (int(v) for v in args.size.split("x"))
         started = time.perf_counter()
         data = args.data or make_images(tmp / "data", args.images, (width, height))
-        print(f"data: {data} ({args.images} images{' generated in %.1f s' % (time.perf_counter() - started) if not args.data else ''})", flush=True)
+        generated = "" if args.data else f" generated in {time.perf_counter() - started:.1f} s"
+        print(f"data: {data} ({args.images} images{generated})", flush=True)
         half = make_images(tmp / "half", args.images // 2, (width, height)) if "half" in args.phases else None
-        subset = make_images(tmp / "subset", args.precision_images or min(512, args.images), (width, height)) if "precision" in args.phases else None
+        subset = None
+        if "precision" in args.phases:
+            subset = make_images(tmp / "subset", args.precision_images or min(512, args.images), (width, height))
         results = {}
         for phase in args.phases:
             source = {"half": half, "precision": subset}.get(phase, data)
@@ -268,7 +274,8 @@ def main() -> None:
             print(f"{phase:10s} " + json.dumps(r), flush=True)
         report(results, args)
         if args.report:
-            args.report.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results}, indent=2))
+            arguments = {k: str(v) for k, v in vars(args).items()}
+            args.report.write_text(json.dumps({"args": arguments, "results": results}, indent=2))
 
 
 def report(results: dict, args) -> None:
@@ -290,11 +297,13 @@ def report(results: dict, args) -> None:
     if "half" in results and "featurekit" in results:
         full, half = results["featurekit"], results["half"]
         print(f"peak RSS with {full['images']} images {full['peak_rss_mb']:.0f} MB, with {half['images']} images "
-              f"{half['peak_rss_mb']:.0f} MB; GPU peak {full['gpu_peak_bytes'] / 2**20:.0f} vs {half['gpu_peak_bytes'] / 2**20:.0f} MB")
+              f"{half['peak_rss_mb']:.0f} MB; GPU peak {full['gpu_peak_bytes'] / 2**20:.0f} vs "
+              f"{half['gpu_peak_bytes'] / 2**20:.0f} MB")
     if "precision" in results:
         p = results["precision"]
         print(f"{p['precision']} vs fp32 features, relative L2 difference per row: " +
-              ", ".join(f"{name} median {d['median']:.2e} max {d['max']:.2e}" for name, d in p["relative_difference"].items()))
+              ", ".join(f"{name} median {d['median']:.2e} max {d['max']:.2e}"
+                        for name, d in p["relative_difference"].items()))
 
 
 if __name__ == "__main__":

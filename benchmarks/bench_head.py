@@ -15,10 +15,10 @@ import argparse
 import os
 import time
 
-import featurekit  # first: it sets OMP_WAIT_POLICY before torch loads (see featurekit/__init__.py)
 import numpy as np
 import torch
 import torch.nn.functional as F
+
 from featurekit.heads import MLPHead, build_mlp
 
 SCALES = {"recipe": (25_000, 8_192, 2), "small": (2_000, 1_280, 10)}
@@ -61,7 +61,8 @@ def run(scale: str, batch_size: int, device: str, repeats: int) -> None:
     rng = np.random.default_rng(0)
     X = rng.standard_normal((n, d), dtype=np.float32)
     y = rng.integers(0, c, n)
-    bare_epoch(torch.from_numpy(X[:batch_size * 4]), torch.from_numpy(y[:batch_size * 4]), c, batch_size, device)  # warm-up
+    warm = batch_size * 4
+    bare_epoch(torch.from_numpy(X[:warm]), torch.from_numpy(y[:warm]), c, batch_size, device)  # warm-up
     bare = min(bare_epoch(torch.from_numpy(X), torch.from_numpy(y), c, batch_size, device) for _ in range(repeats))
     head, fit = min(head_epoch(X, y, batch_size, device) for _ in range(repeats))
     print(f"{scale:6s} {n:>6} x {d:<5} C={c:<3} batch {batch_size:<4} {device}: bare loop {bare:7.2f} s/epoch, "
@@ -75,7 +76,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=1, help="best of this many runs per side")
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
     for scale in (SCALES if args.scale == "all" else [args.scale]):
         run(scale, args.batch_size, args.device, args.repeats)
 

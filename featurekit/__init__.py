@@ -41,16 +41,19 @@ _API = {
 }
 __all__ = sorted(_API)
 
-if TYPE_CHECKING:
-    from .backbones import load_backbone
-    from .dataset import FeatureDataset, FeatureSet
-    from .dataset import load_features as load
-    from .errors import FeaturekitError
-    from .extraction import ExtractSettings, extract
-    from .heads import load_head
-    from .predict import predict_files
-    from .runner import RunSettings, embed
-    from .train import train_head
+if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ imports on first use
+    from .backbones import load_backbone as load_backbone
+    from .dataset import FeatureDataset as FeatureDataset
+    from .dataset import FeatureSet as FeatureSet
+    from .dataset import load_features as load  # noqa: F401
+    from .errors import FeaturekitError as FeaturekitError
+    from .extraction import ExtractSettings as ExtractSettings
+    from .extraction import extract as extract
+    from .heads import load_head as load_head
+    from .predict import predict_files as predict_files
+    from .runner import RunSettings as RunSettings
+    from .runner import embed as embed
+    from .train import train_head as train_head
 
 
 def __getattr__(name: str):

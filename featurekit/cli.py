@@ -92,7 +92,8 @@ def _add_extract(commands) -> None:
                         "record each path and reason in the store and the summary (skip)")
     reuse = p.add_mutually_exclusive_group()
     reuse.add_argument("--resume", dest="overwrite", action="store_false",
-                       help="(default) reuse stores and committed chunks of this very run; refuse ones from other inputs")
+                       help="(default) reuse stores and committed chunks of this very run; "
+                            "refuse ones from other inputs")
     reuse.add_argument("--overwrite", dest="overwrite", action="store_true",
                        help="re-extract stores and discard committed chunks made from other inputs")
     p.set_defaults(overwrite=False)  # store_false would make --resume's absence mean overwrite
@@ -159,7 +160,8 @@ def _extract(args, launch) -> int:
 
 
 def _report_backbone(backbone, weights_path) -> None:
-    print(f"{backbone.store_name}: node {backbone.node}, {backbone.feature_dim} features, weights {backbone.weights.name} "
+    print(f"{backbone.store_name}: node {backbone.node}, {backbone.feature_dim} features, "
+          f"weights {backbone.weights.name} "
           f"(sha256 {backbone.weights.sha256[:12]})", file=sys.stderr)
     report = backbone.weights.report
     if report.missing or report.unexpected or report.shape_mismatch:
@@ -170,10 +172,11 @@ def _report_backbone(backbone, weights_path) -> None:
 
 
 def _add_verify(commands) -> None:
-    p = commands.add_parser("verify", help="check stores: complete, sound, unedited, and current with their image folder",
-                            description="Exit status 1 if any store is incomplete or damaged, has wrong shapes or dtypes, "
-                                        "NaN/Inf features, was edited, or no longer matches its image folder (images "
-                                        "added, removed or modified are named), or if stores of one split do not align.")
+    p = commands.add_parser(
+        "verify", help="check stores: complete, sound, unedited, and current with their image folder",
+        description="Exit status 1 if any store is incomplete or damaged, has wrong shapes or dtypes, NaN/Inf "
+                    "features, was edited, or no longer matches its image folder (images added, removed or "
+                    "modified are named), or if stores of one split do not align.")
     p.add_argument("store", type=Path, nargs="+")
     p.add_argument("--data-root", type=Path, help="check against this folder instead of the recorded data_root")
     p.set_defaults(run=_run_verify)
@@ -254,7 +257,8 @@ def _add_train_head(commands) -> None:
     parser.add_argument("features_dir", metavar="FEATURES_DIR", type=Path)
     parser.add_argument("--backbones", nargs="+", required=True, metavar="STORE",
                         help="store names (backbone, or backbone@node), concatenated in this order")
-    parser.add_argument("--head", default="mlp", choices=[*HEAD_KINDS, "all"], help="all: every head, the best on validation kept")
+    parser.add_argument("--head", default="mlp", choices=[*HEAD_KINDS, "all"],
+                        help="all: every head, the best on validation kept")
     parser.add_argument("--train-split", default="train")
     parser.add_argument("--valid-split", default="valid", help="'none' trains without validation (no selection)")
     parser.add_argument("--out", type=Path, help="output folder (default FEATURES_DIR/heads/<head>-<backbones>)")

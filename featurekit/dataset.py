@@ -97,8 +97,8 @@ def check_alignment(store_names: Sequence[str], contents: Sequence[StoreContents
         where = f"{name} ({store.path}) does not line up with {reference_name} ({reference.path})"
         if store.classes != reference.classes:
             row = _first_difference(store.classes, reference.classes)
-            raise AlignmentError(f"{where}: {len(store.classes)} vs {len(reference.classes)} classes, "
-                                 f"first differing class #{row}: {_at(store.classes, row)} vs {_at(reference.classes, row)}")
+            raise AlignmentError(f"{where}: {len(store.classes)} vs {len(reference.classes)} classes, first differing "
+                                 f"class #{row}: {_at(store.classes, row)} vs {_at(reference.classes, row)}")
         if store.paths != reference.paths:
             row = _first_difference(store.paths, reference.paths)
             raise AlignmentError(f"{where}: {len(store.paths)} vs {len(reference.paths)} rows, "

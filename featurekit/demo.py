@@ -23,7 +23,8 @@ def write_digits(out: str | Path, train_per_class: int = 30, valid_per_class: in
     out = Path(out)
     for label in range(10):
         members = rng.permutation(np.flatnonzero(digits.target == label))
-        chosen = {"train": members[:train_per_class], "valid": members[train_per_class:train_per_class + valid_per_class]}
+        chosen = {"train": members[:train_per_class],
+                  "valid": members[train_per_class:train_per_class + valid_per_class]}
         for split, indices in chosen.items():
             folder = out / split / str(label)
             folder.mkdir(parents=True, exist_ok=True)

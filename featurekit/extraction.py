@@ -185,7 +185,9 @@ def _extract_split(runner: TrunkRunner, listing: SplitListing, writers: list[Sto
 
 def _compute(runner: TrunkRunner, listing: SplitListing, writers: list[StoreWriter], settings: ExtractSettings) -> None:
     launch = settings.launch
-    todo = missing_chunks([w.committed() for w in writers], len(listing), settings.chunk_size) if launch.rank == 0 else None
+    todo = None
+    if launch.rank == 0:
+        todo = missing_chunks([w.committed() for w in writers], len(listing), settings.chunk_size)
     todo = shard(broadcast(todo, launch.world_size), launch.rank, launch.world_size)  # read before anyone wrote
     if launch.world_size > 1:
         _say(f"rank {launch.rank}/{launch.world_size}: {len(todo)} chunks ({sum(b - a for a, b in todo)} images) "

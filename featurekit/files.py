@@ -14,7 +14,7 @@ import fcntl
 import os
 import signal
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 from .errors import FeaturekitError, first_line
 
@@ -48,11 +48,12 @@ def temporary_name(path: Path) -> Path:
 
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike, what: str = "cannot write", hint: str = "",
-                  before_rename: Callable[[], None] | None = None) -> Iterator[Path]:
+                  crash_at: str | None = None) -> Iterator[Path]:
     """Yield a temporary path to write ``path``'s content to; then fsync it and rename it into place.
 
     If the block fails the temporary file is deleted and ``path`` is untouched; OS errors become a
     one-line :class:`WriteError`: ``<path>: <what> (<reason>)<hint>`` (``hint``: what was kept, what to do).
+    ``crash_at`` names the :func:`crash_point` between the fsync and the rename.
     """
     path = Path(path)
     temporary = temporary_name(path)
@@ -60,8 +61,8 @@ def atomic_output(path: str | os.PathLike, what: str = "cannot write", hint: str
         yield temporary
         with open(temporary, "rb+") as handle:
             os.fsync(handle.fileno())
-        if before_rename:
-            before_rename()
+        if crash_at:
+            crash_point(crash_at)
         os.replace(temporary, path)
         fsync_dir(path.parent)
     except BaseException as error:
@@ -138,7 +139,8 @@ class FileLock:
             return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         except OSError as error:
             if error.errno == errno.ELOOP:
-                raise LockError(f"{self.path}: lock file is a symbolic link; refusing to follow it (remove it)") from None
+                raise LockError(f"{self.path}: lock file is a symbolic link; refusing to follow it (remove it)"
+                                ) from None
             raise
 
     def _still_named(self, descriptor: int) -> bool:

@@ -27,7 +27,8 @@ from .images import DecodePolicy, ImageDecodeError, decode_image
 
 # torchvision 0.29 deprecates its decoders in favour of TorchCodec; decode_jpeg still works, and
 # featurekit keeps it until TorchCodec's batched nvJPEG decoding is a drop-in replacement.
-warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision", category=DeprecationWarning)
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
+                        category=DeprecationWarning)
 
 # EXIF orientation -> operations on a [C, H, W] tensor, as PIL's ImageOps.exif_transpose does.
 _ORIENT = {
@@ -73,7 +74,8 @@ def read_for_gpu(path: str, display: str, policy: DecodePolicy) -> RawJpeg | Non
     return RawJpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), int(orientation), path, display)
 
 
-def decode_batch(raw: list[RawJpeg], device: torch.device, policy: DecodePolicy) -> list[torch.Tensor | ImageDecodeError]:
+def decode_batch(raw: list[RawJpeg], device: torch.device,
+                 policy: DecodePolicy) -> list[torch.Tensor | ImageDecodeError]:
     """nvJPEG-decode a batch: upright ``uint8[3, H, W]`` tensors on ``device``.
 
     A batch that nvJPEG refuses is retried image by image; an image it still refuses is decoded
@@ -93,7 +95,8 @@ def _decode_one(raw: RawJpeg, device: torch.device, policy: DecodePolicy) -> tor
     except RuntimeError:  # the caller applies the orientation, so PIL must not apply it too
         pass
     try:
-        image = decode_image(raw.path, dataclasses.replace(policy, exif_transpose=False, draft_min_side=None), raw.display)
+        policy = dataclasses.replace(policy, exif_transpose=False, draft_min_side=None)
+        image = decode_image(raw.path, policy, raw.display)
     except ImageDecodeError as error:
         return error
     return F.pil_to_tensor(image).to(device)

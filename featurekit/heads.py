@@ -109,14 +109,16 @@ class Head(ClassifierMixin, BaseEstimator):
         y = np.asarray(y)
         unknown = np.setdiff1d(y, self.classes_)
         if unknown.size:
-            raise HeadError(f"validation labels {unknown.tolist()} are not among the training classes {self.classes_.tolist()}")
+            raise HeadError(f"validation labels {unknown.tolist()} are not among the training classes "
+                            f"{self.classes_.tolist()}")
         return np.searchsorted(self.classes_, y)
 
     def _scores(self, model: Any, validation: tuple[np.ndarray, np.ndarray]) -> dict[str, float]:
         X_val, t_val = validation
         proba = self._model_proba(model, X_val)
         picked = np.clip(proba[np.arange(len(t_val)), t_val], 1e-15, 1.0)
-        return {"val_accuracy": float((proba.argmax(axis=1) == t_val).mean()), "val_log_loss": float(-np.log(picked).mean())}
+        return {"val_accuracy": float((proba.argmax(axis=1) == t_val).mean()),
+                "val_log_loss": float(-np.log(picked).mean())}
 
     def _fit_one(self, X: np.ndarray, t: np.ndarray, validation, value) -> tuple[Any, list[dict]]:
         """Fit one candidate on standardised float32[N, D] and targets int64[N] in 0..C-1."""
@@ -154,7 +156,8 @@ class LogisticHead(_SklearnHead):
     kind = "logreg"
     grid_param = "C"
 
-    def __init__(self, C: float = 1.0, C_grid=(0.001, 0.01, 0.1, 1.0, 10.0), max_iter: int = 2000, standardize: bool = True):
+    def __init__(self, C: float = 1.0, C_grid=(0.001, 0.01, 0.1, 1.0, 10.0), max_iter: int = 2000,
+                 standardize: bool = True):
         self.C = C
         self.C_grid = C_grid
         self.max_iter = max_iter
@@ -396,5 +399,6 @@ def load_head(path: str | os.PathLike) -> tuple[Head, dict]:
     if not isinstance(content, dict) or content.get("format") != HEAD_FORMAT:
         raise HeadFileError(f"{path}: not a featurekit head file")
     if content["format_version"] > HEAD_FORMAT_VERSION:
-        raise HeadFileError(f"{path}: head format {content['format_version']} is newer than this featurekit reads ({HEAD_FORMAT_VERSION})")
+        raise HeadFileError(f"{path}: head format {content['format_version']} is newer than this featurekit reads "
+                            f"({HEAD_FORMAT_VERSION})")
     return content["head"], content["metadata"]

@@ -118,7 +118,8 @@ def list_split(root: str | os.PathLike, split: str) -> SplitListing:
     return SplitListing(root, split, tuple(classes), tuple(records), tuple(sorted(ignored)), tuple(empty))
 
 
-def listing_changes(recorded: dict[str, tuple[int, int]], recorded_classes: list[str], listing: SplitListing) -> list[str]:
+def listing_changes(recorded: dict[str, tuple[int, int]], recorded_classes: list[str],
+                    listing: SplitListing) -> list[str]:
     """How ``listing`` differs from an earlier one, given as printable path -> (size, mtime_ns) and
     class names: added, removed and modified files, changed class folders. Empty if it does not."""
     current = {printable_path(record.path): (record.size, record.mtime_ns) for record in listing.records}
@@ -200,7 +201,8 @@ class DecodePolicy:
         return cls(**values)
 
 
-def decode_image(path: str | os.PathLike, policy: DecodePolicy | None = None, display: str | None = None) -> Image.Image:
+def decode_image(path: str | os.PathLike, policy: DecodePolicy | None = None,
+                 display: str | None = None) -> Image.Image:
     """Decode one file into an 8-bit RGB image. Raises :class:`ImageDecodeError`.
 
     ``display`` is the name used in error messages (defaults to ``path``).

@@ -126,7 +126,7 @@ class PartialStore:
                      else "NaN/Inf from the model")
             raise StoreError(f"{self.final}: non-finite features for row {int(chunk.kept[bad.argmax()])} ({cause})")
         target = self.chunk_path(chunk.start, chunk.stop)
-        with atomic_output(target, "cannot write chunk", before_rename=lambda: crash_point("chunk-tmp-written")) as temporary:
+        with atomic_output(target, "cannot write chunk", crash_at="chunk-tmp-written") as temporary:
             with open(temporary, "wb") as handle:
                 np.savez(handle, kept=chunk.kept, features=chunk.features, skipped=chunk.skipped,
                          reasons=np.array(chunk.reasons, dtype=str).reshape(-1))

@@ -97,8 +97,9 @@ def check_backbone(head_path: Path, recorded: dict, backbone: Backbone, settings
             f"{found.mine[:16]}) but {backbone.weights.name} from {backbone.weights.source} has sha256 "
             f"{found.theirs[:16]}; refusing to predict")
     if found:
-        raise HeadMismatchError(f"{head_path}: {recorded['store_name']} was trained with {found.field.replace('_', ' ')} "
-                                f"{short(found.mine)} but this run makes {short(found.theirs)}; refusing to predict")
+        raise HeadMismatchError(f"{head_path}: {recorded['store_name']} was trained with "
+                                f"{found.field.replace('_', ' ')} {short(found.mine)} but this run makes "
+                                f"{short(found.theirs)}; refusing to predict")
 
 
 def head_backbones(head_path: Path, metadata: dict, settings: RunSettings,

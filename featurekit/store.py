@@ -341,7 +341,7 @@ class StoreWriter:
         reasons = [printable_path(reason) for reason in rows.reasons]
         header = dataclasses.replace(self.header, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         with atomic_output(self.final, "cannot write store", f"; committed chunks kept in {self.partial.dir}",
-                           lambda: crash_point("finalize-tmp-written")) as temporary:
+                           "finalize-tmp-written") as temporary:
             with h5py.File(temporary, "w") as h5:
                 h5.create_dataset("features", data=rows.features)
                 h5.create_dataset("labels", data=np.array([r.label for r in kept], dtype=np.int64))

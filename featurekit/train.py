@@ -144,14 +144,16 @@ def train_head(features_dir: str | Path, store_names: Sequence[str], head_kind: 
             raise SettingsError(f"split {valid_split!r}: no row of a class the training split has")
     elif head_kind == "all":
         raise SettingsError("--head all chooses on the validation split; give one (--valid-split)")
-    log(f"train: {len(train)} rows x {train.features.shape[1]} features ({', '.join(store_names)}), {len(np.unique(train.labels))} classes"
-        + (f"; {valid_split}: {len(rows.labels)} rows" if rows else ""))
+    log(f"train: {len(train)} rows x {train.features.shape[1]} features ({', '.join(store_names)}), "
+        f"{len(np.unique(train.labels))} classes" + (f"; {valid_split}: {len(rows.labels)} rows" if rows else ""))
     head, sweep = fit_heads(list(HEADS) if head_kind == "all" else [head_kind], params or {}, train, rows, log)
     metadata = head_metadata(head, train, valid, features_dir)
     report = {
         "head": head.kind, "backbones": list(store_names), "classes": metadata["classes"],
-        "train": {"split": train_split, "n": len(train), "accuracy": float((head.predict(train.features) == train.labels).mean())},
-        "valid": ({"split": valid_split, **evaluate(head, rows, train.classes), "excluded_classes": rows.excluded} if rows else None),
+        "train": {"split": train_split, "n": len(train),
+                  "accuracy": float((head.predict(train.features) == train.labels).mean())},
+        "valid": ({"split": valid_split, **evaluate(head, rows, train.classes), "excluded_classes": rows.excluded}
+                  if rows else None),
         "chosen": {"head": head.kind, **head.best_params_}, "params": head.get_params(), "selection": sweep,
         "timing": timing(head), "history": head.history_,
     }
@@ -184,23 +186,28 @@ def _json_default(value):
 def markdown_report(report: dict) -> str:
     lines = [f"# Head report: {report['head']} on {' + '.join(report['backbones'])}", "",
              f"- chosen: {_describe(report['chosen'])}",
-             f"- train: split `{report['train']['split']}`, {report['train']['n']} rows, accuracy {report['train']['accuracy']:.4f}"]
+             f"- train: split `{report['train']['split']}`, {report['train']['n']} rows, "
+             f"accuracy {report['train']['accuracy']:.4f}"]
     valid, time_ = report["valid"], report["timing"]
     if valid:
         lines += [f"- valid: split `{valid['split']}`, {valid['n']} rows: accuracy **{valid['accuracy']:.4f}**, "
                   f"balanced accuracy {valid['balanced_accuracy']:.4f}, log loss {valid['log_loss']:.4f}"]
         if valid["excluded_classes"]:
             lines += [f"- **left out** (classes without training rows): {_describe(valid['excluded_classes'])}"]
-    per_epoch = f", {time_['seconds_per_epoch']:.3f} s per epoch over {time_['epochs']} epochs" if time_["epochs"] else ""
+    per_epoch = (f", {time_['seconds_per_epoch']:.3f} s per epoch over {time_['epochs']} epochs"
+                 if time_["epochs"] else "")
     lines += [f"- time: {time_['seconds_total']:.2f} s in total{per_epoch}", ""]
     if valid:
         lines += ["## Per class", "", "| class | precision | recall | support |", "|---|---|---|---|"]
-        lines += [f"| {c['class']} | {c['precision']:.3f} | {c['recall']:.3f} | {c['support']} |" for c in valid["per_class"]]
+        lines += [f"| {c['class']} | {c['precision']:.3f} | {c['recall']:.3f} | {c['support']} |"
+                  for c in valid["per_class"]]
         lines += ["", "## Confusion matrix (rows: true, columns: predicted)", ""]
         lines += _matrix_table(valid["confusion_matrix"], report["classes"])
-    lines += ["", "## Selection on validation", "", "| head | value | val accuracy | val log loss | epochs |", "|---|---|---|---|---|"]
+    lines += ["", "## Selection on validation", "", "| head | value | val accuracy | val log loss | epochs |",
+              "|---|---|---|---|---|"]
     for entry in report["selection"]:
-        value = next(f"{k}={v}" for k, v in entry.items() if k not in ("head", "val_accuracy", "val_log_loss", "epochs"))
+        value = next(f"{k}={v}" for k, v in entry.items()
+                     if k not in ("head", "val_accuracy", "val_log_loss", "epochs"))
         lines += [f"| {entry['head']} | {value} | {entry.get('val_accuracy', float('nan')):.4f} | "
                   f"{entry.get('val_log_loss', float('nan')):.4f} | {entry['epochs'] or ''} |"]
     return "\n".join(lines) + "\n"
@@ -224,7 +231,8 @@ def _plots(out_dir: Path, report: dict) -> list[Path]:
     if report["history"]:
         written.append(_learning_curves(plt, report["history"], out_dir / "learning_curves.png"))
     if report["valid"]:
-        written.append(_confusion_plot(plt, report["valid"]["confusion_matrix"], report["classes"], out_dir / "confusion_matrix.png"))
+        written.append(_confusion_plot(plt, report["valid"]["confusion_matrix"], report["classes"],
+                                       out_dir / "confusion_matrix.png"))
     return written
 
 

@@ -19,7 +19,7 @@ import h5py
 import numpy as np
 
 from .errors import first_line
-from .images import DataError, listing_changes, list_split
+from .images import DataError, list_split, listing_changes
 from .store import (
     DIGEST_BLOCK_ROWS,
     StoreError,

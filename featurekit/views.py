@@ -36,9 +36,11 @@ class Preprocessing:
     @classmethod
     def from_transforms(cls, transforms) -> "Preprocessing":
         """Read torchvision's ``ImageClassification`` preset (what ``weights.transforms()`` returns)."""
-        missing = [a for a in ("resize_size", "crop_size", "mean", "std", "interpolation") if not hasattr(transforms, a)]
+        needed = ("resize_size", "crop_size", "mean", "std", "interpolation")
+        missing = [name for name in needed if not hasattr(transforms, name)]
         if missing:
-            raise TypeError(f"{type(transforms).__name__} is not an ImageClassification preset (no {', '.join(missing)})")
+            raise TypeError(f"{type(transforms).__name__} is not an ImageClassification preset "
+                            f"(no {', '.join(missing)})")
         return cls(
             resize_size=int(transforms.resize_size[0]),
             crop_size=int(transforms.crop_size[0]),
@@ -58,7 +60,8 @@ class Preprocessing:
 
     def view(self, image: Image.Image) -> torch.Tensor:
         """RGB PIL image -> ``uint8[3, crop_size, crop_size]``."""
-        image = F.resize(image, [self.resize_size], interpolation=InterpolationMode(self.interpolation), antialias=self.antialias)
+        image = F.resize(image, [self.resize_size], interpolation=InterpolationMode(self.interpolation),
+                         antialias=self.antialias)
         image = F.center_crop(image, [self.crop_size])
         return F.pil_to_tensor(image)
 
@@ -67,7 +70,8 @@ class Preprocessing:
 
         Tensor resizing differs from PIL's by rounding (about one grey level), not by geometry.
         """
-        image = F.resize(image, [self.resize_size], interpolation=InterpolationMode(self.interpolation), antialias=self.antialias)
+        image = F.resize(image, [self.resize_size], interpolation=InterpolationMode(self.interpolation),
+                         antialias=self.antialias)
         return F.center_crop(image, [self.crop_size])
 
     def normalize(self, batch: torch.Tensor) -> torch.Tensor:

@@ -68,7 +68,8 @@ def run_subprocess(*args: str | os.PathLike, env: dict | None = None, timeout: f
                    launcher: Sequence[str] = ()) -> subprocess.CompletedProcess:
     """``python [LAUNCHER] -m featurekit ARGS`` as a real child process (``launcher``: e.g. torchrun's
     ``-m torch.distributed.run ...``)."""
-    return subprocess.run([sys.executable, *launcher, "-m", "featurekit", *map(str, args)], cwd=REPO, capture_output=True,
+    return subprocess.run([sys.executable, *launcher, "-m", "featurekit", *map(str, args)], cwd=REPO,
+                          capture_output=True,
                           text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
 
 
@@ -98,7 +99,8 @@ def leftovers(out_split: Path) -> list[str]:
     return sorted(p.name for p in out_split.iterdir() if not (p.suffix == ".h5" and not p.name.startswith(".")))
 
 
-def write_image_folder(root: Path, layout: dict[str, dict[str, int]], seed: int = 0, size: tuple[int, int] = (40, 52)) -> Path:
+def write_image_folder(root: Path, layout: dict[str, dict[str, int]], seed: int = 0,
+                       size: tuple[int, int] = (40, 52)) -> Path:
     """``layout[split][class] = count`` JPEGs of varied sizes around ``size`` (h, w)."""
     rng = np.random.default_rng(seed)
     for split, classes in layout.items():
@@ -122,7 +124,8 @@ def tiny_folder(tmp_path: Path) -> Path:
 
 # --------------------------------------------------------------------------- feature stores with chosen features
 
-STORE_PREPROCESSING = {"resize_size": 8, "crop_size": 8, "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bilinear", "antialias": True}
+STORE_PREPROCESSING = {"resize_size": 8, "crop_size": 8, "mean": [0.5] * 3, "std": [0.5] * 3,
+                       "interpolation": "bilinear", "antialias": True}
 
 
 def make_image_folder(root: Path, split: str, counts: dict[str, int]) -> SplitListing:
@@ -151,7 +154,8 @@ def store_header(backbone: str, listing: SplitListing, dim: int, **overrides):
 
 def write_store(features_dir: Path, listing, store_name: str, features: np.ndarray,
                 rows: int | None = None, **header_overrides) -> Path:
-    """Write ``features`` (one row per listed image) through the real store writer; ``rows`` < N leaves it unfinished."""
+    """Write ``features`` (one row per listed image) through the real store writer; ``rows`` < N leaves
+    it unfinished."""
     import contextlib
 
     from featurekit.store import Chunk, StoreWriter

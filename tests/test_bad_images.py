@@ -25,7 +25,6 @@ from featurekit.images import DataError, DecodePolicy, ImageDecodeError, decode_
 from featurekit.store import read_store
 from tests.conftest import TINY_RUN, error_lines, make_folder, run_cli, write_jpeg
 
-
 # --------------------------------------------------------------------------- the files
 
 

@@ -58,4 +58,5 @@ def test_cuda_without_a_gpu_is_one_line(tiny_folder, tmp_path, capsys):
     code = cli.main(["extract", str(tiny_folder), "--backbone", "resnet18", "--weights", "random", "--quiet",
                      "--device", "cuda", "--out", str(tmp_path / "out")])
     assert code == 1
-    assert capsys.readouterr().err == "featurekit: error: --device cuda: no CUDA device is available here; use --device cpu\n"
+    expected = "featurekit: error: --device cuda: no CUDA device is available here; use --device cpu\n"
+    assert capsys.readouterr().err == expected

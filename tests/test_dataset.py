@@ -4,12 +4,11 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from conftest import blobs, make_image_folder, write_store
 from torch.utils.data import DataLoader
 
 from featurekit.dataset import AlignmentError, FeatureDataset, check_same_extraction, load_features
 from featurekit.store import StoreError, read_store, store_path
-
-from conftest import blobs, make_image_folder, write_store
 
 
 def test_in_memory_concatenates_columns_in_backbone_order(two_backbone_features):
@@ -56,7 +55,8 @@ def _second_listing_store(tmp_path: Path, name: str, counts: dict[str, int], shu
 
 def test_shuffled_paths_name_backbone_counts_and_row(tmp_path, two_backbone_features):
     _second_listing_store(tmp_path, "c", {"ant": 8, "bee": 8, "wasp": 8}, shuffle=True)
-    with pytest.raises(AlignmentError, match=r"^c \(.*c\.h5\) does not line up with a \(.*a\.h5\): 24 vs 24 rows, first differing row 0: 'ant/img_01.jpg' vs 'ant/img_00.jpg'"):
+    with pytest.raises(AlignmentError, match=r"^c \(.*c\.h5\) does not line up with a \(.*a\.h5\): 24 vs 24 rows, "
+                                             r"first differing row 0: 'ant/img_01.jpg' vs 'ant/img_00.jpg'"):
         load_features(tmp_path / "features", "train", ["a", "c"])
     with pytest.raises(AlignmentError, match="first differing row 0"):
         FeatureDataset(tmp_path / "features", "train", ["a", "c"])
@@ -64,7 +64,8 @@ def test_shuffled_paths_name_backbone_counts_and_row(tmp_path, two_backbone_feat
 
 def test_missing_rows_are_reported_with_both_counts(tmp_path, two_backbone_features):
     _second_listing_store(tmp_path, "c", {"ant": 8, "bee": 7, "wasp": 8})
-    with pytest.raises(AlignmentError, match=r"23 vs 24 rows, first differing row 15: 'wasp/img_00.jpg' vs 'bee/img_07.jpg'"):
+    with pytest.raises(AlignmentError,
+                       match=r"23 vs 24 rows, first differing row 15: 'wasp/img_00.jpg' vs 'bee/img_07.jpg'"):
         load_features(tmp_path / "features", "train", ["a", "c"])
 
 
@@ -82,7 +83,8 @@ def test_same_paths_but_different_labels(tmp_path, two_backbone_features):
         labels = h5["labels"][()]
         labels[5] = 2
         h5["labels"][...] = labels
-    with pytest.raises(AlignmentError, match=r"^b .*first differing label at row 5 \(ant/img_05.jpg\): 'wasp' vs 'ant'"):
+    with pytest.raises(AlignmentError,
+                       match=r"^b .*first differing label at row 5 \(ant/img_05.jpg\): 'wasp' vs 'ant'"):
         load_features(tmp_path / "features", "train", ["a", "b"])
 
 

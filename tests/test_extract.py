@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from featurekit import cli
+from featurekit import cli, runner
 from featurekit.backbones import load_backbone
-from featurekit import runner
 from featurekit.extraction import ExtractSettings, extract, shard
 from featurekit.files import WriteError
 from featurekit.store import StoreError, read_store
@@ -27,7 +26,8 @@ def resnet18():
 def test_store_round_trip_with_plain_h5py(tiny_folder, tmp_path, resnet18):
     results = extract(tiny_folder, ["train", "valid"], [resnet18], tmp_path / "features", SETTINGS)
 
-    assert [r.path.relative_to(tmp_path / "features").as_posix() for r in results] == ["train/resnet18.h5", "valid/resnet18.h5"]
+    relative = [r.path.relative_to(tmp_path / "features").as_posix() for r in results]
+    assert relative == ["train/resnet18.h5", "valid/resnet18.h5"]
     with h5py.File(tmp_path / "features" / "train" / "resnet18.h5", "r") as h5:
         features, labels = h5["features"][()], h5["labels"][()]
         paths = [p.decode("utf-8") for p in h5["paths"][()]]
@@ -48,7 +48,7 @@ def test_store_round_trip_with_plain_h5py(tiny_folder, tmp_path, resnet18):
 def test_rows_are_identical_across_runs_and_settings(tiny_folder, tmp_path, resnet18):
     first = extract(tiny_folder, ["train"], [resnet18], tmp_path / "a", SETTINGS)[0]
     second = extract(tiny_folder, ["train"], [resnet18], tmp_path / "b",
-                     ExtractSettings(device="cpu", precision="fp32", batch_size=3, chunk_size=5, num_workers=1, progress=False))[0]
+                     dataclasses.replace(SETTINGS, batch_size=3, chunk_size=5, num_workers=1))[0]
     a, b = read_store(first.path), read_store(second.path)
     assert a.paths == b.paths and a.labels.tolist() == b.labels.tolist()
     np.testing.assert_allclose(a.features.astype(np.float32), b.features.astype(np.float32), rtol=2e-3, atol=1e-3)
@@ -67,14 +67,16 @@ def test_bf16_on_cpu_is_recorded_close_to_fp32_and_leaves_the_backbone_as_built(
     before = {name: tensor.clone() for name, tensor in lite.trunk.state_dict().items()}
     settings = dataclasses.replace(SETTINGS, dtype="float32")
     fp32 = read_store(extract(tiny_folder, ["valid"], [lite], tmp_path / "fp32", settings)[0].path)
-    bf16 = read_store(extract(tiny_folder, ["valid"], [lite], tmp_path / "bf16", dataclasses.replace(settings, precision="bf16"))[0].path)
+    bf16_settings = dataclasses.replace(settings, precision="bf16")
+    bf16 = read_store(extract(tiny_folder, ["valid"], [lite], tmp_path / "bf16", bf16_settings)[0].path)
 
     assert (fp32.header.precision, bf16.header.precision) == ("fp32", "bf16")
     relative = np.linalg.norm(bf16.features - fp32.features, axis=1) / np.linalg.norm(fp32.features, axis=1)
     assert 0 < relative.max() < 0.05, relative
     after = lite.trunk.state_dict()  # the run cast and fused its own copy, not the caller's trunk
     assert after.keys() == before.keys()
-    assert all(after[name].dtype == tensor.dtype and torch.equal(after[name], tensor) for name, tensor in before.items())
+    assert all(after[name].dtype == tensor.dtype and torch.equal(after[name], tensor)
+               for name, tensor in before.items())
 
 
 def test_auto_precision_is_bf16_only_where_the_hardware_computes_it(monkeypatch):
@@ -145,6 +147,7 @@ def test_cli_extract_info_and_list(tiny_folder, tmp_path, capsys):
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
-    assert cli.main(["extract", str(tmp_path / "nowhere"), "--backbone", "resnet18", "--weights", "random", "--quiet"]) == 1
+    assert cli.main(["extract", str(tmp_path / "nowhere"), "--backbone", "resnet18", "--weights", "random",
+                     "--quiet"]) == 1
     error = capsys.readouterr().err.strip()
     assert error.count("\n") == 0 and "nowhere/train: split folder not found" in error

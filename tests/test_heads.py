@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 import torch
-
+from conftest import blobs
 from sklearn.base import clone
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
@@ -19,8 +19,6 @@ from featurekit.heads import (
     make_head,
     save_head,
 )
-
-from conftest import blobs
 
 FAST = {"mlp": {"hidden_sizes": (32,), "max_epochs": 20, "patience": 5, "batch_size": 45}}
 
@@ -84,7 +82,8 @@ def test_mlp_early_stopping_keeps_best_epoch(separable):
     X, y, X_val, y_val = separable
     misleading = {10: 20, 20: 30, 30: 10}  # validation disagrees with train: learning makes it worse
     y_bad = np.array([misleading[v] for v in y_val])
-    head = MLPHead(hidden_sizes=(16,), max_epochs=40, patience=3, weight_decay_grid=(0.0,), batch_size=16).fit(X, y, X_val, y_bad)
+    head = MLPHead(hidden_sizes=(16,), max_epochs=40, patience=3, weight_decay_grid=(0.0,), batch_size=16)
+    head.fit(X, y, X_val, y_bad)
     scores = [(r["val_accuracy"], -r["val_log_loss"]) for r in head.history_]
     best = scores.index(max(scores))
     assert len(head.history_) == best + 1 + 3 < 40
@@ -160,5 +159,6 @@ def test_knn_probabilities_are_smoothed_never_hard(separable):
 
 def test_one_class_is_a_one_line_head_error(separable):
     X, y, _, _ = separable
-    with pytest.raises(HeadError, match=r"^logreg head: the training rows hold 1 class \(10\); a classifier needs at least 2$"):
+    with pytest.raises(HeadError, match=r"^logreg head: the training rows hold 1 class \(10\); "
+                                        r"a classifier needs at least 2$"):
         LogisticHead().fit(X[:30], y[:30])

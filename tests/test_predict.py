@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from conftest import write_image_folder
 
 from featurekit import cli, runner
 from featurekit.backbones import load_backbone
@@ -17,8 +18,6 @@ from featurekit.heads import load_head, save_head
 from featurekit.predict import HeadMismatchError, head_features, predict_files
 from featurekit.store import read_store, store_path
 from featurekit.train import train_head
-
-from conftest import write_image_folder
 
 SETTINGS = ExtractSettings(device="cpu", precision="fp32", batch_size=4, num_workers=0, dtype="float32", progress=False)
 
@@ -80,7 +79,8 @@ def test_refuses_a_head_trained_with_other_preprocessing(trained, tmp_path):
     head, metadata = load_head(head_file)
     metadata["backbones"][0]["preprocessing"]["resize_size"] = 232
     save_head(tmp_path / "other.joblib", head, metadata)
-    with pytest.raises(HeadMismatchError, match=r"resnet18 was trained with preprocessing \{.*\"resize_size\": 232.*refusing"):
+    with pytest.raises(HeadMismatchError,
+                       match=r"resnet18 was trained with preprocessing \{.*\"resize_size\": 232.*refusing"):
         predict_files(tmp_path / "other.joblib", [root / "valid"], SETTINGS)
 
 

@@ -14,8 +14,7 @@ from pathlib import Path
 import h5py
 import pytest
 
-from featurekit import files, runner
-from featurekit import store
+from featurekit import files, runner, store
 from featurekit.cli import main
 from featurekit.partial import PartialStore
 from featurekit.store import open_h5, read_store, store_lock
@@ -46,6 +45,11 @@ def reference(tmp_path_factory) -> tuple[Path, Path]:
 
 def extract_args(data: Path, out: Path, *extra: str) -> list[str]:
     return ["extract", str(data), "--split", "train", "--out", str(out), *TINY_RUN, *extra]
+
+
+def killed_at(data: Path, out: Path, point: str) -> bool:
+    """Whether a real extraction subprocess was SIGKILLed at crash ``point`` (see files.crash_point)."""
+    return run_subprocess(*extract_args(data, out), env={files.CRASH_ENV: point}).returncode == -signal.SIGKILL
 
 
 # (crash point, what must be on disk after the kill besides committed chunks)
@@ -97,7 +101,8 @@ def test_external_sigkill_at_a_random_moment_resumes(tmp_path, capsys):
     out = tmp_path / "out"
     final = out / "train" / "resnet18.h5"
     child = subprocess.Popen([sys.executable, "-m", "featurekit", *extract_args(data, out)], cwd=REPO,
-                             env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                             env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE)
     try:
         while child.poll() is None and not (PartialStore(final).dir.is_dir() and committed_chunks(final)):
             time.sleep(0.005)
@@ -131,7 +136,7 @@ def test_kill_between_backbones_of_one_chunk_resumes_both(reference, tmp_path, c
 def test_resume_with_another_chunk_size_keeps_committed_rows(reference, tmp_path, capsys):
     data, expected = reference
     out = tmp_path / "out"
-    assert run_subprocess(*extract_args(data, out), env={files.CRASH_ENV: "chunk-committed:2"}).returncode == -signal.SIGKILL
+    assert killed_at(data, out, "chunk-committed:2")
     resumed = run_cli(capsys, *extract_args(data, out), "--chunk-size", "4")
     assert resumed.code == 0, resumed.err
     assert "resumed (2 chunks committed)" in resumed.err
@@ -190,7 +195,7 @@ def test_store_of_an_older_feature_computation_is_refused_not_reused(reference, 
 def test_stale_committed_chunks_are_refused_then_discarded_with_overwrite(reference, tmp_path, capsys):
     data, expected = reference
     out = tmp_path / "out"
-    assert run_subprocess(*extract_args(data, out), env={files.CRASH_ENV: "chunk-committed:2"}).returncode == -signal.SIGKILL
+    assert killed_at(data, out, "chunk-committed:2")
     refused = run_cli(capsys, *extract_args(data, out), "--dtype", "float16")
     assert refused.code == 1
     assert "2 committed chunks" in refused.err and "other dtype" in refused.err and "--overwrite" in refused.err
@@ -319,7 +324,7 @@ def test_second_writer_is_refused_while_readers_of_finished_stores_are_not(refer
 def test_reader_never_opens_a_store_killed_during_finalize(reference, tmp_path):
     data, _ = reference
     out = tmp_path / "out"
-    assert run_subprocess(*extract_args(data, out), env={files.CRASH_ENV: "finalize-tmp-written"}).returncode == -signal.SIGKILL
+    assert killed_at(data, out, "finalize-tmp-written")
     [temporary] = [p for p in (out / "train").iterdir() if ".h5.tmp-" in p.name]
     with pytest.raises(store.StoreError, match="no such store"):
         open_h5(out / "train" / "resnet18.h5")
@@ -343,7 +348,7 @@ def test_stale_store_of_a_later_split_is_refused_before_any_work(tmp_path, capsy
 def test_damaged_committed_chunk_is_recomputed(reference, tmp_path, capsys):
     data, expected = reference
     out = tmp_path / "out"
-    assert run_subprocess(*extract_args(data, out), env={files.CRASH_ENV: "chunk-committed:3"}).returncode == -signal.SIGKILL
+    assert killed_at(data, out, "chunk-committed:3")
     damaged = PartialStore(out / "train" / "resnet18.h5").dir / "chunk-000000000002-000000000004.npz"
     damaged.write_bytes(damaged.read_bytes()[:100])  # a disk that lied about its fsync
 

@@ -5,6 +5,7 @@ import io
 import numpy as np
 import pytest
 import torch
+from conftest import write_image_folder
 from PIL import Image, ImageOps
 
 from featurekit.backbones import load_backbone
@@ -12,8 +13,6 @@ from featurekit.extraction import ExtractSettings, extract
 from featurekit.gpu_decode import apply_orientation
 from featurekit.images import DecodePolicy
 from featurekit.store import read_store
-
-from conftest import write_image_folder
 
 
 @pytest.mark.parametrize("orientation", range(1, 9))
@@ -48,10 +47,13 @@ def _mixed_folder(tmp_path):
 def test_tensor_decoder_matches_pil_decoder_and_reports_bad_files(tmp_path):
     root = _mixed_folder(tmp_path)
     backbone = load_backbone("resnet18", weights="random")
-    common = dict(device="cpu", precision="fp32", dtype="float32", batch_size=4, num_workers=0, progress=False, on_error="skip")
+    common = dict(device="cpu", precision="fp32", dtype="float32", batch_size=4, num_workers=0, progress=False,
+                  on_error="skip")
 
-    (pil,) = extract(root, ["train"], [backbone], tmp_path / "pil", ExtractSettings(decode=DecodePolicy(backend="pil"), **common))
-    (tensor,) = extract(root, ["train"], [backbone], tmp_path / "tensor", ExtractSettings(decode=DecodePolicy(backend="torchvision"), **common))
+    pil_settings = ExtractSettings(decode=DecodePolicy(backend="pil"), **common)
+    tensor_settings = ExtractSettings(decode=DecodePolicy(backend="torchvision"), **common)
+    (pil,) = extract(root, ["train"], [backbone], tmp_path / "pil", pil_settings)
+    (tensor,) = extract(root, ["train"], [backbone], tmp_path / "tensor", tensor_settings)
 
     a, b = read_store(pil.path), read_store(tensor.path)
     assert b.header.decode["backend"] == "torchvision" and a.header.decode["backend"] == "pil"
@@ -69,14 +71,18 @@ def test_gpu_extraction_matches_cpu_features(tmp_path):
     backbone = load_backbone("resnet18", weights="random")
     common = dict(dtype="float32", batch_size=4, num_workers=2, progress=False, on_error="skip")
 
-    (cpu,) = extract(root, ["train"], [backbone], tmp_path / "cpu", ExtractSettings(device="cpu", precision="fp32", **common))
-    (fp32,) = extract(root, ["train"], [backbone], tmp_path / "fp32", ExtractSettings(device="cuda", precision="fp32", **common))
-    (bf16,) = extract(root, ["train"], [backbone], tmp_path / "bf16", ExtractSettings(device="cuda", **common))
+    def run(name: str, **settings):
+        return extract(root, ["train"], [backbone], tmp_path / name, ExtractSettings(**settings, **common))[0]
+
+    cpu = run("cpu", device="cpu", precision="fp32")
+    fp32 = run("fp32", device="cuda", precision="fp32")
+    bf16 = run("bf16", device="cuda")
 
     reference = read_store(cpu.path)
     for result, tolerance in ((fp32, 0.05), (bf16, 0.06)):
         store = read_store(result.path)
         assert store.paths == reference.paths and store.header.decode["backend"] == "torchvision"
-        relative = np.linalg.norm(store.features - reference.features, axis=1) / np.linalg.norm(reference.features, axis=1)
+        difference = np.linalg.norm(store.features - reference.features, axis=1)
+        relative = difference / np.linalg.norm(reference.features, axis=1)
         assert relative.max() < tolerance, (result.path, relative)
     assert read_store(bf16.path).header.precision == "bf16"

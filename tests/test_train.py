@@ -3,13 +3,12 @@ import zlib
 
 import numpy as np
 import pytest
+from conftest import make_image_folder, write_store
 
 from featurekit.dataset import load_features
 from featurekit.heads import load_head
 from featurekit.store import StoreIdentity, read_header, store_path
 from featurekit.train import train_head
-
-from conftest import make_image_folder, write_store
 
 FAST_MLP = {"hidden_sizes": (16,), "max_epochs": 15, "batch_size": 8, "lr": 1e-2}
 
@@ -36,7 +35,8 @@ def test_mlp_report_artifact_and_plots(two_backbone_features, tmp_path):
     assert "| **wasp** | 0 | 0 | 4 |" in (tmp_path / "out" / "report.md").read_text()
     head, metadata = load_head(tmp_path / "out" / "head.joblib")
     assert metadata["classes"] == ["ant", "bee", "wasp"]
-    assert [(b["store_name"], b["columns"], b["weights_sha256"]) for b in metadata["backbones"]] == [("a", [0, 6], "ab" * 32), ("b", [6, 10], "ab" * 32)]
+    recorded = [(b["store_name"], b["columns"], b["weights_sha256"]) for b in metadata["backbones"]]
+    assert recorded == [("a", [0, 6], "ab" * 32), ("b", [6, 10], "ab" * 32)]
     stores = {split: read_header(store_path(features_dir, split, "a")) for split in ("train", "valid")}
     assert metadata["backbones"][0]["fingerprints"] == {split: h.fingerprint for split, h in stores.items()}
     assert StoreIdentity.from_dict(metadata["backbones"][0]) == stores["train"].identity
@@ -54,14 +54,16 @@ def test_valid_labels_are_mapped_by_name_and_unknown_classes_reported(tmp_path):
     report = train_head(features_dir, ["a"], "logreg", tmp_path / "out", log=messages.append)
     assert any("hornet (2 rows)" in m and m.startswith("warning") for m in messages)
     assert report["valid"]["excluded_classes"] == {"hornet": 2}
-    assert report["valid"]["n"] == 9 and report["valid"]["accuracy"] == 1.0  # wasp is index 3 in train, 3 in valid; bee 1, 1
+    # wasp is index 3 in train, 3 in valid; bee 1, 1
+    assert report["valid"]["n"] == 9 and report["valid"]["accuracy"] == 1.0
     assert report["classes"] == ["ant", "bee", "wasp"]  # "empty" has no rows: no probability column
     assert "**left out**" in (tmp_path / "out" / "report.md").read_text()
 
 
 def test_all_keeps_the_best_head_on_validation(two_backbone_features, tmp_path):
     _, features_dir = two_backbone_features
-    report = train_head(features_dir, ["a", "b"], "all", tmp_path / "out", params=FAST_MLP, plots=False, log=lambda _: None)
+    report = train_head(features_dir, ["a", "b"], "all", tmp_path / "out", params=FAST_MLP, plots=False,
+                        log=lambda _: None)
     assert {entry["head"] for entry in report["selection"]} == {"mlp", "logreg", "svm", "knn"}
     best = max(report["selection"], key=lambda e: (e["val_accuracy"], -e["val_log_loss"]))
     assert report["head"] == best["head"]

@@ -7,12 +7,11 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from conftest import write_image_folder
 from PIL import Image
 
 from featurekit.backbones import BackboneError, load_backbone
 from featurekit.extraction import ExtractSettings, extract
-
-from conftest import write_image_folder
 
 SETTINGS = ExtractSettings(device="cpu", precision="fp32", dtype="float32", batch_size=2, num_workers=0, progress=False)
 

@@ -50,7 +50,8 @@ def test_recorded_folder_is_the_default_and_a_moved_one_is_reported(made, tmp_pa
     try:
         result = run_cli(capsys, "verify", moved)
         assert result.code == 1
-        assert result.out.startswith(f"{moved}: cannot check the image folder: {data / 'train'}: split folder not found")
+        expected = f"{moved}: cannot check the image folder: {data / 'train'}: split folder not found"
+        assert result.out.startswith(expected)
         assert run_cli(capsys, "verify", moved, "--data-root", tmp_path / "moved").code == 0
     finally:
         shutil.move(tmp_path / "moved", data)

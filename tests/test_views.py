@@ -1,10 +1,10 @@
 """Per-backbone views equal torchvision's own preset transforms, exactly."""
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
-import numpy as np
-from torchvision.models import Inception_V3_Weights, ResNet152_Weights, ConvNeXt_Tiny_Weights
+from torchvision.models import ConvNeXt_Tiny_Weights, Inception_V3_Weights, ResNet152_Weights
 
 from featurekit.views import Preprocessing
 
