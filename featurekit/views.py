@@ -60,10 +60,16 @@ class Preprocessing:
 
     def view(self, image: Image.Image) -> torch.Tensor:
         """RGB PIL image -> ``uint8[3, crop_size, crop_size]``."""
-        image = F.resize(image, [self.resize_size], interpolation=InterpolationMode(self.interpolation),
-                         antialias=self.antialias)
-        image = F.center_crop(image, [self.crop_size])
-        return F.pil_to_tensor(image)
+        return F.pil_to_tensor(self.view_image(image))
+
+    def view_image(self, image: Image.Image) -> Image.Image:
+        """The view as a PIL image (``crop_size`` square), for PIL transforms that follow it."""
+        return F.center_crop(self.resize(image), [self.crop_size])
+
+    def resize(self, image: Image.Image) -> Image.Image:
+        """Shorter side to ``resize_size``, with this preprocessing's interpolation (PIL image)."""
+        interpolation = InterpolationMode(self.interpolation)
+        return F.resize(image, [self.resize_size], interpolation=interpolation, antialias=self.antialias)
 
     def view_tensor(self, image: torch.Tensor) -> torch.Tensor:
         """``uint8[3, H, W]`` (any device) -> ``uint8[3, crop, crop]``; the GPU-decode path's view.
