@@ -174,14 +174,20 @@ def write_predictions(predictions: Predictions, out: Path, head_path: Path, form
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output(out) as temporary, open(temporary, "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(header)
-        writer.writerows(rows)
+        writer.writerow([spreadsheet_safe(cell) for cell in header])
+        writer.writerows([spreadsheet_safe(cell) for cell in row] for row in rows)
     settings = predictions.settings
     about = {"head": str(head_path), "rows": len(predictions.paths), "format": form, "device": settings.device,
              "precision": settings.precision, "dtype": settings.dtype, "decode": settings.decode.to_dict(),
              "skipped": [{"path": p, "reason": r} for p, r in predictions.errors], "featurekit": __version__}
     meta = atomic_write(out.with_name(out.name + ".json"), json.dumps(about, indent=2) + "\n")
     return [out, meta]
+
+
+def spreadsheet_safe(cell: str) -> str:
+    """A CSV cell a spreadsheet will not run as a formula: one starting with ``= + - @`` or a tab or
+    carriage return (a file or class named ``=HYPERLINK(...)``) gets a leading ``'`` (OWASP's advice)."""
+    return f"'{cell}" if cell[:1] in ("=", "+", "-", "@", "\t", "\r") else cell
 
 
 def _kaggle_rows(predictions: Predictions) -> list[tuple[str, str]]:

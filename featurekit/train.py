@@ -28,6 +28,7 @@ from sklearn import metrics
 
 from .dataset import FeatureSet, check_same_extraction, load_features
 from .errors import SettingsError
+from .files import atomic_output, atomic_write
 from .heads import HEADS, Head, make_heads, save_head
 
 HEAD_FILE = "head.joblib"
@@ -167,9 +168,8 @@ def train_head(features_dir: str | Path, store_names: Sequence[str], head_kind: 
 
 
 def write_reports(out_dir: Path, report: dict, plots: bool) -> list[Path]:
-    written = [out_dir / "report.json", out_dir / "report.md"]
-    written[0].write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
-    written[1].write_text(markdown_report(report))
+    written = [atomic_write(out_dir / "report.json", json.dumps(report, indent=2, default=_json_default) + "\n"),
+               atomic_write(out_dir / "report.md", markdown_report(report))]
     if plots:
         written += _plots(out_dir, report)
     return written
@@ -213,6 +213,12 @@ def markdown_report(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _save_figure(plt, figure, path: Path) -> None:
+    with atomic_output(path) as temporary:
+        figure.savefig(temporary, dpi=100, format="png")
+    plt.close(figure)
+
+
 def _matrix_table(matrix: list[list[int]], classes: list[str]) -> list[str]:
     if len(classes) > 20:
         return [f"{len(classes)} classes: see `confusion_matrix` in report.json and confusion_matrix.png."]
@@ -247,8 +253,7 @@ def _learning_curves(plt, history: list[dict], path: Path) -> Path:
     loss_axis.legend()
     accuracy_axis.set(xlabel="epoch", ylabel="validation accuracy")
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    _save_figure(plt, figure, path)
     return path
 
 
@@ -261,6 +266,5 @@ def _confusion_plot(plt, matrix: list[list[int]], classes: list[str], path: Path
         axis.set_yticks(range(len(classes)), classes)
     axis.set(xlabel="predicted", ylabel="true")
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    _save_figure(plt, figure, path)
     return path
