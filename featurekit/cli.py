@@ -166,7 +166,7 @@ def _report_backbone(backbone, weights_path) -> None:
 
 
 def _report_listing(listing) -> None:
-    print(f"{listing.split_dir}: {len(listing)} images in {len(listing.classes)} classes", file=sys.stderr)
+    print(f"{listing.display_dir}: {len(listing)} images in {len(listing.classes)} classes", file=sys.stderr)
 
 
 # --------------------------------------------------------------------------- verify

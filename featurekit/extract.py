@@ -32,7 +32,7 @@ from tqdm import tqdm
 from . import __version__
 from .backbones import Backbone
 from .distributed import barrier, broadcast, check_group
-from .images import DecodePolicy, ImageDecodeError, SplitListing, fs_path, list_split, printable_path
+from .images import DataError, DecodePolicy, ImageDecodeError, SplitListing, list_split, printable_path
 from .gpu_decode import decode_batch
 from .loader import ViewBatch, ViewDataset, default_workers, iterate_views
 from .store import (
@@ -157,7 +157,7 @@ def identity(backbone: Backbone, settings: ExtractSettings) -> dict:
 def store_attrs(backbone: Backbone, listing: SplitListing, settings: ExtractSettings, store_fingerprint: str) -> dict:
     return {
         "split": listing.split,
-        "data_root": str(listing.root.resolve()),
+        "data_root": printable_path(str(listing.root.resolve())),
         "backbone": backbone.name,
         "node": backbone.node,
         "weights": backbone.weights.name,
@@ -227,6 +227,9 @@ def extract_listings(
 ) -> list[StoreResult]:
     """:func:`extract` over splits already listed (a bad split fails before any model is built)."""
     settings = (settings or ExtractSettings()).resolved()
+    unreadable = next((listing for listing in listings if listing.unreadable), None)
+    if unreadable and settings.on_error == "fail":
+        raise DataError(f"{unreadable.display_dir}: {unreadable.unreadable_text()} (--on-error skip extracts the rest)")
     if settings.rank == 0:
         for listing in listings:
             _report_listing(listing)
@@ -358,7 +361,7 @@ class _Runner:
             _say(f"rank {rank}/{world_size}: {len(todo)} chunks ({sum(b - a for a, b in todo)} images) of {listing.split}")
         if not todo:
             return
-        files = [(str(listing.split_dir / fs_path(r.path)), f"{listing.split_dir}/{printable_path(r.path)}") for r in listing.records]
+        files = listing.files()
         with ThreadPoolExecutor(max_workers=1) as writer:
             pending: list[Future] = []
             rows: dict[str, list[torch.Tensor]] = {}
@@ -523,12 +526,8 @@ def _what_changed(final: Path, attrs: dict, listing: SplitListing, store_identit
 
 
 def _report_listing(listing: SplitListing) -> None:
-    if listing.empty_classes:
-        _say(f"{listing.split_dir}: empty class folders (kept as classes, no rows): {', '.join(listing.empty_classes)}")
-    if listing.ignored:
-        more = f" and {len(listing.ignored) - 5} more" if len(listing.ignored) > 5 else ""
-        _say(f"{listing.split_dir}: {len(listing.ignored)} files without an image extension ignored: "
-             f"{', '.join(listing.ignored[:5])}{more}")
+    for line in listing.notices():
+        _say(line)
 
 
 def _tidy_finished(partial: PartialStore) -> None:

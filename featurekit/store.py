@@ -314,7 +314,7 @@ def finalize(partial: PartialStore, listing: SplitListing, attrs: dict) -> Path:
             h5.create_dataset("features", data=features)
             h5.create_dataset("labels", data=np.array([r.label for r in records], dtype=np.int64))
             _write_records(h5, "", records)
-            h5.create_dataset("classes", data=list(listing.classes), dtype=STR)
+            h5.create_dataset("classes", data=[printable_path(c) for c in listing.classes], dtype=STR)
             h5.create_dataset("skipped_reasons", data=[printable_path(r) for r in reasons], dtype=STR)
             _write_records(h5, "skipped_", skipped)
             for key, value in {**attrs, "format": FORMAT, "format_version": FORMAT_VERSION,

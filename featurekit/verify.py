@@ -18,7 +18,7 @@ from typing import Sequence
 import h5py
 import numpy as np
 
-from .images import DataError, SplitListing, first_line, list_split, printable_path
+from .images import DataError, SplitListing, first_line, fs_path, list_split, printable_path
 from .store import DIGEST_BLOCK_ROWS, IDENTITY_KEYS, StoreError, content_sha256, decoded_attrs, fingerprint, open_h5
 
 NAMES_SHOWN = 10  # per kind of change; the count is always complete
@@ -66,7 +66,7 @@ def verify_store(path: str | os.PathLike, data_root: str | os.PathLike | None = 
             report.problems = _value_problems(h5)
             attrs = decoded_attrs(h5)
             report.alignment = (attrs["data_root"], attrs["split"], _rows_sha256(h5))
-            root = Path(data_root) if data_root is not None else Path(attrs["data_root"])
+            root = Path(data_root) if data_root is not None else Path(fs_path(attrs["data_root"]))
             try:
                 listing = list_split(root, attrs["split"])
             except DataError as error:
@@ -143,8 +143,9 @@ def _folder_changes(h5: h5py.File, listing: SplitListing) -> list[str]:
                sorted(p for p in stored.keys() & current.keys() if stored[p] not in (None, current[p]))),
     ]
     classes = [c.decode("utf-8") for c in h5["classes"][()]]
-    if classes != list(listing.classes):
-        changes.append(f"class folders changed ({', '.join(classes)} -> {', '.join(listing.classes)})")
+    current_classes = [printable_path(c) for c in listing.classes]
+    if classes != current_classes:
+        changes.append(f"class folders changed ({', '.join(classes)} -> {', '.join(current_classes)})")
     changes = [change for change in changes if change]
     if not changes:
         attrs = decoded_attrs(h5)
