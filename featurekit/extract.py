@@ -485,7 +485,7 @@ def features_for_files(
     """Run the trunks over image files (no store); failures are reported, not raised."""
     settings = dataclasses.replace(settings or ExtractSettings(progress=False), dtype="float32", on_error="skip").resolved()
     runner = _Runner(backbones, settings)
-    files = [(str(p), str(p)) for p in paths]
+    files = [(str(p), printable_path(str(p))) for p in paths]
     rows: dict[str, list[torch.Tensor]] = {}
     result = FileFeatures({}, [], [])
     for batch, outputs in runner.stream(files, all_chunks(len(files), settings.chunk_size), "features"):

@@ -106,12 +106,12 @@ def fs_path(printed: str) -> str:
     return os.fsdecode(bytes(raw))
 
 
-def counted(paths, singular: str, plural: str, predicate: str) -> str:
-    """``"2 <plural> <predicate>: a, b"``: one line, at most NAMES_SHOWN names, the rest counted."""
+def counted(paths, singular: str, plural: str, predicate: str, shown: int = NAMES_SHOWN) -> str:
+    """``"2 <plural> <predicate>: a, b"``: one line, at most ``shown`` names, the rest counted."""
     paths = list(paths)
-    more = f" and {len(paths) - NAMES_SHOWN} more" if len(paths) > NAMES_SHOWN else ""
+    more = f" and {len(paths) - shown} more" if len(paths) > shown else ""
     noun = singular if len(paths) == 1 else plural
-    return f"{len(paths)} {noun} {predicate}: {', '.join(paths[:NAMES_SHOWN])}{more}"
+    return f"{len(paths)} {noun} {predicate}: {', '.join(paths[:shown])}{more}"
 
 
 # --------------------------------------------------------------------------- listing
@@ -168,7 +168,8 @@ class SplitListing:
 
     def files(self) -> list[tuple[str, str]]:
         """(OS path to open, name for messages) of every record, in order."""
-        return [(str(self.split_dir / r.path), f"{self.display_dir}/{printable_path(r.path)}") for r in self.records]
+        split_dir, display_dir = self.split_dir, self.display_dir
+        return [(str(split_dir / r.path), f"{display_dir}/{printable_path(r.path)}") for r in self.records]
 
     def notices(self) -> list[str]:
         """One line per kind of entry that was not listed, and one for class folders without images."""

@@ -18,7 +18,7 @@ from typing import Sequence
 import h5py
 import numpy as np
 
-from .images import DataError, SplitListing, first_line, fs_path, list_split, printable_path
+from .images import DataError, SplitListing, counted, first_line, fs_path, list_split, printable_path
 from .store import DIGEST_BLOCK_ROWS, IDENTITY_KEYS, StoreError, content_sha256, decoded_attrs, fingerprint, open_h5
 
 NAMES_SHOWN = 10  # per kind of change; the count is always complete
@@ -168,10 +168,7 @@ def _stored_files(h5: h5py.File) -> dict[str, tuple[int, int] | None]:
 
 
 def _named(kind: str, paths: list[str]) -> str:
-    if not paths:
-        return ""
-    more = f" and {len(paths) - NAMES_SHOWN} more" if len(paths) > NAMES_SHOWN else ""
-    return f"{len(paths)} {'image' if len(paths) == 1 else 'images'} {kind}: {', '.join(paths[:NAMES_SHOWN])}{more}"
+    return counted(paths, "image", "images", kind, shown=NAMES_SHOWN) if paths else ""
 
 
 def _rows_sha256(h5: h5py.File) -> str:
