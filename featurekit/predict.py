@@ -31,7 +31,7 @@ from .backbones import Backbone, load_backbone
 from .errors import FeaturekitError, SettingsError, short
 from .files import atomic_output, atomic_write
 from .heads import Head, load_head
-from .images import IMAGE_EXTENSIONS, DataError, DecodePolicy
+from .images import IMAGE_EXTENSIONS, DataError, DecodePolicy, printable_path
 from .runner import FileFeatures, RunSettings, TrunkRunner, store_identity
 from .store import StoreIdentity
 
@@ -147,7 +147,7 @@ def head_features(head_path: str | os.PathLike, paths: Sequence[str | os.PathLik
     base = dataclasses.replace(settings or RunSettings(progress=False), on_error="skip")
     settings = recorded_settings(head_path, metadata, base, precision).resolved()
     backbones = head_backbones(head_path, metadata, settings, weights_paths)
-    extracted = TrunkRunner(backbones, settings).embed([(str(f), str(f)) for f in files], "predict")
+    extracted = TrunkRunner(backbones, settings).embed([(str(f), printable_path(str(f))) for f in files], "predict")
     extracted.features = {b.store_name: extracted.features[b.store_name] for b in backbones}
     return HeadFeatures(head, metadata, files, extracted, settings)
 

@@ -346,7 +346,7 @@ class StoreWriter:
                 h5.create_dataset("features", data=rows.features)
                 h5.create_dataset("labels", data=np.array([r.label for r in kept], dtype=np.int64))
                 _write_records(h5, "", kept)
-                h5.create_dataset("classes", data=list(self.listing.classes), dtype=STR)
+                h5.create_dataset("classes", data=[printable_path(c) for c in self.listing.classes], dtype=STR)
                 h5.create_dataset("skipped_reasons", data=reasons, dtype=STR)
                 _write_records(h5, "skipped_", skipped)
                 h5.attrs.update(header.to_attrs())
