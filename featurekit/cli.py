@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -46,6 +47,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("featurekit: interrupted; committed chunks are kept, rerun the same command to resume", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # stdout's reader left (`predict --out - | head`): stop quietly, as other tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so exit's flush cannot fail again
+        return 141
     except (FeaturekitError, OSError) as error:
         message = describe_os_error(error) if isinstance(error, OSError) else str(error)
         print(f"featurekit: error: {one_line(message)}", file=sys.stderr)
@@ -320,24 +324,27 @@ def _run_list_backbones(args) -> int:
 
 
 def _add_train_head(commands) -> None:
-    parser = commands.add_parser("train-head", help="train a head on concatenated backbone features",
-                                 description="fit a head on concatenated backbone features, evaluate, write a report")
-    parser.add_argument("features_dir", metavar="FEATURES_DIR", type=Path)
-    parser.add_argument("--backbones", nargs="+", required=True, metavar="STORE",
-                        help="store names (backbone, or backbone@node), concatenated in this order")
+    parser = _command(commands, "train-head", "train a classifier head on the stores of one or more backbones",
+                      description="Fit a head on the concatenated features of stores, choose its hyper-parameters "
+                                  "on the validation split, and write the head file and a report.")
+    parser.add_argument("features_dir", metavar="FEATURES_DIR", type=Path, help="extract's --out folder")
+    _backbone_option(parser, "stores to concatenate, in this order: backbone names as extract wrote them "
+                             "(backbone, or backbone@node)")
     parser.add_argument("--head", default="mlp", choices=[*HEAD_KINDS, "all"],
-                        help="all: every head, the best on validation kept")
-    parser.add_argument("--train-split", default="train")
-    parser.add_argument("--valid-split", default="valid", help="'none' trains without validation (no selection)")
-    parser.add_argument("--out", type=Path, help="output folder (default FEATURES_DIR/heads/<head>-<backbones>)")
-    parser.add_argument("--device", help="MLP training device (cpu, cuda, cuda:1; default cpu)")
-    parser.add_argument("--epochs", type=int, dest="max_epochs", help="MLP: most epochs per candidate (default 50)")
-    parser.add_argument("--batch-size", type=int, help="MLP batch size (default 64)")
-    parser.add_argument("--hidden", type=int, nargs="+", dest="hidden_sizes", help="MLP hidden sizes (default 1000)")
-    parser.add_argument("--lr", type=float, help="MLP Adam learning rate (default 1e-3)")
-    parser.add_argument("--patience", type=int, help="MLP early stopping patience in epochs (default 5)")
-    parser.add_argument("--seed", type=int, help="MLP initialisation and batch order seed (default 0)")
-    parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+                        help="head kind; all: every kind, the best on validation kept")
+    parser.add_argument("--train-split", default="train", help="split to fit on")
+    parser.add_argument("--valid-split", default="valid",
+                        help="split to choose hyper-parameters on and evaluate; none: no validation, no selection")
+    parser.add_argument("--out", type=Path, help="output folder (default: FEATURES_DIR/heads/<head>-<backbones>)")
+    parser.add_argument("--device", help="MLP training device: cpu, cuda or cuda:N (default: cpu)")
+    parser.add_argument("--epochs", type=int, dest="max_epochs", help="MLP: most epochs per candidate (default: 50)")
+    parser.add_argument("--batch-size", type=int, help="MLP batch size (default: 64)")
+    parser.add_argument("--hidden", type=int, nargs="+", dest="hidden_sizes",
+                        help="MLP hidden layer sizes (default: 1000)")
+    parser.add_argument("--lr", type=float, help="MLP Adam learning rate (default: 1e-3)")
+    parser.add_argument("--patience", type=int, help="MLP early stopping patience in epochs (default: 5)")
+    parser.add_argument("--seed", type=int, help="MLP initialisation and batch order seed (default: 0)")
+    parser.add_argument("--no-plots", action="store_true", help="write no PNG plots")
     parser.set_defaults(run=_run_train_head)
 
 
@@ -346,58 +353,112 @@ HEAD_OPTIONS = ("device", "max_epochs", "batch_size", "hidden_sizes", "lr", "pat
 
 
 def _run_train_head(args) -> int:
-    from .train import HEAD_FILE, default_out_dir, train_head
+    from .train import default_out_dir, train_head
 
     params = {key: getattr(args, key) for key in HEAD_OPTIONS if getattr(args, key) is not None}
     if "hidden_sizes" in params:
         params["hidden_sizes"] = tuple(params["hidden_sizes"])
     valid_split = None if args.valid_split.lower() == "none" else args.valid_split
-    report = train_head(args.features_dir, args.backbones, args.head, args.out, args.train_split, valid_split,
+    report = train_head(args.features_dir, args.backbone, args.head, args.out, args.train_split, valid_split,
                         params, plots=not args.no_plots, log=lambda line: print(line, file=sys.stderr))
-    out = args.out or default_out_dir(args.features_dir, args.head, args.backbones)
+    out = args.out or default_out_dir(args.features_dir, args.head, args.backbone)
     valid = report["valid"]
     print(f"{report['head']} head: " + (f"{valid['split']} accuracy {valid['accuracy']:.4f}, " if valid else "")
-          + f"written to {out}/ ({HEAD_FILE}, report.json, report.md)")
+          + f"written to {out}/ ({', '.join(report['files'])})")
     return 0
 
 
+PREDICT_EPILOG = """\
+what PATH may be:
+  an image file; a labelled folder <class>/<image> whose subfolders are all classes of the head
+  (such as data/valid): listed as extract lists a split, accuracy printed and a report written
+  beside --out (OUT.report.md, OUT.report.json, OUT.confusion_matrix.png); any other folder: the
+  images directly in it (subfolders are not searched, and are named on stderr).
+"""
+
+
 def _add_predict(commands) -> None:
-    parser = commands.add_parser("predict", help="classify image files with a trained head",
-                                 description="classify image files with a trained head, re-extracting their features")
-    parser.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders (searched recursively)")
-    parser.add_argument("--head", required=True, type=Path, help="head.joblib written by train-head")
-    parser.add_argument("--out", type=Path, default=Path("predictions.csv"))
+    parser = _command(commands, "predict", "classify images with a trained head, re-extracting their features",
+                      epilog=PREDICT_EPILOG)
+    parser.add_argument("paths", nargs="+", metavar="PATH", help="image files, or folders of them (see below)")
+    parser.add_argument("--head", required=True, type=Path,
+                        help="the head file written by train-head, or the folder train-head wrote it into")
+    parser.add_argument("--out", default="predictions.csv",
+                        help="CSV file (and OUT.json beside it: how the features were made); - writes the CSV to "
+                             "stdout and no .json")
     parser.add_argument("--format", default="csv", choices=["csv", "kaggle"],
-                        help="kaggle: id,label with the probability of the second class (dogs-vs-cats)")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--workers", type=int, default=None, help="decoding workers (default: sized to the cores)")
+                        help="csv: path, predicted, one probability per class; kaggle: id,label with the "
+                             "probability of the second class (dogs-vs-cats)")
+    parser.add_argument("--topk", type=int, metavar="K",
+                        help="csv columns top1, top1_prob, ... topK, topK_prob instead of one per class "
+                             "(default: one column per class)")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
+    parser.add_argument("--workers", type=int, default=None, help="decoding processes (default: sized to the cores)")
     parser.add_argument("--weights-path", nargs="+", default=[], metavar="STORE=FILE",
-                        help="load a backbone's weights from FILE instead of the path recorded in the head")
+                        help="load a backbone's weights from FILE instead of the path recorded in the head "
+                             "(default: the recorded path)")
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
                         help="compute precision (default: the one the head's stores were extracted at); "
                              "another one is written in the output's .json")
+    parser.add_argument("--no-plots", action="store_true", help="labelled folders: no confusion-matrix PNG")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(run=_run_predict)
 
 
 def _run_predict(args) -> int:
-    from .predict import predict_files, write_predictions
+    from .heads import load_head
+    from .predict import check_output, find_head_file, predict_files, write_predictions
     from .runner import RunSettings
 
     pairs = args.weights_path
     if any("=" not in pair for pair in pairs):
         raise SettingsError(f"--weights-path expects STORE=FILE, got {next(p for p in pairs if '=' not in p)!r}")
-    settings = RunSettings(device=args.device, batch_size=args.batch_size, num_workers=args.workers, progress=False)
-    predictions = predict_files(args.head, args.paths, settings, dict(p.split("=", 1) for p in pairs), args.precision)
+    started = time.perf_counter()
+    head_path = find_head_file(args.head)
+    metadata = load_head(head_path)[1]
+    check_output(metadata["classes"], args.format, args.topk)  # before any image is read
+    _warn_random([b["store_name"] for b in metadata["backbones"] if b["weights"] == RANDOM], _stderr)
+    settings = RunSettings(device=args.device, batch_size=args.batch_size, num_workers=args.workers,
+                           progress=not args.quiet)
+    predictions = predict_files(head_path, args.paths, settings, dict(p.split("=", 1) for p in pairs), args.precision)
+    for line in predictions.notices:
+        _stderr(line)
     for path, reason in predictions.errors:
-        print(f"skipped {path}: {reason}", file=sys.stderr)
+        _stderr(f"skipped {path}: {reason}")
     if not predictions.paths:
         raise SettingsError(f"none of the {len(predictions.errors)} files could be decoded")
-    write_predictions(predictions, args.out, args.head, args.format)
-    print(f"{len(predictions.paths)} predictions written to {args.out}"
-          + (f" ({len(predictions.errors)} files skipped)" if predictions.errors else "")
-          + f" ({predictions.settings.device}, {predictions.settings.precision})")
+    to_stdout = args.out == "-"
+    out = sys.stdout if to_stdout else Path(args.out)
+    written = write_predictions(predictions, out, head_path, args.format, args.topk)
+    elapsed = time.perf_counter() - started
+    say = _stderr if to_stdout else print
+    _report_labelled(predictions, head_path, None if to_stdout else Path(args.out), not args.no_plots, say)
+    count = len(predictions.paths)
+    say(f"{count} predictions written to {'stdout' if to_stdout else ', '.join(map(str, written))}"
+        + (f" ({len(predictions.errors)} files skipped)" if predictions.errors else "")
+        + f" ({predictions.settings.device}, {predictions.settings.precision}) in {elapsed:.1f} s, "
+        f"{count / elapsed:.1f} images/s")
     return 0
+
+
+def _report_labelled(predictions, head_path: Path, out: Path | None, plots: bool, say) -> None:
+    """Accuracy over the images of labelled folders, and the report files beside ``out``."""
+    from .report import labelled_metrics, write_prediction_report
+
+    evaluation = labelled_metrics(predictions.truth, predictions.proba, predictions.classes)
+    if evaluation is None:
+        return
+    say(f"labelled images: accuracy {evaluation['accuracy']:.4f} over {evaluation['n']} images, balanced accuracy "
+        f"{evaluation['balanced_accuracy']:.4f}")
+    if out is not None:
+        about = {"head": str(head_path), "folders": predictions.labelled_folders, "rows": len(predictions.paths)}
+        files = write_prediction_report(out, about, evaluation, predictions.classes, plots, _stderr)
+        say(f"per-class report: {', '.join(map(str, files))}")
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr)
 
 
 if __name__ == "__main__":

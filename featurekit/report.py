@@ -78,14 +78,9 @@ def write_reports(out_dir: Path, report: dict, plots: bool = True, points: Seque
     """Write the plots, then report.md and report.json into ``out_dir``; returns the report as written
     (``report_version`` and ``files``: ``written``, the files already there such as the head, and these)."""
     files = list(written)
-    missing = None
-    if plots:
-        plt = pyplot()
-        if plt is None:
-            missing = PLOTS_MISSING
-            log(f"note: {missing}")
-        else:
-            files += _train_plots(plt, out_dir, report, points)
+    plt, missing = _plotter(plots, log)
+    if plt:
+        files += _train_plots(plt, out_dir, report, points)
     names = [path.name for path in files] + ["report.md", "report.json"]
     report = {"report_version": REPORT_VERSION, **report, "files": names}
     atomic_write(out_dir / "report.md", markdown_report(report, missing))
@@ -159,6 +154,44 @@ def _images_markdown(files: Sequence[str]) -> list[str]:
     return (["## Plots", ""] + [f"![{Path(name).stem.replace('_', ' ')}]({name})" for name in images]) if images else []
 
 
+# --------------------------------------------------------------------------- predict's report on labelled folders
+
+
+def labelled_metrics(truth: Sequence[str | None], proba: np.ndarray, classes: Sequence[str]) -> dict | None:
+    """:func:`classification_metrics` over the rows of known class (``truth[i]`` a name of ``classes``,
+    the columns of ``proba`` float[N, C]), or None if no row has one."""
+    rows = [i for i, name in enumerate(truth) if name is not None]
+    if not rows:
+        return None
+    column = {name: i for i, name in enumerate(classes)}
+    labels = np.array([column[truth[i]] for i in rows], dtype=np.int64)
+    return classification_metrics(labels, proba[rows], np.arange(len(classes)), classes)
+
+
+def write_prediction_report(out: Path, about: dict, evaluation: dict, classes: list[str], plots: bool = True,
+                            log: Callable[[str], None] = print) -> list[Path]:
+    """``<out>.confusion_matrix.png`` (where matplotlib imports), ``<out>.report.md`` and
+    ``<out>.report.json`` (``about``: head, folders; the metrics under ``evaluation``). Returns them."""
+    files = []
+    title = f"{about['head']}\n{', '.join(about['folders'])}: accuracy {evaluation['accuracy']:.4f} " \
+            f"({evaluation['n']} images)"
+    plt, missing = _plotter(plots, log)
+    if plt:
+        files.append(confusion_plot(plt, evaluation["confusion_matrix"], classes,
+                                    out.with_name(out.name + ".confusion_matrix.png"), title))
+    md, js = out.with_name(out.name + ".report.md"), out.with_name(out.name + ".report.json")
+    report = {"report_version": REPORT_VERSION, "kind": "predict", **about, "classes": classes,
+              "evaluation": evaluation, "files": [p.name for p in [*files, md, js]]}
+    lines = [f"# Predictions of {about['head']} on {', '.join(about['folders'])}", "",
+             f"- {evaluation['n']} images of known class: accuracy **{evaluation['accuracy']:.4f}**, balanced "
+             f"accuracy {evaluation['balanced_accuracy']:.4f}, log loss {evaluation['log_loss']:.4f}"]
+    lines += [f"- plots: none; {missing}"] if missing else []
+    lines += ["", *evaluation_markdown(evaluation, classes), *_images_markdown(report["files"])]
+    atomic_write(md, "\n".join(lines) + "\n")
+    atomic_write(js, json.dumps(report, indent=2, default=_json_default) + "\n")
+    return [*files, md, js]
+
+
 # --------------------------------------------------------------------------- plots
 
 
@@ -171,6 +204,16 @@ def pyplot():
     except ImportError:
         return None
     return plt
+
+
+def _plotter(plots: bool, log: Callable[[str], None]):
+    """(pyplot, None) when plots are asked for and matplotlib imports; else (None, why: None if not asked)."""
+    if not plots:
+        return None, None
+    plt = pyplot()
+    if plt is None:
+        log(f"note: {PLOTS_MISSING}")
+    return plt, None if plt else PLOTS_MISSING
 
 
 def _train_plots(plt, out_dir: Path, report: dict, points: Sequence[Points]) -> list[Path]:
@@ -246,17 +289,19 @@ def embedding_plot(plt, points: Sequence[Points], path: Path, title: str) -> Pat
     xy, method = project(np.concatenate([p.features for p in points]), len(points[0].features))
     classes = list(dict.fromkeys(name for p in points for name in p.classes))
     colours = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
-    figure, axis = plt.subplots(figsize=(8, 7))
-    start = 0
+    legend = len(classes) <= 20
+    figure, axis = plt.subplots(figsize=(9.5 if legend else 8, 7))
+    start, named = 0, set()
     for p, marker in zip(points, "ox+^"):
         rows = xy[start:start + len(p.features)]
         start += len(p.features)
         for label in np.unique(p.labels):
             name = p.classes[label]
             axis.scatter(*rows[p.labels == label].T, s=14, marker=marker, color=colours(classes.index(name) % 20),
-                         label=f"{name} ({p.split})" if len(classes) <= 20 else None)
-    if len(classes) <= 20:
-        axis.legend(fontsize="small", markerscale=1.5, loc="best", ncols=2 if len(classes) > 10 else 1)
+                         label=name if legend and name not in named else None)
+            named.add(name)
+    if legend:
+        axis.legend(title="class", fontsize="small", loc="center left", bbox_to_anchor=(1.01, 0.5))
     splits = ", ".join(f"{p.split} {'ox+^'[i]}" for i, p in enumerate(points))
     axis.set_title(f"{title}\n{method} of {len(xy)} feature rows ({splits}), coloured by class")
     axis.set(xticks=[], yticks=[])

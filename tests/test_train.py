@@ -26,8 +26,10 @@ def test_mlp_report_artifact_and_plots(two_backbone_features, tmp_path):
     _, features_dir = two_backbone_features
     report = train_head(features_dir, ["a", "b"], "mlp", tmp_path / "out", params=FAST_MLP, log=lambda _: None)
     files = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert files == ["confusion_matrix.png", "head.joblib", "learning_curves.png", "report.json", "report.md"]
+    assert files == ["confusion_matrix.png", "embedding.png", "head.joblib", "learning_curves.png", "report.json",
+                     "report.md"]
     saved = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert saved["report_version"] == 2 and sorted(saved["files"]) == files == sorted(report["files"])
     assert saved["valid"]["accuracy"] == report["valid"]["accuracy"] == 1.0
     assert saved["valid"]["confusion_matrix"] == [[4, 0, 0], [0, 4, 0], [0, 0, 4]]
     assert [c["class"] for c in saved["valid"]["per_class"]] == ["ant", "bee", "wasp"]
