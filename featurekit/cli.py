@@ -81,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_list_backbones(commands)
     _add_train_head(commands)
     _add_predict(commands)
+    _add_neighbors(commands)
     return parser
 
 
@@ -459,6 +460,89 @@ def _report_labelled(predictions, head_path: Path, out: Path | None, plots: bool
 
 def _stderr(line: str) -> None:
     print(line, file=sys.stderr)
+
+
+NEIGHBORS_EPILOG = """\
+examples:
+  featurekit neighbors --head features/heads/logreg-efficientnet_lite0 --sheet worst.png
+      each validation image the head gets wrong, worst first, with its nearest training images
+  featurekit neighbors --features features --backbone efficientnet_lite0 --image photo.jpg
+      the training images nearest to photo.jpg
+nearness: cosine similarity of features standardised with the training split's mean and std.
+"""
+
+
+def _add_neighbors(commands) -> None:
+    parser = _command(commands, "neighbors", "show the training images nearest to query images or to a head's "
+                      "mistakes, as text and a contact sheet", epilog=NEIGHBORS_EPILOG)
+    parser.add_argument("--head", type=Path, help="a head file or its folder: its stores are searched, and without "
+                                                  "--image its misclassified validation images are the queries "
+                                                  "(default: none; then give --features and --backbone)")
+    parser.add_argument("--features", type=Path, metavar="FEATURES_DIR",
+                        help="extract's --out folder (default: the one the head was trained from)")
+    parser.add_argument("--backbone", "--backbones", dest="backbone", nargs="+", metavar="NAME",
+                        help="stores to search, concatenated (default: the head's)")
+    parser.add_argument("--image", nargs="+", metavar="PATH",
+                        help="query image files or folders, as predict takes them (default: the head's "
+                             "misclassified validation images)")
+    parser.add_argument("--split", help="split searched for neighbours (default: the head's training split, or train)")
+    parser.add_argument("--valid-split", help="split of the misclassified images (default: the head's validation "
+                                              "split)")
+    parser.add_argument("-k", "--neighbors", dest="k", type=int, default=5, help="neighbours per query")
+    parser.add_argument("--sheet", type=Path, metavar="PNG", help="write a contact sheet of the queries and their "
+                                                                  "neighbours (default: none)")
+    parser.add_argument("--worst", type=int, default=16, help="queries on the contact sheet, worst first")
+    parser.add_argument("--json", action="store_true", help="print one line of JSON instead of text")
+    parser.add_argument("--device", default="auto", help="query images: auto (cuda if available), cpu, cuda or cuda:N")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(run=_run_neighbors)
+
+
+def _run_neighbors(args) -> int:
+    from .dataset import load_features
+    from .heads import load_head
+    from .neighbors import Gallery, contact_sheet, describe_query, image_queries, misclassified_queries, queries_json
+    from .predict import find_head_file
+    from .runner import RunSettings
+
+    if args.k < 1 or args.worst < 1:
+        raise SettingsError(f"-k and --worst must be at least 1 (got {args.k}, {args.worst})")
+    head, metadata = load_head(find_head_file(args.head)) if args.head else (None, None)
+    if head is None and not (args.features and args.backbone and args.image):
+        raise SettingsError("give --head HEAD (its mistakes, or --image), or --features DIR --backbone NAME --image "
+                            "PATH")
+    if head is not None and args.backbone:
+        raise SettingsError("--backbone: a head searches the stores it was trained on; leave --backbone out")
+    features_dir = args.features or Path(metadata["features_dir"])
+    stores = args.backbone or [b["store_name"] for b in metadata["backbones"]]
+    split = args.split or (metadata["train_split"] if metadata else "train")
+    gallery = Gallery(load_features(features_dir, split, stores))
+    _warn_random([i.store_name for i in gallery.train.stores if i.header.weights == RANDOM], _stderr)
+    about = {"features_dir": str(features_dir), "stores": stores, "split": split, "head": str(args.head or "")}
+    if args.image:
+        settings = RunSettings(device=args.device, num_workers=None, progress=not args.quiet)
+        queries, notices = image_queries(gallery, args.image, args.k, head, metadata, settings)
+        for line in notices:
+            _stderr(line)
+        summary = f"{len(queries)} query images, {args.k} nearest of {len(gallery.train)} {split} images each"
+    else:
+        valid_split = args.valid_split or metadata["valid_split"]
+        if not valid_split:
+            raise SettingsError(f"{args.head}: trained without a validation split; give --valid-split or --image")
+        queries, scored = misclassified_queries(gallery, head, metadata, features_dir, valid_split, args.k)
+        summary = (f"{len(queries)} of {scored} {valid_split} images misclassified, worst first, each with its "
+                   f"{args.k} nearest {split} images")
+    if args.json:
+        print(queries_json(queries, about))
+    else:
+        for query in queries:
+            print("\n".join(describe_query(query)))
+    if args.sheet and queries:
+        shown = queries[:args.worst]
+        title = f"{', '.join(stores)}: {summary}" + (f" (first {len(shown)})" if len(shown) < len(queries) else "")
+        summary += f"; contact sheet {contact_sheet(shown, args.sheet, gallery.decode, title)}"
+    _stderr(summary)
+    return 0
 
 
 if __name__ == "__main__":

@@ -148,12 +148,22 @@ def head_features(head_path: str | os.PathLike, paths: Sequence[str | os.PathLik
     head_path = find_head_file(head_path)
     head, metadata = load_head(head_path)
     inputs = collect_inputs(paths, metadata["classes"])
-    base = dataclasses.replace(settings or RunSettings(progress=False), on_error="skip")
-    settings = recorded_settings(head_path, metadata, base, precision).resolved()
-    backbones = head_backbones(head_path, metadata, settings, weights_paths)
-    extracted = TrunkRunner(backbones, settings).embed(inputs.files, "predict")
-    extracted.features = {b.store_name: extracted.features[b.store_name] for b in backbones}
+    extracted, settings = recorded_features(head_path, metadata, inputs.files, settings, weights_paths, precision)
     return HeadFeatures(head, metadata, [Path(path) for path, _ in inputs.files], extracted, settings, inputs)
+
+
+def recorded_features(source: Path, metadata: dict, files: Sequence[tuple[str, str]],
+                      settings: RunSettings | None = None, weights_paths: dict[str, str] | None = None,
+                      precision: str | None = None, label: str = "predict") -> tuple[FileFeatures, RunSettings]:
+    """Features of ``files`` ((OS path, name) pairs) as the stores ``metadata["backbones"]`` records
+    describe would hold them (``source``: the head or store those records come from, for messages),
+    and the resolved settings that made them. Undecodable files are reported, not raised."""
+    base = dataclasses.replace(settings or RunSettings(progress=False), on_error="skip")
+    settings = recorded_settings(source, metadata, base, precision).resolved()
+    backbones = head_backbones(source, metadata, settings, weights_paths)
+    extracted = TrunkRunner(backbones, settings).embed(files, label)
+    extracted.features = {b.store_name: extracted.features[b.store_name] for b in backbones}
+    return extracted, settings
 
 
 def predict_files(head_path: str | os.PathLike, paths: Sequence[str | os.PathLike], settings: RunSettings | None = None,
