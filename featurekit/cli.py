@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Sequence
@@ -87,8 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _command(commands, name: str, summary: str, **kwargs) -> argparse.ArgumentParser:
     """A subcommand whose one-line ``summary`` is both its line in ``featurekit --help`` and its description."""
-    kwargs.setdefault("description", summary[0].upper() + summary[1:] + ".")
-    return commands.add_parser(name, help=summary, formatter_class=HelpFormatter, **kwargs)
+    description = kwargs.pop("description", summary[0].upper() + summary[1:] + ".")
+    return commands.add_parser(name, help=summary, description=textwrap.fill(description, 100),
+                               formatter_class=HelpFormatter, **kwargs)
 
 
 def _backbone_option(parser: argparse.ArgumentParser, help: str) -> None:
