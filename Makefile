@@ -31,7 +31,7 @@ extract: install
 	$(PY) -m featurekit extract $(DATA) --split $(SPLITS) --backbone $(BACKBONES) --weights $(WEIGHTS) --out $(FEATURES) $(EXTRACT_FLAGS)
 
 train-head: install
-	$(PY) -m featurekit train-head $(FEATURES) --backbones $(BACKBONES) --head $(HEAD) $(HEAD_FLAGS)
+	$(PY) -m featurekit train-head $(FEATURES) --backbone $(BACKBONES) --head $(HEAD) $(HEAD_FLAGS)
 
 demo: data
 	$(MAKE) --no-print-directory extract DATA=data/digits FEATURES=features/digits BACKBONES="$(BACKBONES)"
