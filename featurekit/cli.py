@@ -375,8 +375,9 @@ PREDICT_EPILOG = """\
 what PATH may be:
   an image file; a labelled folder <class>/<image> whose subfolders are all classes of the head
   (such as data/valid): listed as extract lists a split, accuracy printed and a report written
-  beside --out (OUT.report.md, OUT.report.json, OUT.confusion_matrix.png); any other folder: the
-  images directly in it (subfolders are not searched, and are named on stderr).
+  beside --out (OUT.report.md, OUT.report.json, OUT.confusion_matrix.png; with --out - the accuracy
+  only); any other folder: the images directly in it (subfolders are not searched, and are named
+  on stderr).
 """
 
 

@@ -128,3 +128,11 @@ def test_list_backbones_imports_no_torch_and_lists_what_torchvision_lists():
     from featurekit.registry import torchvision_model_names
     assert list(torchvision_model_names()) == sorted(torchvision.models.list_models(module=torchvision.models))
     assert "resnet152" in completed.stdout and "vit_b_16" in completed.stdout
+
+
+def test_a_reader_that_leaves_early_ends_the_command_quietly():
+    """``featurekit predict --out - | head``: stdout's reader goes away; no error line, no traceback."""
+    child = subprocess.Popen([sys.executable, "-m", "featurekit", "list-backbones"], cwd=REPO, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    child.stdout.close()  # before the child has printed anything (it starts in ~0.2 s)
+    assert child.wait(timeout=60) == 141 and child.stderr.read() == ""
