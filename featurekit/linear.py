@@ -50,7 +50,7 @@ import torch.nn.functional as F
 
 Loss = Literal["logistic", "squared_hinge"]
 LOSSES: tuple[str, ...] = ("logistic", "squared_hinge")
-_ROW_BLOCK = 8192  # rows squared at a time by the preconditioner
+_PRECONDITIONER_ROWS = 2048  # rows the preconditioner's diagonal is estimated on (every stride-th)
 _ARMIJO = 1e-4
 
 
@@ -167,6 +167,8 @@ class _Problem:
         self.blocks = K if loss == "squared_hinge" else 1
         self.penalty = 0.0  # 1 / (C N), set per C
         self.passes = 0
+        self.stride = -(-self.N // _PRECONDITIONER_ROWS)
+        self.squared_sample: torch.Tensor | None = None
 
     def scores(self, theta: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """float[N, K] = X @ W.T + b (for a search direction: the scores' rate of change); with
@@ -236,16 +238,16 @@ class _Problem:
         return values.to(self.X.dtype).view(1, -1)
 
     def preconditioner(self, point: _Point) -> torch.Tensor:
-        """float[K, D + 1]: inverse of the Hessian's diagonal at ``point`` (curvature-weighted x_ij^2 + penalty)."""
-        self.passes += 1
+        """float[K, D + 1]: inverse of the Hessian's diagonal at ``point`` (curvature-weighted x_ij^2 +
+        penalty), the W part estimated on every ``stride``-th row (at most _PRECONDITIONER_ROWS)."""
         weights = _curvature(point.scores, self.signs, self.loss)
-        diagonal = torch.zeros_like(point.theta)
-        for start in range(0, self.N, _ROW_BLOCK):
-            rows = slice(start, start + _ROW_BLOCK)
-            diagonal[:, :-1].addmm_(weights[rows].T, self.X[rows].square())
-        diagonal[:, -1] = weights.sum(dim=0)
-        diagonal /= self.N
-        diagonal[:, :-1] += self.penalty
+        if self.squared_sample is None:  # once per path
+            self.squared_sample = self.X[::self.stride].square()
+        sample = weights[::self.stride]
+        self.passes += len(sample) / self.N
+        diagonal = torch.empty_like(point.theta)
+        diagonal[:, :-1] = (sample.T @ self.squared_sample).div_(len(sample)).add_(self.penalty)
+        diagonal[:, -1] = weights.mean(dim=0)
         # a class whose rows all sit past the margin has no curvature in b: keep its step finite
         return 1.0 / diagonal.clamp_min_(max(self.penalty, 1e-12))
 
@@ -286,6 +288,7 @@ def _lbfgs(problem: _Problem, point: _Point, tol: float, max_iter: int, history:
         trial, stalled_now = _line_search(problem, point, direction, problem.scores(direction, moving),
                                           done | stalled, noise)
         stalled |= stalled_now
+        trial = _refit_intercept(problem, trial, done | stalled)
         trial.grad = problem.gradient(trial.theta, trial.dscores, moving, point.grad)
         s, y_ = trial.theta - point.theta, trial.grad - point.grad
         sy = problem.dot(s, y_)
@@ -327,6 +330,38 @@ def _line_search(problem: _Problem, point: _Point, direction: torch.Tensor, dire
     secant = torch.where(steep, (step * slope / (slope - trial_slope)).clamp(0.1 * step, 10 * step), step)
     refined = _move(problem, point, secant, direction, direction_scores)
     return _where_blocks(problem, refined.value < trial.value, refined, trial), ~accepted
+
+
+def _refit_intercept(problem: _Problem, point: _Point, finished: torch.Tensor, steps: int = 2) -> _Point:
+    """``point`` with its intercept moved by Newton steps for b alone (gradient not computed).
+
+    The intercept's curvature, net of its coupling with W, is far below the Hessian's diagonal in b
+    (on caltech101 features, L-BFGS took twice the iterations with b lagging W); b alone is cheap
+    to optimise, since shifting b shifts the scores' columns and needs no product with X. Logistic:
+    the K x K Hessian of the softmax in b (its null direction, all b equal, is projected out);
+    squared hinge: each class's own curvature. A step is kept per block where it lowers the objective.
+    """
+    for _ in range(steps):
+        gradient = point.dscores.sum(dim=0)  # d objective / d b, float[K]
+        if problem.loss == "logistic":
+            p = torch.softmax(point.scores, dim=1)
+            hessian = (torch.diag(p.sum(dim=0)) - p.T @ p).double() / problem.N
+            hessian += torch.eye(len(hessian), dtype=hessian.dtype, device=hessian.device) * 1e-9
+            shift = -torch.linalg.solve(hessian, gradient.double())
+            shift = (shift - shift.mean()).to(point.theta.dtype)
+        else:
+            curvature = 2.0 * (point.dscores != 0).sum(dim=0).to(point.theta.dtype) / problem.N
+            shift = torch.where(curvature > 0, -gradient / curvature.clamp_min(1e-12), 0.0)
+        shift = torch.where(finished if problem.blocks > 1 else torch.zeros_like(shift, dtype=torch.bool), 0.0, shift)
+        theta = point.theta.clone()
+        theta[:, -1] += shift
+        scores = point.scores + shift
+        value, dscores = problem.value(theta, scores)
+        better = value < point.value
+        if not bool(better.any()):
+            break
+        point = _where_blocks(problem, better, _Point(theta, scores, dscores, value, None), point)
+    return point
 
 
 def _move(problem: _Problem, point: _Point, step: torch.Tensor, direction: torch.Tensor,
