@@ -10,7 +10,8 @@ a linear head is neither perfect nor at chance), standardised on the training ro
   over X, best C and its validation accuracy;
 - scikit-learn at the best C found, other settings at their defaults: LogisticRegression (lbfgs),
   and LinearSVC inside CalibratedClassifierCV(cv=3) as the former svm head fits it (four SVM fits
-  for one C), and the ratios of one scikit-learn C to our whole sweep;
+  for one C; stopped after ``--sklearn-svm-limit`` seconds), and the ratios of one scikit-learn C
+  to our whole sweep;
 - a matrix-product figure measured in the same run (X @ W.T then its transpose product, the cost
   of one solver iteration), since this machine's two cores are shared.
 
@@ -18,13 +19,15 @@ Then the same sweeps on real lite0 + lite2 stores (``--stores``, default /tmp/re
 classes, 2,560 features) with validation accuracy, log loss and seconds.
 
     python benchmarks/bench_linear.py                       # synthetic and caltech101
-    python benchmarks/bench_linear.py --skip-sklearn-svm    # LinearSVC + calibration can take minutes
+    python benchmarks/bench_linear.py --skip-sklearn-svm    # LinearSVC + calibration takes > 10 minutes here
+    python benchmarks/bench_linear.py --full-path           # also the sweeps over all 45 Cs
     python benchmarks/bench_linear.py --device cuda --stores none
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import time
 import warnings
 from pathlib import Path
@@ -95,9 +98,10 @@ def _sync(device: str) -> None:
 def report_sweep(name: str, best: linear.LinearFit, records: list[dict], seconds: float) -> None:
     chosen = next(r for r in records if r["C"] == best.C)
     passes = sum(r["passes"] for r in records)
-    print(f"  ours {name:13s}: {seconds:6.1f} s for {len(records):2d} Cs ({passes:5.0f} passes over X), best C "
+    print(f"  ours {name}: {seconds:.1f} s for {len(records)} Cs ({passes:.0f} passes over X), best C "
           f"{best.C:.3g}: valid accuracy {chosen['val_accuracy']:.4f}, log loss {chosen['val_log_loss']:.4f}"
-          + (f", inverse temperature {best.temperature:.3g}" if best.temperature else ""), flush=True)
+          + (f", inverse temperature {best.temperature:.3g}" if best.temperature else "")
+          + ("" if all(r["converged"] for r in records) else " (some C not converged)"), flush=True)
 
 
 def sklearn_logistic(data, C: float) -> tuple[float, float, bool]:
@@ -111,7 +115,23 @@ def sklearn_logistic(data, C: float) -> tuple[float, float, bool]:
     return seconds, float((model.predict(X_val) == y_val).mean()), converged
 
 
-def sklearn_calibrated_svm(data, C: float) -> tuple[float, float, bool]:
+def sklearn_calibrated_svm(data, C: float, limit: float) -> tuple[float, float | None, bool]:
+    """(seconds, valid accuracy, converged) of the former svm head's fit at one C, in a child process
+    stopped after ``limit`` seconds (accuracy None then)."""
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    child = context.Process(target=_calibrated_svm_child, args=(data, C, results))
+    start = time.perf_counter()
+    child.start()
+    child.join(limit)
+    if child.is_alive():
+        child.terminate()
+        child.join()
+        return time.perf_counter() - start, None, False
+    return results.get()
+
+
+def _calibrated_svm_child(data, C: float, results) -> None:
     X, y, X_val, y_val = data
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)
@@ -119,34 +139,42 @@ def sklearn_calibrated_svm(data, C: float) -> tuple[float, float, bool]:
         model = CalibratedClassifierCV(LinearSVC(C=C), method="sigmoid", cv=3, ensemble=False).fit(X, y)
         seconds = time.perf_counter() - start
     converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
-    return seconds, float((model.predict(X_val) == y_val).mean()), converged
+    results.put((seconds, float((model.predict(X_val) == y_val).mean()), converged))
 
 
-def run(title: str, data, args) -> None:
+def run(title: str, data, args, with_sklearn_svm: bool) -> None:
     n, dim = data[0].shape
     classes = int(data[1].max()) + 1
     Cs = np.logspace(-6, 5, args.Cs)
     print(f"\n{title}: {n} train / {len(data[2])} valid rows x {dim} features, {classes} classes; "
-          f"{args.Cs} Cs in [1e-6, 1e5], tol {args.tol}, patience {args.patience}, {args.device}")
+          f"{args.Cs} Cs in [1e-6, 1e5], tol {args.tol}, {args.device}")
     print(f"  one iteration's products (X @ W.T and back) at this shape: "
           f"{1000 * product_seconds(n, dim, classes, args.device):.0f} ms", flush=True)
-    results = {loss: sweep(loss, data, Cs, args.device, args.tol, args.patience) for loss in linear.LOSSES}
-    for loss, (best, records, seconds) in results.items():
-        report_sweep(loss, best, records, seconds)
+    results = {}
+    for loss in linear.LOSSES:
+        results[loss] = sweep(loss, data, Cs, args.device, args.tol, args.patience)
+        report_sweep(f"{loss}, stopped {args.patience} Cs past the best", *results[loss])
+        if args.full_path:
+            report_sweep(f"{loss}, all {len(Cs)} Cs", *sweep(loss, data, Cs, args.device, args.tol, len(Cs)))
     if args.skip_sklearn:
         return
     logistic_best, _, logistic_seconds = results["logistic"]
     seconds, accuracy, converged = sklearn_logistic(data, logistic_best.C)
     print(f"  sklearn LogisticRegression(C={logistic_best.C:.3g}), defaults: {seconds:6.1f} s for one C, valid accuracy "
           f"{accuracy:.4f}{'' if converged else ' (ConvergenceWarning at max_iter=100)'}; "
-          f"one sklearn C / our whole sweep = {seconds / logistic_seconds:.2f}x", flush=True)
-    if args.skip_sklearn_svm:
+          f"one sklearn C / our stopped sweep = {seconds / logistic_seconds:.2f}x", flush=True)
+    if not with_sklearn_svm:
         return
     svm_best, _, svm_seconds = results["squared_hinge"]
-    seconds, accuracy, converged = sklearn_calibrated_svm(data, svm_best.C)
-    print(f"  sklearn CalibratedClassifierCV(LinearSVC(C={svm_best.C:.3g}), cv=3): {seconds:6.1f} s for one C, valid "
-          f"accuracy {accuracy:.4f}{'' if converged else ' (ConvergenceWarning)'}; "
-          f"one sklearn C / our whole sweep = {seconds / svm_seconds:.2f}x", flush=True)
+    seconds, accuracy, converged = sklearn_calibrated_svm(data, svm_best.C, args.sklearn_svm_limit)
+    name = f"sklearn CalibratedClassifierCV(LinearSVC(C={svm_best.C:.3g}), cv=3)"
+    if accuracy is None:
+        print(f"  {name}: stopped after {seconds:.0f} s without finishing one C; one sklearn C / our stopped sweep "
+              f"> {seconds / svm_seconds:.1f}x", flush=True)
+        return
+    print(f"  {name}: {seconds:6.1f} s for one C, valid accuracy {accuracy:.4f}"
+          f"{'' if converged else ' (ConvergenceWarning)'}; one sklearn C / our stopped sweep = "
+          f"{seconds / svm_seconds:.2f}x", flush=True)
 
 
 def real_stores(stores: Path):
@@ -168,15 +196,20 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--stores", default="/tmp/real/caltech", help="features dir with train/ and valid/ lite stores, "
                         "or 'none'")
+    parser.add_argument("--skip-synthetic", action="store_true")
     parser.add_argument("--skip-sklearn", action="store_true")
-    parser.add_argument("--skip-sklearn-svm", action="store_true")
+    parser.add_argument("--skip-sklearn-svm", action="store_true", help="on the synthetic set (never run on the stores)")
+    parser.add_argument("--full-path", action="store_true", help="also time the sweeps over all Cs, no early stop")
+    parser.add_argument("--sklearn-svm-limit", type=float, default=600, help="seconds before the calibrated "
+                        "LinearSVC (four SVM fits for one C) is stopped")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    X_train, y_train, X_valid, y_valid = synthetic(args.rows, args.rows // 2, args.dim, args.classes)
-    X_train, X_valid = standardised(X_train, X_valid)
-    run("synthetic", (X_train, y_train, X_valid, y_valid), args)
+    if not args.skip_synthetic:
+        X_train, y_train, X_valid, y_valid = synthetic(args.rows, args.rows // 2, args.dim, args.classes)
+        X_train, X_valid = standardised(X_train, X_valid)
+        run("synthetic", (X_train, y_train, X_valid, y_valid), args, not args.skip_sklearn_svm)
     if args.stores.lower() != "none":
-        run(f"{args.stores} ({' + '.join(LITE)})", real_stores(Path(args.stores)), args)
+        run(f"{args.stores} ({' + '.join(LITE)})", real_stores(Path(args.stores)), args, False)
 
 
 if __name__ == "__main__":

@@ -17,18 +17,22 @@ divided by ``C * N`` (same minimiser, gradients of order one whatever N and C)::
   gradient, so the same L-BFGS solver converges on it, and it is LinearSVC's default, so its figures
   compare with the former svm head; Crammer-Singer's max over classes is not differentiable.
 
-Solver: L-BFGS (memory ``history``) with a diagonal preconditioner, the diagonal of the Hessian
-at the warm start (per class and feature: the loss curvature of each row times ``x_ij^2``, plus the
-penalty), and an Armijo backtracking line search; the objective is convex, so curvature pairs stay
-positive. **Stopping rule**: the largest absolute entry of the objective's gradient (W and b) is at
-most ``tol``, as scikit-learn's lbfgs ``gtol`` on the same normalised objective; or ``max_iter``
-iterations; or a line search that can no longer decrease the objective in float32
-(``LinearFit.converged`` says which). Along a path each C starts from the previous solution,
-moved along the path's direction (a secant step in log C), and the first C from W = 0 with the
-intercept at its exact optimum for W = 0.
+Solver: L-BFGS (memory ``history``), one memory and step length per independent block (logistic:
+one block; squared hinge: one per class, whose converged classes then drop out of the products with
+X), with a diagonal preconditioner (the Hessian's diagonal at each C's start, estimated on at most
+2,048 evenly spaced rows). Each iteration takes two products with X, ``X @ dW.T`` along the search
+direction and the gradient ``dL/dS.T @ X``: the line search (Armijo by quadratic backtracking, or
+Hager and Zhang's approximate Wolfe test where float32 rounding flattens the objective, then one
+secant step on the slope) and a Newton refit of the intercept alone move along the scores, which
+costs no product with X. Along a path each C starts from the better of the previous solution and
+the secant extrapolation of the last two in log C; the first C starts from W = 0 with the
+intercept at its optimum for W = 0. **Stopping rule**, per C: the largest absolute entry of the
+objective's gradient (W and b) is at most ``tol`` (scikit-learn's lbfgs ``gtol``, on the same
+normalised objective); or ``max_iter`` iterations, or no step that lowers the objective in the
+features' precision, and then ``LinearFit.converged`` is False.
 
-Memory: X stays one tensor; the work arrays are [N, K] (scores) and [K, D]; the preconditioner
-squares X in blocks of rows. Nothing is N x N.
+Memory: X stays one tensor, never copied; the work arrays are [N, K] (scores) and [K, D] (the
+coefficients, L-BFGS memory), plus the squares of the preconditioner's row sample. Nothing is N x N.
 
 Probabilities: logistic, softmax of the scores. Squared hinge, softmax of the scores times one
 fitted inverse temperature (:func:`fit_temperature`), fitted on rows that were not used to fit W:
@@ -43,7 +47,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, replace
-from typing import Iterable, Iterator, Literal, Sequence
+from typing import ClassVar, Iterable, Iterator, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -63,7 +67,7 @@ class LinearFit:
     coef: torch.Tensor  # float32[K, D]
     intercept: torch.Tensor  # float32[K]
     n_iter: int  # L-BFGS iterations at this C
-    n_passes: float  # products of X with all K classes' coefficients at this C (the unit of cost)
+    n_passes: float  # products with X at this C, in units of one product with all K classes (the cost)
     converged: bool  # max |gradient| <= tol
     objective: float  # the normalised objective above, at (coef, intercept)
     temperature: float | None = None  # inverse temperature for squared-hinge probabilities (None: not fitted)
@@ -125,7 +129,7 @@ def _loss_terms(S: torch.Tensor, y: torch.Tensor, signs: torch.Tensor | None, lo
 
 
 def _curvature(S: torch.Tensor, signs: torch.Tensor | None, loss: str) -> torch.Tensor:
-    """float[N, K]: second derivative of each row's loss in each class score (the Hessian's diagonal)."""
+    """float[N, K]: each row's loss curvature in each class score, for the preconditioner."""
     if loss == "logistic":
         p = torch.softmax(S, dim=1)
         return p * (1 - p)
@@ -141,32 +145,55 @@ def objective(X: torch.Tensor, y: torch.Tensor, coef: torch.Tensor, intercept: t
     K = _check(X, y, loss, len(coef))
     problem = _Problem(X, y, K, loss)
     problem.penalty = 1.0 / (C * len(X))
-    return float(problem.point(torch.cat([coef, intercept[:, None]], dim=1).to(X)).value.sum())
+    return float(problem.value(problem.point(torch.cat([coef, intercept[:, None]], dim=1).to(X))).sum())
 
 
 @dataclass
 class _Point:
-    """A parameter value and what the solver knows there, at the problem's current penalty."""
+    """A parameter value and what the solver knows there. Per block: ``loss`` and ``norm2``, so the
+    objective at any C is ``loss + norm2 / (2 C N)`` (:meth:`_Problem.value`)."""
 
     theta: torch.Tensor  # float[K, D + 1]: W, then b as the last column
     scores: torch.Tensor  # float[N, K]
     dscores: torch.Tensor  # float[N, K]: d(mean loss) / d(scores)
-    value: torch.Tensor  # float64[blocks]
-    grad: torch.Tensor | None  # like theta; None until computed
+    loss: torch.Tensor  # float64[blocks]: the mean loss
+    norm2: torch.Tensor  # float64[blocks]: ||W||^2
+    grad: torch.Tensor | None  # like theta, at the problem's current penalty; None until computed
+
+    ROWS: ClassVar = ("theta", "grad")  # which fields follow the blocks how, for _where_blocks
+    COLUMNS: ClassVar = ("scores", "dscores")
+    BLOCKS: ClassVar = ("loss", "norm2")
+
+
+@dataclass
+class _Trial:
+    """A step along a search direction, known from the scores alone (theta not yet formed)."""
+
+    step: torch.Tensor  # float64[blocks]
+    scores: torch.Tensor
+    dscores: torch.Tensor
+    loss: torch.Tensor
+    norm2: torch.Tensor
+    value: torch.Tensor  # float64[blocks]: the objective
+    slope: torch.Tensor  # float64[blocks]: its derivative along the direction
+
+    ROWS: ClassVar = ()
+    COLUMNS: ClassVar = ("scores", "dscores")
+    BLOCKS: ClassVar = ("step", "loss", "norm2", "value", "slope")
 
 
 class _Problem:
     """The objective at one C, as a sum over ``blocks`` independent parts: one for logistic (the
     softmax couples the classes), K for squared hinge (one binary problem per class). The solver
-    keeps a step length and a curvature memory per block. ``passes`` counts products with X (each
-    reads all of X once: the unit of cost)."""
+    keeps a step length and a curvature memory per block. ``passes`` counts products with X, in
+    units of one product with all K classes (each reads all of X: the unit of cost)."""
 
     def __init__(self, X: torch.Tensor, y: torch.Tensor, K: int, loss: str):
         self.X, self.y, self.loss, self.N = X, y, loss, len(X)
         self.signs = _signs(y, K, X.dtype) if loss == "squared_hinge" else None
         self.blocks = K if loss == "squared_hinge" else 1
         self.penalty = 0.0  # 1 / (C N), set per C
-        self.passes = 0
+        self.passes = 0.0
         self.stride = -(-self.N // _PRECONDITIONER_ROWS)
         self.squared_sample: torch.Tensor | None = None
 
@@ -183,14 +210,15 @@ class _Problem:
 
     def point(self, theta: torch.Tensor) -> _Point:
         scores = self.scores(theta)
-        value, dscores = self.value(theta, scores)
-        return _Point(theta, scores, dscores, value, self.gradient(theta, dscores))
-
-    def value(self, theta: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(objective float64[blocks], d(mean loss)/d(scores)) from the scores: no product with X."""
         loss, dscores = _loss_terms(scores, self.y, self.signs, self.loss)
-        W = theta[:, :-1].double()
-        return loss + 0.5 * self.penalty * (W * W).reshape(self.blocks, -1).sum(dim=1), dscores
+        return _Point(theta, scores, dscores, loss, self.norm2(theta), self.gradient(theta, dscores))
+
+    def value(self, point: _Point | _Trial) -> torch.Tensor:
+        """float64[blocks]: the objective at the current C."""
+        return point.loss + 0.5 * self.penalty * point.norm2
+
+    def norm2(self, theta: torch.Tensor) -> torch.Tensor:
+        return self.dot(theta[:, :-1], theta[:, :-1])
 
     def gradient(self, theta: torch.Tensor, dscores: torch.Tensor, rows: torch.Tensor | None = None,
                  previous: torch.Tensor | None = None) -> torch.Tensor:
@@ -210,24 +238,19 @@ class _Problem:
         return grad
 
     def at_penalty(self, point: _Point, old_penalty: float) -> _Point:
-        """``point`` re-priced from ``old_penalty`` to the current one (only the penalty term changes)."""
-        W = point.theta[:, :-1]
-        change = self.penalty - old_penalty
-        value = point.value + 0.5 * change * (W.double() ** 2).reshape(self.blocks, -1).sum(dim=1)
+        """``point`` with its gradient moved from ``old_penalty`` to the current one."""
         grad = point.grad.clone()
-        grad[:, :-1] += change * W
-        return _Point(point.theta, point.scores, point.dscores, value, grad)
+        grad[:, :-1] += (self.penalty - old_penalty) * point.theta[:, :-1]
+        return replace(point, grad=grad)
 
     def dot(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """float64[blocks]: inner products of two theta-shaped tensors, block by block."""
         return (a * b).reshape(self.blocks, -1).sum(dim=1).double()
 
-    def slope(self, theta: torch.Tensor, dscores: torch.Tensor, direction: torch.Tensor,
-              direction_scores: torch.Tensor) -> torch.Tensor:
-        """float64[blocks]: derivative of the objective along ``direction`` at theta, from the scores."""
+    def score_slope(self, dscores: torch.Tensor, direction_scores: torch.Tensor) -> torch.Tensor:
+        """float64[blocks]: the mean loss's derivative along a direction, from the scores."""
         along = dscores * direction_scores
-        loss = (along.sum(dim=0) if self.blocks > 1 else along.sum().view(1)).double()
-        return loss + self.penalty * self.dot(theta[:, :-1], direction[:, :-1])
+        return (along.sum(dim=0) if self.blocks > 1 else along.sum().view(1)).double()
 
     def on_rows(self, values: torch.Tensor) -> torch.Tensor:
         """float64[blocks] (or bool) as a factor broadcasting over theta's rows."""
@@ -302,34 +325,51 @@ def _lbfgs(problem: _Problem, point: _Point, tol: float, max_iter: int, history:
 def _line_search(problem: _Problem, point: _Point, direction: torch.Tensor, direction_scores: torch.Tensor,
                  finished: torch.Tensor, noise: float) -> tuple[_Point, torch.Tensor]:
     """A step per block along ``direction``; returns the new point (gradient not yet computed) and the
-    blocks where no step passed (left in place). Moving along the scores needs no product with X.
+    blocks where no step passed (left in place). Trials need no product with X: they move along the
+    scores, and the penalty is a quadratic in the step.
 
     From step 1: backtrack by quadratic interpolation until Armijo's test passes, or Hager and
     Zhang's approximate Wolfe test where the objective is flat within rounding; then, where the
     slope is still steep, one secant step on the slope, kept where it lowers the objective (a third
     fewer iterations on caltech101 features).
     """
-    slope = problem.slope(point.theta, point.dscores, direction, direction_scores)
-    step = torch.ones_like(slope)
+    W, dW = point.theta[:, :-1], direction[:, :-1]
+    along, across = problem.dot(W, dW), problem.dot(dW, dW)
+
+    def at(step: torch.Tensor) -> _Trial:
+        scores = point.scores + problem.on_columns(step) * direction_scores
+        loss, dscores = _loss_terms(scores, problem.y, problem.signs, problem.loss)
+        norm2 = point.norm2 + step * (2 * along + step * across)
+        slope = problem.score_slope(dscores, direction_scores) + problem.penalty * (along + step * across)
+        return _Trial(step, scores, dscores, loss, norm2, loss + 0.5 * problem.penalty * norm2, slope)
+
+    value = problem.value(point)
+    slope = problem.score_slope(point.dscores, direction_scores) + problem.penalty * along
     accepted = finished.clone()
+    trial = at(torch.ones_like(slope))
     for _ in range(30):
-        trial = _move(problem, point, step, direction, direction_scores)
-        trial_slope = problem.slope(trial.theta, trial.dscores, direction, direction_scores)
-        armijo = trial.value <= point.value + _ARMIJO * step * slope
-        flat = (trial.value <= point.value + noise * point.value.abs()) & (trial_slope <= -0.8 * slope)
+        armijo = trial.value <= value + _ARMIJO * trial.step * slope
+        flat = (trial.value <= value + noise * value.abs()) & (trial.slope <= -0.8 * slope)
         accepted |= armijo | flat
         if bool(accepted.all()):
             break
-        quadratic = -slope * step * step / (2 * (trial.value - point.value - slope * step))
-        step = torch.where(accepted, step, torch.minimum(torch.maximum(quadratic, 0.1 * step), 0.5 * step))
+        step = trial.step
+        quadratic = -slope * step * step / (2 * (trial.value - value - slope * step))
+        trial = at(torch.where(accepted, step, torch.minimum(torch.maximum(quadratic, 0.1 * step), 0.5 * step)))
     else:
-        return _move(problem, point, torch.where(accepted, step, 0.0), direction, direction_scores), ~accepted
-    steep = (trial_slope.abs() > 0.2 * slope.abs()) & ~finished
-    if not bool(steep.any()):
-        return trial, ~accepted
-    secant = torch.where(steep, (step * slope / (slope - trial_slope)).clamp(0.1 * step, 10 * step), step)
-    refined = _move(problem, point, secant, direction, direction_scores)
-    return _where_blocks(problem, refined.value < trial.value, refined, trial), ~accepted
+        return _settle(problem, point, direction, at(torch.where(accepted, trial.step, 0.0))), ~accepted
+    steep = (trial.slope.abs() > 0.2 * slope.abs()) & ~finished
+    if bool(steep.any()):
+        step = trial.step
+        refined = at(torch.where(steep, (step * slope / (slope - trial.slope)).clamp(0.1 * step, 10 * step), step))
+        trial = _where_blocks(problem, refined.value < trial.value, refined, trial)
+    return _settle(problem, point, direction, trial), ~accepted
+
+
+def _settle(problem: _Problem, point: _Point, direction: torch.Tensor, trial: _Trial) -> _Point:
+    """The point that ``trial`` stands for (its norm computed afresh, so rounding cannot accumulate)."""
+    theta = point.theta + problem.on_rows(trial.step) * direction
+    return _Point(theta, trial.scores, trial.dscores, trial.loss, problem.norm2(theta), None)
 
 
 def _refit_intercept(problem: _Problem, point: _Point, finished: torch.Tensor, steps: int = 2) -> _Point:
@@ -337,48 +377,52 @@ def _refit_intercept(problem: _Problem, point: _Point, finished: torch.Tensor, s
 
     The intercept's curvature, net of its coupling with W, is far below the Hessian's diagonal in b
     (on caltech101 features, L-BFGS took twice the iterations with b lagging W); b alone is cheap
-    to optimise, since shifting b shifts the scores' columns and needs no product with X. Logistic:
-    the K x K Hessian of the softmax in b (its null direction, all b equal, is projected out);
-    squared hinge: each class's own curvature. A step is kept per block where it lowers the objective.
+    to optimise, since shifting b shifts the scores' columns and leaves the penalty: no product
+    with X. Logistic: the K x K Hessian of the softmax in b (its null direction, all b equal, is
+    projected out); squared hinge: each class's own curvature. Kept per block where the loss falls.
     """
+    moved = point
+    total = torch.zeros(point.theta.shape[0], dtype=point.theta.dtype, device=point.theta.device)
     for _ in range(steps):
-        gradient = point.dscores.sum(dim=0)  # d objective / d b, float[K]
+        gradient = moved.dscores.sum(dim=0)  # d objective / d b, float[K]
         if problem.loss == "logistic":
-            p = torch.softmax(point.scores, dim=1)
+            p = torch.softmax(moved.scores, dim=1)
             hessian = (torch.diag(p.sum(dim=0)) - p.T @ p).double() / problem.N
             hessian += torch.eye(len(hessian), dtype=hessian.dtype, device=hessian.device) * 1e-9
             shift = -torch.linalg.solve(hessian, gradient.double())
             shift = (shift - shift.mean()).to(point.theta.dtype)
         else:
-            curvature = 2.0 * (point.dscores != 0).sum(dim=0).to(point.theta.dtype) / problem.N
+            curvature = 2.0 * (moved.dscores != 0).sum(dim=0).to(point.theta.dtype) / problem.N
             shift = torch.where(curvature > 0, -gradient / curvature.clamp_min(1e-12), 0.0)
-        shift = torch.where(finished if problem.blocks > 1 else torch.zeros_like(shift, dtype=torch.bool), 0.0, shift)
-        theta = point.theta.clone()
-        theta[:, -1] += shift
-        scores = point.scores + shift
-        value, dscores = problem.value(theta, scores)
-        better = value < point.value
+            shift = torch.where(finished, 0.0, shift)
+        scores = moved.scores + shift
+        loss, dscores = _loss_terms(scores, problem.y, problem.signs, problem.loss)
+        better = loss < moved.loss
         if not bool(better.any()):
             break
-        point = _where_blocks(problem, better, _Point(theta, scores, dscores, value, None), point)
-    return point
+        total += torch.where(better, shift, 0.0) if problem.blocks > 1 else shift
+        moved = _where_blocks(problem, better, replace(moved, scores=scores, dscores=dscores, loss=loss), moved)
+    if moved is point:
+        return point
+    theta = point.theta.clone()
+    theta[:, -1] += total
+    return replace(moved, theta=theta)
 
 
-def _move(problem: _Problem, point: _Point, step: torch.Tensor, direction: torch.Tensor,
-          direction_scores: torch.Tensor) -> _Point:
-    """``point`` moved by ``step`` float64[blocks] along ``direction``, gradient not computed (None)."""
-    theta = point.theta + problem.on_rows(step) * direction
-    scores = point.scores + problem.on_columns(step) * direction_scores
-    value, dscores = problem.value(theta, scores)
-    return _Point(theta, scores, dscores, value, None)
-
-
-def _where_blocks(problem: _Problem, condition: torch.Tensor, a: _Point, b: _Point) -> _Point:
-    """Block by block (the blocks are independent), ``a`` where ``condition`` bool[blocks], else ``b``."""
+def _where_blocks(problem: _Problem, condition: torch.Tensor, a, b):
+    """Block by block (the blocks are independent), ``a`` where ``condition`` bool[blocks], else ``b``:
+    two _Point or two _Trial."""
+    if bool(condition.all()):
+        return a
+    if not bool(condition.any()):
+        return b
     rows, columns = problem.on_rows(condition) > 0, problem.on_columns(condition) > 0
-    grad = None if a.grad is None or b.grad is None else torch.where(rows, a.grad, b.grad)
-    return _Point(torch.where(rows, a.theta, b.theta), torch.where(columns, a.scores, b.scores),
-                  torch.where(columns, a.dscores, b.dscores), torch.where(condition, a.value, b.value), grad)
+    chosen = {}
+    for kind, mask in ((a.ROWS, rows), (a.COLUMNS, columns), (a.BLOCKS, condition)):
+        for name in kind:
+            first, second = getattr(a, name), getattr(b, name)
+            chosen[name] = None if first is None or second is None else torch.where(mask, first, second)
+    return replace(a, **chosen)
 
 
 def _two_loop(problem: _Problem, grad: torch.Tensor, pairs: list, precondition: torch.Tensor) -> torch.Tensor:
@@ -432,7 +476,7 @@ def fit_path(X: torch.Tensor, y: torch.Tensor, Cs: Sequence[float], loss: Loss, 
         solution, n_iter, converged = _lbfgs(problem, start, tol, max_iter, history)
         last = last[-1:] + [(math.log(C), solution)]
         yield LinearFit(C, loss, solution.theta[:, :-1].clone(), solution.theta[:, -1].clone(), n_iter,
-                        problem.passes, converged, float(solution.value.sum()))
+                        problem.passes, converged, float(problem.value(solution).sum()))
 
 
 def _warm_start(problem: _Problem, last: list[tuple[float, _Point]], log_C: float) -> _Point:
@@ -443,7 +487,7 @@ def _warm_start(problem: _Problem, last: list[tuple[float, _Point]], log_C: floa
         return solution
     log_C0, before = last[0]
     guess = problem.point(solution.theta + (solution.theta - before.theta) * ((log_C - log_C1) / (log_C1 - log_C0)))
-    return _where_blocks(problem, guess.value < solution.value, guess, solution)
+    return _where_blocks(problem, problem.value(guess) < problem.value(solution), guess, solution)
 
 
 # --------------------------------------------------------------------------- probabilities and selection
