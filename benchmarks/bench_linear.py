@@ -160,8 +160,8 @@ def run(title: str, data, args, with_sklearn_svm: bool) -> None:
         return
     logistic_best, _, logistic_seconds = results["logistic"]
     seconds, accuracy, converged = sklearn_logistic(data, logistic_best.C)
-    print(f"  sklearn LogisticRegression(C={logistic_best.C:.3g}), defaults: {seconds:6.1f} s for one C, valid accuracy "
-          f"{accuracy:.4f}{'' if converged else ' (ConvergenceWarning at max_iter=100)'}; "
+    print(f"  sklearn LogisticRegression(C={logistic_best.C:.3g}), defaults: {seconds:6.1f} s for one C, "
+          f"valid accuracy {accuracy:.4f}{'' if converged else ' (ConvergenceWarning at max_iter=100)'}; "
           f"one sklearn C / our stopped sweep = {seconds / logistic_seconds:.2f}x", flush=True)
     if not with_sklearn_svm:
         return
@@ -194,11 +194,12 @@ def main() -> None:
     parser.add_argument("--tol", type=float, default=1e-3, help="max |gradient| of the normalised objective")
     parser.add_argument("--patience", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--stores", default="/tmp/real/caltech", help="features dir with train/ and valid/ lite stores, "
-                        "or 'none'")
+    parser.add_argument("--stores", default="/tmp/real/caltech",
+                        help="features dir with train/ and valid/ lite stores, or 'none'")
     parser.add_argument("--skip-synthetic", action="store_true")
     parser.add_argument("--skip-sklearn", action="store_true")
-    parser.add_argument("--skip-sklearn-svm", action="store_true", help="on the synthetic set (never run on the stores)")
+    parser.add_argument("--skip-sklearn-svm", action="store_true",
+                        help="on the synthetic set (it is never run on the stores)")
     parser.add_argument("--full-path", action="store_true", help="also time the sweeps over all Cs, no early stop")
     parser.add_argument("--sklearn-svm-limit", type=float, default=600, help="seconds before the calibrated "
                         "LinearSVC (four SVM fits for one C) is stopped")
