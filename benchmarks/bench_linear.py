@@ -32,16 +32,20 @@ import time
 import warnings
 from pathlib import Path
 
-import featurekit  # noqa: F401  (first: sets OMP_WAIT_POLICY before torch loads)
+import featurekit  # noqa: F401  (first: it sets OMP_WAIT_POLICY before torch loads)
+
+# isort: split
+
 import numpy as np
 import torch
-from featurekit import linear
-from featurekit.dataset import load_features
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
+
+from featurekit import linear
+from featurekit.dataset import load_features
 
 LITE = ["efficientnet_lite0", "efficientnet_lite2"]
 
