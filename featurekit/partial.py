@@ -22,6 +22,7 @@ Who may do what:
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import json
 import os
@@ -103,8 +104,7 @@ class PartialStore:
             try:
                 with atomic_output(temporary) as written:
                     written.write_text(json.dumps(manifest, sort_keys=True))
-                with contextlib.suppress(FileExistsError):  # another process of the run was first
-                    os.link(temporary, self.manifest)
+                _link_if_absent(temporary, self.manifest)
             finally:
                 temporary.unlink(missing_ok=True)
             fsync_dir(self.dir)
@@ -293,6 +293,20 @@ class PartialStore:
         with contextlib.suppress(LockError, OSError), self.lock():
             return self.discard_finished()
         return False
+
+
+def _link_if_absent(source: Path, target: Path) -> None:
+    """Put ``source``'s content at ``target`` unless ``target`` exists (then another process was first).
+    Without hard links (some FUSE and SMB mounts) a rename does it, exclusive only between checks."""
+    try:
+        os.link(source, target)
+    except FileExistsError:
+        pass
+    except OSError as error:
+        if error.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS):
+            raise
+        if not target.exists():
+            os.replace(source, target)
 
 
 def store_lock(final: Path, wait: float = 0.0) -> FileLock:

@@ -260,8 +260,7 @@ class StoreWriter:
     ``header`` is the store as it will be written (``created`` is set when it is joined). A store
     is reused only if its fingerprint is this run's and its content checksum holds; a store or
     committed chunks made from other inputs stop the run with what changed, unless ``overwrite``
-    (then the old store stays readable until its successor is renamed over it). One process holds the
-    lock for the whole run, or shards commit side by side without it (docs/scale-out.md).
+    (then the old store stays readable until its successor is renamed over it).
     """
 
     def __init__(self, out_dir: str | os.PathLike, listing: SplitListing, store_name: str, header: StoreHeader,
@@ -319,9 +318,8 @@ class StoreWriter:
         self.partial.write(chunk)
 
     def join_once(self) -> str:
-        """After a shard's commits: join the chunks if every row is committed, exactly once however
-        many shards finish at the same moment. Returns the store's state: ``written`` (joined
-        here), ``up to date``, ``partial`` (rows missing) or ``being joined by another process``."""
+        """After a shard's commits: join the chunks if every row is committed, once however many shards
+        finish at once. The store's state: written (here), up to date, partial, being joined by another process."""
         crash_point("shard-committed")
         if self.is_current():
             return "up to date"
@@ -335,17 +333,20 @@ class StoreWriter:
                 return "up to date"
             if not self.partial.holds():
                 raise StoreError(f"{self.partial.dir}: replaced by another run (--overwrite) while this shard ran")
-            self.finish()
+            try:
+                self.finish()
+            except StoreError:  # its chunks gone: joined meanwhile by a host that flock does not reach?
+                if not self.is_current():
+                    raise
+                return "up to date"
         return "written"
 
     def finish(self) -> Path:
-        """Lock holder: join the committed chunks into the final store (complete, or not there at
-        all), one chunk in memory at a time."""
+        """Lock holder: join the chunks into the final store (whole, or not there), one chunk in memory at a time."""
         rows = self.partial.rows(len(self.listing))
         if not rows.kept.size:
             raise StoreError(f"{self.final}: every image of {self.listing.split_dir} was skipped; nothing to store")
-        records = self.listing.records
-        kept, skipped = [records[i] for i in rows.kept], [records[i] for i in rows.skipped]
+        kept, skipped = ([self.listing.records[i] for i in rows_of] for rows_of in (rows.kept, rows.skipped))
         reasons = [printable_path(reason) for reason in rows.reasons]
         header = dataclasses.replace(self.header, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         self.partial.remove_temporaries(chunks=False)  # of a joiner killed before its rename

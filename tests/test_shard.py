@@ -12,13 +12,15 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import pytest
 
 from featurekit import files
 from featurekit.cli import main
 from featurekit.distributed import Shard
 from featurekit.errors import SettingsError
-from featurekit.partial import PartialStore
+from featurekit.partial import Chunk, PartialStore
+from featurekit.store import StoreWriter, read_store
 from tests.conftest import (
     TINY_RUN,
     assert_same_store,
@@ -27,9 +29,11 @@ from tests.conftest import (
     finished,
     leftovers,
     make_folder,
+    make_image_folder,
     run_cli,
     run_subprocess,
     spawn,
+    store_header,
 )
 
 
@@ -169,3 +173,25 @@ def test_shard_blocks_tile_the_chunk_grid_whatever_is_committed():
         assert all(start % chunk_size == 0 or start == n for start, _ in blocks)  # on the grid
     with pytest.raises(SettingsError, match="--shard 3/3"):
         Shard(3, 3)
+
+
+def test_a_joiner_whose_chunks_another_joiner_took_reports_the_store_up_to_date(tmp_path, monkeypatch):
+    """Where flock does not reach across hosts (NFS mounted nolock) two shards may both join; the one
+    that finds the chunks gone because the other's store is in place says so instead of failing."""
+    listing = make_image_folder(tmp_path / "data", "train", {"a": 3})
+    header = store_header("x", listing, 4)
+    first, second = (StoreWriter(tmp_path / "out", listing, "x", header, log=lambda _: None) for _ in range(2))
+    assert first.begin(None)
+    first.commit(Chunk(0, 3, np.arange(3), np.ones((3, 4), np.float32)))
+    real_rows = PartialStore.rows
+
+    def rows_then_the_other_joins(partial, n):
+        rows = real_rows(partial, n)
+        monkeypatch.setattr(PartialStore, "rows", real_rows)
+        first.finish()  # renames its store into place and removes the chunks
+        return rows
+
+    monkeypatch.setattr(PartialStore, "rows", rows_then_the_other_joins)
+    assert second.join_once() == "up to date"
+    assert read_store(first.final).features.tolist() == np.ones((3, 4)).tolist()
+    assert leftovers(tmp_path / "out" / "train") == []
