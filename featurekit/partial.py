@@ -220,6 +220,8 @@ class PartialStore:
                                    f"the store {target.dtype}{list(target.shape)}")
             target[position:position + len(features)] = features
             position += len(features)
+        if position != len(target):
+            raise RuntimeError(f"{self.final}: the chunks hold {position} rows of features for {len(target)} kept rows")
 
     @contextlib.contextmanager
     def lock_if_free(self) -> Iterator[bool]:
