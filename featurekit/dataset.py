@@ -17,10 +17,10 @@ Two ways in:
 - :func:`load_features` (``featurekit.load``): the whole split in memory, ``float32[N, sum D]``,
   or only some of its columns (``columns=``), read in blocks of rows.
 - :class:`FeatureDataset`: a ``torch.utils.data.Dataset`` that opens the stores lazily in each
-  process, so DataLoader workers never inherit a handle opened before ``fork``. A store's features
-  are contiguous and unfiltered in the file, so it reads them through a numpy memmap of that byte
-  range (h5py's per-call overhead made a row cost ~20x a memmap row, benchmarks/bench_scale.py),
-  and a batch (``__getitems__``, which DataLoader calls) with one sorted read per store.
+  process, so DataLoader workers never inherit a handle opened before ``fork``. extract writes a
+  store's features contiguous and unfiltered, so it reads them through a numpy memmap of that byte
+  range, a batch at a time (``__getitems__``, ``dataset[indices]``): reading them row by row
+  through h5py made an epoch 34-42x slower than a memmap of the same array (benchmarks/bench_scale.py).
 """
 
 from __future__ import annotations
