@@ -29,12 +29,12 @@ import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import h5py
 import numpy as np
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .errors import FeaturekitError, SettingsError
 from .partial import PartialStore
@@ -238,12 +238,12 @@ class FeatureDataset(Dataset):
         rows, labels = self._rows(indices)
         return list(zip(rows, labels.tolist()))
 
-    def loader(self, batch_size: int, shuffle: bool = True, drop_last: bool = False, **options) -> DataLoader:
-        """A DataLoader of ``(float32[B, sum D], int64[B])`` batches, each read with one call (no
-        per-row collation); ``options`` go to DataLoader (``num_workers``, ``generator``, ...)."""
-        generator = options.pop("generator", None)
-        rows = RandomSampler(self, generator=generator) if shuffle else SequentialSampler(self)
-        return DataLoader(self, sampler=BatchSampler(rows, batch_size, drop_last), batch_size=None, **options)
+    def loader(self, batch_size: int, shuffle: bool = True, drop_last: bool = False,
+               generator: torch.Generator | None = None, **options) -> DataLoader:
+        """A DataLoader of ``(float32[B, sum D], int64[B])`` batches, each read with one call and
+        not collated row by row; ``options`` go to DataLoader (``num_workers``, ``pin_memory``, ...)."""
+        batches = RowBatches(len(self), batch_size, shuffle, drop_last, generator)
+        return DataLoader(self, sampler=batches, batch_size=None, **options)
 
     def _rows(self, indices: int | Sequence[int]) -> tuple[torch.Tensor, np.ndarray]:
         """float32[B, sum D] rows and int64[B] labels of ``indices``, in their order."""
@@ -271,6 +271,26 @@ class FeatureDataset(Dataset):
         for features in self._handles.pop(os.getpid(), []):
             if isinstance(features, h5py.Dataset):
                 features.file.close()
+
+
+class RowBatches(Sampler):
+    """int64 arrays of ``batch_size`` row indices covering ``n`` rows once per epoch, in order or
+    shuffled (one ``torch.randperm`` per epoch, not an index at a time as BatchSampler does)."""
+
+    def __init__(self, n: int, batch_size: int, shuffle: bool = True, drop_last: bool = False,
+                 generator: torch.Generator | None = None):
+        if batch_size < 1:
+            raise SettingsError(f"batch_size must be at least 1 (got {batch_size})")
+        self.n, self.batch_size, self.shuffle = n, batch_size, shuffle
+        self.drop_last, self.generator = drop_last, generator
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        order = torch.randperm(self.n, generator=self.generator).numpy() if self.shuffle else np.arange(self.n)
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            yield order[start:start + self.batch_size]
+
+    def __len__(self) -> int:
+        return self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
 
 
 def _gather(features: np.ndarray | h5py.Dataset, rows: np.ndarray) -> np.ndarray:

@@ -75,6 +75,9 @@ def test_batches_equal_rows_read_one_by_one(two_backbone_features, tmp_path):
     assert labels.dtype == torch.int64 and labels.tolist() == memory.labels[indices].tolist()
     batches = list(dataset.loader(batch_size=5, shuffle=True, generator=torch.Generator().manual_seed(0)))
     assert [len(x) for x, _ in batches] == [5, 5, 2]
+    assert [len(x) for x, _ in dataset.loader(batch_size=5, drop_last=True)] == [5, 5]
+    in_order = torch.cat([x for x, _ in dataset.loader(batch_size=5, shuffle=False, num_workers=2)])
+    np.testing.assert_array_equal(in_order.numpy(), memory.features)
     seen = torch.cat([x for x, _ in batches]).numpy()
     order = np.lexsort(seen.T[::-1])
     np.testing.assert_array_equal(seen[order], memory.features[np.lexsort(memory.features.T[::-1])])
