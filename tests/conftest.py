@@ -28,6 +28,11 @@ TINY_RUN = ["--backbone", "resnet18", "--weights", "random", "--device", "cpu", 
             "--chunk-size", "2", "--batch-size", "2", "--workers", "0", "--quiet"]
 
 
+def extract_args(data: Path, out: Path, *extra: str) -> list[str]:
+    """``extract`` of ``data``'s train split into ``out`` with the tiny run's settings, then ``extra``."""
+    return ["extract", str(data), "--split", "train", "--out", str(out), *TINY_RUN, *extra]
+
+
 def write_jpeg(path: Path, seed: int, size: tuple[int, int] = (40, 32)) -> Path:
     """A smooth random RGB picture (noise alone would make every feature vector alike)."""
     rng = np.random.default_rng(seed)

@@ -22,10 +22,10 @@ from featurekit.errors import SettingsError
 from featurekit.partial import Chunk, PartialStore
 from featurekit.store import StoreWriter, read_store
 from tests.conftest import (
-    TINY_RUN,
     assert_same_store,
     committed_chunks,
     error_lines,
+    extract_args,
     finished,
     leftovers,
     make_folder,
@@ -44,10 +44,6 @@ def reference(tmp_path_factory) -> tuple[Path, Path]:
     data = make_folder(base / "data")
     assert main(extract_args(data, base / "out")) == 0
     return data, base / "out" / "train" / "resnet18.h5"
-
-
-def extract_args(data: Path, out: Path, *extra: str) -> list[str]:
-    return ["extract", str(data), "--split", "train", "--out", str(out), *TINY_RUN, *extra]
 
 
 def wait_until(condition: Callable[[], bool], what: str, timeout: float = 120) -> None:
