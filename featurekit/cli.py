@@ -117,6 +117,12 @@ existing stores and interrupted runs:
     resumed, so an interrupted --overwrite run also continues where it stopped.
   A store being written by another featurekit process is refused (one writer per store; the
   processes of one torchrun job count as one).
+
+several machines without a rendezvous (Slurm arrays, Kubernetes indexed jobs):
+  --shard I/N on each of N processes, I = 0..N-1, same other arguments, one shared output folder:
+  each extracts its block of the chunks and commits them; the shard that finds every chunk
+  committed joins the stores (once). A later plain extract joins whatever is committed and
+  extracts what is missing. See docs/scale-out.md.
 """
 
 
@@ -164,6 +170,9 @@ def _add_extract(commands) -> None:
                    help="JPEG decoding: auto (batched nvJPEG on CUDA, PIL workers on CPU), pil, torchvision")
     p.add_argument("--compile", action="store_true", help="torch.compile the trunks")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--shard", metavar="I/N", help="extract only block I (0..N-1) of N of the chunks; the last "
+                                                   "shard to finish joins the stores (see below; default: every "
+                                                   "chunk, one process)")
     p.set_defaults(run=_run_extract)
 
 
@@ -179,9 +188,10 @@ def _run_extract(args) -> int:
 
 def _extract(args, launch) -> int:
     from .backbones import load_backbone
+    from .distributed import Shard
     from .extraction import ExtractSettings, extract_listings, list_split, report_listing
     from .images import DecodePolicy, ImageDecodeError
-    from .store import read_header
+    from .runner import storage_dtype
 
     if args.weights_path and len(args.backbone) != 1:
         raise SettingsError("--weights-path loads one state dict: give exactly one --backbone")
@@ -192,6 +202,7 @@ def _extract(args, launch) -> int:
         device=args.device, precision=args.precision, dtype=args.dtype, batch_size=args.batch_size,
         num_workers=args.workers, chunk_size=args.chunk_size, on_error=args.on_error, overwrite=args.overwrite,
         decode=decode, compile=args.compile, progress=not args.quiet and launch.rank == 0, launch=launch,
+        shard=Shard.parse(args.shard) if args.shard is not None else None,
     ).resolved()
     report = launch.rank == 0
     log = (lambda line: print(line, file=sys.stderr)) if report else (lambda line: None)
@@ -214,16 +225,17 @@ def _extract(args, launch) -> int:
     if not report:
         return 0
     elapsed = time.perf_counter() - started
-    written = sum(r.rows + len(r.skipped) for r in results if r.status == "written")
+    written = sum(r.computed for r in results)
     for result in results:
         print(f"{result.path}  {result.rows} rows  {result.status}"
               + (f"  {len(result.skipped)} skipped" if result.skipped else ""))
         for path, reason in result.skipped:
             print(f"  skipped {path}: {reason}")
     images = written // max(1, len(backbones))
-    rate = f", {images / elapsed:.1f} images/s over {images} images" if images else ", all up to date"
+    rate = f", {images / elapsed:.1f} images/s over {images} images" if images else ", nothing left to extract"
     processes = f" x {launch.world_size} processes" if launch.world_size > 1 else ""
-    dtype = read_header(results[0].path).dtype if results else settings.dtype
+    processes += f", shard {settings.shard}" if settings.shard else ""
+    dtype = storage_dtype(settings.dtype, backbones)
     print(f"{len(results)} stores in {elapsed:.1f} s{rate} ({settings.device}{processes}, {settings.precision}, "
           f"stored as {dtype})")
     return 0

@@ -14,22 +14,27 @@ stores and what differs:
 
 Two ways in:
 
-- :func:`load_features` (``featurekit.load``): the whole split in memory, ``float32[N, sum D]``.
-- :class:`FeatureDataset`: a ``torch.utils.data.Dataset`` that opens the HDF5 files lazily in
-  each process, so DataLoader workers never inherit an h5py handle opened before ``fork``.
+- :func:`load_features` (``featurekit.load``): the whole split in memory, ``float32[N, sum D]``,
+  or only some of its columns (``columns=``), read in blocks of rows.
+- :class:`FeatureDataset`: a ``torch.utils.data.Dataset`` that opens the stores lazily in each
+  process, so DataLoader workers never inherit a handle opened before ``fork``. extract writes a
+  store's features contiguous and unfiltered, so it reads them through a numpy memmap of that byte
+  range, a batch at a time (``__getitems__``, ``dataset[indices]``): reading them row by row
+  through h5py made an epoch 34-42x slower than a memmap of the same array (benchmarks/bench_scale.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import h5py
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .errors import FeaturekitError, SettingsError
 from .partial import PartialStore
@@ -44,6 +49,8 @@ from .store import (
     reading,
     store_path,
 )
+
+READ_BLOCK_ROWS = 8192
 
 
 class AlignmentError(FeaturekitError, ValueError):
@@ -64,8 +71,9 @@ class StoreInfo:
 class FeatureSet:
     """One split of several backbones' features, rows aligned.
 
-    ``features``: float32[N, sum D]; ``labels``: int64[N] indices into ``classes``;
-    ``paths``: N paths relative to ``<root>/<split>``; ``stores``: where each backbone's columns are.
+    ``features``: float32[N, C]; ``labels``: int64[N] indices into ``classes``; ``paths``: N paths
+    relative to ``<root>/<split>``; ``stores``: where each backbone's columns are in ``features``;
+    ``columns``: int64[C], which columns of the full concatenation (sum D) ``features`` holds.
     """
 
     split: str
@@ -74,6 +82,7 @@ class FeatureSet:
     paths: list[str]
     classes: list[str]
     stores: list[StoreInfo]
+    columns: np.ndarray
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -149,18 +158,51 @@ def check_same_extraction(train: FeatureSet, other: FeatureSet) -> None:
 
 
 def load_features(features_dir: str | os.PathLike, split: str, store_names: Sequence[str],
-                  verify: bool = True) -> FeatureSet:
+                  verify: bool = True, columns: slice | Sequence[int] | None = None) -> FeatureSet:
     """Read, check and concatenate the stores of ``store_names`` for ``split`` into float32[N, sum D].
 
     ``verify``: check each store's content checksum first (one more read of each file).
+    ``columns``: only these columns of the concatenation (a slice, or increasing indices):
+    float32[N, len(columns)]; stores with none of them are not read.
     """
-    headers, stores = _checked_stores(features_dir, split, store_names, verify)
-    features = np.empty((len(headers[0].labels), stores[-1].columns.stop), dtype=np.float32)
-    for info in stores:
-        with reading(info.path) as h5:
-            features[:, info.columns] = h5["features"][()]  # one store at a time: peak memory ~ result + one store
+    headers, full = _checked_stores(features_dir, split, store_names, verify)
+    chosen = _columns(columns, full[-1].columns.stop)
+    n, stores, position = len(headers[0].labels), [], 0
+    features = np.empty((n, len(chosen)), dtype=np.float32)
+    for info in full:
+        local = chosen[(chosen >= info.columns.start) & (chosen < info.columns.stop)] - info.columns.start
+        stores.append(dataclasses.replace(info, columns=slice(position, position + len(local))))
+        if len(local):
+            _read_columns(info.path, local, features[:, position:position + len(local)])
+        position += len(local)
     first = headers[0]
-    return FeatureSet(split, features, first.labels.astype(np.int64), first.paths, first.classes, stores)
+    return FeatureSet(split, features, first.labels.astype(np.int64), first.paths, first.classes, stores, chosen)
+
+
+def _columns(columns: slice | Sequence[int] | None, total: int) -> np.ndarray:
+    """The chosen columns of ``total`` as increasing int64 indices."""
+    if columns is None:
+        return np.arange(total)
+    if isinstance(columns, slice):
+        chosen = np.arange(total)[columns]
+    else:
+        chosen = np.asarray(columns, dtype=np.int64).reshape(-1)
+        if chosen.size and (chosen.min() < 0 or chosen.max() >= total):
+            raise SettingsError(f"columns outside 0-{total - 1} (the stores have {total} columns)")
+    if (np.diff(chosen) <= 0).any():
+        raise SettingsError("columns must be increasing, without repeats")
+    return chosen
+
+
+def _read_columns(path: Path, local: np.ndarray, out: np.ndarray) -> None:
+    """Columns ``local`` (increasing) of a store's features into ``out`` (float32 [N, len(local)]),
+    in blocks of rows: memory beyond ``out`` is one block."""
+    contiguous = local[-1] - local[0] + 1 == len(local)
+    with reading(path) as h5:
+        source = h5["features"]
+        for start in range(0, len(out), READ_BLOCK_ROWS):
+            rows = slice(start, start + READ_BLOCK_ROWS)
+            out[rows] = source[rows, local[0]:local[-1] + 1] if contiguous else source[rows][:, local]
 
 
 def _checked_stores(features_dir, split, store_names, verify) -> tuple[list[StoreContents], list[StoreInfo]]:
@@ -186,12 +228,16 @@ def _at(items: Sequence, index: int) -> str:
 
 
 class FeatureDataset(Dataset):
-    """Rows of the concatenated stores, read from HDF5 on demand.
+    """Rows of the concatenated stores, read from the files on demand.
 
-    ``dataset[i]`` is ``(float32[sum D] tensor, int64 label)``. The stores are checked once, on
-    construction, as by :func:`load_features` (``verify=False`` skips the checksum read). HDF5
-    files are opened on first access in each process (keyed by pid), so the object can be
-    created before DataLoader workers fork or spawn.
+    ``dataset[i]`` is ``(float32[sum D] tensor, int64 label)``. For a batch, DataLoader calls
+    ``__getitems__(indices)``, which gives the same list of pairs from one read per store; and
+    ``dataset[indices]`` (a sequence) gives the batch itself, ``(float32[B, sum D], int64[B])``
+    tensors, so a DataLoader with a batch sampler and ``batch_size=None`` skips collating row by
+    row (:meth:`loader`). The stores are checked once, on construction, as by
+    :func:`load_features` (``verify=False`` skips the checksum read). Files are opened on first
+    access in each process (keyed by pid), so the object can be created before DataLoader
+    workers fork or spawn.
     """
 
     def __init__(self, features_dir: str | os.PathLike, split: str, store_names: Sequence[str], verify: bool = True):
@@ -200,28 +246,91 @@ class FeatureDataset(Dataset):
         self.labels = headers[0].labels.astype(np.int64)
         self.paths = headers[0].paths
         self.classes = headers[0].classes
-        self._handles: dict[int, list[h5py.File]] = {}
+        self._handles: dict[int, list[np.ndarray | h5py.Dataset]] = {}
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        if not -len(self) <= index < len(self):
-            raise IndexError(f"row {index} out of range for {len(self)} rows")
-        index %= len(self)  # h5py reads no negative indices
-        row = np.concatenate([h5["features"][index] for h5 in self._open()]).astype(np.float32)
-        return torch.from_numpy(row), int(self.labels[index])
+    def __getitem__(self, index: int | Sequence[int]):
+        rows, labels = self._rows(index)
+        if np.ndim(index) == 0:
+            return rows[0], int(labels[0])
+        return rows, torch.from_numpy(labels)
 
-    def _open(self) -> list[h5py.File]:
+    def __getitems__(self, indices: Sequence[int]) -> list[tuple[torch.Tensor, int]]:
+        rows, labels = self._rows(indices)
+        return list(zip(rows, labels.tolist()))
+
+    def loader(self, batch_size: int, shuffle: bool = True, drop_last: bool = False,
+               generator: torch.Generator | None = None, **options) -> DataLoader:
+        """A DataLoader of ``(float32[B, sum D], int64[B])`` batches, each read with one call and
+        not collated row by row; ``options`` go to DataLoader (``num_workers``, ``pin_memory``, ...)."""
+        batches = RowBatches(len(self), batch_size, shuffle, drop_last, generator)
+        return DataLoader(self, sampler=batches, batch_size=None, **options)
+
+    def _rows(self, indices: int | Sequence[int]) -> tuple[torch.Tensor, np.ndarray]:
+        """float32[B, sum D] rows and int64[B] labels of ``indices``, in their order."""
+        rows = np.asarray(indices, dtype=np.int64).reshape(-1)
+        outside = (rows < -len(self)) | (rows >= len(self))
+        if outside.any():
+            raise IndexError(f"row {int(rows[outside.argmax()])} out of range for {len(self)} rows")
+        rows %= len(self)
+        out = np.empty((len(rows), self.stores[-1].columns.stop), dtype=np.float32)
+        for info, features in zip(self.stores, self._open()):
+            out[:, info.columns] = _gather(features, rows)
+        return torch.from_numpy(out), self.labels[rows]
+
+    def _open(self) -> list[np.ndarray | h5py.Dataset]:
         pid = os.getpid()
         if pid not in self._handles:
             # A forked worker finds the parent's handles under the parent's pid: left alone, never used.
-            self._handles[pid] = [open_h5(info.path) for info in self.stores]
+            self._handles[pid] = [_features_of(info.path) for info in self.stores]
         return self._handles[pid]
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_handles": {}}
 
     def close(self) -> None:
-        for h5 in self._handles.pop(os.getpid(), []):
-            h5.close()
+        for features in self._handles.pop(os.getpid(), []):
+            if isinstance(features, h5py.Dataset):
+                features.file.close()
+
+
+class RowBatches(Sampler):
+    """int64 arrays of ``batch_size`` row indices covering ``n`` rows once per epoch, in order or
+    shuffled (one ``torch.randperm`` per epoch, not an index at a time as BatchSampler does)."""
+
+    def __init__(self, n: int, batch_size: int, shuffle: bool = True, drop_last: bool = False,
+                 generator: torch.Generator | None = None):
+        if batch_size < 1:
+            raise SettingsError(f"batch_size must be at least 1 (got {batch_size})")
+        self.n, self.batch_size, self.shuffle = n, batch_size, shuffle
+        self.drop_last, self.generator = drop_last, generator
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        order = torch.randperm(self.n, generator=self.generator).numpy() if self.shuffle else np.arange(self.n)
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            yield order[start:start + self.batch_size]
+
+    def __len__(self) -> int:
+        return self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
+
+
+def _gather(features: np.ndarray | h5py.Dataset, rows: np.ndarray) -> np.ndarray:
+    if isinstance(features, np.ndarray):  # a memmap reads rows in any order
+        return features[rows]
+    wanted, order = np.unique(rows, return_inverse=True)  # h5py reads increasing rows, without repeats
+    return features[wanted][order]
+
+
+def _features_of(path: Path) -> np.ndarray | h5py.Dataset:
+    """A store's features, float16|float32 [N, D]: a read-only memmap of their bytes in the file when
+    they are stored contiguous and unfiltered (as extract writes them), else the h5py dataset."""
+    h5 = open_h5(path)
+    features = h5["features"]
+    offset = features.id.get_offset() if features.chunks is None else None
+    if offset is None:
+        return features
+    mapped = np.memmap(path, dtype=features.dtype, mode="r", offset=offset, shape=features.shape)
+    h5.close()
+    return mapped

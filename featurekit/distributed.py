@@ -1,4 +1,4 @@
-"""Several processes, one extraction: a torchrun launch as featurekit sees it.
+"""Several processes, one extraction: a torchrun launch, or a shard, as featurekit sees it.
 
 ``torchrun --nproc-per-node 8 -m featurekit extract ...`` starts one process per GPU with
 ``RANK``, ``LOCAL_RANK`` and ``WORLD_SIZE`` set (several nodes: the same command on each node,
@@ -13,6 +13,10 @@ with ``--nnodes`` and a rendezvous; the output folder must be on a file system t
 Features travel through the file system, not the network: the only messages are that broadcast
 and barriers (gloo, on the CPU, so no NCCL is needed). A job that dies leaves whole chunks;
 rerunning it, with any number of processes, extracts only what is missing.
+
+Launchers without a rendezvous (Slurm arrays, Kubernetes indexed jobs) start independent
+processes instead, each with ``--shard I/N`` (:class:`Shard`): the I-th of N contiguous blocks of
+the chunk grid of each split. They share nothing but the file system (docs/scale-out.md).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from .errors import SettingsError
 BARRIER_TIMEOUT = datetime.timedelta(hours=24)
 
 T = TypeVar("T")
+SHARD_HELP = "I/N with whole numbers, 0 <= I < N (e.g. 0/4; I counts from 0, as JOB_COMPLETION_INDEX does)"
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,43 @@ class Launch:
     local_rank: int = 0
     world_size: int = 1
     local_world_size: int = 1
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Shard ``index`` of ``count``: the index-th (from 0) of ``count`` contiguous blocks of the
+    chunks of every split. Blocks are cut from the whole chunk grid of the listing, not from the
+    chunks still missing, so shards started at different times agree on them without talking."""
+
+    index: int
+    count: int
+
+    def __post_init__(self) -> None:
+        if self.count < 1 or not 0 <= self.index < self.count:
+            raise SettingsError(f"--shard {self}: expected {SHARD_HELP}")
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+    @classmethod
+    def parse(cls, text: str) -> "Shard":
+        """``"I/N"`` -> Shard(I, N); anything else is a one-line :class:`SettingsError`."""
+        index, slash, count = text.partition("/")
+        if not (slash and index.isdigit() and count.isdigit()):
+            raise SettingsError(f"--shard {text!r}: expected {SHARD_HELP}")
+        return cls(int(index), int(count))
+
+    def rows(self, n: int, chunk_size: int) -> tuple[int, int]:
+        """The rows ``[start, stop)`` of this shard's block of ``n`` rows cut into ``chunk_size`` chunks."""
+        chunks = block(-(-n // chunk_size), self.index, self.count)
+        return min(chunks.start * chunk_size, n), min(chunks.stop * chunk_size, n)
+
+
+def block(length: int, index: int, count: int) -> slice:
+    """The ``index``-th of ``count`` contiguous blocks of ``length`` items, sizes differing by at most one."""
+    per, extra = divmod(length, count)
+    start = index * per + min(index, extra)
+    return slice(start, start + per + (index < extra))
 
 
 def from_environment() -> Launch:

@@ -7,7 +7,9 @@
 The unit of work is a chunk: ``chunk_size`` consecutive rows of the sorted listing. A chunk is
 done when it is committed for every store of the run. A run computes only the chunks not yet
 committed, so a killed run resumes, and :func:`shard` hands contiguous blocks of the missing
-chunks to processes (torchrun ranks) without padding or dropping images.
+chunks to processes (torchrun ranks) without padding or dropping images. Under ``--shard I/N``
+(:class:`~featurekit.distributed.Shard`) a process computes only the missing chunks of its block
+of the chunk grid, and the shard that finds every chunk committed joins the store.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import torchvision
 
 from . import __version__
 from .backbones import Backbone, load_backbone
-from .distributed import Launch, barrier, broadcast, check_group
+from .distributed import Launch, Shard, barrier, block, broadcast, check_group
 from .errors import SettingsError
 from .images import DataError, SplitListing, list_split, printable_path
 from .partial import Chunk, uncovered
@@ -40,17 +42,23 @@ Log = Callable[[str], None]
 
 @dataclass(frozen=True)
 class StoreResult:
-    """One store of a run: ``status`` is ``written`` or ``up to date``; ``skipped``: (path, reason)."""
+    """One store of a run: ``status`` is ``written``, ``up to date`` or, for a shard, ``partial``
+    or ``being joined by another process`` (then ``rows`` counts the rows committed so far);
+    ``skipped``: (path, reason); ``computed``: rows this run (all its ranks) extracted."""
 
     path: Path
     status: str
     rows: int
     skipped: list[tuple[str, str]]
+    computed: int = 0
 
     @classmethod
-    def read(cls, path: Path, status: str) -> "StoreResult":
-        contents = read_store(path, features=False)
-        return cls(path, status, len(contents.paths), contents.skipped)
+    def read(cls, writer: StoreWriter, status: str, computed: int = 0) -> "StoreResult":
+        if not writer.final.exists():  # a shard's store that others complete
+            gaps = uncovered(writer.committed(), len(writer.listing))
+            return cls(writer.final, status, len(writer.listing) - sum(b - a for a, b in gaps), [], computed)
+        contents = read_store(writer.final, features=False)
+        return cls(writer.final, status, len(contents.paths), contents.skipped, computed)
 
 
 @dataclass(frozen=True)
@@ -61,6 +69,7 @@ class ExtractSettings(RunSettings):
     chunk_size: int = 512  # rows per committed chunk (resume granularity); rounded up to whole batches
     overwrite: bool = False  # replace stores, and discard committed chunks, made from other inputs
     launch: Launch = field(default_factory=Launch)  # this process's place in a torchrun job
+    shard: Shard | None = None  # this process's block of the chunks, for launchers without a rendezvous
 
     def resolved(self) -> "ExtractSettings":
         launch = self.launch
@@ -125,9 +134,7 @@ def report_listing(listing: SplitListing, log: Log) -> None:
 
 def shard(chunks: Sequence[tuple[int, int]], rank: int, world_size: int) -> list[tuple[int, int]]:
     """The contiguous block of ``chunks`` that ``rank`` of ``world_size`` extracts."""
-    per, extra = divmod(len(chunks), world_size)
-    start = rank * per + min(rank, extra)
-    return list(chunks[start:start + per + (rank < extra)])
+    return list(chunks[block(len(chunks), rank, world_size)])
 
 
 def missing_chunks(committed: Sequence[Sequence[tuple[int, int]]], n: int, chunk_size: int) -> list[tuple[int, int]]:
@@ -171,31 +178,46 @@ def _versions() -> dict:
 
 def _extract_split(runner: TrunkRunner, listing: SplitListing, writers: list[StoreWriter],
                    settings: ExtractSettings) -> list[StoreResult]:
-    """Rank 0 decides and locks, every rank computes its block of the missing chunks, rank 0 joins."""
-    launch = settings.launch
+    """Rank 0 decides (and locks, unless a shard), every rank computes its block of the missing
+    chunks, rank 0 joins (a shard: if every chunk is committed, see StoreWriter.join_once)."""
+    launch, sharded = settings.launch, settings.shard is not None
     with contextlib.ExitStack() as locks:
-        todo = [writer.begin(locks) for writer in writers] if launch.rank == 0 else None
+        todo = [writer.begin(None if sharded else locks) for writer in writers] if launch.rank == 0 else None
         todo = broadcast(todo, launch.world_size)  # every store is open before any rank writes
+        computed = 0
         if any(todo):
-            _compute(runner, listing, [writer for writer, needed in zip(writers, todo) if needed], settings)
+            computed = _compute(runner, listing, [writer for writer, needed in zip(writers, todo) if needed], settings)
             barrier(launch.world_size)  # every rank's chunks are committed
         if launch.rank != 0:
             return []
-        return [StoreResult.read(writer.finish(), "written") if needed else StoreResult.read(writer.final, "up to date")
-                for writer, needed in zip(writers, todo)]
+        return [StoreResult.read(writer, _finish(writer, sharded), computed) if needed
+                else StoreResult.read(writer, "up to date") for writer, needed in zip(writers, todo)]
 
 
-def _compute(runner: TrunkRunner, listing: SplitListing, writers: list[StoreWriter], settings: ExtractSettings) -> None:
-    launch = settings.launch
+def _finish(writer: StoreWriter, sharded: bool) -> str:
+    if sharded:
+        return writer.join_once()
+    writer.finish()
+    return "written"
+
+
+def _compute(runner: TrunkRunner, listing: SplitListing, writers: list[StoreWriter], settings: ExtractSettings) -> int:
+    """Extract this process's chunks of the missing ones; returns the rows the whole job extracts."""
+    launch, part = settings.launch, settings.shard
     todo = None
     if launch.rank == 0:
         todo = missing_chunks([w.committed() for w in writers], len(listing), settings.chunk_size)
-    todo = shard(broadcast(todo, launch.world_size), launch.rank, launch.world_size)  # read before anyone wrote
-    if launch.world_size > 1:
-        _say(f"rank {launch.rank}/{launch.world_size}: {len(todo)} chunks ({sum(b - a for a, b in todo)} images) "
-             f"of {listing.split}")
+        if part is not None:
+            first, last = part.rows(len(listing), settings.chunk_size)
+            todo = [(start, stop) for start, stop in todo if first <= start and stop <= last]
+    todo = broadcast(todo, launch.world_size)  # read before anyone wrote
+    computed, todo = sum(b - a for a, b in todo), shard(todo, launch.rank, launch.world_size)
+    who = " ".join(([f"shard {part}"] if part else []) + ([f"rank {launch.rank}/{launch.world_size}"]
+                                                          if launch.world_size > 1 else []))
+    if who:
+        _say(f"{who}: {len(todo)} chunks ({sum(b - a for a, b in todo)} images) of {listing.split}")
     if not todo:
-        return
+        return computed
     sources = listing.files()
     with ThreadPoolExecutor(max_workers=1) as background:  # commits overlap the next chunk's compute
         pending: list[Future] = []
@@ -215,6 +237,7 @@ def _compute(runner: TrunkRunner, listing: SplitListing, writers: list[StoreWrit
                     pending.pop(0).result()
         for future in pending:
             future.result()
+    return computed
 
 
 def _commit(writers: list[StoreWriter], chunk: tuple[int, int], host: dict[str, torch.Tensor], copied,

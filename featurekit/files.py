@@ -13,14 +13,20 @@ import errno
 import fcntl
 import os
 import signal
+import socket
+import time
 from pathlib import Path
 from typing import Iterator
 
 from .errors import FeaturekitError, first_line
 
-# Testing hook: FEATUREKIT_CRASH_AT=<point>[:<n>] SIGKILLs the process the n-th time it reaches a
-# point of a commit protocol, so tests can stop a real extraction exactly there.
+# Testing hooks at the points of a commit protocol: FEATUREKIT_CRASH_AT=<point>[:<n>] SIGKILLs the
+# process the n-th time it reaches <point>, so tests can stop a real extraction exactly there;
+# FEATUREKIT_PAUSE_AT=<dir>:<point>[,<point>...] makes it create <dir>/<point>.<pid> on arrival and
+# wait there until <dir>/<point>.go exists, so tests can line processes up (shards joining at once).
 CRASH_ENV = "FEATUREKIT_CRASH_AT"
+PAUSE_ENV = "FEATUREKIT_PAUSE_AT"
+PAUSE_LIMIT_S = 120  # a test that died must not leave its children waiting forever
 _crash_counts: dict[str, int] = {}
 
 
@@ -33,6 +39,8 @@ class LockError(FeaturekitError):
 
 
 def crash_point(point: str) -> None:
+    """A point of a commit protocol, where the testing hooks (CRASH_ENV, PAUSE_ENV) act."""
+    _pause(point)
     wanted = os.environ.get(CRASH_ENV)
     if not wanted or wanted.partition(":")[0] != point:
         return
@@ -41,9 +49,20 @@ def crash_point(point: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _pause(point: str) -> None:
+    folder, _, points = os.environ.get(PAUSE_ENV, "").rpartition(":")
+    if not folder or point not in points.split(","):
+        return
+    Path(folder, f"{point}.{os.getpid()}").touch()
+    deadline = time.monotonic() + PAUSE_LIMIT_S
+    while not Path(folder, f"{point}.go").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
 def temporary_name(path: Path) -> Path:
-    """Where ``path`` is written before its rename: hidden, and owned by this process."""
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    """Where ``path`` is written before its rename: hidden, and owned by this process. The host is
+    part of the name: processes of a cluster writing into one shared folder may have equal pids."""
+    return path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
 
 
 @contextlib.contextmanager
@@ -101,23 +120,29 @@ class FileLock:
     ``O_NOFOLLOW`` (a planted symbolic link is refused, its target never written). Since every
     holder removes the file before it unlocks, a process that opened the old file re-checks,
     once it holds the lock, that the path still names the file it locked, and retries if not.
-    flock is advisory and may not work on NFS.
+    flock is advisory and may not work on NFS. ``wait``: seconds to keep trying while another
+    process holds it (for locks held only for a moment), 0: refuse at once.
     """
 
-    def __init__(self, path: str | os.PathLike, owner: str):
+    def __init__(self, path: str | os.PathLike, owner: str, wait: float = 0.0):
         self.path = Path(path)
         self.owner = owner
+        self.wait = wait
         self._descriptor: int | None = None
 
     def __enter__(self) -> "FileLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        deadline = time.monotonic() + self.wait
         while self._descriptor is None:
             descriptor = self._open()
             try:
                 fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                holder = os.read(descriptor, 32).decode(errors="replace").strip() or "?"
+                holder = os.read(descriptor, 64).decode(errors="replace").strip() or "?"
                 os.close(descriptor)
+                if time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    continue
                 raise LockError(f"{self.owner}: another featurekit process (pid {holder}) is writing it") from None
             if self._still_named(descriptor):
                 self._descriptor = descriptor

@@ -29,9 +29,9 @@ import h5py
 import numpy as np
 
 from .errors import first_line, short
-from .files import FileLock, LockError, atomic_output, crash_point
+from .files import atomic_output, crash_point
 from .images import SplitListing, listing_changes, printable_path
-from .partial import Chunk, PartialStore, StoreError
+from .partial import Chunk, PartialStore, StoreError, store_lock, uncovered
 
 FORMAT = "featurekit.store"
 FORMAT_VERSION = 2  # 2: listing_sha256; identity and header as one schema
@@ -145,11 +145,6 @@ class StoreHeader(StoreIdentity):
 
 def store_path(out_dir: str | os.PathLike, split: str, store_name: str) -> Path:
     return Path(out_dir) / split / f"{store_name}.h5"
-
-
-def store_lock(final: Path) -> FileLock:
-    """The lock one writer of the store ``final`` holds: ``.<name>.lock`` beside it, removed on release."""
-    return FileLock(final.with_name(f".{final.stem}.lock"), str(final))
 
 
 def fingerprint(identity: StoreIdentity, listing_digest: str) -> str:
@@ -275,7 +270,7 @@ class StoreWriter:
         self.listing = listing
         self.header = header
         self.overwrite = overwrite
-        self.partial = PartialStore(self.final)
+        self.partial = PartialStore(self.final, header.fingerprint)
         self.log = log or (lambda message: print(message, file=sys.stderr))
 
     def is_current(self) -> bool:
@@ -299,27 +294,21 @@ class StoreWriter:
         if not self.is_current():
             self._check_chunks()
 
-    def begin(self, locks: contextlib.ExitStack) -> bool:
-        """Take the store's lock (held in ``locks``) and get its chunks ready. False: already current."""
+    def begin(self, locks: contextlib.ExitStack | None) -> bool:
+        """Get the store's chunks ready; False: already current. ``locks``: hold the store's lock
+        there for the whole run. None: one shard of a run, committing beside the others without
+        keeping the lock (:meth:`PartialStore.share`); it ends with :meth:`join_once`."""
         if self.is_current():  # checked without the lock: readers never wait
-            self._tidy_finished()
+            self._report("leftovers of a killed run deleted" if self.partial.tidy_finished() else "")
             return False
+        if locks is None:
+            self._report(self.partial.share(self.header.identity.to_dict(), self._check_chunks))
+            return True
         locks.enter_context(store_lock(self.final))
         if self.is_current():  # finished by another process meanwhile
-            self.partial.discard_finished(self.header.fingerprint)
+            self.partial.discard_finished()
             return False
-        removed = self.partial.remove_temporaries()
-        committed = len(self.partial.committed()) if self.partial.dir.is_dir() else 0
-        if self.partial.holds(self.header.fingerprint):
-            state = f"resumed ({committed} chunks committed)" if committed else ""
-        else:
-            self._check_chunks()
-            self.partial.start(self.header.fingerprint, self.header.identity.to_dict())
-            state = f"{committed} stale committed chunks discarded (--overwrite)" if committed else ""
-        if removed:
-            state += f"{'; ' if state else ''}{removed} temporary file(s) of a killed run deleted"
-        if state:
-            self.log(f"{self.final}: {state}")
+        self._report(self.partial.resume(self.header.identity.to_dict(), self._check_chunks))
         return True
 
     def committed(self) -> list[tuple[int, int]]:
@@ -328,22 +317,44 @@ class StoreWriter:
     def commit(self, chunk: Chunk) -> None:
         self.partial.write(chunk)
 
+    def join_once(self) -> str:
+        """After a shard's commits: join the chunks if every row is committed, once however many shards
+        finish at once. The store's state: written (here), up to date, partial, being joined by another process."""
+        crash_point("shard-committed")
+        if self.is_current():
+            return "up to date"
+        if uncovered(self.committed(), len(self.listing)):
+            return "partial"
+        with self.partial.lock_if_free() as locked:
+            if not locked:
+                return "being joined by another process"
+            crash_point("join-locked")
+            if self.is_current():  # joined by a shard that released the lock just before
+                return "up to date"
+            if not self.partial.holds():
+                raise StoreError(f"{self.partial.dir}: replaced by another run (--overwrite) while this shard ran")
+            try:
+                self.finish()
+            except StoreError:  # its chunks gone: joined meanwhile by a host that flock does not reach?
+                if not self.is_current():
+                    raise
+                return "up to date"
+        return "written"
+
     def finish(self) -> Path:
-        """Join the committed chunks into the final store (complete, or not there at all)."""
-        rows = self.partial.join(len(self.listing))
+        """Lock holder: join the chunks into the final store (whole, or not there), one chunk in memory at a time."""
+        rows = self.partial.rows(len(self.listing))
         if not rows.kept.size:
             raise StoreError(f"{self.final}: every image of {self.listing.split_dir} was skipped; nothing to store")
-        if rows.features.shape[1] != self.header.feature_dim or str(rows.features.dtype) != self.header.dtype:
-            raise RuntimeError(f"{self.final}: chunks hold {rows.features.dtype}[{rows.features.shape[1]}], header "
-                               f"says {self.header.dtype}[{self.header.feature_dim}]")
-        records = self.listing.records
-        kept, skipped = [records[i] for i in rows.kept], [records[i] for i in rows.skipped]
+        kept, skipped = ([self.listing.records[i] for i in rows_of] for rows_of in (rows.kept, rows.skipped))
         reasons = [printable_path(reason) for reason in rows.reasons]
         header = dataclasses.replace(self.header, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        self.partial.remove_temporaries(chunks=False)  # of a joiner killed before its rename
         with atomic_output(self.final, "cannot write store", f"; committed chunks kept in {self.partial.dir}",
                            "finalize-tmp-written") as temporary:
             with h5py.File(temporary, "w") as h5:
-                h5.create_dataset("features", data=rows.features)
+                features = h5.create_dataset("features", (len(kept), self.header.feature_dim), self.header.dtype)
+                self.partial.copy_features(rows, features)
                 h5.create_dataset("labels", data=np.array([r.label for r in kept], dtype=np.int64))
                 _write_records(h5, "", kept)
                 h5.create_dataset("classes", data=[printable_path(c) for c in self.listing.classes], dtype=STR)
@@ -353,21 +364,18 @@ class StoreWriter:
                 h5.attrs["complete"] = True
                 h5.attrs["content_sha256"] = content_sha256(h5)
         crash_point("finalize-renamed")
-        self.partial.discard()
+        removed = self.partial.discard()
+        self._report(f"{removed} temporary file(s) of a killed run deleted" if removed else "")
         return self.final
+
+    def _report(self, state: str) -> None:
+        if state:
+            self.log(f"{self.final}: {state}")
 
     def _check_chunks(self) -> None:
         """Refuse committed chunks of another run, unless ``overwrite``."""
-        if self.overwrite or self.partial.holds(self.header.fingerprint) or not self.partial.committed():
-            return
-        recorded = (self.partial.recorded() or {}).get("identity", {})
-        try:
-            change = StoreIdentity.from_dict(recorded).difference(self.header.identity)
-        except (KeyError, TypeError):
-            change = "an unreadable manifest"
-        why = f"used other {change}" if change else "saw other image files (added, removed or modified since)"
-        raise StoreError(f"{self.final}: the {len(self.partial.committed())} committed chunks in {self.partial.dir} "
-                         f"are from an unfinished run that {why}; pass --overwrite to discard them")
+        if not self.overwrite:
+            self.partial.refuse_foreign(lambda recorded: StoreIdentity.from_dict(recorded).difference(self.header))
 
     def _what_changed(self) -> str:
         change = read_header(self.final).identity.difference(self.header.identity)
@@ -377,14 +385,6 @@ class StoreWriter:
             changes = listing_changes(recorded_files(h5), _strings(h5["classes"]), self.listing)
         changes = changes or ["same files, other recorded fingerprint"]
         return f"was made from another state of {self.listing.split_dir} ({'; '.join(changes)})"
-
-    def _tidy_finished(self) -> None:
-        """Delete what a writer killed just after its final rename left, unless someone is writing."""
-        if not (self.partial.dir.exists() or self.partial.temporaries()):
-            return
-        with contextlib.suppress(LockError, OSError), store_lock(self.final):
-            if self.partial.discard_finished(self.header.fingerprint):
-                self.log(f"{self.final}: leftovers of a killed run deleted")
 
 
 def _write_records(h5: h5py.File, prefix: str, records: list) -> None:

@@ -81,9 +81,11 @@ def verify_store(path: str | os.PathLike, data_root: str | os.PathLike | None = 
             except DataError as error:
                 report.problems.append(f"cannot check the image folder: {error}")
                 return report
-            classes = [c.decode("utf-8") for c in h5["classes"][()]]
-            report.problems += listing_changes(recorded_files(h5), classes, listing)
-            if not report.problems and fingerprint(header.identity, listing.sha256()) != header.fingerprint:
+            digest = listing.sha256()
+            if digest != header.listing_sha256:  # name what changed (dicts of every path: only then)
+                classes = [c.decode("utf-8") for c in h5["classes"][()]]
+                report.problems += listing_changes(recorded_files(h5), classes, listing)
+            if not report.problems and fingerprint(header.identity, digest) != header.fingerprint:
                 report.problems.append("recorded fingerprint does not match the folder and the recorded settings")
     except StoreError as error:
         report.problems.append(str(error).removeprefix(f"{path}: "))
@@ -139,7 +141,9 @@ def _value_problems(h5: h5py.File) -> list[str]:
 
 
 def _rows_sha256(h5: h5py.File) -> str:
-    digest = hashlib.sha256(b"\0".join(h5["paths"][()].tolist()))
+    """sha256 of the paths and labels, read in blocks of rows (only compared within one verify run)."""
+    digest = hashlib.sha256()
+    for start in range(0, len(h5["paths"]), DIGEST_BLOCK_ROWS):
+        digest.update(b"\0".join(h5["paths"][start:start + DIGEST_BLOCK_ROWS].tolist()) + b"\0")
     digest.update(h5["labels"][()].astype("<i8").tobytes())
     return digest.hexdigest()
-

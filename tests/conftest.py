@@ -29,6 +29,11 @@ TINY_RUN = ["--backbone", "resnet18", "--weights", "random", "--device", "cpu", 
             "--chunk-size", "2", "--batch-size", "2", "--workers", "0", "--quiet"]
 
 
+def extract_args(data: Path, out: Path, *extra: str) -> list[str]:
+    """``extract`` of ``data``'s train split into ``out`` with the tiny run's settings, then ``extra``."""
+    return ["extract", str(data), "--split", "train", "--out", str(out), *TINY_RUN, *extra]
+
+
 def write_jpeg(path: Path, seed: int, size: tuple[int, int] = (40, 32)) -> Path:
     """A smooth random RGB picture (noise alone would make every feature vector alike)."""
     rng = np.random.default_rng(seed)
@@ -77,13 +82,29 @@ def run_cli(capsys, *args: str | os.PathLike) -> CliResult:
     return CliResult(code, captured.out, captured.err)
 
 
+def spawn(*args: str | os.PathLike, env: dict | None = None, launcher: Sequence[str] = ()) -> subprocess.Popen:
+    """``python [LAUNCHER] -m featurekit ARGS`` started as a real child process, output piped as text."""
+    return subprocess.Popen([sys.executable, *launcher, "-m", "featurekit", *map(str, args)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
+
+
+def finished(child: subprocess.Popen, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Wait for a :func:`spawn`ed child (killed past ``timeout``) and return what it did."""
+    try:
+        out, err = child.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.communicate()
+        raise
+    return subprocess.CompletedProcess(child.args, child.returncode, out, err)
+
+
 def run_subprocess(*args: str | os.PathLike, env: dict | None = None, timeout: float = 120,
                    launcher: Sequence[str] = ()) -> subprocess.CompletedProcess:
     """``python [LAUNCHER] -m featurekit ARGS`` as a real child process (``launcher``: e.g. torchrun's
     ``-m torch.distributed.run ...``)."""
-    return subprocess.run([sys.executable, *launcher, "-m", "featurekit", *map(str, args)], cwd=REPO,
-                          capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
+    return finished(spawn(*args, env=env, launcher=launcher), timeout)
 
 
 def committed_chunks(final: Path) -> int:

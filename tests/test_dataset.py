@@ -7,7 +7,9 @@ import torch
 from conftest import blobs, make_image_folder, write_store
 from torch.utils.data import DataLoader
 
+from featurekit import dataset as dataset_module
 from featurekit.dataset import AlignmentError, FeatureDataset, check_same_extraction, load_features
+from featurekit.errors import SettingsError
 from featurekit.store import StoreError, read_store, store_path
 
 
@@ -40,6 +42,60 @@ def test_dataloader_with_two_workers_returns_the_in_memory_rows(two_backbone_fea
     with pytest.raises(IndexError):
         dataset[len(dataset)]
     dataset.close()
+
+
+def test_load_reads_only_the_chosen_columns(two_backbone_features, monkeypatch):
+    _, features_dir = two_backbone_features
+    full = load_features(features_dir, "train", ["b", "a"])
+    middle = load_features(features_dir, "train", ["b", "a"], columns=slice(2, 8))  # b's last 2, a's first 4
+    np.testing.assert_array_equal(middle.features, full.features[:, 2:8])
+    assert [s.columns for s in middle.stores] == [slice(0, 2), slice(2, 6)]
+    assert middle.columns.tolist() == [2, 3, 4, 5, 6, 7]
+    read, real_read = [], dataset_module._read_columns
+    monkeypatch.setattr(dataset_module, "_read_columns",
+                        lambda path, *args: read.append(path.name) or real_read(path, *args))
+    picked = load_features(features_dir, "train", ["b", "a"], columns=[5, 7, 9])  # of a only
+    np.testing.assert_array_equal(picked.features, full.features[:, [5, 7, 9]])
+    assert [s.columns for s in picked.stores] == [slice(0, 0), slice(0, 3)] and read == ["a.h5"]
+    for bad, message in (([3, 1], "increasing"), ([10], "outside 0-9")):
+        with pytest.raises(SettingsError, match=message):
+            load_features(features_dir, "train", ["b", "a"], columns=bad)
+
+
+def test_batches_equal_rows_read_one_by_one(two_backbone_features, tmp_path):
+    _, features_dir = two_backbone_features
+    memory = load_features(features_dir, "valid", ["a", "b"])
+    dataset = FeatureDataset(features_dir, "valid", ["a", "b"])
+    indices = [5, -1, 0, 5, 2]  # unsorted, repeated, negative
+    pairs = dataset.__getitems__(indices)
+    assert [label for _, label in pairs] == memory.labels[indices].tolist()
+    np.testing.assert_array_equal(torch.stack([row for row, _ in pairs]).numpy(), memory.features[indices])
+    rows, labels = dataset[indices]
+    np.testing.assert_array_equal(rows.numpy(), memory.features[indices])
+    assert labels.dtype == torch.int64 and labels.tolist() == memory.labels[indices].tolist()
+    batches = list(dataset.loader(batch_size=5, shuffle=True, generator=torch.Generator().manual_seed(0)))
+    assert [len(x) for x, _ in batches] == [5, 5, 2]
+    assert [len(x) for x, _ in dataset.loader(batch_size=5, drop_last=True)] == [5, 5]
+    in_order = torch.cat([x for x, _ in dataset.loader(batch_size=5, shuffle=False, num_workers=2)])
+    np.testing.assert_array_equal(in_order.numpy(), memory.features)
+    seen = torch.cat([x for x, _ in batches]).numpy()
+    order = np.lexsort(seen.T[::-1])
+    np.testing.assert_array_equal(seen[order], memory.features[np.lexsort(memory.features.T[::-1])])
+
+    chunked = tmp_path / "chunked"  # a store rewritten with a chunked, compressed layout: read through h5py
+    for name in ("a", "b"):
+        source, target = store_path(features_dir, "valid", name), store_path(chunked, "valid", name)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with h5py.File(source, "r") as old, h5py.File(target, "w") as new:
+            for key in old:
+                old.copy(key, new)
+            del new["features"]
+            new.create_dataset("features", data=old["features"][()], chunks=(2, 2), compression="gzip")
+            new.attrs.update(old.attrs)
+    again = FeatureDataset(chunked, "valid", ["a", "b"])  # the content checksum does not depend on the layout
+    np.testing.assert_array_equal(again[indices][0].numpy(), memory.features[indices])
+    dataset.close()
+    again.close()
 
 
 def _second_listing_store(tmp_path: Path, name: str, counts: dict[str, int], shuffle: bool = False) -> Path:

@@ -66,3 +66,18 @@ def test_a_job_killed_midway_is_finished_by_a_rerun_with_other_process_counts(re
     assert finished.returncode == 0, finished.stderr
     assert f"resumed ({committed} chunks committed)" in finished.stderr
     same_rows(final, expected)
+
+
+def test_a_torchrun_job_can_be_one_shard_of_several(reference, tmp_path, capsys):
+    """One torchrun job per node and --shard per job: nodes without a rendezvous between them."""
+    data, expected = reference
+    out = tmp_path / "out"
+    args = ("extract", data, "--split", "train", "--out", out, *TINY_RUN)
+    job = torchrun(2, *args, "--shard", "0/2")  # rows 0-6: three chunks
+    assert job.returncode == 0, job.stderr[-3000:]
+    assert "shard 0/2 rank 0/2: 2 chunks (4 images)" in job.stderr
+    assert "shard 0/2 rank 1/2: 1 chunks (2 images)" in job.stderr
+    assert "train/resnet18.h5  6 rows  partial" in job.stdout
+    other = run_cli(capsys, *args, "--shard", "1/2")
+    assert other.code == 0 and "10 rows  written" in other.out
+    same_rows(out / "train" / "resnet18.h5", expected)

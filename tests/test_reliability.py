@@ -24,6 +24,7 @@ from tests.conftest import (
     assert_same_store,
     committed_chunks,
     error_lines,
+    extract_args,
     leftovers,
     make_folder,
     run_cli,
@@ -41,10 +42,6 @@ def reference(tmp_path_factory) -> tuple[Path, Path]:
     data = make_folder(base / "data")
     assert main(extract_args(data, base / "out")) == 0
     return data, base / "out" / "train" / "resnet18.h5"
-
-
-def extract_args(data: Path, out: Path, *extra: str) -> list[str]:
-    return ["extract", str(data), "--split", "train", "--out", str(out), *TINY_RUN, *extra]
 
 
 def killed_at(data: Path, out: Path, point: str) -> bool:

@@ -1,0 +1,227 @@
+"""Scale by simulation: how the join, verify, a column load and a dataset epoch grow with the rows.
+
+For each size (default 10^4, 10^5, 10^6 rows) a folder of that many empty ``.jpg`` files is
+listed by the real lister (so ``verify`` compares a real folder), synthetic float16 chunks of
+2,048 columns are committed with :class:`featurekit.partial.PartialStore` exactly as extract
+commits them (512 rows each), and then, each timed with its peak memory:
+
+- ``join``: :meth:`StoreWriter.finish`, the chunks into one HDF5 store;
+- ``verify``: :func:`featurekit.verify.verify_store` (structure, finite values, checksum, folder);
+- ``load[:, :256]``: ``featurekit.load(..., columns=slice(0, 256), verify=False)``;
+- ``memmap epoch``: one shuffled pass in batches of 256 over a contiguous ``.npy`` copy of the
+  same array (``np.load(mmap_mode="r")``), rows gathered in sorted order, as float32 tensors;
+- ``dataset epoch``: one shuffled pass of ``DataLoader(FeatureDataset(...), batch_size=256, shuffle=True)``;
+- ``dataset loader``: the same through ``FeatureDataset.loader(256)`` (one read per batch, no
+  per-row collation).
+
+The three epochs run alternately, ``--repeats`` times (the first pass warms the page cache), and
+each keeps its fastest pass.
+
+Peak memory is the growth of resident memory over the operation: ``anon`` (heap; sampled every
+5 ms) and ``rss`` (VmHWM after resetting it, which also counts pages of memory-mapped files).
+The listing's own memory is printed per size. Goals: join and verify linear in rows with flat
+memory; dataset epoch within 1.5x of the memmap epoch.
+
+    nice python benchmarks/bench_scale.py             # needs ~9 GB free in --dir at 10^6 rows, ~25 min
+    python benchmarks/bench_scale.py --rows 10000 100000 --dir /tmp/scale
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+import featurekit
+from featurekit.dataset import FeatureDataset
+from featurekit.images import DecodePolicy, list_split
+from featurekit.partial import Chunk
+from featurekit.store import FEATURES_VERSION, StoreHeader, StoreIdentity, StoreWriter, fingerprint, open_h5
+from featurekit.verify import verify_store
+
+D, CHUNK, BATCH, CLASSES = 2048, 512, 256, 100
+MB = 2**20
+STORE = "synthetic"
+
+
+class Measured:
+    """Seconds and peak memory growth (MB) of a ``with`` block."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __enter__(self) -> "Measured":
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS
+        self.rss0, self.anon0 = _status("VmRSS"), _status("RssAnon")
+        self.anon_peak, self._stop = self.anon0, threading.Event()
+        self._sampler = threading.Thread(target=self._sample, daemon=True)
+        self._sampler.start()
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.seconds = time.perf_counter() - self.start
+        self._stop.set()
+        self._sampler.join()
+        self.anon_peak = max(self.anon_peak, _status("RssAnon"))
+        self.anon_mb = (self.anon_peak - self.anon0) / MB
+        self.rss_mb = (_status("VmHWM") - self.rss0) / MB
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.005):
+            self.anon_peak = max(self.anon_peak, _status("RssAnon"))
+
+
+def _status(field: str) -> int:
+    """A /proc/self/status field in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def make_folder(root: Path, n: int) -> None:
+    """``root/train/cNN/NNNNNNN.jpg``: n empty files in CLASSES class folders."""
+    for label in range(CLASSES):
+        folder = root / "train" / f"c{label:02d}"
+        folder.mkdir(parents=True)
+        for i in range(label, n, CLASSES):
+            os.close(os.open(folder / f"{i:07d}.jpg", os.O_CREAT | os.O_WRONLY, 0o644))
+
+
+def header_for(listing) -> StoreHeader:
+    identity = StoreIdentity(STORE, "flatten", "ab" * 32, {"crop_size": 224}, DecodePolicy(backend="pil").to_dict(),
+                             "fp32", "float16", FEATURES_VERSION)
+    digest = listing.sha256()
+    return StoreHeader(**identity.to_dict(), split="train", data_root=str(listing.root.resolve()),
+                       listing_sha256=digest, weights="random", weights_source="synthetic", weights_report="",
+                       device="cpu", on_error="fail", fingerprint=fingerprint(identity, digest), feature_dim=D,
+                       n_listed=len(listing), versions={})
+
+
+def commit_chunks(writer: StoreWriter, n: int) -> None:
+    """Synthetic features, distinct per chunk, committed as extract commits them."""
+    base = np.random.default_rng(0).standard_normal((CHUNK, D), dtype=np.float32)
+    assert writer.partial.create(writer.header.identity.to_dict())
+    for start in range(0, n, CHUNK):
+        stop = min(start + CHUNK, n)
+        features = (base[:stop - start] + np.float32(start // CHUNK % 97) / 97).astype(np.float16)
+        writer.commit(Chunk(start, stop, np.arange(start, stop, dtype=np.int64), features))
+
+
+def copy_to_npy(store: Path, target: Path) -> None:
+    with open_h5(store) as h5:
+        source = h5["features"]
+        copy = np.lib.format.open_memmap(target, mode="w+", dtype=source.dtype, shape=source.shape)
+        for start in range(0, len(source), 65536):
+            copy[start:start + 65536] = source[start:start + 65536]
+        copy.flush()
+        del copy
+
+
+def memmap_epoch(path: Path, labels: np.ndarray) -> float:
+    """One shuffled pass over the .npy copy, the plainest way; returns a checksum."""
+    array = np.load(path, mmap_mode="r")
+    total = 0.0
+    for batch in torch.randperm(len(array)).split(BATCH):
+        rows = np.sort(batch.numpy())
+        x, y = torch.from_numpy(array[rows].astype(np.float32)), torch.from_numpy(labels[rows])
+        total += float(x[:, 0].sum()) + int(y[0])
+    return total
+
+
+def dataset_epoch(dataset: FeatureDataset, batched: bool) -> float:
+    """One shuffled pass: a plain ``DataLoader(dataset, batch_size, shuffle=True)`` (rows collated
+    one by one), or ``dataset.loader`` (``batched``: each batch one ``dataset[indices]``)."""
+    loader = dataset.loader(BATCH) if batched else DataLoader(dataset, batch_size=BATCH, shuffle=True)
+    total = 0.0
+    for x, y in loader:
+        total += float(x[:, 0].sum()) + int(y[0])
+    return total
+
+
+def run_size(n: int, base: Path, repeats: int) -> tuple[dict[str, Measured], float]:
+    root, features_dir = base / f"data{n}", base / f"features{n}"
+    make_folder(root, n)
+    with Measured("listing") as listing_memory:
+        listing = list_split(root, "train")
+    writer = StoreWriter(features_dir, listing, STORE, header_for(listing), log=lambda _: None)
+    results = {}
+    with Measured("commit") as results["commit chunks"]:
+        commit_chunks(writer, n)
+    with Measured("join") as results["join"]:
+        writer.finish()
+    with Measured("verify") as results["verify"]:
+        report = verify_store(writer.final)
+    assert report.ok, report.problems
+    with Measured("load") as results["load[:, :256]"]:
+        loaded = featurekit.load(features_dir, "train", [STORE], verify=False, columns=slice(0, 256))
+    assert loaded.features.shape == (n, 256)
+    del loaded
+    copy_to_npy(writer.final, base / f"copy{n}.npy")
+    dataset = FeatureDataset(features_dir, "train", [STORE], verify=False)
+    epochs = {"memmap epoch": lambda: memmap_epoch(base / f"copy{n}.npy", dataset.labels),
+              "dataset epoch": lambda: dataset_epoch(dataset, batched=False),
+              "dataset loader": lambda: dataset_epoch(dataset, batched=True)}
+    for _ in range(repeats):  # alternating, best of each: the machine's other load hits all alike
+        for name, epoch in epochs.items():
+            with Measured(name) as measured:
+                epoch()
+            if name not in results or measured.seconds < results[name].seconds:
+                results[name] = measured
+    dataset.close()
+    shutil.rmtree(root)
+    shutil.rmtree(features_dir)
+    (base / f"copy{n}.npy").unlink()
+    return results, listing_memory.anon_mb
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()))
+    parser.add_argument("--repeats", type=int, default=3, help="epochs: best of this many alternating passes")
+    args = parser.parse_args()
+    print(f"{D} float16 columns, chunks of {CHUNK} rows, batches of {BATCH}; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, {os.cpu_count()} cores")
+    base = Path(tempfile.mkdtemp(prefix="bench_scale-", dir=args.dir))
+    table: dict[int, dict[str, Measured]] = {}
+    try:
+        for n in args.rows:
+            table[n], listing_mb = run_size(n, base, args.repeats)
+            print(f"{n:>9} rows: listing {listing_mb:6.1f} MB ({listing_mb * MB / n:.0f} B/row), store "
+                  f"{n * D * 2 / MB:7.0f} MB", flush=True)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    report(table)
+
+
+def report(table: dict[int, dict[str, Measured]]) -> None:
+    sizes = sorted(table)
+    print(f"\n{'operation':<15}{'rows':>10}{'seconds':>10}{'us/row':>9}{'anon MB':>9}{'rss MB':>9}")
+    for name in table[sizes[0]]:
+        for n in sizes:
+            m = table[n][name]
+            print(f"{name:<15}{n:>10}{m.seconds:>10.2f}{m.seconds / n * 1e6:>9.2f}{m.anon_mb:>9.0f}{m.rss_mb:>9.0f}")
+    if len(sizes) > 1:
+        print("\ngrowth from one size to the next (time ratio for x rows; linear = x; memory MB before -> after)")
+        for name in table[sizes[0]]:
+            steps = [f"x{b // a}: time {table[b][name].seconds / table[a][name].seconds:5.1f}, anon "
+                     f"{table[a][name].anon_mb:.0f} -> {table[b][name].anon_mb:.0f} MB"
+                     for a, b in zip(sizes, sizes[1:])]
+            print(f"{name:<15}" + "; ".join(steps))
+    for name in ("dataset epoch", "dataset loader"):
+        print(f"{name} / memmap epoch: " + ", ".join(
+            f"{n}: {table[n][name].seconds / table[n]['memmap epoch'].seconds:.2f}x" for n in sizes))
+
+
+if __name__ == "__main__":
+    main()
