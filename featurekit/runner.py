@@ -31,6 +31,7 @@ from .gpu_decode import decode_batch
 from .images import DecodePolicy, ImageDecodeError
 from .loader import Source, ViewBatch, ViewDataset, default_workers, iterate_views
 from .store import FEATURES_VERSION, StoreIdentity
+from .views import Preprocessing
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPES = ("float16", "float32")
@@ -253,19 +254,28 @@ class TrunkRunner:
         return torch.cat([images, images.new_zeros(missing, *images.shape[1:])])
 
     def _views(self, batch: ViewBatch) -> dict[str, torch.Tensor]:
-        """``{preprocessing key: uint8[B, 3, crop, crop]}`` on the device, in ``batch.indices`` order."""
-        cpu = {key: view.to(self.device, non_blocking=True) for key, view in batch.views.items()}
-        if not batch.raw:
-            return cpu
-        rows = {row: {key: view[j] for key, view in cpu.items()} for j, row in enumerate(batch.cpu_rows)}
-        for row, image in zip(batch.raw_rows, decode_batch(batch.raw, self.device, self.settings.decode)):
-            if isinstance(image, ImageDecodeError):
-                batch.errors.append((batch.indices[row], image.path, image.reason))
-            else:
-                rows[row] = {key: p.view_tensor(image) for key, p in self.preprocessings.items()}
-        order = sorted(rows)
-        batch.indices = [batch.indices[row] for row in order]
-        return {key: torch.stack([rows[row][key] for row in order]) for key in self.preprocessings} if order else {}
+        return device_views(batch, self.device, self.preprocessings, self.settings.decode)
+
+
+def device_views(batch: ViewBatch, device: torch.device, preprocessings: dict[str, Preprocessing],
+                 decode: DecodePolicy) -> dict[str, torch.Tensor]:
+    """``{preprocessing key: uint8[B, 3, crop, crop]}`` on ``device``, in ``batch.indices`` order.
+
+    JPEGs left for the GPU are decoded there; those that fail move to ``batch.errors`` and out of
+    ``batch.indices``, so the rows returned are exactly ``batch.indices``.
+    """
+    cpu = {key: view.to(device, non_blocking=True) for key, view in batch.views.items()}
+    if not batch.raw:
+        return cpu
+    rows = {row: {key: view[j] for key, view in cpu.items()} for j, row in enumerate(batch.cpu_rows)}
+    for row, image in zip(batch.raw_rows, decode_batch(batch.raw, device, decode)):
+        if isinstance(image, ImageDecodeError):
+            batch.errors.append((batch.indices[row], image.path, image.reason))
+        else:
+            rows[row] = {key: p.view_tensor(image) for key, p in preprocessings.items()}
+    order = sorted(rows)
+    batch.indices = [batch.indices[row] for row in order]
+    return {key: torch.stack([rows[row][key] for row in order]) for key in preprocessings} if order else {}
 
 
 def embed(images: Sequence[str | Path | Image.Image], backbone: str | Backbone, weights: str = "DEFAULT", *,
