@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_list_backbones(commands)
     _add_train_head(commands)
     _add_predict(commands)
+    _add_finetune(commands)
     return parser
 
 
@@ -297,8 +298,13 @@ def _add_predict(commands) -> None:
     parser = commands.add_parser("predict", help="classify image files with a trained head",
                                  description="classify image files with a trained head, re-extracting their features")
     parser.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders (searched recursively)")
-    parser.add_argument("--head", required=True, type=Path, help="head.joblib written by train-head")
+    parser.add_argument("--head", required=True, type=Path,
+                        help="head.joblib written by train-head, or model.json (or its folder) written by finetune")
     parser.add_argument("--out", type=Path, default=Path("predictions.csv"))
+    parser.add_argument("--topk", type=int, metavar="K",
+                        help="write the K likeliest classes and their probabilities instead of one column per class")
+    parser.add_argument("--class-names", type=Path, metavar="JSON",
+                        help="JSON object of class folder name -> readable name (e.g. cat_to_name.json)")
     parser.add_argument("--format", default="csv", choices=["csv", "kaggle"],
                         help="kaggle: id,label with the probability of the second class (dogs-vs-cats)")
     parser.add_argument("--device", default="auto")
@@ -313,22 +319,98 @@ def _add_predict(commands) -> None:
 
 
 def _run_predict(args) -> int:
-    from .predict import predict_files, write_predictions
+    from .predict import predict_files, read_class_names, write_predictions
     from .runner import RunSettings
 
-    pairs = args.weights_path
-    if any("=" not in pair for pair in pairs):
-        raise SettingsError(f"--weights-path expects STORE=FILE, got {next(p for p in pairs if '=' not in p)!r}")
+    if args.topk is not None and (args.topk < 1 or args.format != "csv"):
+        raise SettingsError("--topk takes a number of classes of at least 1, with --format csv")
+    names = read_class_names(args.class_names) if args.class_names else None
     settings = RunSettings(device=args.device, batch_size=args.batch_size, num_workers=args.workers, progress=False)
-    predictions = predict_files(args.head, args.paths, settings, dict(p.split("=", 1) for p in pairs), args.precision)
+    predictions = predict_files(args.head, args.paths, settings, _weights_paths(args.weights_path), args.precision)
     for path, reason in predictions.errors:
         print(f"skipped {path}: {reason}", file=sys.stderr)
     if not predictions.paths:
         raise SettingsError(f"none of the {len(predictions.errors)} files could be decoded")
-    write_predictions(predictions, args.out, args.head, args.format)
+    write_predictions(predictions, args.out, args.head, args.format, args.topk, names)
     print(f"{len(predictions.paths)} predictions written to {args.out}"
           + (f" ({len(predictions.errors)} files skipped)" if predictions.errors else "")
           + f" ({predictions.settings.device}, {predictions.settings.precision})")
+    return 0
+
+
+FINETUNE_EPILOG = """\
+regimes (docs/finetune.md):
+  --unfreeze none     the trunks stay as they are; the classifier trains on augmented images
+  --unfreeze layer4   every module from layer4 on trains too (_blocks.15, features.28, ...)
+  --unfreeze all      the whole trunk trains
+  STORE=NODE sets one backbone of a multi-backbone head (e.g. efficientnet_lite0=_blocks.15).
+outputs (--out, default: the head's folder/finetuned):
+  model.json (+ model.pt, trunks/): predict --head OUT/model.json classifies image files with it
+  trunks/<store>.pt: each trained trunk's state dict, for extract --weights-path
+  report.json, report.md, learning_curves.png, confusion_matrix.png; checkpoint.pt after every
+  epoch: the same command continues a killed run from its last epoch.
+"""
+
+
+def _add_finetune(commands) -> None:
+    p = commands.add_parser("finetune", help="fine-tune a head's trunks and classifier on images, from the head",
+                            description="train a head's trunks and classifier on the train split's images, "
+                                        "starting from the head exactly", epilog=FINETUNE_EPILOG,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("data_root", type=Path, help="folder holding <split>/<class>/<image>, classes as the head's")
+    p.add_argument("--head", required=True, type=Path, help="head.joblib written by train-head")
+    p.add_argument("--unfreeze", nargs="+", default=["none"], metavar="NODE",
+                   help="first trainable module of each trunk (layer4, _blocks.15), none, all, or STORE=NODE "
+                        "(default none)")
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate of the classifier (default 1e-4)")
+    p.add_argument("--trunk-lr-scale", type=float, default=0.1, help="trunk learning rate = lr x this (default 0.1)")
+    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay of weights (default 0.01)")
+    p.add_argument("--warmup-epochs", type=float, default=1.0,
+                   help="linear warm-up, then cosine decay (default 1; at most half the steps)")
+    p.add_argument("--augment", default="standard", metavar="POLICY",
+                   help="train-split augmentation: standard (default), crop-flip or none")
+    p.add_argument("--batchnorm", default="frozen", choices=["frozen", "train"],
+                   help="BatchNorm of the unfrozen part: frozen statistics (default) or updated by training")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0, help="batch order, augmentation and dropout seed")
+    p.add_argument("--train-split", default="train")
+    p.add_argument("--valid-split", default="valid", help="scored every epoch; the best epoch is kept")
+    p.add_argument("--out", type=Path, help="output folder (default: the head's folder/finetuned)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="trunk compute precision (auto: bf16 on CUDA and on CPUs with AVX512-BF16/AMX, else fp32)")
+    p.add_argument("--workers", type=int, default=None, help="decoding workers (default: sized to the cores)")
+    p.add_argument("--on-error", default="fail", choices=["fail", "skip"],
+                   help="bad images: stop at the first (fail) or leave them out and report them (skip)")
+    p.add_argument("--weights-path", nargs="+", default=[], metavar="STORE=FILE",
+                   help="load a backbone's weights from FILE instead of the path recorded in the head")
+    p.add_argument("--overwrite", action="store_true", help="start over, discarding a checkpoint of another run")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=_run_finetune)
+
+
+def _weights_paths(pairs: list[str]) -> dict[str, str]:
+    if any("=" not in pair for pair in pairs):
+        raise SettingsError(f"--weights-path expects STORE=FILE, got {next(p for p in pairs if '=' not in p)!r}")
+    return dict(pair.split("=", 1) for pair in pairs)
+
+
+def _run_finetune(args) -> int:
+    from .finetune import FinetuneSettings, finetune
+
+    settings = FinetuneSettings(
+        device=args.device, precision=args.precision, batch_size=args.batch_size, num_workers=args.workers,
+        on_error=args.on_error, progress=not args.quiet, unfreeze=tuple(args.unfreeze), epochs=args.epochs,
+        lr=args.lr, trunk_lr_scale=args.trunk_lr_scale, weight_decay=args.weight_decay,
+        warmup_epochs=args.warmup_epochs, augment=args.augment, batchnorm=args.batchnorm, seed=args.seed,
+        train_split=args.train_split, valid_split=args.valid_split, overwrite=args.overwrite, plots=not args.no_plots)
+    out = args.out or args.head.parent / "finetuned"
+    report = finetune(args.head, args.data_root, out, settings, _weights_paths(args.weights_path),
+                      log=lambda line: print(line, file=sys.stderr))
+    print(f"fine-tuned {report['head']} head: {report['valid']['split']} accuracy {report['valid']['accuracy']:.4f} "
+          f"(epoch {report['chosen']['epoch']}; the head: {report['head_valid_accuracy']:.4f}), written to {out}/")
     return 0
 
 

@@ -30,7 +30,8 @@ from . import __version__
 from .backbones import Backbone, load_backbone
 from .errors import FeaturekitError, SettingsError, short
 from .files import atomic_output, atomic_write
-from .heads import Head, load_head
+from .finetune_model import FinetunedHead, load_classifier
+from .heads import Head
 from .images import IMAGE_EXTENSIONS, DataError, DecodePolicy
 from .runner import FileFeatures, RunSettings, TrunkRunner, store_identity
 from .store import StoreIdentity
@@ -125,7 +126,7 @@ class HeadFeatures:
     """A head, and features of image files made as its stores were: ``extracted.features`` holds
     float32[len(extracted.kept), D] per backbone, in the head's order; ``settings`` what ran."""
 
-    head: Head
+    head: Head | FinetunedHead
     metadata: dict
     files: list[Path]
     extracted: FileFeatures
@@ -135,14 +136,15 @@ class HeadFeatures:
 def head_features(head_path: str | os.PathLike, paths: Sequence[str | os.PathLike], settings: RunSettings | None = None,
                   weights_paths: dict[str, str] | None = None, precision: str | None = None) -> HeadFeatures:
     """Features of ``paths`` (files or folders) for the head at ``head_path``: the rows extract
-    would have stored for those files under the head's stores' recorded settings.
+    would have stored for those files under the head's stores' recorded settings. ``head_path``
+    may also be a fine-tuned model (``model.json`` or its folder): its trunks are the fine-tuned ones.
 
     ``settings`` gives the device, batch size and workers; the decode policy, precision and dtype
     are the recorded ones (``precision`` overrides the precision). Undecodable files are reported,
     not raised.
     """
     head_path = Path(head_path)
-    head, metadata = load_head(head_path)
+    head, metadata = load_classifier(head_path)
     files = expand_paths(paths)
     base = dataclasses.replace(settings or RunSettings(progress=False), on_error="skip")
     settings = recorded_settings(head_path, metadata, base, precision).resolved()
@@ -163,14 +165,31 @@ def predict_files(head_path: str | os.PathLike, paths: Sequence[str | os.PathLik
                        made.settings)
 
 
-def write_predictions(predictions: Predictions, out: Path, head_path: Path, form: str = "csv") -> list[Path]:
-    """Write the CSV (``form`` csv or kaggle) and ``<out>.json`` (how the features were made), atomically."""
+def write_predictions(predictions: Predictions, out: Path, head_path: Path, form: str = "csv",
+                      topk: int | None = None, class_names: dict[str, str] | None = None) -> list[Path]:
+    """Write the CSV (``form`` csv or kaggle) and ``<out>.json`` (how the features were made), atomically.
+
+    csv: ``path,predicted,prob_<class>...``; with ``topk`` K: ``path,predicted,class_1,prob_1,...,
+    class_K,prob_K``, the K likeliest classes. ``class_names`` maps class folder names to the names
+    written in ``predicted`` and ``class_i`` (``prob_<class>`` columns keep the folder names)."""
     if form not in ("csv", "kaggle"):
         raise SettingsError(f"unknown format {form!r} (csv or kaggle)")
-    rows = _kaggle_rows(predictions) if form == "kaggle" else [
-        [path, name, *(f"{p:.6g}" for p in row)]
-        for path, name, row in zip(predictions.paths, predictions.predicted, predictions.proba)]
-    header = ["id", "label"] if form == "kaggle" else ["path", "predicted", *(f"prob_{c}" for c in predictions.classes)]
+    if topk is not None and (form != "csv" or topk < 1):
+        raise SettingsError("--topk takes a number of classes of at least 1, with --format csv")
+    if class_names is not None and not any(c in class_names for c in predictions.classes):
+        raise SettingsError(f"the class names given name none of the classes {', '.join(predictions.classes[:5])}, ...")
+    shown = [(class_names or {}).get(c, c) for c in predictions.classes]
+    if form == "kaggle":
+        header, rows = ["id", "label"], _kaggle_rows(predictions)
+    elif topk:
+        k = min(topk, len(shown))
+        header = ["path", "predicted", *(f"{kind}_{i}" for i in range(1, k + 1) for kind in ("class", "prob"))]
+        rows = [[path, shown[order[0]], *(value for j in order for value in (shown[j], f"{row[j]:.6g}"))]
+                for path, row in zip(predictions.paths, predictions.proba) for order in [np.argsort(-row)[:k]]]
+    else:
+        header = ["path", "predicted", *(f"prob_{c}" for c in predictions.classes)]
+        rows = [[path, shown[row.argmax()], *(f"{p:.6g}" for p in row)]
+                for path, row in zip(predictions.paths, predictions.proba)]
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output(out) as temporary, open(temporary, "w", newline="") as handle:
         writer = csv.writer(handle)
@@ -182,6 +201,18 @@ def write_predictions(predictions: Predictions, out: Path, head_path: Path, form
              "skipped": [{"path": p, "reason": r} for p, r in predictions.errors], "featurekit": __version__}
     meta = atomic_write(out.with_name(out.name + ".json"), json.dumps(about, indent=2) + "\n")
     return [out, meta]
+
+
+def read_class_names(path: str | os.PathLike) -> dict[str, str]:
+    """A JSON object mapping class folder names to readable names (seed 002's ``cat_to_name.json``);
+    classes it leaves out keep their folder name. One line if it is not such an object."""
+    try:
+        names = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise SettingsError(f"{path}: not a readable JSON file of class names ({error})") from None
+    if not isinstance(names, dict):
+        raise SettingsError(f"{path}: not a JSON object of class name -> readable name")
+    return {str(key): str(value) for key, value in names.items()}
 
 
 def _kaggle_rows(predictions: Predictions) -> list[tuple[str, str]]:

@@ -28,6 +28,7 @@ from sklearn import metrics
 
 from .dataset import FeatureSet, check_same_extraction, load_features
 from .errors import SettingsError
+from .files import atomic_output, atomic_write
 from .heads import HEADS, Head, make_heads, save_head
 
 HEAD_FILE = "head.joblib"
@@ -73,18 +74,23 @@ def _describe(entry: dict) -> str:
 
 def evaluate(head: Head, rows: ValidationRows, class_names: Sequence[str]) -> dict:
     """Metrics of ``head`` on ``rows``; per-class entries and the confusion matrix follow ``head.classes_``."""
-    proba = head.predict_proba(rows.features)
-    predicted = head.classes_[proba.argmax(axis=1)]
+    return prediction_metrics(head.predict_proba(rows.features), rows.labels, head.classes_, class_names)
+
+
+def prediction_metrics(proba: np.ndarray, labels: np.ndarray, classes: np.ndarray, class_names: Sequence[str]) -> dict:
+    """Metrics of probabilities float64[N, len(classes)] whose column ``j`` is class ``classes[j]``
+    (an index into ``class_names``), against ``labels`` int64[N] (indices into ``class_names`` too)."""
+    predicted = classes[proba.argmax(axis=1)]
     precision, recall, _, support = metrics.precision_recall_fscore_support(
-        rows.labels, predicted, labels=head.classes_, zero_division=0)
+        labels, predicted, labels=classes, zero_division=0)
     return {
-        "n": int(len(rows.labels)),
-        "accuracy": float(metrics.accuracy_score(rows.labels, predicted)),
-        "balanced_accuracy": float(metrics.balanced_accuracy_score(rows.labels, predicted)),
-        "log_loss": float(metrics.log_loss(rows.labels, proba, labels=head.classes_)),
+        "n": int(len(labels)),
+        "accuracy": float(metrics.accuracy_score(labels, predicted)),
+        "balanced_accuracy": float(metrics.balanced_accuracy_score(labels, predicted)),
+        "log_loss": float(metrics.log_loss(labels, proba, labels=classes)),
         "per_class": [{"class": class_names[c], "precision": float(p), "recall": float(r), "support": int(s)}
-                      for c, p, r, s in zip(head.classes_, precision, recall, support)],
-        "confusion_matrix": metrics.confusion_matrix(rows.labels, predicted, labels=head.classes_).tolist(),
+                      for c, p, r, s in zip(classes, precision, recall, support)],
+        "confusion_matrix": metrics.confusion_matrix(labels, predicted, labels=classes).tolist(),
     }
 
 
@@ -167,9 +173,12 @@ def train_head(features_dir: str | Path, store_names: Sequence[str], head_kind: 
 
 
 def write_reports(out_dir: Path, report: dict, plots: bool) -> list[Path]:
-    written = [out_dir / "report.json", out_dir / "report.md"]
-    written[0].write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
-    written[1].write_text(markdown_report(report))
+    """``report.json``, ``report.md`` and, with ``plots``, the PNGs, each written atomically.
+
+    Used by train-head and finetune: ``report`` may carry a ``title``, ``notes`` (lines for the
+    summary), a ``note`` on the train accuracy and the ``train_curve_label`` of the curves."""
+    written = [atomic_write(out_dir / "report.json", json.dumps(report, indent=2, default=_json_default) + "\n"),
+               atomic_write(out_dir / "report.md", markdown_report(report))]
     if plots:
         written += _plots(out_dir, report)
     return written
@@ -184,10 +193,11 @@ def _json_default(value):
 
 
 def markdown_report(report: dict) -> str:
-    lines = [f"# Head report: {report['head']} on {' + '.join(report['backbones'])}", "",
-             f"- chosen: {_describe(report['chosen'])}",
-             f"- train: split `{report['train']['split']}`, {report['train']['n']} rows, "
-             f"accuracy {report['train']['accuracy']:.4f}"]
+    title = report.get("title") or f"Head report: {report['head']} on {' + '.join(report['backbones'])}"
+    train = report["train"]
+    lines = [f"# {title}", "", f"- chosen: {_describe(report['chosen'])}",
+             f"- train: split `{train['split']}`, {train['n']} rows, accuracy {train['accuracy']:.4f}"
+             + (f" ({train['note']})" if train.get("note") else "")]
     valid, time_ = report["valid"], report["timing"]
     if valid:
         lines += [f"- valid: split `{valid['split']}`, {valid['n']} rows: accuracy **{valid['accuracy']:.4f}**, "
@@ -196,13 +206,23 @@ def markdown_report(report: dict) -> str:
             lines += [f"- **left out** (classes without training rows): {_describe(valid['excluded_classes'])}"]
     per_epoch = (f", {time_['seconds_per_epoch']:.3f} s per epoch over {time_['epochs']} epochs"
                  if time_["epochs"] else "")
-    lines += [f"- time: {time_['seconds_total']:.2f} s in total{per_epoch}", ""]
+    lines += [f"- time: {time_['seconds_total']:.2f} s in total{per_epoch}"]
+    lines += [f"- {note}" for note in report.get("notes", [])] + [""]
     if valid:
         lines += ["## Per class", "", "| class | precision | recall | support |", "|---|---|---|---|"]
         lines += [f"| {c['class']} | {c['precision']:.3f} | {c['recall']:.3f} | {c['support']} |"
                   for c in valid["per_class"]]
         lines += ["", "## Confusion matrix (rows: true, columns: predicted)", ""]
         lines += _matrix_table(valid["confusion_matrix"], report["classes"])
+    if report["history"] and "train_accuracy" in report["history"][-1]:
+        lines += ["", "## Epochs", "",
+                  "| epoch | train loss | train accuracy | val log loss | val accuracy | seconds |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {r['epoch']} | {_number(r.get('train_loss'))} | {_number(r.get('train_accuracy'))} | "
+                  f"{r['val_log_loss']:.4f} | {r['val_accuracy']:.4f} | {r['seconds']:.1f} |"
+                  for r in report["history"]]
+    if not report["selection"]:
+        return "\n".join(lines) + "\n"
     lines += ["", "## Selection on validation", "", "| head | value | val accuracy | val log loss | epochs |",
               "|---|---|---|---|---|"]
     for entry in report["selection"]:
@@ -211,6 +231,10 @@ def markdown_report(report: dict) -> str:
         lines += [f"| {entry['head']} | {value} | {entry.get('val_accuracy', float('nan')):.4f} | "
                   f"{entry.get('val_log_loss', float('nan')):.4f} | {entry['epochs'] or ''} |"]
     return "\n".join(lines) + "\n"
+
+
+def _number(value: float | None) -> str:
+    return "" if value is None else f"{value:.4f}"
 
 
 def _matrix_table(matrix: list[list[int]], classes: list[str]) -> list[str]:
@@ -229,25 +253,31 @@ def _plots(out_dir: Path, report: dict) -> list[Path]:
         return []
     written = []
     if report["history"]:
-        written.append(_learning_curves(plt, report["history"], out_dir / "learning_curves.png"))
+        written.append(_learning_curves(plt, report["history"], out_dir / "learning_curves.png",
+                                        report.get("train_curve_label", "train loss (dropout on)")))
     if report["valid"]:
         written.append(_confusion_plot(plt, report["valid"]["confusion_matrix"], report["classes"],
                                        out_dir / "confusion_matrix.png"))
     return written
 
 
-def _learning_curves(plt, history: list[dict], path: Path) -> Path:
-    epochs = [r["epoch"] for r in history]
+def _learning_curves(plt, history: list[dict], path: Path, train_label: str) -> Path:
+    """Loss and accuracy per epoch; records without a value (epoch 0 of fine-tuning: no training yet)
+    are left out of that curve."""
     figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(10, 4))
-    loss_axis.plot(epochs, [r["train_loss"] for r in history], label="train loss (dropout on)")
-    if "val_log_loss" in history[0]:
-        loss_axis.plot(epochs, [r["val_log_loss"] for r in history], label="validation log loss")
-        accuracy_axis.plot(epochs, [r["val_accuracy"] for r in history], color="C2")
+    curves = [(loss_axis, "train_loss", train_label), (loss_axis, "val_log_loss", "validation log loss"),
+              (accuracy_axis, "train_accuracy", "train"), (accuracy_axis, "val_accuracy", "validation")]
+    for axis, key, label in curves:
+        points = [(r["epoch"], r[key]) for r in history if r.get(key) is not None]
+        if points:
+            axis.plot(*zip(*points), marker="o" if len(points) < 30 else None, label=label)
     loss_axis.set(xlabel="epoch", ylabel="loss")
     loss_axis.legend()
-    accuracy_axis.set(xlabel="epoch", ylabel="validation accuracy")
+    accuracy_axis.set(xlabel="epoch", ylabel="accuracy")
+    accuracy_axis.legend()
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    with atomic_output(path) as temporary:
+        figure.savefig(temporary, dpi=100, format="png")
     plt.close(figure)
     return path
 
@@ -261,6 +291,7 @@ def _confusion_plot(plt, matrix: list[list[int]], classes: list[str], path: Path
         axis.set_yticks(range(len(classes)), classes)
     axis.set(xlabel="predicted", ylabel="true")
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    with atomic_output(path) as temporary:
+        figure.savefig(temporary, dpi=100, format="png")
     plt.close(figure)
     return path
