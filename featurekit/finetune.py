@@ -36,26 +36,18 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
-import sklearn
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .augment import DEFAULT_AUGMENT_POLICY, AugmentPolicy, augment_policy, view_seed
-from .backbones import load_backbone
+from .backbones import Backbone
 from .dataset import load_features
 from .errors import FeaturekitError, SettingsError, first_line, short
-from .files import FileLock, atomic_output, atomic_write, crash_point, file_sha256
-from .finetune_model import (
-    BATCHNORM_MODES,
-    MODEL_FILE,
-    MODEL_FORMAT,
-    MODEL_FORMAT_VERSION,
-    FinetuneError,
-    FinetuneModel,
-    head_layers,
-)
+from .files import FileLock, atomic_output, crash_point, file_sha256
+from .finetune_artifact import save_model
+from .finetune_model import BATCHNORM_MODES, FinetuneError, FinetuneModel, head_layers
 from .heads import Head, load_head
 from .images import ImageDecodeError, SplitListing, list_split
 from .loader import ViewBatch, ViewDataset, collate_views, iterate_views
@@ -120,7 +112,8 @@ class AugmentedViews(ViewDataset):
         self.augment, self.seed, self.epoch = policy, seed, epoch  # self.policy is the decode policy
 
     def _views(self, image, index: int) -> dict[str, torch.Tensor]:
-        return {key: self.augment.view(image, p, self.seed, index, self.epoch) for key, p in self.preprocessings.items()}
+        return {key: self.augment.view(image, preprocessing, self.seed, index, self.epoch)
+                for key, preprocessing in self.preprocessings.items()}
 
 
 @dataclass
@@ -282,15 +275,21 @@ class Finetuner:
 # --------------------------------------------------------------------------- the run
 
 
-def finetune(head_path: str | Path, data_root: str | Path, out_dir: str | Path | None = None,
-             settings: FinetuneSettings | None = None, weights_paths: dict[str, str] | None = None,
-             log: Callable[[str], None] = print) -> dict:
-    """Fine-tune the head at ``head_path`` on ``data_root``'s train split; returns the report dict.
+@dataclass
+class Prepared:
+    """A fine-tuning run before its first epoch: the head, the model built from it, and its identity."""
 
-    ``weights_paths[store_name]``: where a backbone's weights file lies now (as predict takes it).
-    Rerunning the same call resumes from ``out_dir``'s checkpoint.
-    """
-    head_path, settings = Path(head_path), settings or FinetuneSettings()
+    head: Head
+    metadata: dict
+    spec: dict  # the classifier's shape (finetune_model.head_layers)
+    backbones: list[Backbone]
+    trainer: Finetuner
+    run: dict  # what a checkpoint must match to be resumed (JSON values)
+
+
+def prepare(head_path: Path, data_root: str | Path, settings: FinetuneSettings,
+            weights_paths: dict[str, str] | None = None) -> Prepared:
+    """Read the head, list and check the splits, rebuild the head's backbones and the model on the device."""
     head, metadata = load_head(head_path)
     spec, layers = head_layers(head, head_path)
     classes = list(metadata["classes"])
@@ -302,25 +301,47 @@ def finetune(head_path: str | Path, data_root: str | Path, out_dir: str | Path |
     model = FinetuneModel(backbones, layers, unfreeze, settings.precision, settings.dtype, settings.batchnorm,
                           settings.channels_last).to(settings.device)
     trainer = Finetuner(model, train, valid, settings)
-    run = json.loads(json.dumps({
-        "head_sha256": file_sha256(head_path), "train_listing": train.listing.sha256(),
-        "valid_listing": valid.listing.sha256(), "unfreeze": unfreeze,
-        "augment": augment_policy(settings.augment).to_dict(),
-        **{name: getattr(settings, name) for name in ("epochs", "lr", "trunk_lr_scale", "weight_decay", "warmup_epochs",
-                                                      "batchnorm", "seed", "batch_size", "precision", "channels_last")},
-        "device": trainer.device.type}))
+    chosen = ("epochs", "lr", "trunk_lr_scale", "weight_decay", "warmup_epochs", "batchnorm", "seed", "batch_size",
+              "precision", "channels_last")
+    run = {"head_sha256": file_sha256(head_path), "train_listing": train.listing.sha256(),
+           "valid_listing": valid.listing.sha256(), "unfreeze": unfreeze,
+           "augment": augment_policy(settings.augment).to_dict(), "device": trainer.device.type,
+           **{name: getattr(settings, name) for name in chosen}}
+    return Prepared(head, metadata, spec, backbones, trainer, json.loads(json.dumps(run)))
+
+
+def finetune(head_path: str | Path, data_root: str | Path, out_dir: str | Path | None = None,
+             settings: FinetuneSettings | None = None, weights_paths: dict[str, str] | None = None,
+             log: Callable[[str], None] = print) -> dict:
+    """Fine-tune the head at ``head_path`` on ``data_root``'s train split; returns the report dict.
+
+    ``weights_paths[store_name]``: where a backbone's weights file lies now (as predict takes it).
+    Rerunning the same call resumes from ``out_dir``'s checkpoint.
+    """
+    head_path = Path(head_path)
+    prepared = prepare(head_path, data_root, settings or FinetuneSettings(), weights_paths)
+    trainer = prepared.trainer
     out_dir = Path(out_dir) if out_dir else head_path.parent / "finetuned"
     out_dir.mkdir(parents=True, exist_ok=True)
     with FileLock(out_dir / ".finetune.lock", str(out_dir)):
-        progress = _resume(out_dir / CHECKPOINT_FILE, run, trainer, settings.overwrite, log)
+        progress = _resume(out_dir / CHECKPOINT_FILE, prepared.run, trainer, trainer.settings.overwrite, log)
         if progress is None:
-            progress = _warm_start(trainer, head, metadata, log)
-        for epoch in range(progress["epoch"] + 1, settings.epochs + 1):
+            progress = _warm_start(trainer, prepared.head, prepared.metadata, log)
+        for epoch in range(progress["epoch"] + 1, trainer.settings.epochs + 1):
             _epoch(trainer, epoch, progress, log)
-            _save_checkpoint(out_dir / CHECKPOINT_FILE, {"format": CHECKPOINT_FORMAT, "run": run,
-                                                          "state": model.mutable_state(),
+            _save_checkpoint(out_dir / CHECKPOINT_FILE, {"format": CHECKPOINT_FORMAT, "run": prepared.run,
+                                                          "state": trainer.model.mutable_state(),
                                                           "optimizer": trainer.optimizer.state_dict(), **progress})
-        return _write_outputs(out_dir, trainer, backbones, head_path, metadata, spec, progress, log)
+        trainer.model.load_mutable_state(progress["best"]["state"])
+        report = _report(trainer, head_path, prepared.metadata, progress)
+        write_reports(out_dir, report, trainer.settings.plots)
+        about = {"head_file": str(head_path), "best_epoch": progress["best"]["epoch"],
+                 "valid_accuracy": report["valid"]["accuracy"], "settings": report["params"]}
+        written = save_model(out_dir, trainer.model, prepared.backbones, prepared.metadata, prepared.spec,
+                             trainer.settings.precision, about)
+    log(f"kept epoch {progress['best']['epoch']}: valid accuracy {report['valid']['accuracy']:.4f}; model "
+        f"written to {written}")
+    return report
 
 
 def _warm_start(trainer: Finetuner, head: Head, metadata: dict, log: Callable[[str], None]) -> dict:
@@ -409,43 +430,7 @@ def _resume(path: Path, run: dict, trainer: Finetuner, overwrite: bool, log: Cal
     return {key: payload[key] for key in ("epoch", "history", "warm_start", "skipped", "best")}
 
 
-# --------------------------------------------------------------------------- outputs
-
-
-def _write_outputs(out_dir: Path, trainer: Finetuner, backbones, head_path: Path, metadata: dict, spec: dict,
-                   progress: dict, log: Callable[[str], None]) -> dict:
-    """Trunk files, the model artifact (model.json last) and the reports, of the best epoch."""
-    model, settings, best = trainer.model, trainer.settings, progress["best"]
-    model.load_mutable_state(best["state"])
-    records = []
-    for index, (backbone, recorded) in enumerate(zip(backbones, metadata["backbones"])):
-        record = {key: value for key, value in recorded.items() if key != "fingerprints"}
-        record["precision"] = settings.precision  # what predict reproduces: the model as trained and validated
-        if model.parts[index].parameters:
-            path = out_dir / "trunks" / f"{backbone.store_name}.pt"
-            path.parent.mkdir(exist_ok=True)
-            with atomic_output(path) as temporary:
-                torch.save(model.trunk_state(index), temporary)
-            rebuilt = load_backbone(backbone.name, "DEFAULT", str(path), backbone.node).weights  # as extract will
-            record.update(weights=rebuilt.name, weights_sha256=rebuilt.sha256, weights_source=str(path.resolve()),
-                          trunk_file=f"trunks/{path.name}", trunk_file_sha256=file_sha256(path))
-        records.append(record)
-    classifier = out_dir / "model.pt"
-    with atomic_output(classifier) as temporary:
-        torch.save(model.head.state_dict(), temporary)
-    report = _report(trainer, head_path, metadata, progress)
-    write_reports(out_dir, report, settings.plots)
-    artifact = {"format": MODEL_FORMAT, "format_version": MODEL_FORMAT_VERSION, "classes": metadata["classes"],
-                "head": spec["kind"], "classifier": spec, "classifier_file": classifier.name,
-                "classifier_sha256": file_sha256(classifier), "backbones": records,
-                "finetune": {"head_file": str(head_path), "best_epoch": best["epoch"],
-                             "valid_accuracy": report["valid"]["accuracy"], "settings": report["params"]},
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "versions": {"torch": torch.__version__, "sklearn": sklearn.__version__}}
-    atomic_write(out_dir / MODEL_FILE, json.dumps(artifact, indent=2) + "\n")
-    log(f"kept epoch {best['epoch']}: valid accuracy {report['valid']['accuracy']:.4f}; "
-        f"model written to {out_dir / MODEL_FILE}")
-    return report
+# --------------------------------------------------------------------------- report
 
 
 def _report(trainer: Finetuner, head_path: Path, metadata: dict, progress: dict) -> dict:

@@ -36,10 +36,7 @@ from __future__ import annotations
 
 import copy
 import difflib
-import json
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -51,9 +48,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
 from .backbones import Backbone
-from .errors import FeaturekitError, first_line
-from .files import file_sha256
-from .heads import Head, HeadFileError, build_mlp, load_head
+from .errors import FeaturekitError
+from .heads import Head, build_mlp
 from .runner import PRECISIONS
 
 FINETUNABLE_HEADS = ("mlp", "logreg", "svm")
@@ -317,66 +313,3 @@ class FinetuneModel(nn.Module):
                 if name in part.parameters or name.rpartition(".")[0] in part.modules:
                     names.add(f"trunks.{index}.body.{name}")
         return names
-
-
-class FinetunedHead:
-    """A fine-tuned model's classifier as ``predict`` uses a head: ``predict_proba(float32[N, D])`` ->
-    float64[N, C] on features made by its (fine-tuned) trunks."""
-
-    def __init__(self, layers: nn.Sequential):
-        self.layers = layers.eval()
-
-    @torch.no_grad()
-    def predict_proba(self, features: np.ndarray) -> np.ndarray:
-        log_p = [self.layers(torch.from_numpy(features[i:i + 4096]).float()) for i in range(0, len(features), 4096)]
-        proba = torch.exp(torch.cat(log_p).double())
-        return (proba / proba.sum(dim=1, keepdim=True)).numpy()
-
-
-# --------------------------------------------------------------------------- the model artifact
-
-MODEL_FILE = "model.json"
-MODEL_FORMAT = "featurekit.finetuned"
-MODEL_FORMAT_VERSION = 1
-
-
-def load_model(path: str | os.PathLike) -> tuple[FinetunedHead, dict]:
-    """``(classifier, metadata)`` of a fine-tuned model (its ``model.json`` or folder), as predict uses a head.
-
-    Nothing is unpickled: the JSON is read as JSON and the state dicts with ``weights_only=True``;
-    every file must have the sha256 the JSON records. Each fine-tuned trunk's record is pointed at
-    its file beside the JSON, wherever the folder was moved. Raises :class:`HeadFileError`.
-    """
-    path = Path(path)
-    path = path / MODEL_FILE if path.is_dir() else path
-    try:
-        metadata = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as error:
-        raise HeadFileError(f"{path}: not a readable fine-tuned model ({first_line(error)})") from None
-    if not isinstance(metadata, dict) or metadata.get("format") != MODEL_FORMAT:
-        raise HeadFileError(f"{path}: not a featurekit head or fine-tuned model")
-    if metadata["format_version"] > MODEL_FORMAT_VERSION:
-        raise HeadFileError(f"{path}: fine-tuned model format {metadata['format_version']} is newer than this "
-                            f"featurekit reads ({MODEL_FORMAT_VERSION})")
-    layers = build_head_layers(metadata["classifier"])
-    layers.load_state_dict(torch.load(_checked(path, metadata["classifier_file"], metadata["classifier_sha256"]),
-                                      map_location="cpu", weights_only=True))
-    for record in metadata["backbones"]:
-        if record.get("trunk_file"):
-            record["weights_source"] = str(_checked(path, record["trunk_file"], record["trunk_file_sha256"]))
-    return FinetunedHead(layers), metadata
-
-
-def _checked(model_file: Path, relative: str, sha256: str) -> Path:
-    path = (model_file.parent / relative).resolve()
-    if not path.is_file():
-        raise HeadFileError(f"{model_file}: its file {relative} is missing")
-    if file_sha256(path) != sha256:
-        raise HeadFileError(f"{model_file}: its file {relative} was changed since it was written (sha256 differs)")
-    return path
-
-
-def load_classifier(path: str | os.PathLike) -> tuple[Head | FinetunedHead, dict]:
-    """A head file (train-head) or a fine-tuned model (``model.json`` or its folder), for predict."""
-    path = Path(path)
-    return load_model(path) if path.is_dir() or path.suffix == ".json" else load_head(path)

@@ -30,7 +30,7 @@ from . import __version__
 from .backbones import Backbone, load_backbone
 from .errors import FeaturekitError, SettingsError, short
 from .files import atomic_output, atomic_write
-from .finetune_model import FinetunedHead, load_classifier
+from .finetune_artifact import FinetunedHead, load_classifier
 from .heads import Head
 from .images import IMAGE_EXTENSIONS, DataError, DecodePolicy
 from .runner import FileFeatures, RunSettings, TrunkRunner, store_identity
