@@ -359,9 +359,9 @@ def _add_finetune(commands) -> None:
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("data_root", type=Path, help="folder holding <split>/<class>/<image>, classes as the head's")
     p.add_argument("--head", required=True, type=Path, help="head.joblib written by train-head")
-    p.add_argument("--unfreeze", nargs="+", default=["none"], metavar="NODE",
+    p.add_argument("--unfreeze", action="append", metavar="NODE",
                    help="first trainable module of each trunk (layer4, _blocks.15), none, all, or STORE=NODE "
-                        "(default none)")
+                        "for one backbone (repeatable; default none)")
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate of the classifier (default 1e-4)")
     p.add_argument("--trunk-lr-scale", type=float, default=0.1, help="trunk learning rate = lr x this (default 0.1)")
@@ -402,7 +402,7 @@ def _run_finetune(args) -> int:
 
     settings = FinetuneSettings(
         device=args.device, precision=args.precision, batch_size=args.batch_size, num_workers=args.workers,
-        on_error=args.on_error, progress=not args.quiet, unfreeze=tuple(args.unfreeze), epochs=args.epochs,
+        on_error=args.on_error, progress=not args.quiet, unfreeze=tuple(args.unfreeze or ["none"]), epochs=args.epochs,
         lr=args.lr, trunk_lr_scale=args.trunk_lr_scale, weight_decay=args.weight_decay,
         warmup_epochs=args.warmup_epochs, augment=args.augment, batchnorm=args.batchnorm, seed=args.seed,
         train_split=args.train_split, valid_split=args.valid_split, overwrite=args.overwrite, plots=not args.no_plots)
