@@ -38,7 +38,7 @@ _API = {
     "load_head": ("heads", "load_head"),
     "train_head": ("train", "train_head"),
     "predict_files": ("predict", "predict_files"),
-    "finetune": ("finetune", "finetune"),
+    "finetune": ("finetuning", "finetune"),
     "FinetuneSettings": ("finetune_train", "FinetuneSettings"),
     "FeaturekitError": ("errors", "FeaturekitError"),
 }
@@ -52,8 +52,8 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ im
     from .errors import FeaturekitError as FeaturekitError
     from .extraction import ExtractSettings as ExtractSettings
     from .extraction import extract as extract
-    from .finetune import finetune as finetune
     from .finetune_train import FinetuneSettings as FinetuneSettings
+    from .finetuning import finetune as finetune
     from .heads import load_head as load_head
     from .predict import predict_files as predict_files
     from .runner import RunSettings as RunSettings

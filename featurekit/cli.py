@@ -398,7 +398,7 @@ def _weights_paths(pairs: list[str]) -> dict[str, str]:
 
 
 def _run_finetune(args) -> int:
-    from .finetune import FinetuneSettings, finetune
+    from .finetuning import FinetuneSettings, finetune
 
     settings = FinetuneSettings(
         device=args.device, precision=args.precision, batch_size=args.batch_size, num_workers=args.workers,

@@ -1,4 +1,4 @@
-"""One epoch of fine-tuning, and one evaluation, on an image folder (used by :mod:`featurekit.finetune`).
+"""One epoch of fine-tuning, and one evaluation, on an image folder (used by :mod:`featurekit.finetuning`).
 
 Training views: the train split's images under an augmentation policy (:mod:`featurekit.augment`:
 view ``epoch`` of image ``i``, seeded by (seed, i, epoch)), PIL-decoded, ending in the weights' own

@@ -18,8 +18,10 @@ from torch import nn
 
 from featurekit import files
 from featurekit.backbones import load_backbone
+from featurekit.dataset import load_features
 from featurekit.extraction import ExtractSettings, extract
-from featurekit.finetune import CHECKPOINT_FILE, FinetuneSettings, finetune, prepare
+from featurekit.finetune_model import FinetuneError
+from featurekit.finetuning import CHECKPOINT_FILE, FinetuneSettings, finetune, prepare
 from featurekit.heads import HeadFileError, load_head, save_head
 from featurekit.predict import predict_files
 from featurekit.runner import RunSettings
@@ -34,17 +36,18 @@ TUNE_ARGS = ["--device", "cpu", "--precision", "fp32", "--batch-size", "4", "--w
 SMALL = "layer4.1.conv2"  # the last convolution of resnet18 and what follows it: 2.4M parameters to train
 
 
-def tiny_run(tmp: Path, classes: list[str], heads: list[str], backbone: str = "resnet18",
+def tiny_run(tmp: Path, classes: list[str], heads: list[str], backbones: tuple[str, ...] = ("resnet18",),
              dtype: str = "float32") -> tuple[Path, Path, dict[str, Path]]:
     """(data root, features dir, {kind: head file}) of heads trained on a real extraction."""
     layout = {"train": dict.fromkeys(classes, 4), "valid": dict.fromkeys(classes, 2)}
     root = write_image_folder(tmp / "data", layout)
     settings = dataclasses.replace(EXTRACT, dtype=dtype)
-    extract(root, ["train", "valid"], [load_backbone(backbone, weights="random")], tmp / "features", settings)
+    built = [load_backbone(name, weights="random") for name in backbones]
+    extract(root, ["train", "valid"], built, tmp / "features", settings)
     made = {}
     for kind in heads:
         params = {"max_epochs": 3} if kind == "mlp" else {}
-        train_head(tmp / "features", [backbone], kind, tmp / kind, params=params, plots=False, log=lambda _: None)
+        train_head(tmp / "features", backbones, kind, tmp / kind, params=params, plots=False, log=lambda _: None)
         made[kind] = tmp / kind / "head.joblib"
     return root, tmp / "features", made
 
@@ -61,7 +64,13 @@ def three(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def lite(tmp_path_factory):
-    return tiny_run(tmp_path_factory.mktemp("lite"), ["cat", "dog"], ["logreg"], "efficientnet_lite0", "float16")
+    return tiny_run(tmp_path_factory.mktemp("lite"), ["cat", "dog"], ["logreg"], ("efficientnet_lite0",), "float16")
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """A head over two backbones with different views (bilinear and bicubic resizing)."""
+    return tiny_run(tmp_path_factory.mktemp("pair"), ["cat", "dog"], ["logreg"], ("efficientnet_lite0", "resnet18"))
 
 
 def trainable(model) -> set[str]:
@@ -83,6 +92,21 @@ def test_before_the_first_step_the_model_is_the_head(request, run, kind, unfreez
     np.testing.assert_allclose(evaluation.proba, head_proba, rtol=0, atol=tolerance)
     assert np.array_equal(evaluation.proba.argmax(axis=1), head_proba.argmax(axis=1))
     assert bool(trainable(prepared.trainer.model)) == (unfreeze != "none")
+
+
+def test_a_head_over_two_backbones_is_their_trunks_in_its_column_order(pair):
+    root, features, heads = pair
+    settings = dataclasses.replace(TUNE, unfreeze=("none", f"resnet18={SMALL}"))
+    prepared = prepare(heads["logreg"], root, settings)
+    model = prepared.trainer.model
+    assert model.store_names == ["efficientnet_lite0", "resnet18"] and len(model.preprocessings) == 2
+    assert [bool(part.parameters) for part in model.parts] == [False, True]
+    evaluation = prepared.trainer.evaluate({})
+    stored = load_features(features, "valid", ["efficientnet_lite0", "resnet18"])
+    np.testing.assert_allclose(evaluation.proba, prepared.head.predict_proba(stored.features), rtol=0, atol=1e-5)
+    with pytest.raises(FinetuneError, match=r"--unfreeze vgg19=all: the head has no backbone 'vgg19' "
+                                            r"\(efficientnet_lite0, resnet18\)"):
+        prepare(heads["logreg"], root, dataclasses.replace(TUNE, unfreeze=("vgg19=all",)))
 
 
 def test_only_the_part_from_the_node_on_trains_and_frozen_batchnorm_stays_in_eval_mode(binary):
