@@ -100,6 +100,9 @@ def _add_extract(commands) -> None:
     p.set_defaults(overwrite=False)  # store_false would make --resume's absence mean overwrite
     p.add_argument("--no-exif-transpose", action="store_true", help="ignore EXIF orientation")
     p.add_argument("--full-decode", action="store_true", help="decode JPEGs at full size (no reduced-size draft)")
+    p.add_argument("--no-jpeg-check", action="store_true",
+                   help="do not re-read JPEG data to refuse damaged files (faster; a damaged JPEG then decodes "
+                        "into wrong rows without a word)")
     p.add_argument("--decoder", default="auto", choices=["auto", "pil", "torchvision"],
                    help="JPEG decoding: auto (batched nvJPEG on CUDA, PIL workers on CPU), pil, torchvision")
     p.add_argument("--compile", action="store_true", help="torch.compile the trunks")
@@ -125,6 +128,7 @@ def _extract(args, launch) -> int:
     if args.weights_path and len(args.backbone) != 1:
         raise SettingsError("--weights-path loads one state dict: give exactly one --backbone")
     decode = DecodePolicy(exif_transpose=not args.no_exif_transpose, backend=args.decoder,
+                          refuse_damaged_jpeg=not args.no_jpeg_check,
                           draft_min_side=None if args.full_decode else DecodePolicy.draft_min_side)
     settings = ExtractSettings(
         device=args.device, precision=args.precision, dtype=args.dtype, batch_size=args.batch_size,

@@ -33,7 +33,17 @@ from torch.utils.data import Dataset
 
 from .errors import FeaturekitError, SettingsError
 from .partial import PartialStore
-from .store import StoreContents, StoreError, StoreHeader, StoreIdentity, check_content, open_h5, read_store, store_path
+from .store import (
+    StoreContents,
+    StoreError,
+    StoreHeader,
+    StoreIdentity,
+    check_content,
+    open_h5,
+    read_store,
+    reading,
+    store_path,
+)
 
 
 class AlignmentError(FeaturekitError, ValueError):
@@ -134,7 +144,7 @@ def load_features(features_dir: str | os.PathLike, split: str, store_names: Sequ
     headers, stores = _checked_stores(features_dir, split, store_names, verify)
     features = np.empty((len(headers[0].labels), stores[-1].columns.stop), dtype=np.float32)
     for info in stores:
-        with open_h5(info.path) as h5:
+        with reading(info.path) as h5:
             features[:, info.columns] = h5["features"][()]  # one store at a time: peak memory ~ result + one store
     first = headers[0]
     return FeatureSet(split, features, first.labels.astype(np.int64), first.paths, first.classes, stores)

@@ -30,7 +30,7 @@ from . import __version__
 from .backbones import Backbone, load_backbone
 from .distributed import Launch, barrier, broadcast, check_group
 from .errors import SettingsError
-from .images import SplitListing, list_split, printable_path
+from .images import DataError, SplitListing, list_split, printable_path
 from .partial import Chunk, uncovered
 from .runner import RunSettings, TrunkRunner, store_identity
 from .store import StoreHeader, StoreWriter, fingerprint, read_store
@@ -104,6 +104,9 @@ def extract_listings(listings: Sequence[SplitListing], backbones: Sequence[Backb
     rank calls this; only rank 0's results list the stores."""
     settings, log = (settings or ExtractSettings()).resolved(), log or _say
     check_group(settings.launch.world_size)
+    unreadable = next((listing for listing in listings if listing.unreadable), None)
+    if unreadable and settings.on_error == "fail":
+        raise DataError(f"{unreadable.display_dir}: {unreadable.unreadable_text()} (--on-error skip extracts the rest)")
     plans = [(listing, [_writer(listing, b, settings, out_dir, log) for b in backbones]) for listing in listings]
     for _, writers in plans:  # refuse stale stores of any split before extracting the first
         for writer in writers:
@@ -113,13 +116,9 @@ def extract_listings(listings: Sequence[SplitListing], backbones: Sequence[Backb
 
 
 def report_listing(listing: SplitListing, log: Log) -> None:
-    log(f"{listing.split_dir}: {len(listing)} images in {len(listing.classes)} classes")
-    if listing.empty_classes:
-        log(f"{listing.split_dir}: empty class folders (kept as classes, no rows): {', '.join(listing.empty_classes)}")
-    if listing.ignored:
-        more = f" and {len(listing.ignored) - 5} more" if len(listing.ignored) > 5 else ""
-        log(f"{listing.split_dir}: {len(listing.ignored)} files without an image extension ignored: "
-            f"{', '.join(listing.ignored[:5])}{more}")
+    log(f"{listing.display_dir}: {len(listing)} images in {len(listing.classes)} classes")
+    for line in listing.notices():
+        log(line)
 
 
 def shard(chunks: Sequence[tuple[int, int]], rank: int, world_size: int) -> list[tuple[int, int]]:
@@ -154,7 +153,8 @@ def _writer(listing: SplitListing, backbone: Backbone, settings: ExtractSettings
             log: Log) -> StoreWriter:
     identity, digest = store_identity(backbone, settings), listing.sha256()
     header = StoreHeader(
-        **identity.to_dict(), split=listing.split, data_root=str(listing.root.resolve()), listing_sha256=digest,
+        **identity.to_dict(), split=listing.split, data_root=printable_path(str(listing.root.resolve())),
+        listing_sha256=digest,
         weights=backbone.weights.name, weights_source=backbone.weights.source,
         weights_report=backbone.weights.report.summary(), device=torch.device(settings.device).type,
         on_error=settings.on_error, fingerprint=fingerprint(identity, digest), feature_dim=backbone.feature_dim,
@@ -194,8 +194,7 @@ def _compute(runner: TrunkRunner, listing: SplitListing, writers: list[StoreWrit
              f"of {listing.split}")
     if not todo:
         return
-    sources = [(str(listing.absolute(i)), f"{listing.split_dir}/{printable_path(r.path)}")
-               for i, r in enumerate(listing.records)]
+    sources = listing.files()
     with ThreadPoolExecutor(max_workers=1) as background:  # commits overlap the next chunk's compute
         pending: list[Future] = []
         rows: dict[str, list[torch.Tensor]] = {}

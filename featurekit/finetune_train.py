@@ -28,7 +28,7 @@ from tqdm import tqdm
 from .augment import DEFAULT_AUGMENT_POLICY, AugmentPolicy, augment_policy, view_seed
 from .errors import SettingsError
 from .finetune_model import BATCHNORM_MODES, FinetuneError, FinetuneModel
-from .images import ImageDecodeError, SplitListing, list_split
+from .images import ImageDecodeError, SplitListing, list_split, printable_path
 from .loader import ViewBatch, ViewDataset, collate_views, iterate_views
 from .runner import RunSettings, device_views
 
@@ -98,21 +98,22 @@ class Split:
 
     @property
     def sources(self) -> list[tuple[str, str]]:
-        return [(str(self.listing.absolute(i)),) * 2 for i in range(len(self.listing))]
+        return self.listing.files()
 
 
 def head_split(root: str | Path, split: str, classes: Sequence[str], head_path: Path, exact: bool) -> Split:
     """List ``root/split``; its classes with images must be the head's (``exact``) or among them."""
     listing = list_split(root, split)
-    present = [listing.classes[label] for label in sorted({r.label for r in listing.records})]
+    names = [printable_path(name) for name in listing.classes]  # as stores, and so heads, record them
+    present = [names[label] for label in sorted({r.label for r in listing.records})]
     differences = [f"{kind}: {', '.join(names)}" for kind, names in (
         ("missing here", [c for c in classes if c not in present] if exact else []),
         ("not in the head", [c for c in present if c not in classes])) if names]
     if differences:
-        raise FinetuneError(f"{listing.split_dir}: classes differ from those of the head {head_path} "
+        raise FinetuneError(f"{listing.display_dir}: classes differ from those of the head {head_path} "
                             f"({'; '.join(differences)})")
     index = {name: i for i, name in enumerate(classes)}
-    return Split(listing, np.array([index[listing.classes[r.label]] for r in listing.records], dtype=np.int64))
+    return Split(listing, np.array([index[names[r.label]] for r in listing.records], dtype=np.int64))
 
 
 def unfreeze_map(values: Sequence[str], store_names: Sequence[str]) -> dict[str, str]:
@@ -214,7 +215,7 @@ class Finetuner:
                     loss, correct, seen = loss + batch_loss, correct + batch_correct, seen + len(batch.indices)
                 bar.update(len(batch.indices) + len(batch.errors))
         if not seen:
-            raise FinetuneError(f"{self.train.listing.split_dir}: no image could be decoded")
+            raise FinetuneError(f"{self.train.listing.display_dir}: no image could be decoded")
         return {"train_loss": float(loss) / seen, "train_accuracy": float(correct) / seen, "train_images": seen,
                 "train_images_per_second": seen / (time.perf_counter() - start)}
 
@@ -231,7 +232,7 @@ class Finetuner:
                 rows.append(torch.exp(self.model(views).double()).cpu())
                 kept += batch.indices
         if not kept:
-            raise FinetuneError(f"{self.valid.listing.split_dir}: no image could be decoded")
+            raise FinetuneError(f"{self.valid.listing.display_dir}: no image could be decoded")
         proba = torch.cat(rows).numpy()
         return Evaluation(proba / proba.sum(axis=1, keepdims=True), self.valid.labels[kept], kept)
 

@@ -41,6 +41,7 @@ from .finetune_artifact import save_model
 from .finetune_model import FinetuneError, FinetuneModel, head_layers
 from .finetune_train import Evaluation, Finetuner, FinetuneSettings, Split, head_split, unfreeze_map
 from .heads import Head, load_head
+from .images import printable_path
 from .predict import head_backbones, recorded_settings
 from .train import prediction_metrics, write_reports
 
@@ -148,8 +149,8 @@ def compare_with_head(head: Head, metadata: dict, split: str, valid: Split, eval
     if not all(current) or stored.stores[0].header.listing_sha256 != valid.listing.sha256():
         return {"compared": False, "reason": f"the {split} stores are not those of the head, or of other files"}
     position = {path: row for row, path in enumerate(stored.paths)}
-    pairs = [(row, position[valid.listing.records[index].path]) for row, index in enumerate(evaluation.kept)
-             if valid.listing.records[index].path in position]
+    stored_names = [printable_path(valid.listing.records[index].path) for index in evaluation.kept]
+    pairs = [(row, position[name]) for row, name in enumerate(stored_names) if name in position]
     if not pairs:
         return {"compared": False, "reason": f"no image of the {split} split decoded in both"}
     mine, theirs = (list(side) for side in zip(*pairs))

@@ -14,7 +14,6 @@ silently. On the CPU the same path runs with libjpeg-turbo, which is how the tes
 from __future__ import annotations
 
 import dataclasses
-import io
 import warnings
 from dataclasses import dataclass
 
@@ -23,7 +22,7 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import functional as F
 
-from .images import DecodePolicy, ImageDecodeError, decode_image
+from .images import DecodePolicy, ImageDecodeError, decode_image, jpeg_damage, open_regular_file, size_refusal
 
 # torchvision 0.29 deprecates its decoders in favour of TorchCodec; decode_jpeg still works, and
 # featurekit keeps it until TorchCodec's batched nvJPEG decoding is a drop-in replacement.
@@ -58,17 +57,23 @@ def apply_orientation(image: torch.Tensor, orientation: int) -> torch.Tensor:
 
 
 def read_for_gpu(path: str, display: str, policy: DecodePolicy) -> RawJpeg | None:
-    """The bytes of a JPEG nvJPEG can decode, or ``None`` to decode it with PIL instead."""
+    """The bytes of a JPEG nvJPEG can decode, or ``None`` to decode it with PIL instead.
+
+    nvJPEG decodes at full size, so the policy's refusals are checked on the full size: a JPEG
+    past them goes to PIL, which decodes it drafted or refuses it with the reason, as it does
+    damaged JPEGs and files that are not regular (never opened).
+    """
     try:
-        with open(path, "rb") as handle:
+        with open_regular_file(path) as handle, warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # size_refusal decides
+            with Image.open(handle) as header:
+                if header.format != "JPEG" or header.mode not in ("RGB", "L") or size_refusal(header, policy):
+                    return None
+                orientation = header.getexif().get(0x0112, 1) if policy.exif_transpose else 1
+            handle.seek(0)
             data = handle.read()
-        with Image.open(io.BytesIO(data)) as header:
-            if header.format != "JPEG" or header.mode not in ("RGB", "L"):
-                return None
-            width, height = header.size
-            if width * height > policy.max_pixels:
-                return None  # PIL's decode refuses it with the reason
-            orientation = header.getexif().get(0x0112, 1) if policy.exif_transpose else 1
+        if policy.refuse_damaged_jpeg and jpeg_damage(data):
+            return None
     except Exception:  # unreadable or not an image: PIL's decode gives the reason
         return None
     return RawJpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), int(orientation), path, display)

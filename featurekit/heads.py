@@ -41,6 +41,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from torch import nn
 
 from .errors import FeaturekitError, SettingsError, first_line
+from .files import atomic_output
 
 HEAD_FORMAT = "featurekit.head"
 HEAD_FORMAT_VERSION = 1
@@ -59,11 +60,14 @@ class Head(ClassifierMixin, BaseEstimator):
 
     kind: ClassVar[str]
     grid_param: ClassVar[str]  # the parameter swept on validation; its grid is ``<grid_param>_grid``
+    # parameter -> (smallest value that works, whether the bound itself works); sequences: each element
+    limits: ClassVar[dict[str, tuple[float, bool]]] = {}
 
     def fit(self, X: np.ndarray, y: np.ndarray, X_val: np.ndarray | None = None,
             y_val: np.ndarray | None = None) -> "Head":
         """Fit on float32[N, D] / labels[N]. With validation rows, sweep the grid and keep the best:
         afterwards the grid parameter holds the chosen value (``get_params()``, ``clone``)."""
+        self._check_limits()
         X, y = validate_data(self, X, y, dtype=np.float32)
         check_classification_targets(y)
         self.classes_ = np.unique(y)
@@ -101,6 +105,15 @@ class Head(ClassifierMixin, BaseEstimator):
     def predict(self, X: np.ndarray) -> np.ndarray:
         proba = self.predict_proba(X)  # first: it raises NotFittedError before fit
         return self.classes_[proba.argmax(axis=1)]
+
+    def _check_limits(self) -> None:
+        """A parameter value that cannot work is a :class:`SettingsError`, before any fitting."""
+        for name, (low, inclusive) in self.limits.items():
+            value = getattr(self, name)
+            for item in value if isinstance(value, (tuple, list)) else [value]:
+                if item < low or (item == low and not inclusive):
+                    bound = f"at least {low:g}" if inclusive else f"more than {low:g}"
+                    raise SettingsError(f"{self.kind} head: {name} must be {bound} (got {item:g})")
 
     def _scale(self, X: np.ndarray) -> np.ndarray:
         return X if self.scaler_ is None else self.scaler_.transform(X).astype(np.float32, copy=False)
@@ -155,6 +168,7 @@ class LogisticHead(_SklearnHead):
 
     kind = "logreg"
     grid_param = "C"
+    limits = {"C": (0, False), "C_grid": (0, False), "max_iter": (1, True)}
 
     def __init__(self, C: float = 1.0, C_grid=(0.001, 0.01, 0.1, 1.0, 10.0), max_iter: int = 2000,
                  standardize: bool = True):
@@ -175,6 +189,7 @@ class LinearSVMHead(_SklearnHead):
 
     kind = "svm"
     grid_param = "C"
+    limits = {"C": (0, False), "C_grid": (0, False), "max_iter": (1, True), "folds": (2, True)}
 
     def __init__(self, C: float = 1.0, C_grid=(0.0001, 0.001, 0.01, 0.1, 1.0), max_iter: int = 5000, folds: int = 3,
                  dual: bool = True, standardize: bool = True):
@@ -218,6 +233,7 @@ class KNNHead(Head):
 
     kind = "knn"
     grid_param = "n_neighbors"
+    limits = {"n_neighbors": (1, True), "n_neighbors_grid": (1, True), "temperature": (0, False)}
 
     def __init__(self, n_neighbors: int = 10, n_neighbors_grid=(1, 3, 5, 10, 20, 50), temperature: float = 0.07,
                  standardize: bool = True):
@@ -274,6 +290,8 @@ class MLPHead(Head):
 
     kind = "mlp"
     grid_param = "weight_decay"
+    limits = {"hidden_sizes": (1, True), "dropout": (0, True), "lr": (0, False), "batch_size": (1, True),
+              "max_epochs": (1, True), "patience": (1, True), "weight_decay": (0, True), "weight_decay_grid": (0, True)}
 
     def __init__(self, hidden_sizes=(1000,), dropout: float = 0.5, lr: float = 1e-3, batch_size: int = 64,
                  max_epochs: int = 50, patience: int = 5, weight_decay: float = 0.0,
@@ -380,10 +398,9 @@ def save_head(path: str | os.PathLike, head: Head, metadata: dict) -> Path:
     check_is_fitted(head, "model_")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    joblib.dump({"format": HEAD_FORMAT, "format_version": HEAD_FORMAT_VERSION, "kind": head.kind,
-                 "head": head, "metadata": metadata}, temporary)
-    os.replace(temporary, path)
+    with atomic_output(path) as temporary:
+        joblib.dump({"format": HEAD_FORMAT, "format_version": HEAD_FORMAT_VERSION, "kind": head.kind,
+                     "head": head, "metadata": metadata}, temporary)
     return path
 
 

@@ -32,7 +32,7 @@ from .errors import FeaturekitError, SettingsError, short
 from .files import atomic_output, atomic_write
 from .finetune_artifact import FinetunedHead, load_classifier
 from .heads import Head
-from .images import IMAGE_EXTENSIONS, DataError, DecodePolicy
+from .images import IMAGE_EXTENSIONS, DataError, DecodePolicy, printable_path
 from .runner import FileFeatures, RunSettings, TrunkRunner, store_identity
 from .store import StoreIdentity
 
@@ -149,7 +149,7 @@ def head_features(head_path: str | os.PathLike, paths: Sequence[str | os.PathLik
     base = dataclasses.replace(settings or RunSettings(progress=False), on_error="skip")
     settings = recorded_settings(head_path, metadata, base, precision).resolved()
     backbones = head_backbones(head_path, metadata, settings, weights_paths)
-    extracted = TrunkRunner(backbones, settings).embed([(str(f), str(f)) for f in files], "predict")
+    extracted = TrunkRunner(backbones, settings).embed([(str(f), printable_path(str(f))) for f in files], "predict")
     extracted.features = {b.store_name: extracted.features[b.store_name] for b in backbones}
     return HeadFeatures(head, metadata, files, extracted, settings)
 
@@ -193,14 +193,20 @@ def write_predictions(predictions: Predictions, out: Path, head_path: Path, form
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output(out) as temporary, open(temporary, "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(header)
-        writer.writerows(rows)
+        writer.writerow([spreadsheet_safe(cell) for cell in header])
+        writer.writerows([spreadsheet_safe(cell) for cell in row] for row in rows)
     settings = predictions.settings
     about = {"head": str(head_path), "rows": len(predictions.paths), "format": form, "device": settings.device,
              "precision": settings.precision, "dtype": settings.dtype, "decode": settings.decode.to_dict(),
              "skipped": [{"path": p, "reason": r} for p, r in predictions.errors], "featurekit": __version__}
     meta = atomic_write(out.with_name(out.name + ".json"), json.dumps(about, indent=2) + "\n")
     return [out, meta]
+
+
+def spreadsheet_safe(cell: str) -> str:
+    """A CSV cell a spreadsheet will not run as a formula: one starting with ``= + - @`` or a tab or
+    carriage return (a file or class named ``=HYPERLINK(...)``) gets a leading ``'`` (OWASP's advice)."""
+    return f"'{cell}" if cell[:1] in ("=", "+", "-", "@", "\t", "\r") else cell
 
 
 def read_class_names(path: str | os.PathLike) -> dict[str, str]:

@@ -23,7 +23,7 @@ import sys
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Callable, ClassVar, Mapping, NamedTuple
+from typing import Callable, ClassVar, Iterator, Mapping, NamedTuple
 
 import h5py
 import numpy as np
@@ -131,7 +131,7 @@ class StoreHeader(StoreIdentity):
 
     @classmethod
     def from_attrs(cls, attrs: Mapping, path: str | os.PathLike) -> "StoreHeader":
-        """Parse a store's attributes; a missing or malformed one is a :class:`StoreError` naming ``path``."""
+        """Parse a store's attributes (a missing one: :class:`StoreError`; bad JSON: ValueError, see reading)."""
         missing = [f.name for f in fields(cls) if f.name not in attrs and f.default is dataclasses.MISSING]
         if missing:
             raise StoreError(f"{path}: missing attribute{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
@@ -139,10 +139,7 @@ class StoreHeader(StoreIdentity):
         for f in fields(cls):
             value = attrs.get(f.name, f.default)
             value = value.item() if isinstance(value, np.generic) else value
-            try:
-                values[f.name] = json.loads(value) if f.type == "dict" else value
-            except (TypeError, ValueError):
-                raise StoreError(f"{path}: attribute {f.name} is not JSON") from None
+            values[f.name] = json.loads(value) if f.type == "dict" else value
         return cls(**values)
 
 
@@ -158,9 +155,6 @@ def store_lock(final: Path) -> FileLock:
 def fingerprint(identity: StoreIdentity, listing_digest: str) -> str:
     """sha256 of everything that determines a store's content: identity and listing."""
     return hashlib.sha256(json.dumps([identity.to_dict(), listing_digest], sort_keys=True).encode()).hexdigest()
-
-
-# --------------------------------------------------------------------------- reading
 
 
 @dataclass
@@ -181,34 +175,47 @@ def open_h5(path: str | os.PathLike) -> h5py.File:
     path = Path(path)
     if not path.is_file():
         raise StoreError(f"{path}: no such store")
+    h5, problem = None, None
     try:
         h5 = h5py.File(path, "r")
-    except OSError as error:
-        raise StoreError(f"{path}: not a readable HDF5 file ({first_line(error)})") from None
-    version, problem = int(h5.attrs.get("format_version", -1)), None
-    if h5.attrs.get("format") != FORMAT:
-        problem = "not a featurekit store (no format attribute)"
-    elif version != FORMAT_VERSION:
-        problem = (f"store format {version} is {'newer' if version > FORMAT_VERSION else 'older'} than this "
-                   f"featurekit's ({FORMAT_VERSION}); " + ("upgrade featurekit" if version > FORMAT_VERSION
-                                                           else "re-extract it (extract --overwrite)"))
-    elif not h5.attrs.get("complete", False):
-        problem = "incomplete store (no completeness mark)"
+        version, complete = int(h5.attrs.get("format_version", -1)), h5.attrs.get("complete", False)
+        if h5.attrs.get("format") != FORMAT:
+            problem = "not a featurekit store (no format attribute)"
+        elif version != FORMAT_VERSION:
+            newer = version > FORMAT_VERSION
+            problem = (f"store format {version} is {'newer' if newer else 'older'} than this featurekit's "
+                       f"({FORMAT_VERSION}); {'upgrade featurekit' if newer else 're-extract it: extract --overwrite'}")
+        elif not complete:
+            problem = "incomplete store (no completeness mark)"
+    except (OSError, RuntimeError, KeyError, ValueError) as error:  # h5py on a file that is not (whole) HDF5
+        problem = f"not a readable HDF5 file ({first_line(error)})"
     if problem:
-        h5.close()
+        if h5 is not None:
+            h5.close()
         raise StoreError(f"{path}: {problem}")
     return h5
 
 
-def read_header(path: str | os.PathLike) -> StoreHeader:
+@contextlib.contextmanager
+def reading(path: str | os.PathLike) -> Iterator[h5py.File]:
+    """:func:`open_h5` as a context; h5py's errors on damaged blocks or missing datasets inside it
+    become one :class:`StoreError` naming the file."""
     with open_h5(path) as h5:
+        try:
+            yield h5
+        except (OSError, RuntimeError, KeyError, ValueError) as error:
+            raise StoreError(f"{path}: unreadable store ({first_line(error)})") from None
+
+
+def read_header(path: str | os.PathLike) -> StoreHeader:
+    with reading(path) as h5:
         return StoreHeader.from_attrs(h5.attrs, path)
 
 
 def read_store(path: str | os.PathLike, features: bool = True) -> StoreContents:
     """Load a complete store into memory (``features=False`` skips the big array). Labels outside
     ``classes`` are refused: they would index the wrong class, or none."""
-    with open_h5(path) as h5:
+    with reading(path) as h5:
         header = StoreHeader.from_attrs(h5.attrs, path)
         classes, labels = _strings(h5["classes"]), h5["labels"][()]
         if labels.size and (labels.min() < 0 or labels.max() >= len(classes)):
@@ -238,13 +245,9 @@ def content_sha256(h5: h5py.File) -> str:
 
 def check_content(path: str | os.PathLike) -> None:
     """Raise :class:`StoreError` unless the store's content checksum matches (nothing edited or damaged)."""
-    with open_h5(path) as h5:
-        try:
-            whole = content_sha256(h5) == h5.attrs.get("content_sha256")
-        except (OSError, RuntimeError, ValueError) as error:  # h5py on damaged blocks
-            raise StoreError(f"{path}: unreadable data ({first_line(error)})") from None
-    if not whole:
-        raise StoreError(f"{path}: content checksum mismatch (features, rows or attributes changed after extraction)")
+    with reading(path) as h5:
+        if content_sha256(h5) != h5.attrs.get("content_sha256"):
+            raise StoreError(f"{path}: content checksum mismatch (edited or damaged since extraction)")
 
 
 def recorded_files(h5: h5py.File) -> dict[str, tuple[int, int]]:
@@ -254,9 +257,6 @@ def recorded_files(h5: h5py.File) -> dict[str, tuple[int, int]]:
         sizes, mtimes = h5[f"{prefix}file_size"][()].tolist(), h5[f"{prefix}file_mtime_ns"][()].tolist()
         files.update(zip(_strings(h5[f"{prefix}paths"]), zip(sizes, mtimes)))
     return files
-
-
-# --------------------------------------------------------------------------- writing
 
 
 class StoreWriter:
@@ -346,7 +346,7 @@ class StoreWriter:
                 h5.create_dataset("features", data=rows.features)
                 h5.create_dataset("labels", data=np.array([r.label for r in kept], dtype=np.int64))
                 _write_records(h5, "", kept)
-                h5.create_dataset("classes", data=list(self.listing.classes), dtype=STR)
+                h5.create_dataset("classes", data=[printable_path(c) for c in self.listing.classes], dtype=STR)
                 h5.create_dataset("skipped_reasons", data=reasons, dtype=STR)
                 _write_records(h5, "skipped_", skipped)
                 h5.attrs.update(header.to_attrs())
@@ -373,7 +373,7 @@ class StoreWriter:
         change = read_header(self.final).identity.difference(self.header.identity)
         if change:
             return f"was made with other {change}"
-        with open_h5(self.final) as h5:
+        with reading(self.final) as h5:
             changes = listing_changes(recorded_files(h5), _strings(h5["classes"]), self.listing)
         changes = changes or ["same files, other recorded fingerprint"]
         return f"was made from another state of {self.listing.split_dir} ({'; '.join(changes)})"

@@ -233,6 +233,12 @@ def markdown_report(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _save_figure(plt, figure, path: Path) -> None:
+    with atomic_output(path) as temporary:
+        figure.savefig(temporary, dpi=100, format="png")
+    plt.close(figure)
+
+
 def _number(value: float | None) -> str:
     return "" if value is None else f"{value:.4f}"
 
@@ -276,9 +282,7 @@ def _learning_curves(plt, history: list[dict], path: Path, train_label: str) -> 
     accuracy_axis.set(xlabel="epoch", ylabel="accuracy")
     accuracy_axis.legend()
     figure.tight_layout()
-    with atomic_output(path) as temporary:
-        figure.savefig(temporary, dpi=100, format="png")
-    plt.close(figure)
+    _save_figure(plt, figure, path)
     return path
 
 
@@ -291,7 +295,5 @@ def _confusion_plot(plt, matrix: list[list[int]], classes: list[str], path: Path
         axis.set_yticks(range(len(classes)), classes)
     axis.set(xlabel="predicted", ylabel="true")
     figure.tight_layout()
-    with atomic_output(path) as temporary:
-        figure.savefig(temporary, dpi=100, format="png")
-    plt.close(figure)
+    _save_figure(plt, figure, path)
     return path

@@ -19,7 +19,7 @@ import h5py
 import numpy as np
 
 from .errors import first_line
-from .images import DataError, list_split, listing_changes
+from .images import DataError, fs_path, list_split, listing_changes
 from .store import (
     DIGEST_BLOCK_ROWS,
     StoreError,
@@ -75,7 +75,7 @@ def verify_store(path: str | os.PathLike, data_root: str | os.PathLike | None = 
             report.rows, report.skipped = len(h5["paths"]), len(h5["skipped_paths"])
             report.problems = _value_problems(h5)
             report.alignment = (header.data_root, header.split, _rows_sha256(h5))
-            root = Path(data_root) if data_root is not None else Path(header.data_root)
+            root = Path(data_root) if data_root is not None else Path(fs_path(header.data_root))
             try:
                 listing = list_split(root, header.split)
             except DataError as error:

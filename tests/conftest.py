@@ -7,6 +7,7 @@ once torch is imported.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -47,6 +48,18 @@ def make_folder(root: Path, split: str = "train", per_class: dict[str, int] | No
         for i in range(count):
             write_jpeg(root / split / class_name / f"{i:02d}.jpg", seed * 1000 + offset * 100 + i)
     return root
+
+
+@contextlib.contextmanager
+def acting_as_nobody():
+    """Root reads chmod-000 files; drop the effective uid so the permission bits apply."""
+    os.setegid(65534)
+    os.seteuid(65534)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+        os.setegid(0)
 
 
 @dataclass

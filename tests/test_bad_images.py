@@ -9,9 +9,13 @@ run (``--on-error fail``) or be recorded in the store and the summary (``--on-er
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import os
 import shutil
 import struct
+import subprocess
+import sys
 import tempfile
 import zlib
 from pathlib import Path
@@ -21,9 +25,10 @@ import pytest
 from PIL import Image
 
 from featurekit import extraction as extract_module
+from featurekit.gpu_decode import read_for_gpu
 from featurekit.images import DataError, DecodePolicy, ImageDecodeError, decode_image, list_split
 from featurekit.store import read_store
-from tests.conftest import TINY_RUN, error_lines, make_folder, run_cli, write_jpeg
+from tests.conftest import REPO, TINY_RUN, acting_as_nobody, error_lines, make_folder, run_cli, write_jpeg
 
 # --------------------------------------------------------------------------- the files
 
@@ -42,16 +47,46 @@ def random_bytes(path: Path) -> None:
     path.write_bytes(np.random.default_rng(3).bytes(2000))
 
 
-def decompression_bomb(path: Path) -> None:
-    """A valid 1-bit PNG of 20000 x 10000 pixels in 24 KB: 200 M pixels once decoded."""
-    width, height = 20_000, 10_000
-
+def png_1bit(path: Path, width: int, height: int) -> None:
+    """A valid, all-black 1-bit PNG written directly: tiny on disk whatever its size."""
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
     rows = zlib.compress(b"\0" * ((width // 8 + 1) * height), 9)
     header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b""))
+
+
+def decompression_bomb(path: Path) -> None:
+    """20000 x 10000 pixels in 24 KB: 200 M pixels once decoded, past PIL's own limit too."""
+    png_1bit(path, 20_000, 10_000)
+
+
+def square_bomb(path: Path) -> None:
+    """13000 x 13000 in 21 KB: under PIL's own limit; decoding it and cutting a view took 0.8 GB."""
+    png_1bit(path, 13_000, 13_000)
+
+
+def wide_png(path: Path) -> None:
+    """30000 x 1 (30 K pixels): its view would scale the 1-pixel side to 256, 7.7 G pixels."""
+    Image.new("RGB", (30_000, 1), (90, 20, 200)).save(path)
+
+
+def wide_jpeg(path: Path) -> None:
+    """The same shape as a JPEG, which the GPU decode path takes."""
+    Image.new("RGB", (30_000, 1), (90, 20, 200)).save(path, quality=90)
+
+
+def damaged_jpeg(path: Path) -> None:
+    """A real JPEG with 16 bytes zeroed in the middle of its entropy-coded data: PIL decodes it
+    without a word, rows 16-47 damaged; libjpeg warns (extraneous bytes before the end marker)."""
+    write_jpeg(path, seed=7, size=(64, 48))
+    data = bytearray(path.read_bytes())
+    start_of_scan = data.find(b"\xff\xda")
+    scan = start_of_scan + 2 + int.from_bytes(data[start_of_scan + 2:start_of_scan + 4], "big")
+    middle = (scan + data.rfind(b"\xff\xd9")) // 2
+    data[middle:middle + 16] = bytes(16)
+    path.write_bytes(bytes(data))
 
 
 def symlink_loop(path: Path) -> None:
@@ -68,6 +103,10 @@ BROKEN = {  # file name -> (maker, words the reason must contain)
     "truncated.jpg": (truncated_jpeg, "truncated"),
     "random.jpg": (random_bytes, "not an image"),
     "bomb.png": (decompression_bomb, "decompression bomb"),
+    "square.png": (square_bomb, "decompression bomb refused (13000x13000 = 169000000 pixels > 89478485)"),
+    "wide.png": (wide_png, "extreme aspect ratio refused (30000x1; at most 100:1)"),
+    "wide.jpg": (wide_jpeg, "extreme aspect ratio refused (30000x1; at most 100:1)"),
+    "damaged.jpg": (damaged_jpeg, "damaged JPEG data (Corrupt JPEG data: 74 extraneous bytes before marker 0xd9)"),
     "loop.jpg": (symlink_loop, "symbolic links"),
     "dangling.jpg": (dangling_symlink, "broken symbolic link"),
 }
@@ -154,6 +193,78 @@ def test_16bit_png_is_scaled_not_clamped_to_white(tmp_path):
     assert decode_image(tmp_path / "deep.png").getpixel((15, 5)) == (128, 128, 128)
 
 
+def test_damaged_jpeg_is_refused_although_pil_decodes_it_silently(tmp_path):
+    damaged_jpeg(tmp_path / "damaged.jpg")
+    write_jpeg(tmp_path / "intact.jpg", seed=7, size=(64, 48))
+    silent = np.asarray(Image.open(tmp_path / "damaged.jpg").convert("RGB"), dtype=int)  # no error, no warning
+    intact = np.asarray(Image.open(tmp_path / "intact.jpg").convert("RGB"), dtype=int)
+    damaged_rows = np.flatnonzero(np.abs(silent - intact).max(axis=(1, 2)) > 40)
+    assert (damaged_rows.min(), damaged_rows.max()) == (16, 47)
+    with pytest.raises(ImageDecodeError, match=r"damaged\.jpg: damaged JPEG data \(Corrupt JPEG data: "):
+        decode_image(tmp_path / "damaged.jpg")
+    assert decode_image(tmp_path / "intact.jpg").size == (64, 48)
+    assert decode_image(tmp_path / "damaged.jpg", DecodePolicy(refuse_damaged_jpeg=False)).size == (64, 48)
+
+
+def test_limits_apply_to_the_size_that_is_decoded(tmp_path):
+    Image.new("RGB", (2000, 2000), (120, 30, 200)).save(tmp_path / "big.jpg", quality=90)
+    Image.new("RGB", (2000, 2000), (120, 30, 200)).save(tmp_path / "progressive.jpg", quality=90, progressive=True)
+    tight = DecodePolicy(max_pixels=1_000_000)  # the default draft decodes 2000x2000 at 1000x1000
+    assert decode_image(tmp_path / "big.jpg", tight).size == (1000, 1000)
+    with pytest.raises(ImageDecodeError) as full_size:
+        decode_image(tmp_path / "big.jpg", dataclasses.replace(tight, draft_min_side=None))
+    assert str(full_size.value).endswith("big.jpg: decompression bomb refused (2000x2000 = 4000000 pixels > 1000000)")
+    with pytest.raises(ImageDecodeError) as progressive:
+        decode_image(tmp_path / "progressive.jpg", tight)  # its coefficients are held at full size
+    assert "progressive.jpg: decompression bomb refused (progressive JPEG 2000x2000: " in str(progressive.value)
+    # nvJPEG decodes at full size: the GPU path leaves such a JPEG to PIL, which decodes it drafted.
+    assert read_for_gpu(str(tmp_path / "big.jpg"), "big.jpg", tight) is None
+    assert read_for_gpu(str(tmp_path / "big.jpg"), "big.jpg", DecodePolicy()) is not None
+
+
+def test_refusals_are_not_part_of_the_store_identity():
+    stricter = DecodePolicy(max_pixels=10, max_aspect_ratio=2, refuse_damaged_jpeg=False)
+    assert stricter.to_dict() == DecodePolicy().to_dict()
+    assert set(DecodePolicy().to_dict()) == {"exif_transpose", "alpha_background", "draft_min_side", "backend"}
+
+
+MEMORY_PROBE = """
+import json, resource, sys
+from featurekit.images import DecodePolicy
+from featurekit.loader import ViewDataset
+from featurekit.views import Preprocessing
+
+backend, paths = sys.argv[1], sys.argv[2:]
+view = Preprocessing(256, 224, (0.5,) * 3, (0.5,) * 3)
+dataset = ViewDataset([(p, p) for p in paths], [view], DecodePolicy(backend=backend))
+with open("/proc/self/status") as status:
+    mapped = next(int(line.split()[1]) for line in status if line.startswith("VmSize:")) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (mapped + (1 << 30), mapped + (1 << 30)))  # 1 GiB more: a MemoryError
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+results = [dataset[i][1] for i in range(len(paths))]
+grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+reasons = [r[1] if isinstance(r, tuple) else "decoded" for r in results]
+print(json.dumps({"reasons": reasons, "grown_mib": grown / 1024}))
+"""
+
+
+@pytest.mark.parametrize("backend", ["pil", "torchvision"])
+def test_shape_bombs_are_refused_before_any_large_allocation(tmp_path, backend):
+    """In a child process allowed 1 GiB more than it has mapped: a refusal after decoding, or a
+    view of the 30000x1 image, would be a MemoryError or a peak far above a few MB."""
+    names = {"square.png": square_bomb, "wide.png": wide_png, "wide.jpg": wide_jpeg}
+    for name, maker in names.items():
+        maker(tmp_path / name)
+    control = write_jpeg(tmp_path / "control.jpg", seed=1, size=(300, 200))
+    paths = [str(tmp_path / name) for name in names] + [str(control)]
+    probe = subprocess.run([sys.executable, "-c", MEMORY_PROBE, backend, *paths], capture_output=True, text=True,
+                           timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert probe.returncode == 0, probe.stderr[-2000:]
+    result = json.loads(probe.stdout)
+    assert result["reasons"] == [BROKEN[name][1] for name in names] + ["decoded"]
+    assert result["grown_mib"] < 50, result
+
+
 @pytest.mark.parametrize("name", BROKEN)
 def test_broken_files_raise_one_line_naming_file_and_reason(name, tmp_path):
     maker, reason = BROKEN[name]
@@ -171,18 +282,6 @@ def test_file_deleted_after_listing(tmp_path):
     listing.absolute(0).unlink()
     with pytest.raises(ImageDecodeError, match="file disappeared after listing"):
         decode_image(listing.absolute(0))
-
-
-@contextlib.contextmanager
-def acting_as_nobody():
-    """Root reads chmod-000 files; drop the effective uid so the permission bits apply."""
-    os.setegid(65534)
-    os.seteuid(65534)
-    try:
-        yield
-    finally:
-        os.seteuid(0)
-        os.setegid(0)
 
 
 def test_unreadable_file_permission_denied():

@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -162,3 +164,16 @@ def test_one_class_is_a_one_line_head_error(separable):
     with pytest.raises(HeadError, match=r"^logreg head: the training rows hold 1 class \(10\); "
                                         r"a classifier needs at least 2$"):
         LogisticHead().fit(X[:30], y[:30])
+
+
+@pytest.mark.parametrize("kind, params, message", [
+    ("mlp", {"max_epochs": 0}, "mlp head: max_epochs must be at least 1 (got 0)"),
+    ("mlp", {"hidden_sizes": (0,)}, "mlp head: hidden_sizes must be at least 1 (got 0)"),
+    ("mlp", {"lr": 0.0}, "mlp head: lr must be more than 0 (got 0)"),
+    ("logreg", {"C_grid": (1.0, -1.0)}, "logreg head: C_grid must be more than 0 (got -1)"),
+    ("knn", {"n_neighbors": 0}, "knn head: n_neighbors must be at least 1 (got 0)"),
+])
+def test_parameter_values_that_cannot_work_are_refused_before_fitting(separable, kind, params, message):
+    X, y, _, _ = separable
+    with pytest.raises(SettingsError, match=f"^{re.escape(message)}$"):
+        make_head(kind, **params).fit(X, y)

@@ -15,7 +15,7 @@ from featurekit import cli, runner
 from featurekit.backbones import load_backbone
 from featurekit.extraction import ExtractSettings, extract
 from featurekit.heads import load_head, save_head
-from featurekit.predict import HeadMismatchError, head_features, predict_files
+from featurekit.predict import HeadMismatchError, head_features, predict_files, write_predictions
 from featurekit.store import read_store, store_path
 from featurekit.train import train_head
 
@@ -127,3 +127,13 @@ def test_a_head_of_fp32_stores_runs_at_fp32_unless_asked(float16_head, tmp_path,
     assert "(cpu, bf16)" in capsys.readouterr().out
     about = json.loads((tmp_path / "b.csv.json").read_text())
     assert about["precision"] == "bf16" and about["dtype"] == "float16" and about["rows"] == 4
+
+
+def test_csv_cells_never_start_a_formula(trained, tmp_path, monkeypatch):
+    root, _, head_file = trained
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(next((root / "valid" / "cat").glob("*.jpg")), tmp_path / "=HYPERLINK(1).jpg")
+    predictions = predict_files(head_file, ["=HYPERLINK(1).jpg"], SETTINGS)
+    write_predictions(predictions, tmp_path / "p.csv", head_file)
+    [row] = list(csv.DictReader(open(tmp_path / "p.csv")))
+    assert row["path"] == "'=HYPERLINK(1).jpg" and row["predicted"] in ("cat", "dog")

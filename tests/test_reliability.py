@@ -379,3 +379,68 @@ def test_overlapping_chunks_of_two_chunk_sizes_still_tile(tmp_path):
     partial.chunk_path(6, 8).unlink()
     with pytest.raises(store.StoreError, match="rows 6-8 were never committed"):
         partial._tiling(8)
+
+
+# --------------------------------------------------------------------------- damaged stores, planted locks
+
+
+def _edit_first_feature(path: Path) -> None:
+    with h5py.File(path, "r+") as h5:
+        h5["features"][0, 0] += 1.0
+
+
+def _garbage_in_the_middle(path: Path) -> None:
+    content = bytearray(path.read_bytes())
+    middle = len(content) // 2
+    content[middle:middle + 4096] = os.urandom(4096)
+    path.write_bytes(bytes(content))
+
+
+@pytest.mark.parametrize("damage", [_edit_first_feature, _garbage_in_the_middle])
+def test_a_damaged_store_is_never_up_to_date_and_overwrite_replaces_it(reference, tmp_path, capsys, damage):
+    data, expected = reference
+    out = tmp_path / "out"
+    final = out / "train" / "resnet18.h5"
+    final.parent.mkdir(parents=True)
+    shutil.copy2(expected, final)
+    damage(final)
+
+    refused = run_cli(capsys, *extract_args(data, out))
+    assert refused.code == 1
+    [line] = error_lines(refused.err)
+    assert line.startswith(f"featurekit: error: {final}: exists but is damaged (") and "--overwrite" in line
+
+    assert run_cli(capsys, *extract_args(data, out, "--overwrite")).code == 0
+    assert_same_store(final, expected)
+    assert run_cli(capsys, *extract_args(data, out)).code == 0  # and now it is current
+
+
+def test_a_lock_file_planted_as_a_symlink_is_refused_and_its_target_untouched(reference, tmp_path, capsys):
+    data, _ = reference
+    out = tmp_path / "out"
+    (out / "train").mkdir(parents=True)
+    victim = tmp_path / "precious.txt"
+    victim.write_text("keep me")
+    (out / "train" / ".resnet18.lock").symlink_to(victim)
+
+    refused = run_cli(capsys, *extract_args(data, out))
+    assert refused.code == 1
+    assert "lock file is a symbolic link; refusing to follow it" in error_lines(refused.err)[0]
+    assert victim.read_text() == "keep me"
+
+
+def test_info_and_train_head_refuse_labels_outside_the_classes(reference, tmp_path, capsys):
+    _, expected = reference
+    store = tmp_path / "features" / "train" / "resnet18.h5"
+    store.parent.mkdir(parents=True)
+    shutil.copy2(expected, store)
+    with h5py.File(store, "r+") as h5:
+        labels = h5["labels"][()]
+        labels[0] = 7
+        h5["labels"][...] = labels
+    info = run_cli(capsys, "info", store)
+    assert info.code == 1 and error_lines(info.err) == [f"featurekit: error: {store}: labels outside 0-1 "
+                                                        "(the store is damaged)"]
+    trained = run_cli(capsys, "train-head", tmp_path / "features", "--backbones", "resnet18", "--head", "logreg",
+                      "--valid-split", "none", "--no-plots")
+    assert trained.code == 1 and "labels outside 0-1" in error_lines(trained.err)[0]

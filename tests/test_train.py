@@ -1,5 +1,6 @@
 import json
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -75,3 +76,26 @@ def test_all_needs_a_validation_split(two_backbone_features):
     _, features_dir = two_backbone_features
     with pytest.raises(ValueError, match="--head all chooses on the validation split"):
         train_head(features_dir, ["a"], "all", valid_split=None, log=lambda _: None)
+
+
+def test_a_full_disk_while_saving_leaves_no_head_and_no_temporary(two_backbone_features, tmp_path, capsys, monkeypatch):
+    import errno
+
+    import joblib
+
+    from featurekit import cli
+
+    _, features_dir = two_backbone_features
+
+    def disk_full(value, filename, *args, **kwargs):
+        Path(filename).write_bytes(b"half a pickle")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(joblib, "dump", disk_full)
+    out = tmp_path / "out"
+    code = cli.main(["train-head", str(features_dir), "--backbones", "a", "--head", "logreg", "--out", str(out),
+                     "--no-plots"])
+    assert code == 1
+    assert capsys.readouterr().err.splitlines()[-1] == (f"featurekit: error: {out / 'head.joblib'}: cannot write "
+                                                        "(no space left on device)")
+    assert sorted(p.name for p in out.iterdir()) == []  # no head, no temporary, no report of a head that is not there
