@@ -413,8 +413,10 @@ def _run_finetune(args) -> int:
     out = args.out or args.head.parent / "finetuned"
     report = finetune(args.head, args.data_root, out, settings, _weights_paths(args.weights_path),
                       log=lambda line: print(line, file=sys.stderr))
-    print(f"fine-tuned {report['head']} head: {report['valid']['split']} accuracy {report['valid']['accuracy']:.4f} "
-          f"(epoch {report['chosen']['epoch']}; the head: {report['head_valid_accuracy']:.4f}), written to {out}/")
+    valid = report["valid"]
+    print(f"fine-tuned {report['head']} head: {valid['split']} accuracy {valid['accuracy']:.4f} (epoch "
+          f"{report['chosen']['epoch']}; epoch 0, the head: {report['history'][0]['val_accuracy']:.4f}), "
+          f"written to {out}/ (model.json, trunks/, report.md)")
     return 0
 
 
