@@ -74,7 +74,7 @@ def prepare(head_path: Path, data_root: str | Path, settings: FinetuneSettings,
     train = head_split(data_root, settings.train_split, classes, head_path, exact=True)
     valid = head_split(data_root, settings.valid_split, classes, head_path, exact=False)
     settings = recorded_settings(head_path, metadata, settings, settings.precision).resolved()
-    backbones = head_backbones(head_path, metadata, settings, weights_paths)
+    backbones = head_backbones(head_path, metadata, settings, weights_paths, "fine-tune")
     unfreeze = unfreeze_map(settings.unfreeze, [b.store_name for b in backbones])
     model = FinetuneModel(backbones, layers, unfreeze, settings.precision, settings.dtype, settings.batchnorm,
                           settings.channels_last).to(settings.device)

@@ -87,24 +87,26 @@ def recorded_settings(head_path: Path, metadata: dict, base: RunSettings, precis
                                precision=precision or first.precision)
 
 
-def check_backbone(head_path: Path, recorded: dict, backbone: Backbone, settings: RunSettings) -> None:
+def check_backbone(head_path: Path, recorded: dict, backbone: Backbone, settings: RunSettings,
+                   purpose: str = "predict") -> None:
     """Raise :class:`HeadMismatchError` unless ``backbone`` under ``settings`` makes the features
-    ``recorded`` describes (its precision aside: :func:`recorded_settings` decided it)."""
+    ``recorded`` describes (its precision aside: :func:`recorded_settings` decided it); the message
+    ends "refusing to ``purpose``"."""
     expected = dataclasses.replace(StoreIdentity.from_dict(recorded), precision=settings.precision)
     found = expected.difference(store_identity(backbone, settings))
     if found and found.field == "weights_sha256":
         raise HeadMismatchError(
             f"{head_path}: {recorded['store_name']} was trained on weights {recorded['weights']} (sha256 "
             f"{found.mine[:16]}) but {backbone.weights.name} from {backbone.weights.source} has sha256 "
-            f"{found.theirs[:16]}; refusing to predict")
+            f"{found.theirs[:16]}; refusing to {purpose}")
     if found:
         raise HeadMismatchError(f"{head_path}: {recorded['store_name']} was trained with "
                                 f"{found.field.replace('_', ' ')} {short(found.mine)} but this run makes "
-                                f"{short(found.theirs)}; refusing to predict")
+                                f"{short(found.theirs)}; refusing to {purpose}")
 
 
 def head_backbones(head_path: Path, metadata: dict, settings: RunSettings,
-                   weights_paths: dict[str, str] | None = None) -> list[Backbone]:
+                   weights_paths: dict[str, str] | None = None, purpose: str = "predict") -> list[Backbone]:
     """Rebuild the head's backbones, each checked against what the head was trained on.
 
     Weights loaded from a file during extraction are loaded from the recorded path again, or from
@@ -116,7 +118,7 @@ def head_backbones(head_path: Path, metadata: dict, settings: RunSettings,
         from_file = override or (recorded["weights_source"] if recorded["weights"].startswith("file:") else None)
         backbone = load_backbone(recorded["backbone"], "DEFAULT" if from_file else recorded["weights"], from_file,
                                  recorded["node"])
-        check_backbone(head_path, recorded, backbone, settings)
+        check_backbone(head_path, recorded, backbone, settings, purpose)
         backbones.append(backbone)
     return backbones
 

@@ -229,6 +229,9 @@ def test_bad_input_is_one_line_before_any_work(binary, tmp_path, capsys):
     root, _, heads = binary
     other = write_image_folder(tmp_path / "other", {"train": {"cat": 2, "eel": 2}, "valid": {"cat": 1}})
     (tmp_path / "junk.joblib").write_bytes(b"not a pickle at all")
+    head, metadata = load_head(heads["logreg"])
+    metadata["backbones"][0]["preprocessing"]["resize_size"] = 232  # features this trunk does not make
+    save_head(tmp_path / "other.joblib", head, metadata)
     cases = [
         ([heads["knn"], root], "a knn head cannot be fine-tuned (no gradient to follow); "
                                "heads that can: mlp, logreg, svm"),
@@ -238,11 +241,13 @@ def test_bad_input_is_one_line_before_any_work(binary, tmp_path, capsys):
         ([heads["logreg"], root, "--unfreeze", "layer5"], "resnet18: no module 'layer5' before its feature node; "
                                                           "close: layer4"),
         ([heads["logreg"], root, "--epochs", "0"], "--epochs must be at least 1 (got 0)"),
+        ([tmp_path / "other.joblib", root], "resnet18 was trained with preprocessing {"),
     ]
     for (head, data, *extra), message in cases:
         result = run_cli(capsys, "finetune", "--head", head, data, *extra, *TUNE_ARGS, "--out", tmp_path / "out")
         assert result.code == 1 and error_lines(result.err) == [result.err.strip()], result.err
         assert message in result.err
+    assert result.err.strip().endswith("refusing to fine-tune")
     assert not (tmp_path / "out").exists()
 
 
