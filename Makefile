@@ -37,7 +37,7 @@ extract: install
 	$(PY) -m featurekit extract $(DATA) --split $(SPLITS) --backbone $(BACKBONES) --weights $(WEIGHTS) --out $(FEATURES) $(EXTRACT_FLAGS)
 
 train-head: install
-	$(PY) -m featurekit train-head $(FEATURES) --backbones $(BACKBONES) --head $(HEAD) $(HEAD_FLAGS)
+	$(PY) -m featurekit train-head $(FEATURES) --backbone $(BACKBONES) --head $(HEAD) $(HEAD_FLAGS)
 
 finetune: install
 	$(PY) -m featurekit finetune --head $(HEAD_FILE) $(DATA) --unfreeze $(UNFREEZE) $(FINETUNE_FLAGS)

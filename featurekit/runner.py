@@ -30,11 +30,13 @@ from .errors import SettingsError
 from .gpu_decode import decode_batch
 from .images import DecodePolicy, ImageDecodeError
 from .loader import Source, ViewBatch, ViewDataset, default_workers, iterate_views
+from .registry import RANDOM
 from .store import FEATURES_VERSION, StoreIdentity
 from .views import Preprocessing
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPES = ("float16", "float32")
+AUTO_DTYPE = "auto"  # float16, or float32 where a backbone has random weights: storage_dtype
 ON_ERROR = ("fail", "skip")
 
 
@@ -60,7 +62,7 @@ class RunSettings:
 
     device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (see auto_precision) | fp32 | bf16 | fp16
-    dtype: str = "float16"  # features as stored and returned: float16 | float32
+    dtype: str = "float16"  # features as stored and returned: float16 | float32 | auto (storage_dtype)
     batch_size: int = 32
     num_workers: int | None = None  # decoding processes; None: sized to the cores
     on_error: str = "fail"  # bad images: fail (raise) | skip (reported with the batch)
@@ -78,7 +80,7 @@ class RunSettings:
         device = _resolve_device(self.device, local_rank)
         precision = self.precision if self.precision != "auto" else auto_precision(device)
         _check_choice("precision", precision, PRECISIONS)
-        _check_choice("dtype", self.dtype, DTYPES)
+        _check_choice("dtype", self.dtype, (AUTO_DTYPE, *DTYPES))  # auto: decided with the backbones
         _check_choice("on-error", self.on_error, ON_ERROR)
         if self.batch_size < 1:
             raise SettingsError(f"--batch-size must be at least 1 (got {self.batch_size})")
@@ -114,6 +116,16 @@ def _resolve_device(device: str, local_rank: int | None) -> str:
 def _check_choice(name: str, value: str, choices) -> None:
     if value not in choices:
         raise SettingsError(f"unknown {name} {value!r} (choose from {', '.join(choices)})")
+
+
+def storage_dtype(requested: str, backbones: Sequence[Backbone]) -> str:
+    """The storage dtype of a run: ``requested``, or for ``auto`` float16 (half the disk and memory,
+    no loss a head notices) unless a backbone has random weights: their activations are not
+    normalised by training and exceed float16's range (a random resnet152's pooled features reach
+    4e8 > 65504), so such runs store float32. One dtype for the whole run: its stores are read together."""
+    if requested != AUTO_DTYPE:
+        return requested
+    return "float32" if any(b.weights.name == RANDOM for b in backbones) else "float16"
 
 
 def store_identity(backbone: Backbone, settings: RunSettings) -> StoreIdentity:
@@ -156,11 +168,11 @@ class FileFeatures:
 class TrunkRunner:
     """The prepared trunks of ``backbones`` on one device, fed by one decode per image.
 
-    ``settings`` must be resolved (:meth:`RunSettings.resolved`).
+    ``settings`` must be resolved (:meth:`RunSettings.resolved`); a dtype ``auto`` is decided here.
     """
 
     def __init__(self, backbones: Sequence[Backbone], settings: RunSettings):
-        self.settings = settings
+        self.settings = settings = dataclasses.replace(settings, dtype=storage_dtype(settings.dtype, backbones))
         self.device = torch.device(settings.device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)  # events, streams and pinned copies follow the current device

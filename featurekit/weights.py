@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from .errors import FeaturekitError, first_line
+from .registry import RANDOM as RANDOM  # lives in registry, which imports no torch
 
-RANDOM = "random"
 RANDOM_SEED = 0
 
 

@@ -92,7 +92,8 @@ def test_unfinished_store_is_refused(tmp_path, two_backbone_features):
     listing = make_image_folder(tmp_path / "data", "train", {"ant": 8, "bee": 8, "wasp": 8})
     labels = np.array([r.label for r in listing.records])
     write_store(tmp_path / "features", listing, "c", blobs(labels, 3, seed=3), rows=10)
-    with pytest.raises(StoreError, match=r"c\.h5: extraction unfinished .*\(c, split 'train'\)"):
+    unfinished = r"c\.h5: extraction unfinished .*\(c, split 'train'; stores of split 'train' in .*: a, b\)"
+    with pytest.raises(StoreError, match=unfinished):
         load_features(tmp_path / "features", "train", ["a", "c"])
 
 

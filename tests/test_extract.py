@@ -15,7 +15,9 @@ from featurekit.files import WriteError
 from featurekit.store import StoreError, read_store
 from tests.conftest import committed_chunks
 
-SETTINGS = ExtractSettings(device="cpu", precision="fp32", batch_size=2, chunk_size=2, num_workers=0, progress=False)
+# float16 as pretrained weights get it (random weights would get float32 under the default dtype "auto")
+SETTINGS = ExtractSettings(device="cpu", precision="fp32", dtype="float16", batch_size=2, chunk_size=2, num_workers=0,
+                          progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +143,7 @@ def test_cli_extract_info_and_list(tiny_folder, tmp_path, capsys):
     assert "train/resnet18.h5  6 rows  written" in printed and "valid/resnet18.h5  4 rows  written" in printed
     assert cli.main(["info", str(out / "train" / "resnet18.h5")]) == 0
     info = capsys.readouterr().out
-    assert "features float16[6, 512]" in info and "weights random" in info and "cat 3, dog 3" in info
+    assert "features float32[6, 512]" in info and "weights random" in info and "cat 3, dog 3" in info
     assert cli.main(["list-backbones"]) == 0
     assert "inception_v3" in capsys.readouterr().out
 

@@ -134,7 +134,7 @@ def test_a_functional_trunk_unfreezes_its_weights_from_the_block_on(lite):
 
 def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(binary, tmp_path, capsys):
     root, _, heads = binary
-    args = ["finetune", "--head", heads["mlp"], root, "--unfreeze", SMALL, "--epochs", "2", *TUNE_ARGS]
+    args = ["finetune", "--head", heads["mlp"].parent, root, "--unfreeze", SMALL, "--epochs", "2", *TUNE_ARGS]
     assert run_cli(capsys, *args, "--out", tmp_path / "whole").code == 0
     killed = run_subprocess(*args, "--out", tmp_path / "resumed", env={files.CRASH_ENV: "finetune-checkpointed:1"})
     assert killed.returncode == -signal.SIGKILL, killed.stderr
@@ -172,7 +172,11 @@ def test_the_report_has_the_head_as_epoch_zero_and_the_plots(tuned):
     assert report["warm_start"]["compared"] and report["warm_start"]["same_predictions"] == 4
     assert history[0]["val_accuracy"] == report["warm_start"]["head_accuracy"] == report["head_valid_accuracy"]
     assert report["valid"]["accuracy"] == max(r["val_accuracy"] for r in history)
-    assert "## Epochs" in (out / "report.md").read_text() and "the head on its stored features" in report["notes"][0]
+    markdown = (out / "report.md").read_text()
+    assert "## Epochs" in markdown and "the head on its stored features" in report["notes"][0]
+    assert "## Selection" not in markdown and "![learning curves](learning_curves.png)" in markdown
+    written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert report["report_version"] == 2 and sorted(report["files"]) == written and "trunks/resnet18.pt" in written
 
 
 def test_predict_runs_the_model_folder_on_image_files(tuned, tmp_path, capsys):
@@ -190,13 +194,44 @@ def test_predict_runs_the_model_folder_on_image_files(tuned, tmp_path, capsys):
     names = tmp_path / "cat_to_name.json"
     names.write_text(json.dumps({"cat": "house cat", "dog": "good dog"}))
     common = ["predict", "--head", moved, "--device", "cpu", "--workers", "0", root / "valid"]
-    assert run_cli(capsys, *common, "--out", tmp_path / "all.csv").code == 0
+    labelled = run_cli(capsys, *common, "--out", tmp_path / "all.csv")
+    assert labelled.code == 0 and f"accuracy {report['valid']['accuracy']:.4f} over 4 images" in labelled.out
     assert next(csv.reader(open(tmp_path / "all.csv"))) == ["path", "predicted", "prob_cat", "prob_dog"]
     assert run_cli(capsys, *common, "--out", tmp_path / "top.csv", "--topk", "2", "--class-names", names).code == 0
     rows = list(csv.reader(open(tmp_path / "top.csv")))
-    assert rows[0] == ["path", "predicted", "class_1", "prob_1", "class_2", "prob_2"] and len(rows) == 5
+    assert rows[0] == ["path", "predicted", "top1", "top1_prob", "top2", "top2_prob"] and len(rows) == 5
     assert all(row[1] == row[2] and {row[2], row[4]} == {"house cat", "good dog"} and float(row[3]) >= float(row[5])
                for row in rows[1:])
+
+    (tmp_path / "eels.json").write_text(json.dumps({"eel": "moray"}))
+    for extra, message in [(["--topk", "3"], "--topk 3: the head has 2 classes (give 1 to 2)"),
+                           (["--class-names", tmp_path / "eels.json"], "name none of the head's classes (cat, dog)"),
+                           (["--format", "kaggle", "--class-names", names], "--format kaggle has none")]:
+        refused = run_cli(capsys, *common, "--out", tmp_path / "refused.csv", *extra)  # before any image is read
+        assert refused.code == 1 and message in refused.err, refused.err
+    assert not list(tmp_path.glob("refused*"))
+
+
+def test_head_is_the_file_or_the_folder_holding_head_joblib_or_model_json(tuned, tmp_path, capsys):
+    root, _, head_file, out, _ = tuned
+    image = next((root / "valid" / "cat").glob("*.jpg"))
+    common = ["predict", "--device", "cpu", "--workers", "0", "--quiet", image]
+    found = {}
+    for name, head in [("head", head_file.parent), ("model", out), ("model_file", out / "model.json")]:
+        assert run_cli(capsys, *common, "--head", head, "--out", tmp_path / f"{name}.csv").code == 0
+        found[name] = json.loads((tmp_path / f"{name}.csv.json").read_text())["head"]
+    assert found == {"head": str(head_file), "model": str(out / "model.json"), "model_file": str(out / "model.json")}
+    both = tmp_path / "both"
+    shutil.copytree(out, both)
+    shutil.copy(head_file, both / "head.joblib")
+    refused = run_cli(capsys, *common, "--head", both, "--out", tmp_path / "x.csv")
+    assert error_lines(refused.err) == [f"featurekit: error: {both}: holds both head.joblib (train-head) and "
+                                        "model.json (finetune); give the file meant"]
+    (tmp_path / "heads").mkdir()
+    shutil.copytree(out, tmp_path / "heads" / "tuned")
+    shutil.copytree(head_file.parent, tmp_path / "heads" / "plain")
+    listed = run_cli(capsys, *common, "--head", tmp_path / "heads", "--out", tmp_path / "x.csv")
+    assert listed.code == 1 and "its subfolders with one: plain, tuned" in listed.err
 
 
 def test_the_trunk_file_extracts_new_stores_and_old_ones_read_as_stale(tuned, tmp_path, capsys):
@@ -229,6 +264,8 @@ def test_bad_input_is_one_line_before_any_work(binary, tmp_path, capsys):
     root, _, heads = binary
     other = write_image_folder(tmp_path / "other", {"train": {"cat": 2, "eel": 2}, "valid": {"cat": 1}})
     (tmp_path / "junk.joblib").write_bytes(b"not a pickle at all")
+    (tmp_path / "tuned").mkdir()
+    (tmp_path / "tuned" / "model.json").write_text("{}")
     head, metadata = load_head(heads["logreg"])
     metadata["backbones"][0]["preprocessing"]["resize_size"] = 232  # features this trunk does not make
     save_head(tmp_path / "other.joblib", head, metadata)
@@ -238,6 +275,8 @@ def test_bad_input_is_one_line_before_any_work(binary, tmp_path, capsys):
         ([heads["logreg"], other], f"{other / 'train'}: classes differ from those of the head {heads['logreg']} "
                                    "(missing here: dog; not in the head: eel)"),
         ([tmp_path / "junk.joblib", root], "not a readable head file"),
+        ([tmp_path / "tuned", root], f"{tmp_path / 'tuned' / 'model.json'}: a fine-tuned model; finetune starts "
+                                     "from a head written by train-head (head.joblib)"),
         ([heads["logreg"], root, "--unfreeze", "layer5"], "resnet18: no module 'layer5' before its feature node; "
                                                           "close: layer4"),
         ([heads["logreg"], root, "--epochs", "0"], "--epochs must be at least 1 (got 0)"),

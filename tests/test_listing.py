@@ -107,7 +107,8 @@ def test_fifo_in_a_run_is_refused_not_waited_for(tmp_path, capsys, on_error, dec
     if on_error == "fail":
         assert run.code == 1
         fifo = data / "train" / "ants" / "pipe.jpg"
-        assert error_lines(run.err) == [f"featurekit: error: {fifo}: not a regular file (FIFO)"]
+        assert error_lines(run.err) == [f"featurekit: error: {fifo}: not a regular file (FIFO) (--on-error skip "
+                                        "leaves such images out, each recorded with its reason)"]
     else:
         assert run.code == 0, run.err
         skipped = read_store(tmp_path / "out" / "train" / "resnet18.h5").skipped
@@ -266,6 +267,7 @@ def test_newline_in_a_bad_file_name_keeps_the_error_on_one_line(tmp_path, capsys
     run = run_cli(capsys, *extract_args(data, tmp_path / "out"))
     assert run.code == 1
     assert run.err.strip().splitlines()[-1] == (f"featurekit: error: {data / 'train'}/a/bad\\x0aname.jpg: "
-                                                "not an image PIL can identify")
+                                                "not an image PIL can identify (--on-error skip leaves such "
+                                                "images out, each recorded with its reason)")
     skip = run_cli(capsys, *extract_args(data, tmp_path / "out", "--on-error", "skip"))
     assert "  skipped a/bad\\x0aname.jpg: not an image PIL can identify" in skip.out.splitlines()

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_image_folder, write_store
+from conftest import blobs, make_image_folder, run_cli, write_store
 
 from featurekit.dataset import load_features
 from featurekit.heads import load_head
@@ -26,8 +26,10 @@ def test_mlp_report_artifact_and_plots(two_backbone_features, tmp_path):
     _, features_dir = two_backbone_features
     report = train_head(features_dir, ["a", "b"], "mlp", tmp_path / "out", params=FAST_MLP, log=lambda _: None)
     files = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert files == ["confusion_matrix.png", "head.joblib", "learning_curves.png", "report.json", "report.md"]
+    assert files == ["confusion_matrix.png", "embedding.png", "head.joblib", "learning_curves.png", "report.json",
+                     "report.md"]
     saved = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert saved["report_version"] == 2 and sorted(saved["files"]) == files == sorted(report["files"])
     assert saved["valid"]["accuracy"] == report["valid"]["accuracy"] == 1.0
     assert saved["valid"]["confusion_matrix"] == [[4, 0, 0], [0, 4, 0], [0, 0, 4]]
     assert [c["class"] for c in saved["valid"]["per_class"]] == ["ant", "bee", "wasp"]
@@ -99,3 +101,83 @@ def test_a_full_disk_while_saving_leaves_no_head_and_no_temporary(two_backbone_f
     assert capsys.readouterr().err.splitlines()[-1] == (f"featurekit: error: {out / 'head.joblib'}: cannot write "
                                                         "(no space left on device)")
     assert sorted(p.name for p in out.iterdir()) == []  # no head, no temporary, no report of a head that is not there
+
+
+# --------------------------------------------------------------------------- report files
+
+
+def test_without_validation_the_report_shows_no_selection_table_of_nan(two_backbone_features, tmp_path):
+    _, features_dir = two_backbone_features
+    report = train_head(features_dir, ["a"], "logreg", tmp_path / "out", valid_split=None, plots=False,
+                        log=lambda _: None)
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    assert report["valid"] is None and "nan" not in markdown.lower()
+    assert "No validation split: nothing was selected; head logreg, C 1 as given" in markdown
+
+
+def test_seconds_total_of_head_all_is_the_whole_sweep(two_backbone_features, tmp_path):
+    import time
+
+    _, features_dir = two_backbone_features
+    started = time.perf_counter()
+    report = train_head(features_dir, ["a", "b"], "all", tmp_path / "out", params=FAST_MLP, plots=False,
+                        log=lambda _: None)
+    timing = report["timing"]
+    assert timing["seconds_chosen"] < timing["seconds_total"] < time.perf_counter() - started
+
+
+def test_the_summary_line_names_every_file_written(two_backbone_features, tmp_path, capsys):
+    _, features_dir = two_backbone_features
+    run = run_cli(capsys, "train-head", features_dir, "--backbone", "a", "b", "--head", "mlp", "--epochs", "3",
+                  "--hidden", "8", "--out", tmp_path / "out")
+    assert run.code == 0
+    named = run.out.strip().split("(", 1)[1].rstrip(")").split(", ")
+    assert sorted(named) == sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert {"confusion_matrix.png", "learning_curves.png", "embedding.png", "head.joblib"} <= set(named)
+
+
+def test_the_confusion_matrix_png_has_counts_a_colour_bar_and_a_title(two_backbone_features, tmp_path, monkeypatch):
+    from featurekit import report
+
+    figures, save = {}, report._save_figure
+
+    def capture(plt, figure, path):  # each figure's axes: (title, texts drawn in them)
+        figures[path.name] = [(axis.get_title(), sorted(t.get_text() for t in axis.texts)) for axis in figure.axes]
+        return save(plt, figure, path)
+
+    monkeypatch.setattr(report, "_save_figure", capture)
+    _, features_dir = two_backbone_features
+    train_head(features_dir, ["a", "b"], "logreg", tmp_path / "out", log=lambda _: None)
+    (title, counts), colour_bar = figures["confusion_matrix.png"]
+    assert title == "logreg on a + b\nvalid: accuracy 1.0000 (12 images)"
+    assert counts == sorted(["4", "0", "0", "0", "4", "0", "0", "0", "4"]) and colour_bar == ("", [])
+    [(embedding_title, _)] = figures["embedding.png"]
+    assert "t-SNE of 36 feature rows (train o, valid x), coloured by class" in embedding_title
+
+
+def test_without_matplotlib_no_png_and_the_report_says_why(two_backbone_features, tmp_path, monkeypatch):
+    from featurekit import report
+
+    monkeypatch.setattr(report, "pyplot", lambda: None)
+    messages = []
+    _, features_dir = two_backbone_features
+    written = train_head(features_dir, ["a"], "mlp", tmp_path / "out", params=FAST_MLP, log=messages.append)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["head.joblib", "report.json", "report.md"]
+    assert sorted(written["files"]) == ["head.joblib", "report.json", "report.md"]
+    assert f"note: {report.PLOTS_MISSING}" in messages
+    assert "pip install 'featurekit[plots]'" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_embedding_is_t_sne_for_small_stores_and_pca_above(monkeypatch):
+    from featurekit import report
+
+    labels = np.repeat(np.arange(3), 10)
+    features = blobs(labels, 6, seed=4)
+    xy, method = report.project(features, 20)
+    assert method == "t-SNE" and xy.shape == (30, 2) and np.isfinite(xy).all()
+    monkeypatch.setattr(report, "TSNE_MAX_ROWS", 29)
+    xy, method = report.project(features, 20)
+    assert method == "PCA" and xy.shape == (30, 2)
+    centres = np.stack([xy[labels == c].mean(axis=0) for c in range(3)])  # PCA keeps well separated blobs apart
+    spread = max(np.linalg.norm(xy[labels == c] - centres[c], axis=1).max() for c in range(3))
+    assert min(np.linalg.norm(centres[i] - centres[j]) for i in range(3) for j in range(i)) > spread

@@ -1,0 +1,54 @@
+"""featurekit neighbors on a head's mistakes: stores of chosen features over real image files, so
+which validation images are misclassified, and their nearest training images, are known."""
+
+import json
+
+import numpy as np
+from conftest import blobs, make_image_folder, run_cli, write_store
+from PIL import Image
+
+from featurekit.neighbors import CAPTION, THUMB
+from featurekit.train import train_head
+
+
+def test_misclassified_images_worst_first_with_their_neighbours_and_a_contact_sheet(tmp_path, capsys):
+    root, features = tmp_path / "data", tmp_path / "features"
+    train = make_image_folder(root, "train", {"ant": 6, "bee": 6, "wasp": 6})
+    valid = make_image_folder(root, "valid", {"ant": 3, "bee": 3, "wasp": 3})
+    train_labels = np.array([r.label for r in train.records])
+    train_rows = blobs(train_labels, 5, seed=1)
+    write_store(features, train, "a", train_rows)
+    centres = np.stack([train_rows[train_labels == c].mean(axis=0) for c in range(3)])
+    valid_labels = np.array([r.label for r in valid.records])
+    valid_rows = centres[valid_labels] + 0.05 * np.random.default_rng(2).normal(size=(9, 5))
+    valid_rows[0] = centres[2] + 0.01  # an ant that looks like a wasp: the worst mistake
+    valid_rows[4] = 0.4 * centres[1] + 0.6 * centres[0]  # a bee nearer the ants: a milder one
+    write_store(features, valid, "a", valid_rows.astype(np.float32))
+    train_head(features, ["a"], "logreg", tmp_path / "head", plots=False, log=lambda _: None)
+
+    sheet = tmp_path / "worst.png"
+    run = run_cli(capsys, "neighbors", "--head", tmp_path / "head", "-k", "3", "--json", "--sheet", sheet)
+    assert run.code == 0
+    queries = json.loads(run.out)["queries"]
+    assert [(q["name"], q["truth"], q["predicted"]) for q in queries] == [
+        (f"valid/{valid.records[0].path}", "ant", "wasp"), (f"valid/{valid.records[4].path}", "bee", "ant")]
+    assert queries[0]["truth_probability"] < queries[1]["truth_probability"]
+    worst = queries[0]["neighbours"]
+    assert [n["label"] for n in worst] == ["wasp"] * 3 and all(n["name"].startswith("train/wasp/") for n in worst)
+    similarity = [n["similarity"] for n in worst]
+    assert similarity == sorted(similarity, reverse=True) and similarity[0] > 0.9
+    assert "2 of 9 valid images misclassified, worst first" in run.err
+    with Image.open(sheet) as image:  # two rows of a query and 3 thumbnails
+        assert image.size == (4 * (THUMB + 10) + 14, 26 + 2 * (THUMB + CAPTION + 10))
+        red_frame = np.asarray(image.convert("RGB"))[26 + 2, 10]
+    assert tuple(red_frame) == (255, 0, 0)  # the misclassified query is framed red
+
+    text = run_cli(capsys, "neighbors", "--head", tmp_path / "head", "-k", "1", "--valid-split", "valid")
+    assert text.out.splitlines()[:2] == [
+        f"valid/{valid.records[0].path}: true ant, predicted wasp ({queries[0]['probability']:.3f}; ant "
+        f"{queries[0]['truth_probability']:.3f})", f"  1. {worst[0]['similarity']:.3f} wasp  {worst[0]['name']}"]
+
+
+def test_neighbors_says_what_to_give(tmp_path, capsys):
+    run = run_cli(capsys, "neighbors", "--features", tmp_path)
+    assert run.code == 1 and "give --head HEAD (its mistakes, or --image)" in run.err
