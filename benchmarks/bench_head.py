@@ -15,6 +15,10 @@ import argparse
 import os
 import time
 
+import featurekit  # noqa: F401  (first: it sets OMP_WAIT_POLICY before torch loads)
+
+# isort: split
+
 import numpy as np
 import torch
 import torch.nn.functional as F

@@ -16,9 +16,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import featurekit  # noqa: F401  (first: it sets OMP_WAIT_POLICY before torch loads)
+
+# isort: split
+
 import numpy as np
 
-import featurekit  # noqa: F401  (first: sets OMP_WAIT_POLICY before torch loads)
 from featurekit.backbones import load_backbone
 from featurekit.extraction import ExtractSettings, extract
 from featurekit.train import train_head

@@ -1,0 +1,142 @@
+"""featurekit.linear against scikit-learn on its bundled digits (1,797 x 64, 10 classes), standardised."""
+
+import numpy as np
+import pytest
+import torch
+from sklearn.datasets import load_digits
+from sklearn.linear_model import LogisticRegression
+from sklearn.preprocessing import StandardScaler
+from sklearn.svm import LinearSVC
+
+from featurekit import linear
+
+
+@pytest.fixture(scope="module")
+def digits():
+    X, y = load_digits(return_X_y=True)
+    X = StandardScaler().fit_transform(X)
+    return X, y, torch.from_numpy(X.astype(np.float32)), torch.from_numpy(y)
+
+
+def fit_one(X, y, C, loss, **options):
+    return next(linear.fit_path(X, y, [C], loss, **options))
+
+
+def test_logistic_matches_sklearn_lbfgs(digits):
+    X, y, Xt, yt = digits
+    reference = LogisticRegression(C=0.1, tol=1e-8, max_iter=100_000).fit(X, y)
+    fit = fit_one(Xt, yt, 0.1, "logistic", tol=1e-5)
+    assert fit.converged
+    coef = fit.coef.double().numpy()
+    assert np.abs(coef - reference.coef_).max() < 3e-3 * np.abs(reference.coef_).max()
+    np.testing.assert_allclose(fit.predict_proba(Xt).numpy(), reference.predict_proba(X), atol=2e-3)
+    at_reference = linear.objective(Xt.double(), yt, torch.from_numpy(reference.coef_),
+                                    torch.from_numpy(reference.intercept_), 0.1, "logistic")
+    assert fit.objective == pytest.approx(at_reference, rel=1e-5)
+
+
+def test_squared_hinge_matches_linear_svc_with_a_negligible_intercept_penalty(digits):
+    # liblinear penalises the intercept as a feature of value intercept_scaling; at 100 that penalty
+    # is 1e-4 of ours on the same coefficient, which makes LinearSVC solve our objective
+    X, y, Xt, yt = digits
+    reference = LinearSVC(C=0.01, tol=1e-8, max_iter=100_000, intercept_scaling=100, dual=False).fit(X, y)
+    fit = fit_one(Xt, yt, 0.01, "squared_hinge", tol=1e-5)
+    assert fit.converged
+    at_reference = linear.objective(Xt.double(), yt, torch.from_numpy(reference.coef_),
+                                    torch.from_numpy(reference.intercept_), 0.01, "squared_hinge")
+    assert fit.objective == pytest.approx(at_reference, rel=1e-5)
+    scores = fit.decision_function(Xt).double().numpy()
+    np.testing.assert_allclose(scores, reference.decision_function(X), atol=0.02)
+    assert (scores.argmax(axis=1) == reference.predict(X)).mean() >= 0.999
+
+
+@pytest.mark.parametrize("loss", linear.LOSSES)
+def test_warm_path_reaches_the_cold_solutions_in_fewer_iterations(digits, loss):
+    _, _, Xt, yt = digits
+    Cs = np.logspace(-3, 0, 13)
+    warm = list(linear.fit_path(Xt, yt, Cs, loss, tol=1e-5))
+    cold = [fit_one(Xt, yt, C, loss, tol=1e-5) for C in Cs]
+    for w, c in zip(warm, cold):
+        assert w.converged and c.converged
+        assert w.objective == pytest.approx(c.objective, rel=1e-5)
+        assert (w.coef - c.coef).abs().max() < 1e-2 * c.coef.abs().max()
+        assert (w.decision_function(Xt).argmax(1) != c.decision_function(Xt).argmax(1)).sum() <= 2
+    assert sum(w.n_iter for w in warm[1:]) < 0.75 * sum(c.n_iter for c in cold[1:])
+    assert sum(w.n_passes for w in warm[1:]) < 0.75 * sum(c.n_passes for c in cold[1:])
+
+
+@pytest.mark.parametrize("loss", linear.LOSSES)
+def test_path_is_deterministic_on_cpu(digits, loss):
+    _, _, Xt, yt = digits
+    runs = [list(linear.fit_path(Xt, yt, [1e-3, 1e-2, 1e-1], loss)) for _ in range(2)]
+    for a, b in zip(*runs):
+        assert torch.equal(a.coef, b.coef) and torch.equal(a.intercept, b.intercept) and a.n_iter == b.n_iter
+
+
+def test_fit_temperature_recovers_the_temperature_that_drew_the_labels():
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.randn(20_000, 6, generator=generator, dtype=torch.float64)
+    targets = torch.multinomial(torch.softmax(2.5 * scores, dim=1), 1, generator=generator)[:, 0]
+    assert linear.fit_temperature(scores, targets) == pytest.approx(2.5, rel=0.05)
+    true_loss = linear.log_loss(scores, targets, 2.5)
+    assert linear.cross_fitted_log_loss(scores, targets) == pytest.approx(true_loss, abs=0.01)
+    assert linear.log_loss(scores, targets, 1.0) > true_loss + 0.05
+
+
+@pytest.mark.parametrize("loss", linear.LOSSES)
+def test_selection_stops_once_validation_has_peaked_and_keeps_the_best(digits, loss):
+    _, _, Xt, yt = digits
+    train, valid = torch.arange(len(yt)) % 3 != 0, torch.arange(len(yt)) % 3 == 0
+    Cs = np.logspace(-5, 4, 37)
+    consumed = []
+    path = (consumed.append(fit.C) or fit for fit in linear.fit_path(Xt[train], yt[train], Cs, loss, tol=1e-4))
+    best, records = linear.select_on_validation(path, Xt[valid], yt[valid], patience=4)
+    assert len(consumed) == len(records) < len(Cs)
+    winner = max(records, key=lambda r: (r["val_accuracy"], -r["val_log_loss"]))
+    assert best.C == winner["C"] and winner["val_accuracy"] > 0.9
+    assert all(r["val_accuracy"] <= winner["val_accuracy"] for r in records[-4:])
+    proba = best.predict_proba(Xt[valid])
+    assert proba.dtype == torch.float64 and torch.allclose(proba.sum(1), torch.ones(len(proba), dtype=torch.float64))
+    if loss == "squared_hinge":
+        scores = best.decision_function(Xt[valid])
+        assert best.temperature == linear.fit_temperature(scores, yt[valid])
+        assert winner["val_log_loss"] == linear.cross_fitted_log_loss(scores, yt[valid])
+
+
+def test_out_of_fold_scores_come_from_fits_that_did_not_see_the_row(digits):
+    _, _, Xt, yt = digits
+    fit = fit_one(Xt, yt, 10.0, "squared_hinge")
+    seen = float((fit.decision_function(Xt).argmax(1) == yt).double().mean())
+    held_out = float((linear.out_of_fold_scores(Xt, yt, fit, folds=3).argmax(1) == yt).double().mean())
+    assert seen >= 0.995 and 0.9 < held_out < seen - 0.01
+
+
+def test_float64_features_give_the_float32_solution(digits):
+    _, _, Xt, yt = digits
+    single = fit_one(Xt, yt, 0.1, "logistic", tol=1e-5)
+    double = fit_one(Xt.double(), yt, 0.1, "logistic", tol=1e-5)
+    assert double.coef.dtype == torch.float64
+    assert double.objective == pytest.approx(single.objective, rel=1e-6)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda X, y: fit_one(X, y, 1.0, "hinge"), "unknown loss 'hinge'"),
+    (lambda X, y: fit_one(X, y, 0.0, "logistic"), "every C must be positive"),
+    (lambda X, y: fit_one(X, y, 1.0, "logistic", n_classes=5), "targets must lie in 0..4"),
+    (lambda X, y: fit_one(X, y.int(), 1.0, "logistic"), "targets must be int64"),
+    (lambda X, y: fit_one(X[0], y, 1.0, "logistic"), "features must be a 2-D float tensor"),
+])
+def test_bad_input_is_one_clear_error(digits, call, message):
+    _, _, Xt, yt = digits
+    with pytest.raises(ValueError, match=message):
+        call(Xt, yt)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("loss", linear.LOSSES)
+def test_cuda_fit_matches_cpu(digits, loss):
+    _, _, Xt, yt = digits
+    cpu = fit_one(Xt, yt, 0.1, loss, tol=1e-5)
+    cuda = fit_one(Xt.cuda(), yt.cuda(), 0.1, loss, tol=1e-5)
+    assert cuda.coef.is_cuda and cuda.objective == pytest.approx(cpu.objective, rel=1e-5)
