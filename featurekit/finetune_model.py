@@ -24,8 +24,8 @@ identity); it keeps the head's input what the head was fitted on.
 the train graph would switch on drop-connect and dropout traced into frozen blocks). ``--unfreeze
 NODE`` makes trainable every module and parameter the graph uses from the first use of ``NODE``
 (a module path such as ``layer4``, ``features.28``, ``_blocks.15``) on; ``all`` the whole trunk,
-``none`` nothing. The frozen part is prepared as extraction prepares a trunk
-(:func:`featurekit.runner.prepare_trunk`): BatchNorm folded into the convolution before it, weights
+``none`` nothing. The frozen part is prepared by extraction's own function
+(:func:`featurekit.runner.fold_and_cast`): BatchNorm folded into the convolution before it, weights
 cast to the compute precision, so with ``none`` the trunk computes exactly what extract computed.
 In the unfrozen part, modules follow ``train()``/``eval()``, except BatchNorm, which by default
 stays in eval mode (running statistics frozen, scale and shift trained; ``batchnorm="train"``
@@ -34,7 +34,6 @@ updates the statistics): see docs/finetune.md for why.
 
 from __future__ import annotations
 
-import copy
 import difflib
 from dataclasses import dataclass
 from typing import Mapping, Sequence
@@ -43,19 +42,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
-from torch.fx.experimental.optimization import matches_module_pattern, replace_node_module
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
 from .backbones import Backbone
 from .errors import FeaturekitError
 from .heads import Head, build_mlp
-from .runner import PRECISIONS
+from .runner import PRECISIONS, fold_and_cast
 
 FINETUNABLE_HEADS = ("mlp", "logreg", "svm")
 BATCHNORM_MODES = ("frozen", "train")
-_FOLDABLE = [(nn.Conv1d, nn.BatchNorm1d), (nn.Conv2d, nn.BatchNorm2d), (nn.Conv3d, nn.BatchNorm3d),
-             (nn.Linear, nn.BatchNorm1d)]  # torch.fx's own fuse() patterns
 
 
 class FinetuneError(FeaturekitError, ValueError):
@@ -189,40 +184,6 @@ def _is_parameter(module: nn.Module, name: str) -> bool:
     return leaf in module.get_submodule(owner)._parameters
 
 
-def prepare_frozen(body: fx.GraphModule, part: TrunkPart, dtype: torch.dtype) -> fx.GraphModule:
-    """A plain graph module of ``body``'s eval graph whose frozen part is prepared as extraction
-    prepares a trunk: BatchNorm folded into the layer before it, tensors cast to ``dtype``; the
-    trainable part keeps its modules and fp32 tensors, with gradients on. It takes over
-    ``body``'s modules: use only the result afterwards."""
-    prepared = fx.GraphModule(body, copy.deepcopy(body.graph))
-    modules = dict(prepared.named_modules())
-    for pattern in _FOLDABLE:
-        for node in list(prepared.graph.nodes):
-            if not matches_module_pattern(pattern, node, modules) or len(node.args[0].users) > 1:
-                continue
-            layer, norm = node.args[0].target, node.target
-            if {layer, norm} & part.modules or not modules[norm].track_running_stats:
-                continue
-            fold = fuse_linear_bn_eval if pattern[0] is nn.Linear else fuse_conv_bn_eval
-            replace_node_module(node.args[0], modules, fold(modules[layer], modules[norm]))
-            node.replace_all_uses_with(node.args[0])
-            prepared.graph.erase_node(node)
-    prepared.delete_all_unused_submodules()
-    prepared.recompile()
-    for name, param in list(prepared.named_parameters()):
-        owner, _, leaf = name.rpartition(".")
-        if name in part.parameters:
-            param.requires_grad_(True)
-        else:
-            prepared.get_submodule(owner)._parameters[leaf] = nn.Parameter(param.detach().to(dtype),
-                                                                           requires_grad=False)
-    for name, buffer in list(prepared.named_buffers()):
-        owner, _, leaf = name.rpartition(".")
-        if owner not in part.modules and buffer.is_floating_point():
-            prepared.get_submodule(owner)._buffers[leaf] = buffer.to(dtype)
-    return prepared
-
-
 # --------------------------------------------------------------------------- the model
 
 
@@ -252,7 +213,8 @@ class FinetuneModel(nn.Module):
             body = backbone.trunk.body
             self.original_states.append(dict(body.state_dict()))
             self.parts.append(unfrozen_part(body, unfreeze.get(backbone.store_name, "none"), backbone.store_name))
-            backbone.trunk.body = prepare_frozen(body, self.parts[-1], self.compute_dtype)
+            part = self.parts[-1]
+            backbone.trunk.body = fold_and_cast(body, self.compute_dtype, part.modules, part.parameters)
         self.trunks = nn.ModuleList([b.trunk for b in backbones])
         self.head = layers
         if channels_last:
