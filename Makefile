@@ -13,8 +13,14 @@ FEATURES ?= features
 EXTRACT_FLAGS ?=
 HEAD ?= all
 HEAD_FLAGS ?=
+# finetune: the head train-head wrote for HEAD and BACKBONES (HEAD=all writes heads/all-...), fine-tuned on DATA
+empty :=
+space := $(empty) $(empty)
+HEAD_FILE ?= $(FEATURES)/heads/$(HEAD)-$(subst $(space),+,$(strip $(BACKBONES)))/head.joblib
+UNFREEZE ?= none
+FINETUNE_FLAGS ?=
 
-.PHONY: install data extract train-head demo test bench bench-precision clean
+.PHONY: install data extract train-head finetune demo test bench bench-finetune bench-precision clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +39,9 @@ extract: install
 train-head: install
 	$(PY) -m featurekit train-head $(FEATURES) --backbone $(BACKBONES) --head $(HEAD) $(HEAD_FLAGS)
 
+finetune: install
+	$(PY) -m featurekit finetune --head $(HEAD_FILE) $(DATA) --unfreeze $(UNFREEZE) $(FINETUNE_FLAGS)
+
 demo: data
 	$(MAKE) --no-print-directory extract DATA=data/digits FEATURES=features/digits BACKBONES="$(BACKBONES)"
 	$(PY) -m featurekit info features/digits/train/*.h5
@@ -48,6 +57,11 @@ clean:
 bench: install
 	$(PY) benchmarks/bench_extract.py
 	$(PY) benchmarks/bench_head.py
+
+# finetune's training step vs a bare torch loop (goal: within 1.2x), e.g. BENCH_FLAGS="--device cuda --batch-size 64"
+BENCH_FLAGS ?=
+bench-finetune: install
+	$(PY) benchmarks/bench_finetune.py $(BENCH_FLAGS)
 
 # Head accuracy on bf16 vs fp32 features (issue 5 goal: within 0.5 points), e.g. DATA=path/to/hymenoptera
 bench-precision: install

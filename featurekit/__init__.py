@@ -10,6 +10,7 @@ command line's ``--help`` stay fast:
 - :class:`FeatureDataset`: the same rows, read lazily, for a torch DataLoader;
 - :func:`embed` (``featurekit.runner.embed``): features of a few images, no store;
 - :func:`train_head`, :func:`load_head` and :func:`predict_files`: heads, as train-head and predict;
+- :func:`finetune` and :class:`FinetuneSettings`: a head's trunks and classifier trained on images;
 - :class:`ExtractSettings`, :class:`RunSettings`, :func:`load_backbone`, :class:`FeaturekitError`.
 """
 
@@ -37,6 +38,8 @@ _API = {
     "load_head": ("heads", "load_head"),
     "train_head": ("train", "train_head"),
     "predict_files": ("predict", "predict_files"),
+    "finetune": ("finetuning", "finetune"),
+    "FinetuneSettings": ("finetune_train", "FinetuneSettings"),
     "FeaturekitError": ("errors", "FeaturekitError"),
 }
 __all__ = sorted(_API)
@@ -49,6 +52,8 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ im
     from .errors import FeaturekitError as FeaturekitError
     from .extraction import ExtractSettings as ExtractSettings
     from .extraction import extract as extract
+    from .finetune_train import FinetuneSettings as FinetuneSettings
+    from .finetuning import finetune as finetune
     from .heads import load_head as load_head
     from .predict import predict_files as predict_files
     from .runner import RunSettings as RunSettings

@@ -63,7 +63,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if (action.default in (None, False, argparse.SUPPRESS) or action.required or "default" in text
+        if (any(action.default is v for v in (None, False, argparse.SUPPRESS)) or action.required  # 0 is a default
+                or "default" in text
                 or not (action.option_strings or action.nargs in ("?", "*"))):
             return text
         default = action.default
@@ -83,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_head(commands)
     _add_predict(commands)
     _add_neighbors(commands)
+    _add_finetune(commands)
     return parser
 
 
@@ -398,7 +400,8 @@ def _add_predict(commands) -> None:
                       epilog=PREDICT_EPILOG)
     parser.add_argument("paths", nargs="+", metavar="PATH", help="image files, or folders of them (see below)")
     parser.add_argument("--head", required=True, type=Path,
-                        help="the head file written by train-head, or the folder train-head wrote it into")
+                        help="head.joblib written by train-head, model.json written by finetune, or the folder "
+                             "holding one of them")
     parser.add_argument("--out", default="predictions.csv",
                         help="CSV file (and OUT.json beside it: how the features were made); - writes the CSV to "
                              "stdout and no .json")
@@ -408,6 +411,9 @@ def _add_predict(commands) -> None:
     parser.add_argument("--topk", type=int, metavar="K",
                         help="csv columns top1, top1_prob, ... topK, topK_prob instead of one per class "
                              "(default: one column per class)")
+    parser.add_argument("--class-names", type=Path, metavar="JSON",
+                        help="JSON object of class folder name -> readable name (e.g. cat_to_name.json), written "
+                             "in the predicted and topI columns (default: the folder names)")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     parser.add_argument("--workers", type=int, default=None, help="decoding processes (default: sized to the cores)")
@@ -422,22 +428,34 @@ def _add_predict(commands) -> None:
     parser.set_defaults(run=_run_predict)
 
 
-def _run_predict(args) -> int:
-    from .heads import load_head
-    from .predict import check_output, find_head_file, predict_files, write_predictions
-    from .runner import RunSettings
-
-    pairs = args.weights_path
+def _weights_paths(pairs: list[str]) -> dict[str, str]:
+    """``--weights-path STORE=FILE ...`` as {store name: file} (predict and finetune)."""
     if any("=" not in pair for pair in pairs):
         raise SettingsError(f"--weights-path expects STORE=FILE, got {next(p for p in pairs if '=' not in p)!r}")
+    return dict(pair.split("=", 1) for pair in pairs)
+
+
+def _run_predict(args) -> int:
+    from .predict import (
+        check_output,
+        find_head_file,
+        load_classifier,
+        predict_files,
+        read_class_names,
+        write_predictions,
+    )
+    from .runner import RunSettings
+
+    weights_paths = _weights_paths(args.weights_path)
     started = time.perf_counter()
     head_path = find_head_file(args.head)
-    metadata = load_head(head_path)[1]
-    check_output(metadata["classes"], args.format, args.topk)  # before any image is read
+    metadata = load_classifier(head_path)[1]
+    names = read_class_names(args.class_names) if args.class_names else None
+    check_output(metadata["classes"], args.format, args.topk, names)  # before any image is read
     _warn_random([b["store_name"] for b in metadata["backbones"] if b["weights"] == RANDOM], _stderr)
     settings = RunSettings(device=args.device, batch_size=args.batch_size, num_workers=args.workers,
                            progress=not args.quiet)
-    predictions = predict_files(head_path, args.paths, settings, dict(p.split("=", 1) for p in pairs), args.precision)
+    predictions = predict_files(head_path, args.paths, settings, weights_paths, args.precision)
     for line in predictions.notices:
         _stderr(line)
     for path, reason in predictions.errors:
@@ -446,7 +464,7 @@ def _run_predict(args) -> int:
         raise SettingsError(f"none of the {len(predictions.errors)} files could be decoded")
     to_stdout = args.out == "-"
     out = sys.stdout if to_stdout else Path(args.out)
-    written = write_predictions(predictions, out, head_path, args.format, args.topk)
+    written = write_predictions(predictions, out, head_path, args.format, args.topk, names)
     elapsed = time.perf_counter() - started
     say = _stderr if to_stdout else print
     _report_labelled(predictions, head_path, None if to_stdout else Path(args.out), not args.no_plots, say)
@@ -557,6 +575,81 @@ def _run_neighbors(args) -> int:
         title = f"{', '.join(stores)}: {summary}" + (f" (first {len(shown)})" if len(shown) < len(queries) else "")
         summary += f"; contact sheet {contact_sheet(shown, args.sheet, gallery.decode, title)}"
     _stderr(summary)
+    return 0
+
+
+FINETUNE_EPILOG = """\
+regimes (docs/finetune.md):
+  --unfreeze none     the trunks stay as they are; the classifier trains on augmented images
+  --unfreeze layer4   every module from layer4 on trains too (_blocks.15, features.28, ...)
+  --unfreeze all      the whole trunk trains
+  STORE=NODE sets one backbone of a multi-backbone head (e.g. efficientnet_lite0=_blocks.15).
+outputs (--out, default: the head's folder/finetuned):
+  model.json (+ model.pt, trunks/): predict --head OUT classifies image files with it
+  trunks/<store>.pt: each trained trunk's state dict, for extract --weights-path
+  report.json, report.md, learning_curves.png, confusion_matrix.png; checkpoint.pt after every
+  epoch: the same command continues a killed run from its last epoch.
+"""
+
+
+def _add_finetune(commands) -> None:
+    p = _command(commands, "finetune", "fine-tune a head's trunks and classifier on images, starting from the head",
+                 description="Train a head's trunks and classifier on the train split's images, starting exactly "
+                             "from the head.", epilog=FINETUNE_EPILOG)
+    p.add_argument("data_root", type=Path, help="folder holding <split>/<class>/<image>, classes as the head's")
+    p.add_argument("--head", required=True, type=Path,
+                   help="head.joblib written by train-head, or the folder train-head wrote it into")
+    p.add_argument("--unfreeze", action="append", metavar="NODE",
+                   help="first trainable module of each trunk (layer4, _blocks.15), none, all, or STORE=NODE "
+                        "for one backbone (repeatable; default: none)")
+    p.add_argument("--epochs", type=int, default=5, help="epochs to train; the best on --valid-split is kept")
+    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate of the classifier")
+    p.add_argument("--trunk-lr-scale", type=float, default=0.1, help="trunk learning rate = lr x this")
+    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay of weights")
+    p.add_argument("--warmup-epochs", type=float, default=1.0,
+                   help="linear warm-up, then cosine decay (at most half the steps)")
+    p.add_argument("--augment", default="standard", metavar="POLICY",
+                   help="train-split augmentation: standard, crop-flip or none")
+    p.add_argument("--batchnorm", default="frozen", choices=["frozen", "train"],
+                   help="BatchNorm of the unfrozen part: frozen statistics or updated by training")
+    p.add_argument("--batch-size", type=int, default=32, help="images per training step")
+    p.add_argument("--seed", type=int, default=0, help="batch order, augmentation and dropout seed")
+    p.add_argument("--train-split", default="train", help="split trained on")
+    p.add_argument("--valid-split", default="valid", help="scored every epoch; the best epoch is kept")
+    p.add_argument("--out", type=Path, help="output folder (default: the head's folder/finetuned)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="trunk compute precision (auto: bf16 on CUDA and on CPUs with AVX512-BF16/AMX, else fp32)")
+    p.add_argument("--workers", type=int, default=None, help="decoding workers (default: sized to the cores)")
+    p.add_argument("--on-error", default="fail", choices=["fail", "skip"],
+                   help="bad images: stop at the first (fail) or leave them out and report them (skip)")
+    p.add_argument("--weights-path", nargs="+", default=[], metavar="STORE=FILE",
+                   help="load a backbone's weights from FILE instead of the path recorded in the head "
+                        "(default: the recorded path)")
+    p.add_argument("--overwrite", action="store_true", help="start over, discarding a checkpoint of another run")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=_run_finetune)
+
+
+def _run_finetune(args) -> int:
+    from .finetuning import FinetuneSettings, finetune
+    from .predict import find_head_file
+
+    settings = FinetuneSettings(
+        device=args.device, precision=args.precision, batch_size=args.batch_size, num_workers=args.workers,
+        on_error=args.on_error, progress=not args.quiet, unfreeze=tuple(args.unfreeze or ["none"]), epochs=args.epochs,
+        lr=args.lr, trunk_lr_scale=args.trunk_lr_scale, weight_decay=args.weight_decay,
+        warmup_epochs=args.warmup_epochs, augment=args.augment, batchnorm=args.batchnorm, seed=args.seed,
+        train_split=args.train_split, valid_split=args.valid_split, overwrite=args.overwrite, plots=not args.no_plots)
+    head_file = find_head_file(args.head)
+    out = args.out or head_file.parent / "finetuned"
+    report = finetune(head_file, args.data_root, out, settings, _weights_paths(args.weights_path),
+                      log=lambda line: print(line, file=sys.stderr))
+    valid = report["valid"]
+    print(f"fine-tuned {report['head']} head: {valid['split']} accuracy {valid['accuracy']:.4f} (epoch "
+          f"{report['chosen']['epoch']}; epoch 0, the head: {report['history'][0]['val_accuracy']:.4f}), "
+          f"written to {out}/ (model.json, trunks/, report.md)")
     return 0
 
 

@@ -62,17 +62,18 @@ class ViewDataset(Dataset):
     def __getitem__(self, index: int):
         source, display = self.sources[index]
         if isinstance(source, Image.Image):
-            return index, self._views(to_rgb(source, self.policy.alpha_background))
+            return index, self._views(to_rgb(source, self.policy.alpha_background), index)
         if self.policy.backend == "torchvision":
             raw = read_for_gpu(source, display, self.policy)
             if raw is not None:
                 return index, raw
         try:
-            return index, self._views(decode_image(source, self.policy, display))
+            return index, self._views(decode_image(source, self.policy, display), index)
         except ImageDecodeError as error:
             return index, (error.path, error.reason)
 
-    def _views(self, image: Image.Image) -> dict[str, torch.Tensor]:
+    def _views(self, image: Image.Image, index: int) -> dict[str, torch.Tensor]:
+        """The views of image ``index`` (subclasses make other views than the plain one)."""
         return {key: p.view(image) for key, p in self.preprocessings.items()}
 
 

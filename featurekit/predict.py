@@ -14,6 +14,10 @@ Input: image files and folders, under the rule of :mod:`featurekit.inputs` (a la
 (one probability column per class, in the head's class order), with ``topk`` the K likeliest classes
 instead, or with ``--format kaggle`` the dogs-vs-cats submission ``id,label`` (id = file stem, label
 = probability of the second class); beside it ``<out>.json`` says how the features were made.
+
+The classifier: a head file of ``train-head`` or a fine-tuned model of ``finetune`` (its
+``model.json``: the trunks are then the fine-tuned ones), or the folder either wrote
+(:func:`find_head_file`); both record their backbones alike, so the same checks apply.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from . import __version__
 from .backbones import Backbone, load_backbone
 from .errors import FeaturekitError, SettingsError, short
 from .files import atomic_output, atomic_write
+from .finetune_artifact import MODEL_FILE, FinetunedHead, load_model
 from .heads import Head, HeadFileError, load_head
 from .images import DecodePolicy
 from .inputs import Inputs, collect_inputs
@@ -63,16 +68,32 @@ class Predictions:
         return [self.classes[i] for i in self.proba.argmax(axis=1)]
 
 
+HEAD_FILES = (HEAD_FILE, MODEL_FILE)  # what train-head and finetune write into their --out folder
+
+
 def find_head_file(path: str | os.PathLike) -> Path:
-    """The head file ``path`` names: the file itself, or the one in a folder train-head wrote."""
+    """The file ``path`` names: the file itself, or the one of :data:`HEAD_FILES` in a folder that
+    train-head (``head.joblib``) or finetune (``model.json``) wrote; a folder holding both is
+    refused, since either could be meant."""
     path = Path(path)
     if not path.is_dir():
         return path
-    if (path / HEAD_FILE).is_file():
-        return path / HEAD_FILE
-    heads = sorted(p.parent.name for p in path.glob(f"*/{HEAD_FILE}"))
-    inside = f"; its subfolders with a head: {', '.join(heads)}" if heads else ""
-    raise HeadFileError(f"{path}: a folder without {HEAD_FILE} (train-head writes it into its --out folder){inside}")
+    found = [path / name for name in HEAD_FILES if (path / name).is_file()]
+    if len(found) > 1:
+        raise HeadFileError(f"{path}: holds both {HEAD_FILE} (train-head) and {MODEL_FILE} (finetune); "
+                            "give the file meant")
+    if found:
+        return found[0]
+    heads = sorted({p.parent.name for name in HEAD_FILES for p in path.glob(f"*/{name}")})
+    inside = f"; its subfolders with one: {', '.join(heads)}" if heads else ""
+    raise HeadFileError(f"{path}: a folder without {HEAD_FILE} (train-head writes it into its --out folder) or "
+                        f"{MODEL_FILE} (finetune's){inside}")
+
+
+def load_classifier(path: Path) -> tuple[Head | FinetunedHead, dict]:
+    """A head file (train-head's ``head.joblib``) or a fine-tuned model (finetune's ``model.json``:
+    told by its ``.json`` suffix), as :func:`find_head_file` found it."""
+    return load_model(path) if path.suffix == ".json" else load_head(path)
 
 
 def recorded_settings(head_path: Path, metadata: dict, base: RunSettings, precision: str | None = None) -> RunSettings:
@@ -89,24 +110,26 @@ def recorded_settings(head_path: Path, metadata: dict, base: RunSettings, precis
                                precision=precision or first.precision)
 
 
-def check_backbone(head_path: Path, recorded: dict, backbone: Backbone, settings: RunSettings) -> None:
+def check_backbone(head_path: Path, recorded: dict, backbone: Backbone, settings: RunSettings,
+                   purpose: str = "predict") -> None:
     """Raise :class:`HeadMismatchError` unless ``backbone`` under ``settings`` makes the features
-    ``recorded`` describes (its precision aside: :func:`recorded_settings` decided it)."""
+    ``recorded`` describes (its precision aside: :func:`recorded_settings` decided it); the message
+    ends "refusing to ``purpose``"."""
     expected = dataclasses.replace(StoreIdentity.from_dict(recorded), precision=settings.precision)
     found = expected.difference(store_identity(backbone, settings))
     if found and found.field == "weights_sha256":
         raise HeadMismatchError(
             f"{head_path}: {recorded['store_name']} was trained on weights {recorded['weights']} (sha256 "
             f"{found.mine[:16]}) but {backbone.weights.name} from {backbone.weights.source} has sha256 "
-            f"{found.theirs[:16]}; refusing to predict")
+            f"{found.theirs[:16]}; refusing to {purpose}")
     if found:
         raise HeadMismatchError(f"{head_path}: {recorded['store_name']} was trained with "
                                 f"{found.field.replace('_', ' ')} {short(found.mine)} but this run makes "
-                                f"{short(found.theirs)}; refusing to predict")
+                                f"{short(found.theirs)}; refusing to {purpose}")
 
 
 def head_backbones(head_path: Path, metadata: dict, settings: RunSettings,
-                   weights_paths: dict[str, str] | None = None) -> list[Backbone]:
+                   weights_paths: dict[str, str] | None = None, purpose: str = "predict") -> list[Backbone]:
     """Rebuild the head's backbones, each checked against what the head was trained on.
 
     Weights loaded from a file during extraction are loaded from the recorded path again, or from
@@ -118,7 +141,7 @@ def head_backbones(head_path: Path, metadata: dict, settings: RunSettings,
         from_file = override or (recorded["weights_source"] if recorded["weights"].startswith("file:") else None)
         backbone = load_backbone(recorded["backbone"], "DEFAULT" if from_file else recorded["weights"], from_file,
                                  recorded["node"])
-        check_backbone(head_path, recorded, backbone, settings)
+        check_backbone(head_path, recorded, backbone, settings, purpose)
         backbones.append(backbone)
     return backbones
 
@@ -128,7 +151,7 @@ class HeadFeatures:
     """A head, and features of image files made as its stores were: ``extracted.features`` holds
     float32[len(extracted.kept), D] per backbone, in the head's order; ``settings`` what ran."""
 
-    head: Head
+    head: Head | FinetunedHead
     metadata: dict
     files: list[Path]
     extracted: FileFeatures
@@ -139,14 +162,15 @@ class HeadFeatures:
 def head_features(head_path: str | os.PathLike, paths: Sequence[str | os.PathLike], settings: RunSettings | None = None,
                   weights_paths: dict[str, str] | None = None, precision: str | None = None) -> HeadFeatures:
     """Features of ``paths`` (files or folders) for the head at ``head_path``: the rows extract
-    would have stored for those files under the head's stores' recorded settings.
+    would have stored for those files under the head's stores' recorded settings. ``head_path``
+    may also be a fine-tuned model (``model.json`` or its folder): its trunks are the fine-tuned ones.
 
     ``settings`` gives the device, batch size and workers; the decode policy, precision and dtype
     are the recorded ones (``precision`` overrides the precision). Undecodable files are reported,
     not raised.
     """
     head_path = find_head_file(head_path)
-    head, metadata = load_head(head_path)
+    head, metadata = load_classifier(head_path)
     inputs = collect_inputs(paths, metadata["classes"])
     extracted, settings = recorded_features(head_path, metadata, inputs.files, settings, weights_paths, precision)
     return HeadFeatures(head, metadata, [Path(path) for path, _ in inputs.files], extracted, settings, inputs)
@@ -181,7 +205,8 @@ def predict_files(head_path: str | os.PathLike, paths: Sequence[str | os.PathLik
 FORMS = ("csv", "kaggle")
 
 
-def check_output(classes: Sequence[str], form: str = "csv", topk: int | None = None) -> None:
+def check_output(classes: Sequence[str], form: str = "csv", topk: int | None = None,
+                 class_names: dict[str, str] | None = None) -> None:
     """Refuse an output that a head of ``classes`` cannot fill, before any image is read."""
     if form not in FORMS:
         raise SettingsError(f"unknown format {form!r} (csv or kaggle)")
@@ -192,33 +217,42 @@ def check_output(classes: Sequence[str], form: str = "csv", topk: int | None = N
         raise SettingsError("--topk chooses csv columns; --format kaggle has a fixed id,label form")
     if topk is not None and not 1 <= topk <= len(classes):
         raise SettingsError(f"--topk {topk}: the head has {len(classes)} classes (give 1 to {len(classes)})")
+    if class_names is not None and form == "kaggle":
+        raise SettingsError("--class-names names classes in csv columns; --format kaggle has none")
+    if class_names is not None and not any(c in class_names for c in classes):
+        raise SettingsError(f"the class names given name none of the head's classes ({', '.join(classes[:5])}"
+                            f"{', ...' if len(classes) > 5 else ''})")
 
 
 def prediction_table(predictions: Predictions, form: str = "csv", topk: int | None = None,
-                     ) -> tuple[list[str], list[list[str]]]:
+                     class_names: dict[str, str] | None = None) -> tuple[list[str], list[list[str]]]:
     """(header, rows) of the output: ``path,predicted,prob_<class>...`` in the head's class order;
     with ``topk`` ``path,predicted,top1,top1_prob,...`` (the K likeliest classes, likeliest first);
-    kaggle ``id,label``. Every cell is :func:`spreadsheet_safe`."""
-    check_output(predictions.classes, form, topk)
+    kaggle ``id,label``. ``class_names`` (:func:`read_class_names`) maps class folder names to the
+    names written in ``predicted`` and ``topI`` (``prob_<class>`` headers keep the folder names, as
+    the head has them). Every cell is :func:`spreadsheet_safe`."""
+    check_output(predictions.classes, form, topk, class_names)
+    shown = [(class_names or {}).get(c, c) for c in predictions.classes]
+    best = predictions.proba.argmax(axis=1)
     if form == "kaggle":
         header, rows = ["id", "label"], [list(row) for row in _kaggle_rows(predictions)]
     elif topk:
         header = ["path", "predicted", *(f"top{i}{part}" for i in range(1, topk + 1) for part in ("", "_prob"))]
         order = np.argsort(-predictions.proba, axis=1, kind="stable")[:, :topk]
-        rows = [[path, name, *(cell for c in best for cell in (predictions.classes[c], f"{proba[c]:.6g}"))]
-                for path, name, best, proba in zip(predictions.paths, predictions.predicted, order, predictions.proba)]
+        rows = [[path, shown[first], *(cell for c in likeliest for cell in (shown[c], f"{proba[c]:.6g}"))]
+                for path, first, likeliest, proba in zip(predictions.paths, best, order, predictions.proba)]
     else:
         header = ["path", "predicted", *(f"prob_{c}" for c in predictions.classes)]
-        rows = [[path, name, *(f"{p:.6g}" for p in row)]
-                for path, name, row in zip(predictions.paths, predictions.predicted, predictions.proba)]
+        rows = [[path, shown[first], *(f"{p:.6g}" for p in row)]
+                for path, first, row in zip(predictions.paths, best, predictions.proba)]
     return [spreadsheet_safe(c) for c in header], [[spreadsheet_safe(c) for c in row] for row in rows]
 
 
 def write_predictions(predictions: Predictions, out: Path | TextIO, head_path: Path, form: str = "csv",
-                      topk: int | None = None) -> list[Path]:
+                      topk: int | None = None, class_names: dict[str, str] | None = None) -> list[Path]:
     """Write the table of :func:`prediction_table` and ``<out>.json`` (how the features were made),
     atomically; returns the files written. ``out`` a text stream (stdout): the CSV alone, no ``.json``."""
-    header, rows = prediction_table(predictions, form, topk)
+    header, rows = prediction_table(predictions, form, topk, class_names)
     if not isinstance(out, (str, os.PathLike)):
         _write_csv(out, header, rows)
         return []
@@ -228,6 +262,7 @@ def write_predictions(predictions: Predictions, out: Path | TextIO, head_path: P
         _write_csv(handle, header, rows)
     settings = predictions.settings
     about = {"head": str(head_path), "rows": len(predictions.paths), "format": form, "topk": topk,
+             "class_names": class_names,
              "device": settings.device, "precision": settings.precision, "dtype": settings.dtype,
              "decode": settings.decode.to_dict(), "skipped": [{"path": p, "reason": r} for p, r in predictions.errors],
              "featurekit": __version__}
@@ -245,6 +280,18 @@ def spreadsheet_safe(cell: str) -> str:
     """A CSV cell a spreadsheet will not run as a formula: one starting with ``= + - @`` or a tab or
     carriage return (a file or class named ``=HYPERLINK(...)``) gets a leading ``'`` (OWASP's advice)."""
     return f"'{cell}" if cell[:1] in ("=", "+", "-", "@", "\t", "\r") else cell
+
+
+def read_class_names(path: str | os.PathLike) -> dict[str, str]:
+    """A JSON object mapping class folder names to readable names (seed 002's ``cat_to_name.json``);
+    classes it leaves out keep their folder name. One line if it is not such an object."""
+    try:
+        names = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise SettingsError(f"{path}: not a readable JSON file of class names ({error})") from None
+    if not isinstance(names, dict):
+        raise SettingsError(f"{path}: not a JSON object of class name -> readable name")
+    return {str(key): str(value) for key, value in names.items()}
 
 
 def _kaggle_rows(predictions: Predictions) -> list[tuple[str, str]]:

@@ -1,4 +1,4 @@
-"""Report files of ``train-head`` and of ``predict`` on a labelled folder: JSON, Markdown, PNG plots.
+"""Report files of ``train-head``, ``finetune`` and ``predict`` on a labelled folder: JSON, Markdown, PNG plots.
 
 ``train-head`` writes ``report.json`` (``report_version`` 2), ``report.md`` and, where matplotlib
 imports (the ``plots`` extra), ``confusion_matrix.png``, ``learning_curves.png`` (MLP) and
@@ -9,6 +9,12 @@ matplotlib no PNG is written, and the log and report.md say why.
 report_version 2 (version 1 had no such field): ``files`` added; ``timing.seconds_total`` is the
 whole fit of every head tried (``--head all``: the sweep), ``timing.seconds_chosen`` the kept
 head's own fit (version 1 gave that one as ``seconds_total``).
+
+``finetune`` writes the same two reports and plots (no embedding: it stores no features) from a
+report of the same shape that may also carry a ``title``, ``notes`` (more lines for the summary), a
+``note`` on the train accuracy, a ``train_curve_label`` and ``history`` records with train accuracy
+(an epochs table) or without a train value (epoch 0: the head before any step, left out of that
+curve); its ``selection`` is empty, the kept epoch being chosen in the epochs table.
 
 The embedding picture projects the training rows (dots) and validation rows (crosses) to two
 dimensions, coloured by class: t-SNE (scikit-learn, after PCA to 50 dimensions) up to
@@ -76,12 +82,13 @@ def classification_metrics(truth: np.ndarray, proba: np.ndarray, columns: np.nda
 def write_reports(out_dir: Path, report: dict, plots: bool = True, points: Sequence[Points] = (),
                   written: Sequence[Path] = (), log: Callable[[str], None] = print) -> dict:
     """Write the plots, then report.md and report.json into ``out_dir``; returns the report as written
-    (``report_version`` and ``files``: ``written``, the files already there such as the head, and these)."""
+    (``report_version`` and ``files``: ``written``, the files already there such as the head, and these,
+    as paths relative to ``out_dir``)."""
     files = list(written)
     plt, missing = _plotter(plots, log)
     if plt:
         files += _train_plots(plt, out_dir, report, points)
-    names = [path.name for path in files] + ["report.md", "report.json"]
+    names = [Path(path).relative_to(out_dir).as_posix() for path in files] + ["report.md", "report.json"]
     report = {"report_version": REPORT_VERSION, **report, "files": names}
     atomic_write(out_dir / "report.md", markdown_report(report, missing))
     atomic_write(out_dir / "report.json", json.dumps(report, indent=2, default=_json_default) + "\n")
@@ -98,10 +105,11 @@ def _json_default(value):
 
 def markdown_report(report: dict, plots_missing: str | None = None) -> str:
     """report.md: the figures of ``report`` for people, with its PNG files shown."""
-    lines = [f"# Head report: {report['head']} on {' + '.join(report['backbones'])}", "",
-             f"- chosen: {describe(report['chosen'])}",
-             f"- train: split `{report['train']['split']}`, {report['train']['n']} rows, "
-             f"accuracy {report['train']['accuracy']:.4f}"]
+    title = report.get("title") or f"Head report: {report['head']} on {' + '.join(report['backbones'])}"
+    train = report["train"]
+    lines = [f"# {title}", "", f"- chosen: {describe(report['chosen'])}",
+             f"- train: split `{train['split']}`, {train['n']} rows, accuracy {train['accuracy']:.4f}"
+             + (f" ({train['note']})" if train.get("note") else "")]
     valid, time_ = report["valid"], report["timing"]
     if valid:
         lines += [f"- valid: split `{valid['split']}`, {valid['n']} rows: accuracy **{valid['accuracy']:.4f}**, "
@@ -111,11 +119,13 @@ def markdown_report(report: dict, plots_missing: str | None = None) -> str:
     per_epoch = (f", {time_['seconds_per_epoch']:.3f} s per epoch over {time_['epochs']} epochs"
                  if time_["epochs"] else "")
     lines += [f"- time: {time_['seconds_total']:.2f} s in total{per_epoch}"]
+    lines += [f"- {note}" for note in report.get("notes", [])]
     if plots_missing:
         lines += [f"- plots: none; {plots_missing}"]
     lines += [""]
     if valid:
         lines += evaluation_markdown(valid, report["classes"])
+    lines += _epochs_markdown(report["history"])
     lines += _selection_markdown(report)
     lines += _images_markdown(report["files"])
     return "\n".join(lines) + "\n"
@@ -135,7 +145,24 @@ def evaluation_markdown(evaluation: dict, classes: list[str]) -> list[str]:
     return lines + [""]
 
 
+def _epochs_markdown(history: list[dict]) -> list[str]:
+    """The table of fine-tuning's epochs (records with a train accuracy; an MLP head's have none)."""
+    if not history or "train_accuracy" not in history[-1]:
+        return []
+    lines = ["## Epochs", "", "| epoch | train loss | train accuracy | val log loss | val accuracy | seconds |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {r['epoch']} | {_number(r.get('train_loss'))} | {_number(r.get('train_accuracy'))} | "
+              f"{r['val_log_loss']:.4f} | {r['val_accuracy']:.4f} | {r['seconds']:.1f} |" for r in history]
+    return lines + [""]
+
+
+def _number(value: float | None) -> str:
+    return "" if value is None else f"{value:.4f}"
+
+
 def _selection_markdown(report: dict) -> list[str]:
+    if report["valid"] and not report["selection"]:  # fine-tuning: chosen among the epochs above
+        return []
     if not report["valid"]:
         return ["## Selection", "", f"No validation split: nothing was selected; {describe(report['chosen'])} as "
                 "given (see `params` in report.json).", ""]
@@ -225,7 +252,8 @@ def _train_plots(plt, out_dir: Path, report: dict, points: Sequence[Points]) -> 
         written.append(confusion_plot(plt, valid["confusion_matrix"], report["classes"],
                                       out_dir / "confusion_matrix.png", caption))
     if report["history"]:
-        written.append(_learning_curves(plt, report["history"], out_dir / "learning_curves.png"))
+        written.append(_learning_curves(plt, report["history"], out_dir / "learning_curves.png",
+                                        report.get("train_curve_label", "train loss (dropout on)")))
     if points:
         written.append(embedding_plot(plt, points, out_dir / "embedding.png", title))
     return written
@@ -238,16 +266,21 @@ def _save_figure(plt, figure, path: Path) -> Path:
     return path
 
 
-def _learning_curves(plt, history: list[dict], path: Path) -> Path:
-    epochs = [r["epoch"] for r in history]
+def _learning_curves(plt, history: list[dict], path: Path, train_label: str) -> Path:
+    """Loss and accuracy per epoch; records without a value (epoch 0 of fine-tuning: no training yet)
+    are left out of that curve."""
     figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(10, 4))
-    loss_axis.plot(epochs, [r["train_loss"] for r in history], label="train loss (dropout on)")
-    if "val_log_loss" in history[0]:
-        loss_axis.plot(epochs, [r["val_log_loss"] for r in history], label="validation log loss")
-        accuracy_axis.plot(epochs, [r["val_accuracy"] for r in history], color="C2")
+    curves = [(loss_axis, "train_loss", train_label), (loss_axis, "val_log_loss", "validation log loss"),
+              (accuracy_axis, "train_accuracy", "train"), (accuracy_axis, "val_accuracy", "validation")]
+    for axis, key, label in curves:
+        points = [(r["epoch"], r[key]) for r in history if r.get(key) is not None]
+        if points:
+            axis.plot(*zip(*points), marker="o" if len(points) < 30 else None, label=label)
     loss_axis.set(xlabel="epoch", ylabel="loss")
-    loss_axis.legend()
-    accuracy_axis.set(xlabel="epoch", ylabel="validation accuracy")
+    accuracy_axis.set(xlabel="epoch", ylabel="accuracy")
+    for axis in (loss_axis, accuracy_axis):
+        if axis.lines:  # an MLP fitted without validation has no accuracy curve
+            axis.legend()
     figure.tight_layout()
     return _save_figure(plt, figure, path)
 

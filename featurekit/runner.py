@@ -17,12 +17,14 @@ import functools
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Collection, Iterator, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.fx.experimental.optimization import fuse
+from torch import fx, nn
+from torch.fx.experimental.optimization import matches_module_pattern, replace_node_module
+from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 from tqdm import tqdm
 
 from .backbones import Backbone, load_backbone
@@ -32,11 +34,14 @@ from .images import DecodePolicy, ImageDecodeError
 from .loader import Source, ViewBatch, ViewDataset, default_workers, iterate_views
 from .registry import RANDOM
 from .store import FEATURES_VERSION, StoreIdentity
+from .views import Preprocessing
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPES = ("float16", "float32")
 AUTO_DTYPE = "auto"  # float16, or float32 where a backbone has random weights: storage_dtype
 ON_ERROR = ("fail", "skip")
+FOLDABLE = [(nn.Conv1d, nn.BatchNorm1d), (nn.Conv2d, nn.BatchNorm2d), (nn.Conv3d, nn.BatchNorm3d),
+            (nn.Linear, nn.BatchNorm1d)]  # torch.fx's own fuse() patterns, in its order
 
 
 @functools.cache
@@ -134,16 +139,51 @@ def store_identity(backbone: Backbone, settings: RunSettings) -> StoreIdentity:
 
 
 def prepare_trunk(backbone: Backbone, settings: RunSettings) -> torch.nn.Module:
-    """The trunk as it runs (``settings`` resolved): BatchNorm folded into the convolutions before it
-    (one pass less over each activation, ~10% on CPU), weights cast once to the compute precision
-    (autocast would cast them again on every batch: 0.5 GB per VGG19 forward), on the device in the
-    memory format, compiled on request. The caller's Backbone stays as built."""
+    """The trunk as it runs (``settings`` resolved): folded and cast (:func:`fold_and_cast`), on the
+    device in the memory format, compiled on request. The caller's Backbone stays as built."""
     trunk = _alias_copy(backbone.trunk).eval()  # deepcopy of an FX module resets eval mode
-    trunk.body = fuse(trunk.body, inplace=True, no_trace=True)
-    dtype = PRECISIONS[settings.precision]
+    trunk.body = fold_and_cast(trunk.body, PRECISIONS[settings.precision])
     memory_format = torch.channels_last if settings.channels_last else torch.preserve_format
-    trunk = trunk.to(settings.device, dtype=dtype if dtype != torch.float32 else None, memory_format=memory_format)
+    trunk = trunk.to(settings.device, memory_format=memory_format)
     return torch.compile(trunk) if settings.compile else trunk
+
+
+def fold_and_cast(body: fx.GraphModule, dtype: torch.dtype, trainable_modules: Collection[str] = (),
+                  trainable_parameters: Collection[str] = ()) -> fx.GraphModule:
+    """``body``'s current graph as a plain graph module, prepared to run in eval mode: each BatchNorm
+    folded into the convolution or linear layer before it (one pass less over each activation, ~10%
+    on CPU), tensors cast once to ``dtype`` (autocast would cast them again on every batch: 0.5 GB
+    per VGG19 forward). Extraction prepares whole trunks so; fine-tuning leaves its trainable part
+    (``trainable_modules``: module names in ``body``; ``trainable_parameters``) unfolded, in fp32,
+    with gradients on, so a frozen part computes what extraction computes. The result takes over
+    ``body``'s modules: use only the result afterwards."""
+    prepared = fx.GraphModule(body, copy.deepcopy(body.graph))
+    modules, trainable_modules = dict(prepared.named_modules()), set(trainable_modules)
+    for pattern in FOLDABLE:
+        for node in list(prepared.graph.nodes):
+            if not matches_module_pattern(pattern, node, modules) or len(node.args[0].users) > 1:
+                continue  # the layer's output is used elsewhere too: folding would change that use
+            layer, norm = node.args[0].target, node.target
+            if {layer, norm} & trainable_modules or not modules[norm].track_running_stats:
+                continue
+            fold = fuse_linear_bn_eval if pattern[0] is nn.Linear else fuse_conv_bn_eval
+            replace_node_module(node.args[0], modules, fold(modules[layer], modules[norm]))
+            node.replace_all_uses_with(node.args[0])
+            prepared.graph.erase_node(node)
+    prepared.delete_all_unused_submodules()
+    prepared.recompile()
+    for name, param in list(prepared.named_parameters()):
+        owner, _, leaf = name.rpartition(".")
+        if name in trainable_parameters:
+            param.requires_grad_(True)
+        else:
+            prepared.get_submodule(owner)._parameters[leaf] = nn.Parameter(param.detach().to(dtype),
+                                                                           requires_grad=False)
+    for name, buffer in list(prepared.named_buffers()):
+        owner, _, leaf = name.rpartition(".")
+        if owner not in trainable_modules and buffer.is_floating_point():
+            prepared.get_submodule(owner)._buffers[leaf] = buffer.to(dtype)
+    return prepared
 
 
 def _alias_copy(module: torch.nn.Module) -> torch.nn.Module:
@@ -265,19 +305,28 @@ class TrunkRunner:
         return torch.cat([images, images.new_zeros(missing, *images.shape[1:])])
 
     def _views(self, batch: ViewBatch) -> dict[str, torch.Tensor]:
-        """``{preprocessing key: uint8[B, 3, crop, crop]}`` on the device, in ``batch.indices`` order."""
-        cpu = {key: view.to(self.device, non_blocking=True) for key, view in batch.views.items()}
-        if not batch.raw:
-            return cpu
-        rows = {row: {key: view[j] for key, view in cpu.items()} for j, row in enumerate(batch.cpu_rows)}
-        for row, image in zip(batch.raw_rows, decode_batch(batch.raw, self.device, self.settings.decode)):
-            if isinstance(image, ImageDecodeError):
-                batch.errors.append((batch.indices[row], image.path, image.reason))
-            else:
-                rows[row] = {key: p.view_tensor(image) for key, p in self.preprocessings.items()}
-        order = sorted(rows)
-        batch.indices = [batch.indices[row] for row in order]
-        return {key: torch.stack([rows[row][key] for row in order]) for key in self.preprocessings} if order else {}
+        return device_views(batch, self.device, self.preprocessings, self.settings.decode)
+
+
+def device_views(batch: ViewBatch, device: torch.device, preprocessings: dict[str, Preprocessing],
+                 decode: DecodePolicy) -> dict[str, torch.Tensor]:
+    """``{preprocessing key: uint8[B, 3, crop, crop]}`` on ``device``, in ``batch.indices`` order.
+
+    JPEGs left for the GPU are decoded there; those that fail move to ``batch.errors`` and out of
+    ``batch.indices``, so the rows returned are exactly ``batch.indices``.
+    """
+    cpu = {key: view.to(device, non_blocking=True) for key, view in batch.views.items()}
+    if not batch.raw:
+        return cpu
+    rows = {row: {key: view[j] for key, view in cpu.items()} for j, row in enumerate(batch.cpu_rows)}
+    for row, image in zip(batch.raw_rows, decode_batch(batch.raw, device, decode)):
+        if isinstance(image, ImageDecodeError):
+            batch.errors.append((batch.indices[row], image.path, image.reason))
+        else:
+            rows[row] = {key: p.view_tensor(image) for key, p in preprocessings.items()}
+    order = sorted(rows)
+    batch.indices = [batch.indices[row] for row in order]
+    return {key: torch.stack([rows[row][key] for row in order]) for key in preprocessings} if order else {}
 
 
 def embed(images: Sequence[str | Path | Image.Image], backbone: str | Backbone, weights: str = "DEFAULT", *,

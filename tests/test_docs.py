@@ -27,3 +27,4 @@ def test_api_snippets_run(tmp_path, monkeypatch):
     assert "(3, 1280) float32" in out and out.rstrip().endswith("True")
     assert namespace["probabilities"].shape == (20, 10)
     assert os.path.isfile("heads/digits/head.joblib")
+    assert "20 20\n" in out and os.path.isfile("heads/digits/finetuned/trunks/efficientnet_lite0.pt")

@@ -101,8 +101,8 @@ def test_head_may_be_the_folder_train_head_wrote(head3, capsys, tmp_path):
     assert run_cli(capsys, "predict", "--head", head, "--out", tmp_path / "a.csv", "--quiet", *RUN, image).code == 0
     run = run_cli(capsys, "predict", "--head", features / "heads", "--out", tmp_path / "b.csv", *RUN, image)
     assert error_lines(run.err) == [f"featurekit: error: {features / 'heads'}: a folder without head.joblib "
-                                    "(train-head writes it into its --out folder); its subfolders with a head: "
-                                    "knn-resnet18"]
+                                    "(train-head writes it into its --out folder) or model.json (finetune's); its "
+                                    "subfolders with one: knn-resnet18"]
 
 
 def test_topk_gives_the_likeliest_class_names_first(head3, capsys, tmp_path):
