@@ -34,6 +34,15 @@ def extract_args(data: Path, out: Path, *extra: str) -> list[str]:
     return ["extract", str(data), "--split", "train", "--out", str(out), *TINY_RUN, *extra]
 
 
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> tuple[Path, Path]:
+    """(data root, the store one uninterrupted in-process run writes) of the tiny folder (10 images)."""
+    base = tmp_path_factory.mktemp("reference")
+    data = make_folder(base / "data")
+    assert main(extract_args(data, base / "out")) == 0
+    return data, base / "out" / "train" / "resnet18.h5"
+
+
 def write_jpeg(path: Path, seed: int, size: tuple[int, int] = (40, 32)) -> Path:
     """A smooth random RGB picture (noise alone would make every feature vector alike)."""
     rng = np.random.default_rng(seed)

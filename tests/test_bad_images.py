@@ -28,7 +28,7 @@ from featurekit import extraction as extract_module
 from featurekit.gpu_decode import read_for_gpu
 from featurekit.images import DataError, DecodePolicy, ImageDecodeError, decode_image, list_split
 from featurekit.store import read_store
-from tests.conftest import REPO, TINY_RUN, acting_as_nobody, error_lines, make_folder, run_cli, write_jpeg
+from tests.conftest import REPO, TINY_RUN, acting_as_nobody, error_lines, extract_args, make_folder, run_cli, write_jpeg
 
 # --------------------------------------------------------------------------- the files
 
@@ -302,10 +302,6 @@ def test_unreadable_file_permission_denied():
 
 
 # --------------------------------------------------------------------------- whole runs
-
-
-def extract_args(data: Path, out: Path, *extra: str) -> list[str]:
-    return ["extract", str(data), "--split", "train", "--out", str(out), *TINY_RUN, *extra]
 
 
 NON_UTF8 = os.fsdecode(b"caf\xe9.jpg")  # a Latin-1 name on a UTF-8 system

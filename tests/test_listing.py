@@ -18,7 +18,7 @@ import pytest
 
 from featurekit.images import DataError, ImageDecodeError, decode_image, fs_path, list_split, printable_path
 from featurekit.store import read_store
-from tests.conftest import TINY_RUN, acting_as_nobody, error_lines, make_folder, run_cli, write_jpeg
+from tests.conftest import acting_as_nobody, error_lines, extract_args, make_folder, run_cli, write_jpeg
 
 
 @contextlib.contextmanager
@@ -34,10 +34,6 @@ def within_seconds(seconds: float):
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
-
-
-def extract_args(data: Path, out: Path, *extra: str) -> list[str]:
-    return ["extract", str(data), "--split", "train", "--out", str(out), *TINY_RUN, *extra]
 
 
 def listed(listing) -> list[str]:

@@ -15,7 +15,6 @@ import h5py
 import pytest
 
 from featurekit import files, runner, store
-from featurekit.cli import main
 from featurekit.partial import PartialStore
 from featurekit.store import open_h5, read_store, store_lock
 from tests.conftest import (
@@ -34,14 +33,6 @@ from tests.conftest import (
 
 N_IMAGES = 10  # five chunks of two rows
 
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> tuple[Path, Path]:
-    """(data root, uninterrupted store) of the tiny folder."""
-    base = tmp_path_factory.mktemp("reference")
-    data = make_folder(base / "data")
-    assert main(extract_args(data, base / "out")) == 0
-    return data, base / "out" / "train" / "resnet18.h5"
 
 
 def killed_at(data: Path, out: Path, point: str) -> bool:

@@ -9,14 +9,12 @@ from __future__ import annotations
 import signal
 import socket
 import time
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import pytest
 
 from featurekit import files
-from featurekit.cli import main
 from featurekit.distributed import Shard
 from featurekit.errors import SettingsError
 from featurekit.partial import Chunk, PartialStore
@@ -28,22 +26,12 @@ from tests.conftest import (
     extract_args,
     finished,
     leftovers,
-    make_folder,
     make_image_folder,
     run_cli,
     run_subprocess,
     spawn,
     store_header,
 )
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> tuple[Path, Path]:
-    """(data root, the store one plain process writes)."""
-    base = tmp_path_factory.mktemp("reference")
-    data = make_folder(base / "data")
-    assert main(extract_args(data, base / "out")) == 0
-    return data, base / "out" / "train" / "resnet18.h5"
 
 
 def wait_until(condition: Callable[[], bool], what: str, timeout: float = 120) -> None:
