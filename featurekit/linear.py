@@ -57,6 +57,9 @@ Loss = Literal["logistic", "squared_hinge"]
 LOSSES: tuple[str, ...] = ("logistic", "squared_hinge")
 _PRECONDITIONER_ROWS = 2048  # rows the preconditioner's diagonal is estimated on (every stride-th)
 _ARMIJO = 1e-4
+TOL = 1e-3  # default stopping tolerance of fit_path (see its docstring for why not scikit-learn's 1e-4)
+MAX_ITER = 500  # default L-BFGS iterations per C
+PATIENCE = 5  # default Cs past the best before select_on_validation stops following the path
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,10 @@ class LinearFit:
     objective: float  # the normalised objective above, at (coef, intercept)
     temperature: float | None = None  # inverse temperature for squared-hinge probabilities (None: not fitted)
 
+    def to(self, device: torch.device | str) -> "LinearFit":
+        """The same fit with its tensors on ``device``."""
+        return replace(self, coef=self.coef.to(device), intercept=self.intercept.to(device))
+
     def decision_function(self, X: torch.Tensor) -> torch.Tensor:
         """float32[M, K] scores of standardised features float32[M, D]."""
         return torch.addmm(self.intercept, X.to(self.coef), self.coef.T)
@@ -85,11 +92,6 @@ class LinearFit:
                 raise ValueError("squared-hinge fit has no temperature: fit one (fit_temperature) before predict_proba")
             scores = scores * self.temperature
         return torch.softmax(scores, dim=1)
-
-
-def default_device() -> torch.device:
-    """cuda when a GPU is there, else cpu: where to put X and y for :func:`fit_path`."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 # --------------------------------------------------------------------------- objective
@@ -451,7 +453,7 @@ def _two_loop(problem: _Problem, grad: torch.Tensor, pairs: list, precondition: 
 
 
 def fit_path(X: torch.Tensor, y: torch.Tensor, Cs: Sequence[float], loss: Loss, *, n_classes: int | None = None,
-             tol: float = 1e-3, max_iter: int = 500, history: int = 10,
+             tol: float = TOL, max_iter: int = MAX_ITER, history: int = 10,
              init: LinearFit | None = None) -> Iterator[LinearFit]:
     """Yield one :class:`LinearFit` per C, in the order given, each warm-started from the previous.
 
@@ -567,7 +569,7 @@ def out_of_fold_scores(X: torch.Tensor, y: torch.Tensor, fit: LinearFit, folds: 
 
 
 def select_on_validation(path: Iterable[LinearFit], X_val: torch.Tensor, y_val: torch.Tensor,
-                         patience: int = 5) -> tuple[LinearFit, list[dict]]:
+                         patience: int = PATIENCE) -> tuple[LinearFit, list[dict]]:
     """Score each fit of ``path`` on validation rows; keep the best; stop early.
 
     ``X_val`` float32[M, D] standardised like the training rows, ``y_val`` int64[M], on the fits'
