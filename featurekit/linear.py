@@ -35,7 +35,8 @@ Memory: X stays one tensor, never copied; the work arrays are [N, K] (scores) an
 coefficients, L-BFGS memory), plus the squares of the preconditioner's row sample. Nothing is N x N.
 
 Probabilities: logistic, softmax of the scores. Squared hinge, softmax of the scores times one
-fitted inverse temperature (:func:`fit_temperature`), fitted on rows that were not used to fit W:
+fitted inverse temperature (:func:`fit_temperature`, against targets smoothed so that it stays
+finite where the scores separate the rows), fitted on rows that were not used to fit W:
 the validation rows, where :func:`select_on_validation` scores each C by a *cross-fitted* log loss
 (each half of the validation rows is scored with the temperature fitted on the other half), so the
 log loss used to break ties is not flattered by the calibration; or, with no validation rows,
@@ -500,16 +501,23 @@ def _warm_start(problem: _Problem, last: list[tuple[float, _Point]], log_C: floa
 
 
 def fit_temperature(scores: torch.Tensor, targets: torch.Tensor) -> float:
-    """Inverse temperature ``a`` >= 0 minimising the mean log loss of ``softmax(a * scores)``.
+    """Inverse temperature ``a`` >= 0 minimising the mean cross-entropy of ``softmax(a * scores)``
+    against the targets smoothed by Laplace's rule of succession: probability ``(M + 1) / (M + 2)``
+    on each row's class, the rest shared by the others (as Platt smooths his targets).
 
-    ``scores`` float[M, K], ``targets`` int64[M]. The loss is convex in ``a``: Newton's method on
-    its derivative ``mean(E_p[s] - s_target)``, bisecting (in log ``a``) whenever a step would leave
-    the bracket [1e-3, 1e3] / std(scores), to a relative change of 1e-6. Where the scores separate
-    the rows perfectly the loss keeps falling and the upper end is returned: probabilities then are
-    as sharp as that bound allows.
+    ``scores`` float[M, K], ``targets`` int64[M]. Without the smoothing, scores that separate the
+    M rows perfectly would make the best ``a`` infinite and the probabilities 0 or 1, a log loss of
+    0 that no classifier has on new rows (on a small validation set that won ties between heads);
+    with it, ``a`` is finite and M rows all right give the true class about (M + 1) / (M + 2). On
+    thousands of rows the change is below a thousandth. The loss is convex in ``a``: Newton's
+    method on its derivative ``mean(E_p[s] - E_target[s])``, bisecting (in log ``a``) whenever a step
+    would leave the bracket [1e-3, 1e3] / std(scores), to a relative change of 1e-6.
     """
     scores = scores.double()
-    target_scores = scores.gather(1, targets[:, None])[:, 0]
+    M, K = scores.shape
+    own = (M + 1) / (M + 2)
+    true_scores = scores.gather(1, targets[:, None])[:, 0]
+    target_scores = own * true_scores + (1 - own) * (scores.sum(dim=1) - true_scores) / max(K - 1, 1)
     scale = float(scores.std().clamp_min(1e-12))
     low, high = 1e-3 / scale, 1e3 / scale
 

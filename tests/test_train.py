@@ -177,3 +177,36 @@ def test_embedding_is_t_sne_for_small_stores_and_pca_above(monkeypatch):
     centres = np.stack([xy[labels == c].mean(axis=0) for c in range(3)])  # PCA keeps well separated blobs apart
     spread = max(np.linalg.norm(xy[labels == c] - centres[c], axis=1).max() for c in range(3))
     assert min(np.linalg.norm(centres[i] - centres[j]) for i in range(3) for j in range(i)) > spread
+
+
+def test_all_heads_tied_at_100_percent_do_not_hand_the_win_to_knn_and_the_report_says_why(two_backbone_features,
+                                                                                          tmp_path):
+    # issue 11's case: every head 100% on validation; a 1-NN's hard 0/1 votes had a log loss of exactly 0
+    _, features_dir = two_backbone_features
+    report = train_head(features_dir, ["a", "b"], "all", tmp_path / "out", params=FAST_MLP, plots=False,
+                        log=lambda _: None)
+    compared = {entry["head"]: entry for entry in report["choice"]["heads"]}
+    assert list(compared) == ["mlp", "logreg", "svm", "knn"]
+    assert all(entry["val_accuracy"] == 1.0 for entry in compared.values())
+    k, classes = compared["knn"]["n_neighbors"], 3
+    assert compared["knn"]["val_log_loss"] >= np.log((k + classes) / (k + 1)) > 0  # smoothed votes: never 0
+    assert compared["svm"]["val_log_loss"] > 0.01  # its temperature stays finite on separable rows (fit_temperature)
+    assert report["head"] != "knn"
+    assert compared[report["head"]]["val_log_loss"] == min(e["val_log_loss"] for e in compared.values())
+    others = [kind for kind in compared if kind != report["head"]]
+    reason = report["choice"]["reason"]
+    assert reason.startswith(f"{report['head']}: valid accuracy 1.0000, tied with {', '.join(others)}; lowest valid "
+                             f"log loss {compared[report['head']]['val_log_loss']:.4g} (")
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    assert f"- why: {reason}" in markdown and "## Heads compared" in markdown
+
+
+def test_the_reason_names_the_highest_accuracy_when_there_is_no_tie():
+    from featurekit.report import choice_reason
+
+    compared = [{"head": "mlp", "val_accuracy": 0.9478, "val_log_loss": 0.2, "candidates": 3},
+                {"head": "svm", "val_accuracy": 0.9568, "val_log_loss": 0.18, "candidates": 18},
+                {"head": "knn", "val_accuracy": 0.926, "val_log_loss": 0.4, "candidates": 6}]
+    assert choice_reason(compared, "svm") == "svm: highest valid accuracy 0.9568; mlp 0.9478, knn 0.9260"
+    assert choice_reason(compared[1:2], "svm") == ("svm: the only head tried; valid accuracy 0.9568, log loss 0.18, "
+                                                   "best of 18 candidates")
