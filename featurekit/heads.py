@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, replace
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Iterator
 
 import numpy as np
 import torch
@@ -96,18 +96,23 @@ class Head(ClassifierMixin, BaseEstimator):
     def _select(self, train: tuple[np.ndarray, np.ndarray], validation: tuple[np.ndarray, np.ndarray] | None
                 ) -> tuple[Any, list[dict], list[dict], dict]:
         """``(model, history, selection records, best params)``: every grid value (with validation
-        rows) or the single value, each fitted by ``_fit_one``; the best by validation accuracy, then log loss."""
-        grid = list(getattr(self, f"{self.grid_param}_grid")) if validation is not None else []
+        rows) or the single value, each from :meth:`_candidates`; the best by validation accuracy, then log loss."""
+        grid = list(getattr(self, f"{self.grid_param}_grid")) if validation is not None else \
+            [getattr(self, self.grid_param)]
         selection, best_score, best = [], None, None
-        for value in grid or [getattr(self, self.grid_param)]:
-            model, history = self._fit_one(*train, validation, value)
-            scores = self._scores(model, validation) if validation is not None else {}
+        for value, model, history, scores in self._candidates(train, validation, grid):
             selection.append({self.grid_param: value, **scores, "epochs": len(history) or None})
             score = (scores.get("val_accuracy", 0.0), -scores.get("val_log_loss", 0.0))
             if best_score is None or score > best_score:
                 best_score, best = score, (model, history, {self.grid_param: value})
         model, history, params = best
         return model, history, selection, params
+
+    def _candidates(self, train, validation, grid: list) -> Iterator[tuple[Any, Any, list[dict], dict]]:
+        """``(value, model, history, validation scores)`` per grid value, in order (scores: {} without validation)."""
+        for value in grid:
+            model, history = self._fit_one(*train, validation, value)
+            yield value, model, history, (self._scores(model, validation) if validation is not None else {})
 
     def _check_limits(self) -> None:
         """A parameter value that cannot work is a :class:`SettingsError`, before any fitting."""
@@ -131,10 +136,7 @@ class Head(ClassifierMixin, BaseEstimator):
 
     def _scores(self, model: Any, validation: tuple[np.ndarray, np.ndarray]) -> dict[str, float]:
         X_val, t_val = validation
-        proba = self._model_proba(model, X_val)
-        picked = np.clip(proba[np.arange(len(t_val)), t_val], 1e-15, 1.0)
-        return {"val_accuracy": float((proba.argmax(axis=1) == t_val).mean()),
-                "val_log_loss": float(-np.log(picked).mean())}
+        return proba_scores(self._model_proba(model, X_val), t_val)
 
     def _fit_one(self, X: np.ndarray, t: np.ndarray, validation, value) -> tuple[Any, list[dict]]:
         """Fit one candidate on standardised float32[N, D] and targets int64[N] in 0..C-1."""
@@ -154,6 +156,13 @@ class Head(ClassifierMixin, BaseEstimator):
     def _model_from_arrays(self, arrays: dict[str, np.ndarray], values: dict) -> Any:
         """The ``model_`` that :meth:`_model_arrays` gave these arrays and values for."""
         raise NotImplementedError
+
+
+def proba_scores(proba: np.ndarray, targets: np.ndarray) -> dict[str, float]:
+    """Validation accuracy and log loss of probabilities float64[M, C] for targets int64[M] in 0..C-1."""
+    picked = np.clip(proba[np.arange(len(targets)), targets], 1e-15, 1.0)
+    return {"val_accuracy": float((proba.argmax(axis=1) == targets).mean()),
+            "val_log_loss": float(-np.log(picked).mean())}
 
 
 # --------------------------------------------------------------------------- linear heads
@@ -270,10 +279,13 @@ class KNNHead(Head):
     """k nearest neighbours by cosine similarity; k swept on validation.
 
     Each of the k neighbours votes with weight ``exp(similarity / temperature)`` (the weighted kNN
-    of DINO's evaluation), the votes scaled to sum to k, and the class probabilities are the
-    additively smoothed vote shares ``(votes + 1) / (k + C)``: never exactly 0 or 1, so a kNN that
-    merely ties the others on accuracy cannot win selection on log loss with hard 0/1 votes, and
-    probabilities change smoothly with the features (no singular weight at distance 0).
+    of DINO's evaluation), the votes scaled to sum to k, and the class probabilities are the vote
+    shares smoothed by one more vote spread evenly over the C classes, ``(votes + 1/C) / (k + 1)``:
+    never exactly 0 or 1, so a kNN that merely ties the others on accuracy cannot win selection on
+    log loss with hard 0/1 votes, and probabilities change smoothly with the features (no singular
+    weight at distance 0). (One vote per class, ``(votes + 1) / (k + C)``, drowned the votes at
+    many classes: 5 unanimous neighbours of 101 classes gave their class 0.06.) With validation
+    rows, the neighbours are searched once, for the largest k, and every k scored from them.
     """
 
     kind = "knn"
@@ -287,23 +299,29 @@ class KNNHead(Head):
         self.temperature = temperature
         self.standardize = standardize
 
-    def _fit_one(self, X, t, validation, value):
-        return Neighbours(_unit_rows(X), t.astype(np.int64), int(min(value, len(X)))), []
+    def _candidates(self, train, validation, grid):
+        X, t = train
+        rows, targets = _unit_rows(X), t.astype(np.int64)
+        ks = [int(min(value, len(X))) for value in grid]
+        if validation is not None:
+            closeness, nearest = _nearest(rows, _unit_rows(validation[0]), max(ks))
+        for value, k in zip(grid, ks):
+            scores = {} if validation is None else \
+                proba_scores(self._vote_proba(closeness[:, :k], targets[nearest[:, :k]]), validation[1])
+            yield value, Neighbours(rows, targets, k), [], scores
 
     def _model_proba(self, model: Neighbours, X: np.ndarray) -> np.ndarray:
-        n_classes, k = len(self.classes_), model.k
-        queries, proba = _unit_rows(X), np.empty((len(X), len(self.classes_)))
-        for start in range(0, len(queries), 1024):  # similarities of 1024 queries at a time: bounded memory
-            similarity = queries[start:start + 1024] @ model.rows.T
-            nearest = np.argpartition(-similarity, k - 1, axis=1)[:, :k] if k < similarity.shape[1] else \
-                np.broadcast_to(np.arange(similarity.shape[1]), similarity.shape)
-            closeness = np.take_along_axis(similarity, nearest, axis=1).astype(np.float64)
-            weights = np.exp((closeness - closeness.max(axis=1, keepdims=True)) / self.temperature)
-            weights *= k / weights.sum(axis=1, keepdims=True)
-            votes = np.zeros((len(weights), n_classes))
-            np.add.at(votes, (np.arange(len(weights))[:, None], model.targets[nearest]), weights)
-            proba[start:start + len(votes)] = (votes + 1.0) / (k + n_classes)
-        return proba
+        closeness, nearest = _nearest(model.rows, _unit_rows(X), model.k)
+        return self._vote_proba(closeness, model.targets[nearest])
+
+    def _vote_proba(self, closeness: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """float64[M, C] from the similarities float64[M, k] of each query's k neighbours and their targets."""
+        k, n_classes = closeness.shape[1], len(self.classes_)
+        weights = np.exp((closeness - closeness.max(axis=1, keepdims=True)) / self.temperature)
+        weights *= k / weights.sum(axis=1, keepdims=True)
+        votes = np.zeros((len(weights), n_classes))
+        np.add.at(votes, (np.arange(len(weights))[:, None], labels), weights)
+        return (votes + 1.0 / n_classes) / (k + 1)
 
     def _model_arrays(self):
         return {"rows": self.model_.rows, "targets": self.model_.targets}, {"k": self.model_.k}
@@ -315,6 +333,21 @@ class KNNHead(Head):
 def _unit_rows(X: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(X, axis=1, keepdims=True)
     return (X / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
+def _nearest(rows: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(similarity float64[M, k], index int64[M, k])`` of each unit-norm query's k most similar unit-norm
+    rows, most similar first; similarities of 1024 queries at a time (bounded memory)."""
+    closeness, nearest = np.empty((len(queries), k)), np.empty((len(queries), k), dtype=np.int64)
+    for start in range(0, len(queries), 1024):
+        similarity = queries[start:start + 1024] @ rows.T
+        top = np.argpartition(-similarity, k - 1, axis=1)[:, :k] if k < similarity.shape[1] else \
+            np.broadcast_to(np.arange(similarity.shape[1]), similarity.shape)
+        values = np.take_along_axis(similarity, top, axis=1)
+        order = np.argsort(-values, axis=1, kind="stable")
+        closeness[start:start + 1024] = np.take_along_axis(values, order, axis=1)
+        nearest[start:start + 1024] = np.take_along_axis(top, order, axis=1)
+    return closeness, nearest
 
 
 # --------------------------------------------------------------------------- MLP head

@@ -147,8 +147,20 @@ def test_knn_probabilities_are_smoothed_never_hard(separable):
     head = KNNHead(n_neighbors=1).fit(X, y)
     proba = head.predict_proba(X_val)
     assert (head.predict(X_val) == y_val).all()
-    assert proba.max() < 1.0 and proba.min() > 0.0  # 1-NN: (1 + 1) / (1 + 3) for the winner
-    np.testing.assert_allclose(proba.max(axis=1), 0.5)
+    assert proba.max() < 1.0 and proba.min() > 0.0  # 1-NN: (1 + 1/3) / (1 + 1) for the winner
+    np.testing.assert_allclose(proba.max(axis=1), 2 / 3)
+
+
+def test_knn_scores_every_k_from_one_neighbour_search_as_each_k_alone_would(separable):
+    X, y, X_val, y_val = separable
+    rng = np.random.default_rng(1)
+    noisy, noisy_val = (a + rng.normal(scale=3.0, size=a.shape).astype(np.float32) for a in (X, X_val))
+    head = KNNHead(n_neighbors_grid=(1, 5, 20, 500)).fit(noisy, y, noisy_val, y_val)
+    for entry in head.selection_:
+        alone = KNNHead(n_neighbors=entry["n_neighbors"]).fit(noisy, y)
+        scores = alone._scores(alone.model_, (alone._scale(noisy_val), np.searchsorted(alone.classes_, y_val)))
+        assert scores["val_accuracy"] == entry["val_accuracy"]
+        assert scores["val_log_loss"] == pytest.approx(entry["val_log_loss"], rel=1e-12)
 
 
 def test_one_class_is_a_one_line_head_error(separable):
