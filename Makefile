@@ -16,7 +16,7 @@ HEAD_FLAGS ?=
 # finetune: the head train-head wrote for HEAD and BACKBONES (HEAD=all writes heads/all-...), fine-tuned on DATA
 empty :=
 space := $(empty) $(empty)
-HEAD_FILE ?= $(FEATURES)/heads/$(HEAD)-$(subst $(space),+,$(strip $(BACKBONES)))/head.joblib
+HEAD_FILE ?= $(FEATURES)/heads/$(HEAD)-$(subst $(space),+,$(strip $(BACKBONES)))/head.h5
 UNFREEZE ?= none
 FINETUNE_FLAGS ?=
 

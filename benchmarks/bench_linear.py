@@ -15,7 +15,7 @@ a linear head is neither perfect nor at chance), standardised on the training ro
 - a matrix-product figure measured in the same run (X @ W.T then its transpose product, the cost
   of one solver iteration), since this machine's two cores are shared.
 
-Then the same sweeps on real lite0 + lite2 stores (``--stores``, default /tmp/real/caltech: 101
+Then the same sweeps on real lite0 + lite2 stores (``--stores``, default /tmp/real3/caltech: 101
 classes, 2,560 features) with validation accuracy, log loss and seconds.
 
     python benchmarks/bench_linear.py                       # synthetic and caltech101
@@ -108,23 +108,20 @@ def report_sweep(name: str, best: linear.LinearFit, records: list[dict], seconds
           + ("" if all(r["converged"] for r in records) else " (some C not converged)"), flush=True)
 
 
-def sklearn_logistic(data, C: float) -> tuple[float, float, bool]:
-    X, y, X_val, y_val = data
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", ConvergenceWarning)
-        start = time.perf_counter()
-        model = LogisticRegression(C=C).fit(X, y)
-        seconds = time.perf_counter() - start
-    converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
-    return seconds, float((model.predict(X_val) == y_val).mean()), converged
+def calibrated_svm(C: float) -> CalibratedClassifierCV:
+    """The former svm head's fit at one C: four liblinear fits of every one-vs-rest problem."""
+    return CalibratedClassifierCV(LinearSVC(C=C), method="sigmoid", cv=3, ensemble=False)
 
 
-def sklearn_calibrated_svm(data, C: float, limit: float) -> tuple[float, float | None, bool]:
-    """(seconds, valid accuracy, converged) of the former svm head's fit at one C, in a child process
-    stopped after ``limit`` seconds (accuracy None then)."""
+def sklearn_fit(make, data, limit: float | None = None) -> tuple[float, float | None, bool]:
+    """(seconds, valid accuracy, converged) of ``make()`` (a scikit-learn estimator) fitted on
+    ``data``'s train rows; with ``limit``, in a child process stopped after that many seconds
+    (accuracy None then). Converged: no ConvergenceWarning."""
+    if limit is None:
+        return _fit_and_score(make, data)
     context = multiprocessing.get_context("fork")
     results = context.Queue()
-    child = context.Process(target=_calibrated_svm_child, args=(data, C, results))
+    child = context.Process(target=lambda: results.put(_fit_and_score(make, data)))
     start = time.perf_counter()
     child.start()
     child.join(limit)
@@ -135,15 +132,15 @@ def sklearn_calibrated_svm(data, C: float, limit: float) -> tuple[float, float |
     return results.get()
 
 
-def _calibrated_svm_child(data, C: float, results) -> None:
+def _fit_and_score(make, data) -> tuple[float, float, bool]:
     X, y, X_val, y_val = data
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)
         start = time.perf_counter()
-        model = CalibratedClassifierCV(LinearSVC(C=C), method="sigmoid", cv=3, ensemble=False).fit(X, y)
+        model = make().fit(X, y)
         seconds = time.perf_counter() - start
     converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
-    results.put((seconds, float((model.predict(X_val) == y_val).mean()), converged))
+    return seconds, float((model.predict(X_val) == y_val).mean()), converged
 
 
 def run(title: str, data, args, with_sklearn_svm: bool) -> None:
@@ -163,14 +160,14 @@ def run(title: str, data, args, with_sklearn_svm: bool) -> None:
     if args.skip_sklearn:
         return
     logistic_best, _, logistic_seconds = results["logistic"]
-    seconds, accuracy, converged = sklearn_logistic(data, logistic_best.C)
+    seconds, accuracy, converged = sklearn_fit(lambda: LogisticRegression(C=logistic_best.C), data)
     print(f"  sklearn LogisticRegression(C={logistic_best.C:.3g}), defaults: {seconds:6.1f} s for one C, "
           f"valid accuracy {accuracy:.4f}{'' if converged else ' (ConvergenceWarning at max_iter=100)'}; "
           f"one sklearn C / our stopped sweep = {seconds / logistic_seconds:.2f}x", flush=True)
     if not with_sklearn_svm:
         return
     svm_best, _, svm_seconds = results["squared_hinge"]
-    seconds, accuracy, converged = sklearn_calibrated_svm(data, svm_best.C, args.sklearn_svm_limit)
+    seconds, accuracy, converged = sklearn_fit(lambda: calibrated_svm(svm_best.C), data, args.sklearn_svm_limit)
     name = f"sklearn CalibratedClassifierCV(LinearSVC(C={svm_best.C:.3g}), cv=3)"
     if accuracy is None:
         print(f"  {name}: stopped after {seconds:.0f} s without finishing one C; one sklearn C / our stopped sweep "
@@ -198,7 +195,7 @@ def main() -> None:
     parser.add_argument("--tol", type=float, default=1e-3, help="max |gradient| of the normalised objective")
     parser.add_argument("--patience", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--stores", default="/tmp/real/caltech",
+    parser.add_argument("--stores", default="/tmp/real3/caltech",
                         help="features dir with train/ and valid/ lite stores, or 'none'")
     parser.add_argument("--skip-synthetic", action="store_true")
     parser.add_argument("--skip-sklearn", action="store_true")

@@ -88,22 +88,23 @@ def _status(field: str) -> int:
     raise KeyError(field)
 
 
-def make_folder(root: Path, n: int) -> None:
-    """``root/train/cNN/NNNNNNN.jpg``: n empty files in CLASSES class folders."""
-    for label in range(CLASSES):
-        folder = root / "train" / f"c{label:02d}"
+def make_folder(root: Path, n: int, split: str = "train", classes: int = CLASSES) -> None:
+    """``root/<split>/cNN/NNNNNNN.jpg``: n empty files, file i in class folder i % classes."""
+    for label in range(classes):
+        folder = root / split / f"c{label:02d}"
         folder.mkdir(parents=True)
-        for i in range(label, n, CLASSES):
+        for i in range(label, n, classes):
             os.close(os.open(folder / f"{i:07d}.jpg", os.O_CREAT | os.O_WRONLY, 0o644))
 
 
-def header_for(listing) -> StoreHeader:
+def header_for(listing, dim: int = D, weights: str = "random") -> StoreHeader:
+    """The header of a synthetic float16 store of ``listing``'s split."""
     identity = StoreIdentity(STORE, "flatten", "ab" * 32, {"crop_size": 224}, DecodePolicy(backend="pil").to_dict(),
                              "fp32", "float16", FEATURES_VERSION)
     digest = listing.sha256()
-    return StoreHeader(**identity.to_dict(), split="train", data_root=str(listing.root.resolve()),
-                       listing_sha256=digest, weights="random", weights_source="synthetic", weights_report="",
-                       device="cpu", on_error="fail", fingerprint=fingerprint(identity, digest), feature_dim=D,
+    return StoreHeader(**identity.to_dict(), split=listing.split, data_root=str(listing.root.resolve()),
+                       listing_sha256=digest, weights=weights, weights_source="synthetic", weights_report="",
+                       device="cpu", on_error="fail", fingerprint=fingerprint(identity, digest), feature_dim=dim,
                        n_listed=len(listing), versions={})
 
 

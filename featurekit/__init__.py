@@ -35,7 +35,7 @@ _API = {
     "embed": ("runner", "embed"),
     "RunSettings": ("runner", "RunSettings"),
     "load_backbone": ("backbones", "load_backbone"),
-    "load_head": ("heads", "load_head"),
+    "load_head": ("head_file", "load_head"),
     "train_head": ("train", "train_head"),
     "predict_files": ("predict", "predict_files"),
     "finetune": ("finetuning", "finetune"),
@@ -54,7 +54,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ im
     from .extraction import extract as extract
     from .finetune_train import FinetuneSettings as FinetuneSettings
     from .finetuning import finetune as finetune
-    from .heads import load_head as load_head
+    from .head_file import load_head as load_head
     from .predict import predict_files as predict_files
     from .runner import RunSettings as RunSettings
     from .runner import embed as embed

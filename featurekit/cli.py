@@ -82,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_info(commands)
     _add_list_backbones(commands)
     _add_train_head(commands)
+    _add_convert_head(commands)
     _add_predict(commands)
     _add_neighbors(commands)
     _add_finetune(commands)
@@ -353,7 +354,8 @@ def _add_train_head(commands) -> None:
     parser.add_argument("--valid-split", default="valid",
                         help="split to choose hyper-parameters on and evaluate; none: no validation, no selection")
     parser.add_argument("--out", type=Path, help="output folder (default: FEATURES_DIR/heads/<head>-<backbones>)")
-    parser.add_argument("--device", help="MLP training device: cpu, cuda or cuda:N (default: cpu)")
+    parser.add_argument("--device", help="training device of the mlp, logreg and svm heads: auto (cuda if "
+                                         "available), cpu, cuda or cuda:N (default: auto)")
     parser.add_argument("--epochs", type=int, dest="max_epochs", help="MLP: most epochs per candidate (default: 50)")
     parser.add_argument("--batch-size", type=int, help="MLP batch size (default: 64)")
     parser.add_argument("--hidden", type=int, nargs="+", dest="hidden_sizes",
@@ -385,6 +387,24 @@ def _run_train_head(args) -> int:
     return 0
 
 
+def _add_convert_head(commands) -> None:
+    parser = _command(commands, "convert-head", "rewrite an old pickle head (head.joblib) as a head file (head.h5)",
+                      description="Read a head file of featurekit before head format 2 (a joblib pickle) and write "
+                                  "it as a head.h5 file, which loads without running code. Unpickling runs any code "
+                                  "the old file holds: give --trust only if you trust who made it.")
+    parser.add_argument("old", type=Path, metavar="OLD", help="the old head file (head.joblib)")
+    parser.add_argument("new", type=Path, metavar="NEW", help="the head file to write (e.g. head.h5 beside it)")
+    parser.add_argument("--trust", action="store_true", help="unpickle OLD (required: it runs the code OLD holds)")
+    parser.set_defaults(run=_run_convert_head)
+
+
+def _run_convert_head(args) -> int:
+    from .head_file import convert_pickle_head
+
+    print(f"wrote {convert_pickle_head(args.old, args.new, args.trust)}")
+    return 0
+
+
 PREDICT_EPILOG = """\
 what PATH may be:
   an image file; a labelled folder <class>/<image> whose subfolders are all classes of the head
@@ -400,7 +420,7 @@ def _add_predict(commands) -> None:
                       epilog=PREDICT_EPILOG)
     parser.add_argument("paths", nargs="+", metavar="PATH", help="image files, or folders of them (see below)")
     parser.add_argument("--head", required=True, type=Path,
-                        help="head.joblib written by train-head, model.json written by finetune, or the folder "
+                        help="head.h5 written by train-head, model.json written by finetune, or the folder "
                              "holding one of them")
     parser.add_argument("--out", default="predictions.csv",
                         help="CSV file (and OUT.json beside it: how the features were made); - writes the CSV to "
@@ -533,7 +553,7 @@ def _add_neighbors(commands) -> None:
 
 def _run_neighbors(args) -> int:
     from .dataset import load_features
-    from .heads import load_head
+    from .head_file import load_head
     from .neighbors import Gallery, contact_sheet, describe_query, image_queries, misclassified_queries, queries_json
     from .predict import find_head_file
     from .runner import RunSettings
@@ -598,7 +618,7 @@ def _add_finetune(commands) -> None:
                              "from the head.", epilog=FINETUNE_EPILOG)
     p.add_argument("data_root", type=Path, help="folder holding <split>/<class>/<image>, classes as the head's")
     p.add_argument("--head", required=True, type=Path,
-                   help="head.joblib written by train-head, or the folder train-head wrote it into")
+                   help="head.h5 written by train-head, or the folder train-head wrote it into")
     p.add_argument("--unfreeze", action="append", metavar="NODE",
                    help="first trainable module of each trunk (layer4, _blocks.15), none, all, or STORE=NODE "
                         "for one backbone (repeatable; default: none)")

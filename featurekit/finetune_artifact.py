@@ -6,7 +6,7 @@ A model folder holds
   names (the tensors up to its feature node), which ``extract --weights-path`` loads like any
   local weights file; its weights sha256 is new, so stores of the trunk before fine-tuning read
   as stale by construction;
-- ``model.pt``: the classifier's state dict (standardisation, classifier, calibration);
+- ``model.pt``: the classifier's state dict (standardisation, classifier);
 - ``model.json``, written last: the format, the classes in probability-column order, the
   classifier's shape (:func:`featurekit.finetune_model.build_head_layers`), the sha256 of every
   file, and one record per backbone as a head has them (the feature identity: backbone, node,
@@ -35,11 +35,11 @@ from .backbones import Backbone, load_backbone
 from .errors import first_line
 from .files import atomic_output, atomic_write, file_sha256
 from .finetune_model import FinetuneModel, build_head_layers
-from .heads import HeadFileError
+from .head_file import HeadFileError
 
 MODEL_FILE = "model.json"
 MODEL_FORMAT = "featurekit.finetuned"
-MODEL_FORMAT_VERSION = 1
+MODEL_FORMAT_VERSION = 2  # 2: an svm classifier is a Linear with its temperature folded in (1: Platt sigmoids)
 
 
 class FinetunedHead:
@@ -105,6 +105,9 @@ def load_model(path: str | os.PathLike) -> tuple[FinetunedHead, dict]:
     if metadata["format_version"] > MODEL_FORMAT_VERSION:
         raise HeadFileError(f"{path}: fine-tuned model format {metadata['format_version']} is newer than this "
                             f"featurekit reads ({MODEL_FORMAT_VERSION})")
+    if metadata["format_version"] == 1 and metadata["head"] == "svm":
+        raise HeadFileError(f"{path}: fine-tuned from a sigmoid-calibrated svm head (model format 1), which this "
+                            "featurekit does not build; fine-tune again from an svm head trained by this version")
     layers = build_head_layers(metadata["classifier"])
     layers.load_state_dict(torch.load(_checked(path, metadata["classifier_file"], metadata["classifier_sha256"]),
                                       map_location="cpu", weights_only=True))

@@ -7,14 +7,11 @@ Before the first step the model is the head on the features extract stores, so i
 equal the head's (:func:`head_layers` rebuilds each head kind exactly; tested):
 
 - ``mlp``: its ``nn.Sequential``, dropout included (on while training, as the head was trained);
-- ``logreg``: ``Linear(D, C)`` from ``coef_``/``intercept_`` and a softmax (two classes: a zero row
-  for the first class, since sklearn gives ``p1 = sigmoid(x . coef + b)``);
-- ``svm``: the calibrated linear SVM's probabilities *are* the head: ``Linear(D, K)`` (the SVM's
-  decision values, ``K = 1`` for two classes), each column mapped by its Platt sigmoid
-  ``sigmoid(-(a_k s_k + b_k))`` and normalised over the classes (two classes: ``[1 - p, p]``), as
-  scikit-learn computes them. Fine-tuning minimises the log loss of these calibrated
-  probabilities, the sigmoids' ``a``/``b`` trained too: the hinge loss and the held-out
-  calibration folds play no part in it any more;
+- ``logreg``: ``Linear(D, C)`` from the fit's ``coef``/``intercept`` and a log-softmax;
+- ``svm``: its probabilities *are* the head, ``softmax(T * (x . coef + intercept))`` with the fitted
+  inverse temperature ``T``: the same ``Linear(D, C)`` and log-softmax, weights and bias multiplied
+  by ``T``. Fine-tuning minimises the log loss of these probabilities: the squared hinge and the
+  temperature's own fit play no part in it any more;
 - ``knn`` has no gradient to follow and is refused.
 
 Rounding the features to the store's dtype is a straight-through cast (its gradient is the
@@ -38,9 +35,7 @@ import difflib
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -72,23 +67,6 @@ class Standardize(nn.Module):
         return (features - self.mean) / self.scale
 
 
-class PlattSigmoid(nn.Module):
-    """Decision values float32[B, K] -> log-probabilities float32[B, C] of a sigmoid-calibrated SVM."""
-
-    def __init__(self, columns: int, binary: bool):
-        super().__init__()
-        self.a = nn.Parameter(torch.zeros(columns))
-        self.b = nn.Parameter(torch.zeros(columns))
-        self.binary = binary
-
-    def forward(self, scores: torch.Tensor) -> torch.Tensor:
-        calibrated = -(self.a * scores + self.b)
-        if self.binary:
-            return torch.cat([F.logsigmoid(-calibrated), F.logsigmoid(calibrated)], dim=1)
-        log_p = F.logsigmoid(calibrated)
-        return log_p - torch.logsumexp(log_p, dim=1, keepdim=True)
-
-
 def build_head_layers(spec: Mapping) -> nn.Sequential:
     """Standardize -> classifier -> log-probabilities, shaped by ``spec`` (:func:`head_layers`), values unset."""
     dim, classes = spec["in_features"], spec["n_classes"]
@@ -96,10 +74,7 @@ def build_head_layers(spec: Mapping) -> nn.Sequential:
     if spec["kind"] == "mlp":
         return nn.Sequential(scale, build_mlp(dim, tuple(spec["hidden_sizes"]), classes, spec["dropout"]),
                              nn.LogSoftmax(dim=1))
-    if spec["kind"] == "logreg":
-        return nn.Sequential(scale, nn.Linear(dim, classes), nn.LogSoftmax(dim=1))
-    columns = 1 if classes == 2 else classes
-    return nn.Sequential(scale, nn.Linear(dim, columns), PlattSigmoid(columns, classes == 2))
+    return nn.Sequential(scale, nn.Linear(dim, classes), nn.LogSoftmax(dim=1))  # logreg, svm
 
 
 def head_layers(head: Head, head_path: object) -> tuple[dict, nn.Sequential]:
@@ -117,27 +92,12 @@ def head_layers(head: Head, head_path: object) -> tuple[dict, nn.Sequential]:
     with torch.no_grad():
         if head.kind == "mlp":
             layers[1].load_state_dict(head.model_.state_dict())
-        else:
-            _copy_linear(head, head_path, layers)
+        else:  # a LinearFit; logreg has no temperature
+            fit = head.model_
+            scale = 1.0 if fit.temperature is None else fit.temperature
+            layers[1].weight.copy_(fit.coef.double() * scale)
+            layers[1].bias.copy_(fit.intercept.double() * scale)
     return spec, layers
-
-
-def _copy_linear(head: Head, head_path: object, layers: nn.Sequential) -> None:
-    model, classes = head.model_, len(head.classes_)
-    if not np.array_equal(model.classes_, np.arange(classes)):
-        raise FinetuneError(f"{head_path}: its {head.kind} model saw {len(model.classes_)} of {classes} classes")
-    if head.kind == "svm":
-        if len(model.calibrated_classifiers_) != 1 or model.method != "sigmoid":
-            raise FinetuneError(f"{head_path}: only a single sigmoid-calibrated SVM (ensemble=False) can be rebuilt")
-        calibrated = model.calibrated_classifiers_[0]
-        model = calibrated.estimator
-        layers[2].a.copy_(torch.tensor([c.a_ for c in calibrated.calibrators]))
-        layers[2].b.copy_(torch.tensor([c.b_ for c in calibrated.calibrators]))
-    weight, bias = torch.from_numpy(model.coef_).float(), torch.from_numpy(model.intercept_).float()
-    if head.kind == "logreg" and classes == 2:  # softmax([0, z]) = [1 - sigmoid(z), sigmoid(z)]
-        weight, bias = torch.cat([torch.zeros_like(weight), weight]), torch.cat([torch.zeros_like(bias), bias])
-    layers[1].weight.copy_(weight)
-    layers[1].bias.copy_(bias)
 
 
 # --------------------------------------------------------------------------- trunks

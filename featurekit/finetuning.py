@@ -41,7 +41,8 @@ from .files import FileLock, atomic_output, crash_point, file_sha256
 from .finetune_artifact import save_model
 from .finetune_model import FinetuneError, FinetuneModel, head_layers
 from .finetune_train import Evaluation, Finetuner, FinetuneSettings, Split, head_split, unfreeze_map
-from .heads import Head, load_head
+from .head_file import HEAD_FILE, load_head
+from .heads import Head
 from .images import printable_path
 from .predict import find_head_file, head_backbones, recorded_settings
 from .report import classification_metrics, write_reports
@@ -71,7 +72,7 @@ def prepare(head_path: Path, data_root: str | Path, settings: FinetuneSettings,
     """Read the head, list and check the splits, rebuild the head's backbones and the model on the device."""
     if head_path.suffix == ".json":
         raise FinetuneError(f"{head_path}: a fine-tuned model; finetune starts from a head written by train-head "
-                            "(head.joblib)")
+                            f"({HEAD_FILE})")
     head, metadata = load_head(head_path)
     spec, layers = head_layers(head, head_path)
     classes = list(metadata["classes"])

@@ -6,53 +6,49 @@ y_val=None)`` returns ``self``; fitted attributes end in ``_``; ``predict`` retu
 ``X`` is float32[N, D] (concatenated backbone features), ``y`` int64[N].
 
 - Standardisation (per feature mean/std) is fitted on the training rows only, in ``scaler_``.
-- Model selection uses the validation rows when given: each head tries every value of its grid
-  (``C_grid`` for the linear heads, ``n_neighbors_grid`` for kNN, ``weight_decay_grid`` with early
-  stopping for the MLP) and keeps the best by validation accuracy, ties broken by log loss. Every
+- Model selection uses the validation rows when given: each head tries the values of its grid
+  (``C_grid`` for the linear heads: one warm-started path, increasing C, stopped ``C_patience``
+  values past the best; ``n_neighbors_grid`` for kNN; ``weight_decay_grid`` with early stopping
+  for the MLP) and keeps the best by validation accuracy, ties broken by log loss. Every
   candidate's scores are in ``selection_``, the winner in ``best_params_``, and the grid
   parameter is set to it, so ``get_params()`` (and ``sklearn.base.clone``) give the chosen model.
   Without validation rows the single value ``C`` / ``n_neighbors`` / ``weight_decay`` is used and
   the MLP trains for ``max_epochs``.
+- The linear heads (logreg, svm) and the MLP train in torch on ``device`` (``auto``: cuda when
+  there, else cpu); the fitted model lives on the CPU.
 - The heads pass scikit-learn's ``check_estimator`` (tests/test_heads.py lists the exclusions).
 
-A head file (:func:`save_head`) is one joblib pickle of ``{"format", "format_version", "kind",
-"head", "metadata"}``; the MLP's module is stored on the CPU. Being a pickle, load only files you trust.
+Head files are data, never a pickle (:mod:`featurekit.head_file`): each head gives its fitted model
+as named arrays and plain values (``_model_arrays``) and rebuilds it from them (``_model_from_arrays``).
 """
 
 from __future__ import annotations
 
-import os
 import time
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, ClassVar
+from dataclasses import dataclass, replace
+from typing import Any, ClassVar, Iterator
 
-import joblib
 import numpy as np
 import torch
 import torch.nn.functional as F
 from sklearn.base import BaseEstimator, ClassifierMixin
-from sklearn.calibration import CalibratedClassifierCV
-from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
-from sklearn.svm import LinearSVC
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 from torch import nn
 
-from .errors import FeaturekitError, SettingsError, first_line
-from .files import atomic_output
+from . import linear
+from .errors import FeaturekitError, SettingsError
+from .linear import LinearFit
+from .runner import resolve_device
 
-HEAD_FORMAT = "featurekit.head"
-HEAD_FORMAT_VERSION = 1
-
-
-class HeadFileError(FeaturekitError):
-    """A head file cannot be read or is not a featurekit head. One line naming the file."""
+# 45 log-spaced C in [1e-6, 1e5], four per decade, to 3 significant digits (1e-6, 1.78e-6, 3.16e-6, ...):
+# the linear-probe protocols' sweep, affordable since each C starts from the last solution
+C_GRID = tuple(float(f"{C:.3g}") for C in np.logspace(-6, 5, 45))
 
 
 class HeadError(FeaturekitError, ValueError):
-    """A head cannot be trained on these rows (one class only, too few rows for calibration)."""
+    """A head cannot be trained on these rows (one class only, validation labels it never saw)."""
 
 
 class Head(ClassifierMixin, BaseEstimator):
@@ -79,17 +75,8 @@ class Head(ClassifierMixin, BaseEstimator):
         validation = None
         if X_val is not None:
             validation = (self._scale(validate_data(self, X_val, reset=False, dtype=np.float32)), self._targets(y_val))
-        grid = list(getattr(self, f"{self.grid_param}_grid")) if validation is not None else []
         start = time.perf_counter()
-        self.selection_, best_score = [], None
-        for value in grid or [getattr(self, self.grid_param)]:
-            model, history = self._fit_one(*train, validation, value)
-            scores = self._scores(model, validation) if validation is not None else {}
-            self.selection_.append({self.grid_param: value, **scores, "epochs": len(history) or None})
-            score = (scores.get("val_accuracy", 0.0), -scores.get("val_log_loss", 0.0))
-            if best_score is None or score > best_score:
-                best_score, self.model_, self.history_ = score, model, history
-                self.best_params_ = {self.grid_param: value}
+        self.model_, self.history_, self.selection_, self.best_params_ = self._select(train, validation)
         self.set_params(**self.best_params_)
         self.fit_seconds_ = time.perf_counter() - start
         iterations = self._iterations(self.model_)
@@ -105,6 +92,27 @@ class Head(ClassifierMixin, BaseEstimator):
     def predict(self, X: np.ndarray) -> np.ndarray:
         proba = self.predict_proba(X)  # first: it raises NotFittedError before fit
         return self.classes_[proba.argmax(axis=1)]
+
+    def _select(self, train: tuple[np.ndarray, np.ndarray], validation: tuple[np.ndarray, np.ndarray] | None
+                ) -> tuple[Any, list[dict], list[dict], dict]:
+        """``(model, history, selection records, best params)``: every grid value (with validation
+        rows) or the single value, each from :meth:`_candidates`; the best by validation accuracy, then log loss."""
+        grid = list(getattr(self, f"{self.grid_param}_grid")) if validation is not None else \
+            [getattr(self, self.grid_param)]
+        selection, best_score, best = [], None, None
+        for value, model, history, scores in self._candidates(train, validation, grid):
+            selection.append({self.grid_param: value, **scores, "epochs": len(history) or None})
+            score = (scores.get("val_accuracy", 0.0), -scores.get("val_log_loss", 0.0))
+            if best_score is None or score > best_score:
+                best_score, best = score, (model, history, {self.grid_param: value})
+        model, history, params = best
+        return model, history, selection, params
+
+    def _candidates(self, train, validation, grid: list) -> Iterator[tuple[Any, Any, list[dict], dict]]:
+        """``(value, model, history, validation scores)`` per grid value, in order (scores: {} without validation)."""
+        for value in grid:
+            model, history = self._fit_one(*train, validation, value)
+            yield value, model, history, (self._scores(model, validation) if validation is not None else {})
 
     def _check_limits(self) -> None:
         """A parameter value that cannot work is a :class:`SettingsError`, before any fitting."""
@@ -128,10 +136,7 @@ class Head(ClassifierMixin, BaseEstimator):
 
     def _scores(self, model: Any, validation: tuple[np.ndarray, np.ndarray]) -> dict[str, float]:
         X_val, t_val = validation
-        proba = self._model_proba(model, X_val)
-        picked = np.clip(proba[np.arange(len(t_val)), t_val], 1e-15, 1.0)
-        return {"val_accuracy": float((proba.argmax(axis=1) == t_val).mean()),
-                "val_log_loss": float(-np.log(picked).mean())}
+        return proba_scores(self._model_proba(model, X_val), t_val)
 
     def _fit_one(self, X: np.ndarray, t: np.ndarray, validation, value) -> tuple[Any, list[dict]]:
         """Fit one candidate on standardised float32[N, D] and targets int64[N] in 0..C-1."""
@@ -144,72 +149,121 @@ class Head(ClassifierMixin, BaseEstimator):
         """Solver iterations of the kept candidate (``n_iter_``), for heads with an iteration limit."""
         return None
 
+    def _model_arrays(self) -> tuple[dict[str, np.ndarray], dict]:
+        """The fitted ``model_`` as named arrays and plain (JSON) values, for a head file."""
+        raise NotImplementedError
 
-# --------------------------------------------------------------------------- scikit-learn heads
-
-
-class _SklearnHead(Head):
-    def _model_proba(self, model: Any, X: np.ndarray) -> np.ndarray:
-        return _full_proba(model.predict_proba(X), model.classes_, len(self.classes_))
-
-
-def _full_proba(proba: np.ndarray, model_classes: np.ndarray, n_classes: int) -> np.ndarray:
-    """Columns for every target 0..C-1, even those a sub-model never saw (zero probability).
-
-    Rows are renormalised in float64: sklearn returns float32 probabilities for float32 features.
-    """
-    full = np.zeros((len(proba), n_classes))
-    full[:, model_classes] = proba
-    return full / full.sum(axis=1, keepdims=True)
+    def _model_from_arrays(self, arrays: dict[str, np.ndarray], values: dict) -> Any:
+        """The ``model_`` that :meth:`_model_arrays` gave these arrays and values for."""
+        raise NotImplementedError
 
 
-class LogisticHead(_SklearnHead):
-    """Multinomial logistic regression (lbfgs), C swept on validation."""
+def proba_scores(proba: np.ndarray, targets: np.ndarray) -> dict[str, float]:
+    """Validation accuracy and log loss of probabilities float64[M, C] for targets int64[M] in 0..C-1."""
+    picked = np.clip(proba[np.arange(len(targets)), targets], 1e-15, 1.0)
+    return {"val_accuracy": float((proba.argmax(axis=1) == targets).mean()),
+            "val_log_loss": float(-np.log(picked).mean())}
+
+
+# --------------------------------------------------------------------------- linear heads
+
+
+class LinearHead(Head):
+    """A linear head fitted by :mod:`featurekit.linear`: every class at once, L-BFGS in torch on
+    ``device``. With validation rows, one path over ``C_grid`` (sorted increasing), each C
+    warm-started from the last, scored on validation and stopped ``C_patience`` values past the best
+    (:func:`~featurekit.linear.select_on_validation`); without, the one ``C``. ``tol``, ``max_iter``:
+    the stopping rule at each C. ``model_`` is the kept :class:`~featurekit.linear.LinearFit`, on the
+    CPU: ``coef`` float32[K, D], ``intercept`` float32[K] over standardised features, and for the
+    SVM its inverse ``temperature``."""
+
+    grid_param = "C"
+    loss: ClassVar[str]
+    limits = {"C": (0, False), "C_grid": (0, False), "tol": (0, False), "max_iter": (1, True),
+              "C_patience": (1, True)}
+
+    def _select(self, train, validation):
+        device = torch.device(resolve_device(self.device))
+        X, t = (torch.from_numpy(a).to(device) for a in train)
+        stopping = {"tol": self.tol, "max_iter": self.max_iter}
+        if validation is None:
+            fit = next(linear.fit_path(X, t, [self.C], self.loss, n_classes=len(self.classes_), **stopping))
+            fit = self._without_validation(X, t, fit, stopping)
+            selection = [{"C": fit.C, "iterations": fit.n_iter, "passes": fit.n_passes, "converged": fit.converged}]
+        else:
+            X_val, t_val = (torch.from_numpy(a).to(device) for a in validation)
+            path = linear.fit_path(X, t, sorted(map(float, self.C_grid)), self.loss, n_classes=len(self.classes_),
+                                   **stopping)
+            fit, selection = linear.select_on_validation(path, X_val, t_val, self.C_patience)
+        return fit.to("cpu"), [], selection, {"C": fit.C}
+
+    def _without_validation(self, X: torch.Tensor, t: torch.Tensor, fit: LinearFit, stopping: dict) -> LinearFit:
+        """``fit`` with what its probabilities need when there are no validation rows to fit it on."""
+        return fit
+
+    def _model_proba(self, model: LinearFit, X: np.ndarray) -> np.ndarray:
+        return model.predict_proba(torch.from_numpy(X)).numpy()
+
+    def _iterations(self, model: LinearFit) -> int:
+        return model.n_iter
+
+    def _model_arrays(self):
+        fit = self.model_
+        scale = 1.0 if fit.temperature is None else fit.temperature  # one formula for readers: softmax(scale * s)
+        return ({"coef": fit.coef.numpy(), "intercept": fit.intercept.numpy()},
+                {"loss": fit.loss, "C": fit.C, "inverse_temperature": scale, "iterations": fit.n_iter,
+                 "passes": fit.n_passes, "converged": fit.converged, "objective": fit.objective})
+
+    def _model_from_arrays(self, arrays, values):
+        temperature = float(values["inverse_temperature"]) if self.loss == "squared_hinge" else None
+        return LinearFit(float(values["C"]), self.loss, torch.from_numpy(arrays["coef"]),
+                         torch.from_numpy(arrays["intercept"]), int(values["iterations"]), float(values["passes"]),
+                         bool(values["converged"]), float(values["objective"]), temperature)
+
+
+class LogisticHead(LinearHead):
+    """Multinomial logistic regression: scikit-learn's ``LogisticRegression(C)`` objective;
+    probabilities are the softmax of the scores."""
 
     kind = "logreg"
-    grid_param = "C"
-    limits = {"C": (0, False), "C_grid": (0, False), "max_iter": (1, True)}
+    loss = "logistic"
 
-    def __init__(self, C: float = 1.0, C_grid=(0.001, 0.01, 0.1, 1.0, 10.0), max_iter: int = 2000,
-                 standardize: bool = True):
+    def __init__(self, C: float = 1.0, C_grid=C_GRID, tol: float = linear.TOL, max_iter: int = linear.MAX_ITER,
+                 C_patience: int = linear.PATIENCE, device: str = "auto", standardize: bool = True):
         self.C = C
         self.C_grid = C_grid
+        self.tol = tol
         self.max_iter = max_iter
+        self.C_patience = C_patience
+        self.device = device
         self.standardize = standardize
 
-    def _fit_one(self, X, t, validation, value):
-        return LogisticRegression(C=value, max_iter=self.max_iter).fit(X, t), []
 
-    def _iterations(self, model: LogisticRegression) -> int:
-        return int(np.max(model.n_iter_))
-
-
-class LinearSVMHead(_SklearnHead):
-    """Linear SVM with probabilities from sigmoid calibration on internal cross-validation folds."""
+class LinearSVMHead(LinearHead):
+    """One-vs-rest linear SVM with the squared hinge (``LinearSVC``'s default loss, intercept not
+    penalised). Probabilities: the softmax of the scores times one inverse temperature, fitted on
+    the validation rows (the log loss that ranks the Cs is cross-fitted, so the temperature does
+    not flatter it); without validation rows, on out-of-fold scores of the training rows: ``folds``
+    fits at the one C, each warm-started from the full fit."""
 
     kind = "svm"
-    grid_param = "C"
-    limits = {"C": (0, False), "C_grid": (0, False), "max_iter": (1, True), "folds": (2, True)}
+    loss = "squared_hinge"
+    limits = {**LinearHead.limits, "folds": (2, True)}
 
-    def __init__(self, C: float = 1.0, C_grid=(0.0001, 0.001, 0.01, 0.1, 1.0), max_iter: int = 5000, folds: int = 3,
-                 dual: bool = True, standardize: bool = True):
+    def __init__(self, C: float = 1.0, C_grid=C_GRID, tol: float = linear.TOL, max_iter: int = linear.MAX_ITER,
+                 C_patience: int = linear.PATIENCE, folds: int = 3, device: str = "auto", standardize: bool = True):
         self.C = C
         self.C_grid = C_grid
+        self.tol = tol
         self.max_iter = max_iter
+        self.C_patience = C_patience
         self.folds = folds
-        self.dual = dual  # liblinear's dual solver: 6x faster than the primal one that "auto" picked on caltech101
+        self.device = device
         self.standardize = standardize
 
-    def _fit_one(self, X, t, validation, value):
-        smallest = int(np.bincount(t).min())
-        if smallest < 2:
-            raise HeadError("svm head: calibration needs at least 2 training rows per class; use --head logreg or knn")
-        svm = LinearSVC(C=value, max_iter=self.max_iter, dual=self.dual, random_state=0)  # liblinear shuffles
-        calibrated = CalibratedClassifierCV(svm, method="sigmoid", cv=min(self.folds, smallest), ensemble=False)
-        return calibrated.fit(X, t), []
-
-    def _iterations(self, model: CalibratedClassifierCV) -> int:
-        return int(max(np.max(c.estimator.n_iter_) for c in model.calibrated_classifiers_))
+    def _without_validation(self, X, t, fit, stopping):
+        scores = linear.out_of_fold_scores(X, t, fit, self.folds, **stopping)
+        return replace(fit, temperature=linear.fit_temperature(scores, t))
 
 
 @dataclass(frozen=True)
@@ -225,10 +279,13 @@ class KNNHead(Head):
     """k nearest neighbours by cosine similarity; k swept on validation.
 
     Each of the k neighbours votes with weight ``exp(similarity / temperature)`` (the weighted kNN
-    of DINO's evaluation), the votes scaled to sum to k, and the class probabilities are the
-    additively smoothed vote shares ``(votes + 1) / (k + C)``: never exactly 0 or 1, so a kNN that
-    merely ties the others on accuracy cannot win selection on log loss with hard 0/1 votes, and
-    probabilities change smoothly with the features (no singular weight at distance 0).
+    of DINO's evaluation), the votes scaled to sum to k, and the class probabilities are the vote
+    shares smoothed by one more vote spread evenly over the C classes, ``(votes + 1/C) / (k + 1)``:
+    never exactly 0 or 1, so a kNN that merely ties the others on accuracy cannot win selection on
+    log loss with hard 0/1 votes, and probabilities change smoothly with the features (no singular
+    weight at distance 0). (One vote per class, ``(votes + 1) / (k + C)``, drowned the votes at
+    many classes: 5 unanimous neighbours of 101 classes gave their class 0.06.) With validation
+    rows, the neighbours are searched once, for the largest k, and every k scored from them.
     """
 
     kind = "knn"
@@ -242,28 +299,55 @@ class KNNHead(Head):
         self.temperature = temperature
         self.standardize = standardize
 
-    def _fit_one(self, X, t, validation, value):
-        return Neighbours(_unit_rows(X), t.astype(np.int64), int(min(value, len(X)))), []
+    def _candidates(self, train, validation, grid):
+        X, t = train
+        rows, targets = _unit_rows(X), t.astype(np.int64)
+        ks = [int(min(value, len(X))) for value in grid]
+        if validation is not None:
+            closeness, nearest = _nearest(rows, _unit_rows(validation[0]), max(ks))
+        for value, k in zip(grid, ks):
+            scores = {} if validation is None else \
+                proba_scores(self._vote_proba(closeness[:, :k], targets[nearest[:, :k]]), validation[1])
+            yield value, Neighbours(rows, targets, k), [], scores
 
     def _model_proba(self, model: Neighbours, X: np.ndarray) -> np.ndarray:
-        n_classes, k = len(self.classes_), model.k
-        queries, proba = _unit_rows(X), np.empty((len(X), len(self.classes_)))
-        for start in range(0, len(queries), 1024):  # similarities of 1024 queries at a time: bounded memory
-            similarity = queries[start:start + 1024] @ model.rows.T
-            nearest = np.argpartition(-similarity, k - 1, axis=1)[:, :k] if k < similarity.shape[1] else \
-                np.broadcast_to(np.arange(similarity.shape[1]), similarity.shape)
-            closeness = np.take_along_axis(similarity, nearest, axis=1).astype(np.float64)
-            weights = np.exp((closeness - closeness.max(axis=1, keepdims=True)) / self.temperature)
-            weights *= k / weights.sum(axis=1, keepdims=True)
-            votes = np.zeros((len(weights), n_classes))
-            np.add.at(votes, (np.arange(len(weights))[:, None], model.targets[nearest]), weights)
-            proba[start:start + len(votes)] = (votes + 1.0) / (k + n_classes)
-        return proba
+        closeness, nearest = _nearest(model.rows, _unit_rows(X), model.k)
+        return self._vote_proba(closeness, model.targets[nearest])
+
+    def _vote_proba(self, closeness: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """float64[M, C] from the similarities float64[M, k] of each query's k neighbours and their targets."""
+        k, n_classes = closeness.shape[1], len(self.classes_)
+        weights = np.exp((closeness - closeness.max(axis=1, keepdims=True)) / self.temperature)
+        weights *= k / weights.sum(axis=1, keepdims=True)
+        votes = np.zeros((len(weights), n_classes))
+        np.add.at(votes, (np.arange(len(weights))[:, None], labels), weights)
+        return (votes + 1.0 / n_classes) / (k + 1)
+
+    def _model_arrays(self):
+        return {"rows": self.model_.rows, "targets": self.model_.targets}, {"k": self.model_.k}
+
+    def _model_from_arrays(self, arrays, values):
+        return Neighbours(arrays["rows"], arrays["targets"], int(values["k"]))
 
 
 def _unit_rows(X: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(X, axis=1, keepdims=True)
     return (X / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
+def _nearest(rows: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(similarity float64[M, k], index int64[M, k])`` of each unit-norm query's k most similar unit-norm
+    rows, most similar first; similarities of 1024 queries at a time (bounded memory)."""
+    closeness, nearest = np.empty((len(queries), k)), np.empty((len(queries), k), dtype=np.int64)
+    for start in range(0, len(queries), 1024):
+        similarity = queries[start:start + 1024] @ rows.T
+        top = np.argpartition(-similarity, k - 1, axis=1)[:, :k] if k < similarity.shape[1] else \
+            np.broadcast_to(np.arange(similarity.shape[1]), similarity.shape)
+        values = np.take_along_axis(similarity, top, axis=1)
+        order = np.argsort(-values, axis=1, kind="stable")
+        closeness[start:start + 1024] = np.take_along_axis(values, order, axis=1)
+        nearest[start:start + 1024] = np.take_along_axis(top, order, axis=1)
+    return closeness, nearest
 
 
 # --------------------------------------------------------------------------- MLP head
@@ -295,7 +379,7 @@ class MLPHead(Head):
 
     def __init__(self, hidden_sizes=(1000,), dropout: float = 0.5, lr: float = 1e-3, batch_size: int = 64,
                  max_epochs: int = 50, patience: int = 5, weight_decay: float = 0.0,
-                 weight_decay_grid=(0.0, 1e-4, 1e-3), device: str = "cpu", seed: int = 0, standardize: bool = True):
+                 weight_decay_grid=(0.0, 1e-4, 1e-3), device: str = "auto", seed: int = 0, standardize: bool = True):
         self.hidden_sizes = hidden_sizes
         self.dropout = dropout
         self.lr = lr
@@ -309,7 +393,7 @@ class MLPHead(Head):
         self.standardize = standardize
 
     def _fit_one(self, X, t, validation, value):
-        device = torch.device(self.device)
+        device = torch.device(resolve_device(self.device))
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(self.seed)  # same init and dropout masks for every candidate and run
             model = build_mlp(X.shape[1], tuple(self.hidden_sizes), len(self.classes_), self.dropout).to(device)
@@ -349,6 +433,17 @@ class MLPHead(Head):
         model.train(was_training)
         return torch.cat(proba).numpy()
 
+    def _model_arrays(self):
+        state = {name: tensor.numpy() for name, tensor in self.model_.state_dict().items()}
+        return state, {"in_features": int(self.n_features_in_), "hidden_sizes": [int(s) for s in self.hidden_sizes],
+                       "n_classes": len(self.classes_), "dropout": float(self.dropout)}
+
+    def _model_from_arrays(self, arrays, values):
+        model = build_mlp(int(values["in_features"]), tuple(int(s) for s in values["hidden_sizes"]),
+                          int(values["n_classes"]), float(values["dropout"]))
+        model.load_state_dict({name: torch.from_numpy(array) for name, array in arrays.items()})
+        return model.eval()
+
 
 def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, X: torch.Tensor, t: torch.Tensor,
                 batch_size: int, generator: torch.Generator) -> float:
@@ -369,7 +464,7 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, X: torch.Ten
     return float(total) / len(X)
 
 
-# --------------------------------------------------------------------------- registry and files
+# --------------------------------------------------------------------------- registry
 
 HEADS: dict[str, type[Head]] = {cls.kind: cls for cls in (MLPHead, LogisticHead, LinearSVMHead, KNNHead)}
 
@@ -391,31 +486,3 @@ def make_heads(kinds: list[str], params: dict) -> list[Head]:
         takes = "; ".join(f"{kind}: {', '.join(sorted(taken))}" for kind, taken in accepted.items())
         raise SettingsError(f"{' or '.join(kinds)} head takes no parameter {unused[0]!r} ({takes})")
     return [HEADS[kind](**{k: v for k, v in params.items() if k in accepted[kind]}) for kind in kinds]
-
-
-def save_head(path: str | os.PathLike, head: Head, metadata: dict) -> Path:
-    """Write a fitted head and its metadata to one file, atomically (temporary name, rename)."""
-    check_is_fitted(head, "model_")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_output(path) as temporary:
-        joblib.dump({"format": HEAD_FORMAT, "format_version": HEAD_FORMAT_VERSION, "kind": head.kind,
-                     "head": head, "metadata": metadata}, temporary)
-    return path
-
-
-def load_head(path: str | os.PathLike) -> tuple[Head, dict]:
-    """``(head, metadata)`` from a file written by :func:`save_head`. Raises :class:`HeadFileError`."""
-    path = Path(path)
-    if not path.is_file():
-        raise HeadFileError(f"{path}: no such head file")
-    try:
-        content = joblib.load(path)
-    except Exception as error:
-        raise HeadFileError(f"{path}: not a readable head file ({type(error).__name__}: {first_line(error)})") from None
-    if not isinstance(content, dict) or content.get("format") != HEAD_FORMAT:
-        raise HeadFileError(f"{path}: not a featurekit head file")
-    if content["format_version"] > HEAD_FORMAT_VERSION:
-        raise HeadFileError(f"{path}: head format {content['format_version']} is newer than this featurekit reads "
-                            f"({HEAD_FORMAT_VERSION})")
-    return content["head"], content["metadata"]

@@ -35,7 +35,8 @@ Memory: X stays one tensor, never copied; the work arrays are [N, K] (scores) an
 coefficients, L-BFGS memory), plus the squares of the preconditioner's row sample. Nothing is N x N.
 
 Probabilities: logistic, softmax of the scores. Squared hinge, softmax of the scores times one
-fitted inverse temperature (:func:`fit_temperature`), fitted on rows that were not used to fit W:
+fitted inverse temperature (:func:`fit_temperature`, against targets smoothed so that it stays
+finite where the scores separate the rows), fitted on rows that were not used to fit W:
 the validation rows, where :func:`select_on_validation` scores each C by a *cross-fitted* log loss
 (each half of the validation rows is scored with the temperature fitted on the other half), so the
 log loss used to break ties is not flattered by the calibration; or, with no validation rows,
@@ -57,6 +58,9 @@ Loss = Literal["logistic", "squared_hinge"]
 LOSSES: tuple[str, ...] = ("logistic", "squared_hinge")
 _PRECONDITIONER_ROWS = 2048  # rows the preconditioner's diagonal is estimated on (every stride-th)
 _ARMIJO = 1e-4
+TOL = 1e-3  # default stopping tolerance of fit_path (see its docstring for why not scikit-learn's 1e-4)
+MAX_ITER = 500  # default L-BFGS iterations per C
+PATIENCE = 5  # default Cs past the best before select_on_validation stops following the path
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,10 @@ class LinearFit:
     objective: float  # the normalised objective above, at (coef, intercept)
     temperature: float | None = None  # inverse temperature for squared-hinge probabilities (None: not fitted)
 
+    def to(self, device: torch.device | str) -> "LinearFit":
+        """The same fit with its tensors on ``device``."""
+        return replace(self, coef=self.coef.to(device), intercept=self.intercept.to(device))
+
     def decision_function(self, X: torch.Tensor) -> torch.Tensor:
         """float32[M, K] scores of standardised features float32[M, D]."""
         return torch.addmm(self.intercept, X.to(self.coef), self.coef.T)
@@ -85,11 +93,6 @@ class LinearFit:
                 raise ValueError("squared-hinge fit has no temperature: fit one (fit_temperature) before predict_proba")
             scores = scores * self.temperature
         return torch.softmax(scores, dim=1)
-
-
-def default_device() -> torch.device:
-    """cuda when a GPU is there, else cpu: where to put X and y for :func:`fit_path`."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 # --------------------------------------------------------------------------- objective
@@ -451,7 +454,7 @@ def _two_loop(problem: _Problem, grad: torch.Tensor, pairs: list, precondition: 
 
 
 def fit_path(X: torch.Tensor, y: torch.Tensor, Cs: Sequence[float], loss: Loss, *, n_classes: int | None = None,
-             tol: float = 1e-3, max_iter: int = 500, history: int = 10,
+             tol: float = TOL, max_iter: int = MAX_ITER, history: int = 10,
              init: LinearFit | None = None) -> Iterator[LinearFit]:
     """Yield one :class:`LinearFit` per C, in the order given, each warm-started from the previous.
 
@@ -498,16 +501,23 @@ def _warm_start(problem: _Problem, last: list[tuple[float, _Point]], log_C: floa
 
 
 def fit_temperature(scores: torch.Tensor, targets: torch.Tensor) -> float:
-    """Inverse temperature ``a`` >= 0 minimising the mean log loss of ``softmax(a * scores)``.
+    """Inverse temperature ``a`` >= 0 minimising the mean cross-entropy of ``softmax(a * scores)``
+    against the targets smoothed by Laplace's rule of succession: probability ``(M + 1) / (M + 2)``
+    on each row's class, the rest shared by the others (as Platt smooths his targets).
 
-    ``scores`` float[M, K], ``targets`` int64[M]. The loss is convex in ``a``: Newton's method on
-    its derivative ``mean(E_p[s] - s_target)``, bisecting (in log ``a``) whenever a step would leave
-    the bracket [1e-3, 1e3] / std(scores), to a relative change of 1e-6. Where the scores separate
-    the rows perfectly the loss keeps falling and the upper end is returned: probabilities then are
-    as sharp as that bound allows.
+    ``scores`` float[M, K], ``targets`` int64[M]. Without the smoothing, scores that separate the
+    M rows perfectly would make the best ``a`` infinite and the probabilities 0 or 1, a log loss of
+    0 that no classifier has on new rows (on a small validation set that won ties between heads);
+    with it, ``a`` is finite and M rows all right give the true class about (M + 1) / (M + 2). On
+    thousands of rows the change is below a thousandth. The loss is convex in ``a``: Newton's
+    method on its derivative ``mean(E_p[s] - E_target[s])``, bisecting (in log ``a``) whenever a step
+    would leave the bracket [1e-3, 1e3] / std(scores), to a relative change of 1e-6.
     """
     scores = scores.double()
-    target_scores = scores.gather(1, targets[:, None])[:, 0]
+    M, K = scores.shape
+    own = (M + 1) / (M + 2)
+    true_scores = scores.gather(1, targets[:, None])[:, 0]
+    target_scores = own * true_scores + (1 - own) * (scores.sum(dim=1) - true_scores) / max(K - 1, 1)
     scale = float(scores.std().clamp_min(1e-12))
     low, high = 1e-3 / scale, 1e3 / scale
 
@@ -567,7 +577,7 @@ def out_of_fold_scores(X: torch.Tensor, y: torch.Tensor, fit: LinearFit, folds: 
 
 
 def select_on_validation(path: Iterable[LinearFit], X_val: torch.Tensor, y_val: torch.Tensor,
-                         patience: int = 5) -> tuple[LinearFit, list[dict]]:
+                         patience: int = PATIENCE) -> tuple[LinearFit, list[dict]]:
     """Score each fit of ``path`` on validation rows; keep the best; stop early.
 
     ``X_val`` float32[M, D] standardised like the training rows, ``y_val`` int64[M], on the fits'

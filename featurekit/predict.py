@@ -37,12 +37,12 @@ from .backbones import Backbone, load_backbone
 from .errors import FeaturekitError, SettingsError, short
 from .files import atomic_output, atomic_write
 from .finetune_artifact import MODEL_FILE, FinetunedHead, load_model
-from .heads import Head, HeadFileError, load_head
+from .head_file import HEAD_FILE, OLD_HEAD_FILE, HeadFileError, load_head
+from .heads import Head
 from .images import DecodePolicy
 from .inputs import Inputs, collect_inputs
 from .runner import FileFeatures, RunSettings, TrunkRunner, store_identity
 from .store import StoreIdentity
-from .train import HEAD_FILE
 
 
 class HeadMismatchError(FeaturekitError, ValueError):
@@ -73,8 +73,9 @@ HEAD_FILES = (HEAD_FILE, MODEL_FILE)  # what train-head and finetune write into 
 
 def find_head_file(path: str | os.PathLike) -> Path:
     """The file ``path`` names: the file itself, or the one of :data:`HEAD_FILES` in a folder that
-    train-head (``head.joblib``) or finetune (``model.json``) wrote; a folder holding both is
-    refused, since either could be meant."""
+    train-head (``head.h5``) or finetune (``model.json``) wrote; a folder holding both is
+    refused, since either could be meant. A folder holding only an old pickle head (``head.joblib``)
+    gives that file, which :func:`~featurekit.head_file.load_head` refuses, saying how to convert it."""
     path = Path(path)
     if not path.is_dir():
         return path
@@ -84,6 +85,8 @@ def find_head_file(path: str | os.PathLike) -> Path:
                             "give the file meant")
     if found:
         return found[0]
+    if (path / OLD_HEAD_FILE).is_file():
+        return path / OLD_HEAD_FILE
     heads = sorted({p.parent.name for name in HEAD_FILES for p in path.glob(f"*/{name}")})
     inside = f"; its subfolders with one: {', '.join(heads)}" if heads else ""
     raise HeadFileError(f"{path}: a folder without {HEAD_FILE} (train-head writes it into its --out folder) or "
@@ -91,7 +94,7 @@ def find_head_file(path: str | os.PathLike) -> Path:
 
 
 def load_classifier(path: Path) -> tuple[Head | FinetunedHead, dict]:
-    """A head file (train-head's ``head.joblib``) or a fine-tuned model (finetune's ``model.json``:
+    """A head file (train-head's ``head.h5``) or a fine-tuned model (finetune's ``model.json``:
     told by its ``.json`` suffix), as :func:`find_head_file` found it."""
     return load_model(path) if path.suffix == ".json" else load_head(path)
 

@@ -1,6 +1,6 @@
 """Report files of ``train-head``, ``finetune`` and ``predict`` on a labelled folder: JSON, Markdown, PNG plots.
 
-``train-head`` writes ``report.json`` (``report_version`` 2), ``report.md`` and, where matplotlib
+``train-head`` writes ``report.json`` (``report_version`` 3), ``report.md`` and, where matplotlib
 imports (the ``plots`` extra), ``confusion_matrix.png``, ``learning_curves.png`` (MLP) and
 ``embedding.png``. Plots are written first and the reports last, each report listing every file
 of the folder in ``files``: a report on disk means everything it names is there. Without
@@ -8,7 +8,10 @@ matplotlib no PNG is written, and the log and report.md say why.
 
 report_version 2 (version 1 had no such field): ``files`` added; ``timing.seconds_total`` is the
 whole fit of every head tried (``--head all``: the sweep), ``timing.seconds_chosen`` the kept
-head's own fit (version 1 gave that one as ``seconds_total``).
+head's own fit (version 1 gave that one as ``seconds_total``). report_version 3: ``choice`` added
+(``reason``: why the kept head won, :func:`choice_reason`; ``heads``: each kind's kept candidate,
+its validation scores and seconds); the linear heads' ``selection`` entries have ``iterations``,
+``passes``, ``converged`` and ``seconds`` per C instead of ``epochs``, and stop where the sweep stopped.
 
 ``finetune`` writes the same two reports and plots (no embedding: it stores no features) from a
 report of the same shape that may also carry a ``title``, ``notes`` (more lines for the summary), a
@@ -33,7 +36,7 @@ from sklearn import metrics
 
 from .files import atomic_output, atomic_write
 
-REPORT_VERSION = 2
+REPORT_VERSION = 3
 TSNE_MAX_ROWS = 1000  # t-SNE of 1,000 rows takes a few seconds on two cores; PCA above
 PLOTS_MISSING = "matplotlib is not installed, so no PNG plots were written (pip install 'featurekit[plots]')"
 CLASSES_IN_TABLES = 20  # more classes: the confusion matrix is in report.json and the PNG only
@@ -53,6 +56,29 @@ class Points:
 def describe(entry: dict) -> str:
     """``"k v, k v"`` of a dict's non-None values (floats to 4 significant digits)."""
     return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in entry.items() if v is not None)
+
+
+def choice_reason(compared: Sequence[dict], chosen: str) -> str:
+    """Why head ``chosen`` won, in one line. ``compared``: per head kind tried, in the order fitted,
+    its kept candidate (``head``, ``val_accuracy``, ``val_log_loss``, ``candidates`` tried); the
+    winner has the highest validation accuracy, ties broken by the lowest validation log loss, then
+    by the order fitted."""
+    winner = next(entry for entry in compared if entry["head"] == chosen)
+    accuracy, loss = winner["val_accuracy"], winner["val_log_loss"]
+    if accuracy is None:
+        return f"{chosen}: no validation split, nothing compared"
+    others = [entry for entry in compared if entry is not winner]
+    if not others:
+        return (f"{chosen}: the only head tried; valid accuracy {accuracy:.4f}, log loss {loss:.4g}, best of "
+                f"{winner['candidates']} candidates")
+    tied = [entry for entry in others if entry["val_accuracy"] == accuracy]
+    below = ", ".join(f"{e['head']} {e['val_accuracy']:.4f}" for e in others if e not in tied)
+    if not tied:
+        return f"{chosen}: highest valid accuracy {accuracy:.4f}; {below}"
+    equal = " (equal: the first fitted is kept)" if any(e["val_log_loss"] == loss for e in tied) else ""
+    losses = ", ".join(f"{e['head']} {e['val_log_loss']:.4g}" for e in tied)
+    return (f"{chosen}: valid accuracy {accuracy:.4f}, tied with {', '.join(e['head'] for e in tied)}; lowest valid "
+            f"log loss {loss:.4g}{equal} ({losses})" + (f"; lower accuracy: {below}" if below else ""))
 
 
 def classification_metrics(truth: np.ndarray, proba: np.ndarray, columns: np.ndarray,
@@ -91,11 +117,12 @@ def write_reports(out_dir: Path, report: dict, plots: bool = True, points: Seque
     names = [Path(path).relative_to(out_dir).as_posix() for path in files] + ["report.md", "report.json"]
     report = {"report_version": REPORT_VERSION, **report, "files": names}
     atomic_write(out_dir / "report.md", markdown_report(report, missing))
-    atomic_write(out_dir / "report.json", json.dumps(report, indent=2, default=_json_default) + "\n")
+    atomic_write(out_dir / "report.json", json.dumps(report, indent=2, default=json_default) + "\n")
     return report
 
 
-def _json_default(value):
+def json_default(value):
+    """``json.dumps``'s ``default``: numpy scalars as numbers, tuples and arrays as lists."""
     if isinstance(value, (np.integer, np.floating)):
         return value.item()
     if isinstance(value, (tuple, np.ndarray)):
@@ -107,9 +134,10 @@ def markdown_report(report: dict, plots_missing: str | None = None) -> str:
     """report.md: the figures of ``report`` for people, with its PNG files shown."""
     title = report.get("title") or f"Head report: {report['head']} on {' + '.join(report['backbones'])}"
     train = report["train"]
-    lines = [f"# {title}", "", f"- chosen: {describe(report['chosen'])}",
-             f"- train: split `{train['split']}`, {train['n']} rows, accuracy {train['accuracy']:.4f}"
-             + (f" ({train['note']})" if train.get("note") else "")]
+    lines = [f"# {title}", "", f"- chosen: {describe(report['chosen'])}"]
+    lines += [f"- why: {report['choice']['reason']}"] if report.get("choice") else []
+    lines += [f"- train: split `{train['split']}`, {train['n']} rows, accuracy {train['accuracy']:.4f}"
+              + (f" ({train['note']})" if train.get("note") else "")]
     valid, time_ = report["valid"], report["timing"]
     if valid:
         lines += [f"- valid: split `{valid['split']}`, {valid['n']} rows: accuracy **{valid['accuracy']:.4f}**, "
@@ -126,6 +154,7 @@ def markdown_report(report: dict, plots_missing: str | None = None) -> str:
     if valid:
         lines += evaluation_markdown(valid, report["classes"])
     lines += _epochs_markdown(report["history"])
+    lines += _heads_markdown(report.get("choice"))
     lines += _selection_markdown(report)
     lines += _images_markdown(report["files"])
     return "\n".join(lines) + "\n"
@@ -160,19 +189,36 @@ def _number(value: float | None) -> str:
     return "" if value is None else f"{value:.4f}"
 
 
+def _heads_markdown(choice: dict | None) -> list[str]:
+    """The table of head kinds compared (``--head all``): each kind's kept candidate and fit seconds."""
+    if not choice or len(choice["heads"]) < 2 or choice["heads"][0]["val_accuracy"] is None:
+        return []
+    lines = ["## Heads compared", "", "| head | chosen | val accuracy | val log loss | candidates | seconds |",
+             "|---|---|---|---|---|---|"]
+    for entry in choice["heads"]:
+        chosen = describe({k: v for k, v in entry.items() if k not in CANDIDATE_SCORES})
+        lines += [f"| {entry['head']} | {chosen} | {entry['val_accuracy']:.4f} | {entry['val_log_loss']:.4f} | "
+                  f"{entry['candidates']} | {entry['seconds']:.1f} |"]
+    return lines + [""]
+
+
+CANDIDATE_SCORES = ("head", "val_accuracy", "val_log_loss", "epochs", "iterations", "passes", "converged", "seconds",
+                    "candidates")
+
+
 def _selection_markdown(report: dict) -> list[str]:
     if report["valid"] and not report["selection"]:  # fine-tuning: chosen among the epochs above
         return []
     if not report["valid"]:
         return ["## Selection", "", f"No validation split: nothing was selected; {describe(report['chosen'])} as "
                 "given (see `params` in report.json).", ""]
-    lines = ["## Selection on validation", "", "| head | value | val accuracy | val log loss | epochs |",
+    lines = ["## Selection on validation", "", "| head | value | val accuracy | val log loss | epochs or iterations |",
              "|---|---|---|---|---|"]
     for entry in report["selection"]:
-        value = next(f"{k}={v}" for k, v in entry.items()
-                     if k not in ("head", "val_accuracy", "val_log_loss", "epochs"))
+        value = next(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items()
+                     if k not in CANDIDATE_SCORES)
         lines += [f"| {entry['head']} | {value} | {entry['val_accuracy']:.4f} | {entry['val_log_loss']:.4f} | "
-                  f"{entry['epochs'] or ''} |"]
+                  f"{entry.get('epochs') or entry.get('iterations') or ''} |"]
     return lines + [""]
 
 
@@ -215,7 +261,7 @@ def write_prediction_report(out: Path, about: dict, evaluation: dict, classes: l
     lines += [f"- plots: none; {missing}"] if missing else []
     lines += ["", *evaluation_markdown(evaluation, classes), *_images_markdown(report["files"])]
     atomic_write(md, "\n".join(lines) + "\n")
-    atomic_write(js, json.dumps(report, indent=2, default=_json_default) + "\n")
+    atomic_write(js, json.dumps(report, indent=2, default=json_default) + "\n")
     return [*files, md, js]
 
 

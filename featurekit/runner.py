@@ -81,7 +81,7 @@ class RunSettings:
         ``local_rank``: under torchrun, ``cuda`` means ``cuda:<local_rank>``; the node's cores are
         shared between the decoding workers of its ``processes_per_node`` processes.
         """
-        device = _resolve_device(self.device, local_rank)
+        device = resolve_device(self.device, local_rank)
         precision = self.precision if self.precision != "auto" else auto_precision(device)
         _check_choice("precision", precision, PRECISIONS)
         _check_choice("dtype", self.dtype, (AUTO_DTYPE, *DTYPES))  # auto: decided with the backbones
@@ -100,7 +100,9 @@ class RunSettings:
                                    decode=dataclasses.replace(self.decode, backend=backend))
 
 
-def _resolve_device(device: str, local_rank: int | None) -> str:
+def resolve_device(device: str, local_rank: int | None = None) -> str:
+    """``auto`` (cuda if available), ``cpu``, ``cuda`` or ``cuda:N`` as a device torch takes; a device
+    that is not there is a :class:`SettingsError`. Under torchrun, ``cuda`` means ``cuda:<local_rank>``."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:

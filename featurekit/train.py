@@ -2,7 +2,7 @@
 
 Writes into ``--out`` (default ``FEATURES_DIR/heads/<head>-<backbone>+<backbone>``):
 
-- ``head.joblib``: the fitted head and its metadata (:func:`featurekit.heads.save_head`): backbones,
+- ``head.h5``: the fitted head and its metadata (:func:`featurekit.head_file.save_head`): backbones,
   store names, nodes, weights names and sha256, preprocessing, decode policy, store fingerprints,
   class names in probability-column order, and what the standardisation was fitted on;
 - ``report.json`` and ``report.md``: accuracy, balanced accuracy, per-class precision/recall, log
@@ -27,11 +27,10 @@ import torch
 
 from .dataset import FeatureSet, check_same_extraction, load_features
 from .errors import SettingsError
-from .heads import HEADS, Head, make_heads, save_head
+from .head_file import HEAD_FILE, save_head
+from .heads import HEADS, Head, make_heads
 from .registry import RANDOM, random_weights_warning
-from .report import Points, classification_metrics, describe, write_reports
-
-HEAD_FILE = "head.joblib"
+from .report import Points, choice_reason, classification_metrics, describe, write_reports
 
 
 @dataclass
@@ -54,18 +53,23 @@ def map_by_name(valid: FeatureSet, train: FeatureSet) -> ValidationRows:
 
 
 def fit_heads(kinds: Sequence[str], params: dict, train: FeatureSet, valid: ValidationRows | None,
-              log: Callable[[str], None]) -> tuple[Head, list[dict]]:
-    """Fit each head kind; keep the best by validation accuracy, then log loss. Returns (head, sweep)."""
-    best, best_score, sweep = None, None, []
+              log: Callable[[str], None]) -> tuple[Head, list[dict], list[dict]]:
+    """Fit each head kind; keep the best by validation accuracy, then log loss (the first fitted of
+    equals). Returns ``(head, sweep, compared)``: every candidate of every kind, and per kind its
+    kept candidate (hyper-parameters, validation scores, seconds of the kind's whole fit, candidates tried)."""
+    best, best_score, sweep, compared = None, None, [], []
     for kind, head in zip(kinds, make_heads(list(kinds), params)):
         head.fit(train.features, train.labels, *((valid.features, valid.labels) if valid else ()))
         chosen = next(e for e in head.selection_ if e[head.grid_param] == head.best_params_[head.grid_param])
         sweep += [{"head": kind, **entry} for entry in head.selection_]
         log(f"{kind}: {describe(chosen)} ({head.fit_seconds_:.1f} s)")
+        compared.append({"head": kind, **head.best_params_, "val_accuracy": chosen.get("val_accuracy"),
+                         "val_log_loss": chosen.get("val_log_loss"), "seconds": head.fit_seconds_,
+                         "candidates": len(head.selection_)})
         score = (chosen.get("val_accuracy", 0.0), -chosen.get("val_log_loss", 0.0))
         if best_score is None or score > best_score:
             best, best_score = head, score
-    return best, sweep
+    return best, sweep, compared
 
 
 def evaluate(head: Head, rows: ValidationRows, class_names: Sequence[str]) -> dict:
@@ -136,8 +140,11 @@ def train_head(features_dir: str | Path, store_names: Sequence[str], head_kind: 
     if random:
         log(random_weights_warning(random))
     started = time.perf_counter()
-    head, sweep = fit_heads(list(HEADS) if head_kind == "all" else [head_kind], params or {}, train, rows, log)
+    head, sweep, compared = fit_heads(list(HEADS) if head_kind == "all" else [head_kind], params or {}, train, rows,
+                                      log)
     seconds = time.perf_counter() - started
+    reason = choice_reason(compared, head.kind)
+    log(f"chosen: {reason}")
     metadata = head_metadata(head, train, valid, features_dir)
     report = {
         "head": head.kind, "backbones": list(store_names), "classes": metadata["classes"],
@@ -145,7 +152,8 @@ def train_head(features_dir: str | Path, store_names: Sequence[str], head_kind: 
                   "accuracy": float((head.predict(train.features) == train.labels).mean())},
         "valid": ({"split": valid_split, **evaluate(head, rows, train.classes), "excluded_classes": rows.excluded}
                   if rows else None),
-        "chosen": {"head": head.kind, **head.best_params_}, "params": head.get_params(), "selection": sweep,
+        "chosen": {"head": head.kind, **head.best_params_}, "choice": {"reason": reason, "heads": compared},
+        "params": head.get_params(), "selection": sweep,
         "timing": timing(head, seconds), "history": head.history_,
     }
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -26,5 +26,5 @@ def test_api_snippets_run(tmp_path, monkeypatch):
     assert "(30, 1280) float32" in out and "torch.Size([16, 1280]) torch.int64" in out
     assert "(3, 1280) float32" in out and out.rstrip().endswith("True")
     assert namespace["probabilities"].shape == (20, 10)
-    assert os.path.isfile("heads/digits/head.joblib")
+    assert os.path.isfile("heads/digits/head.h5")
     assert "20 20\n" in out and os.path.isfile("heads/digits/finetuned/trunks/efficientnet_lite0.pt")

@@ -22,7 +22,7 @@ from featurekit.dataset import load_features
 from featurekit.extraction import ExtractSettings, extract
 from featurekit.finetune_model import FinetuneError
 from featurekit.finetuning import CHECKPOINT_FILE, FinetuneSettings, finetune, prepare
-from featurekit.heads import HeadFileError, load_head, save_head
+from featurekit.head_file import HeadFileError, load_head, save_head
 from featurekit.predict import predict_files
 from featurekit.runner import RunSettings
 from featurekit.store import read_header, read_store, store_path
@@ -48,7 +48,7 @@ def tiny_run(tmp: Path, classes: list[str], heads: list[str], backbones: tuple[s
     for kind in heads:
         params = {"max_epochs": 3} if kind == "mlp" else {}
         train_head(tmp / "features", backbones, kind, tmp / kind, params=params, plots=False, log=lambda _: None)
-        made[kind] = tmp / kind / "head.joblib"
+        made[kind] = tmp / kind / "head.h5"
     return root, tmp / "features", made
 
 
@@ -176,7 +176,7 @@ def test_the_report_has_the_head_as_epoch_zero_and_the_plots(tuned):
     assert "## Epochs" in markdown and "the head on its stored features" in report["notes"][0]
     assert "## Selection" not in markdown and "![learning curves](learning_curves.png)" in markdown
     written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
-    assert report["report_version"] == 2 and sorted(report["files"]) == written and "trunks/resnet18.pt" in written
+    assert report["report_version"] == 3 and sorted(report["files"]) == written and "trunks/resnet18.pt" in written
 
 
 def test_predict_runs_the_model_folder_on_image_files(tuned, tmp_path, capsys):
@@ -212,7 +212,7 @@ def test_predict_runs_the_model_folder_on_image_files(tuned, tmp_path, capsys):
     assert not list(tmp_path.glob("refused*"))
 
 
-def test_head_is_the_file_or_the_folder_holding_head_joblib_or_model_json(tuned, tmp_path, capsys):
+def test_head_is_the_file_or_the_folder_holding_head_h5_or_model_json(tuned, tmp_path, capsys):
     root, _, head_file, out, _ = tuned
     image = next((root / "valid" / "cat").glob("*.jpg"))
     common = ["predict", "--device", "cpu", "--workers", "0", "--quiet", image]
@@ -223,9 +223,9 @@ def test_head_is_the_file_or_the_folder_holding_head_joblib_or_model_json(tuned,
     assert found == {"head": str(head_file), "model": str(out / "model.json"), "model_file": str(out / "model.json")}
     both = tmp_path / "both"
     shutil.copytree(out, both)
-    shutil.copy(head_file, both / "head.joblib")
+    shutil.copy(head_file, both / "head.h5")
     refused = run_cli(capsys, *common, "--head", both, "--out", tmp_path / "x.csv")
-    assert error_lines(refused.err) == [f"featurekit: error: {both}: holds both head.joblib (train-head) and "
+    assert error_lines(refused.err) == [f"featurekit: error: {both}: holds both head.h5 (train-head) and "
                                         "model.json (finetune); give the file meant"]
     (tmp_path / "heads").mkdir()
     shutil.copytree(out, tmp_path / "heads" / "tuned")
@@ -263,24 +263,24 @@ def test_a_changed_model_file_is_refused(tuned, tmp_path):
 def test_bad_input_is_one_line_before_any_work(binary, tmp_path, capsys):
     root, _, heads = binary
     other = write_image_folder(tmp_path / "other", {"train": {"cat": 2, "eel": 2}, "valid": {"cat": 1}})
-    (tmp_path / "junk.joblib").write_bytes(b"not a pickle at all")
+    (tmp_path / "junk.h5").write_bytes(b"not a pickle at all")
     (tmp_path / "tuned").mkdir()
     (tmp_path / "tuned" / "model.json").write_text("{}")
     head, metadata = load_head(heads["logreg"])
     metadata["backbones"][0]["preprocessing"]["resize_size"] = 232  # features this trunk does not make
-    save_head(tmp_path / "other.joblib", head, metadata)
+    save_head(tmp_path / "other.h5", head, metadata)
     cases = [
         ([heads["knn"], root], "a knn head cannot be fine-tuned (no gradient to follow); "
                                "heads that can: mlp, logreg, svm"),
         ([heads["logreg"], other], f"{other / 'train'}: classes differ from those of the head {heads['logreg']} "
                                    "(missing here: dog; not in the head: eel)"),
-        ([tmp_path / "junk.joblib", root], "not a readable head file"),
+        ([tmp_path / "junk.h5", root], "not a featurekit head file (not HDF5"),
         ([tmp_path / "tuned", root], f"{tmp_path / 'tuned' / 'model.json'}: a fine-tuned model; finetune starts "
-                                     "from a head written by train-head (head.joblib)"),
+                                     "from a head written by train-head (head.h5)"),
         ([heads["logreg"], root, "--unfreeze", "layer5"], "resnet18: no module 'layer5' before its feature node; "
                                                           "close: layer4"),
         ([heads["logreg"], root, "--epochs", "0"], "--epochs must be at least 1 (got 0)"),
-        ([tmp_path / "other.joblib", root], "resnet18 was trained with preprocessing {"),
+        ([tmp_path / "other.h5", root], "resnet18 was trained with preprocessing {"),
     ]
     for (head, data, *extra), message in cases:
         result = run_cli(capsys, "finetune", "--head", head, data, *extra, *TUNE_ARGS, "--out", tmp_path / "out")
@@ -294,14 +294,14 @@ def test_weights_that_cannot_be_rebuilt_offline_say_where_to_put_them(binary, tm
     root, _, heads = binary
     head, metadata = load_head(heads["logreg"])
     metadata["backbones"][0]["weights"] = "ResNet18_Weights.IMAGENET1K_V1"
-    save_head(tmp_path / "pretrained.joblib", head, metadata)
+    save_head(tmp_path / "pretrained.h5", head, metadata)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
 
     def unreachable(url, *args, **kwargs):
         raise urllib.error.URLError("Name or service not known")
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", unreachable)
-    result = run_cli(capsys, "finetune", "--head", tmp_path / "pretrained.joblib", root, *TUNE_ARGS)
+    result = run_cli(capsys, "finetune", "--head", tmp_path / "pretrained.h5", root, *TUNE_ARGS)
     assert result.code == 1 and error_lines(result.err) == [result.err.strip()]
     assert f"put that file at {tmp_path / 'torch-home' / 'hub' / 'checkpoints' / 'resnet18-f37072fd.pth'}" in result.err
 

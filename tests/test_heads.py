@@ -8,18 +8,16 @@ from sklearn.base import clone
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from featurekit.errors import SettingsError
+from featurekit.head_file import load_head, save_head
 from featurekit.heads import (
     HEADS,
     HeadError,
-    HeadFileError,
     KNNHead,
     LinearSVMHead,
     LogisticHead,
     MLPHead,
     build_mlp,
-    load_head,
     make_head,
-    save_head,
 )
 
 FAST = {"mlp": {"hidden_sizes": (32,), "max_epochs": 20, "patience": 5, "batch_size": 45}}
@@ -41,12 +39,14 @@ def test_head_learns_separable_problem_and_reloads_identically(kind, separable, 
     proba = head.predict_proba(X_val)
     assert proba.shape == (90, 3) and np.allclose(proba.sum(axis=1), 1.0)
     np.testing.assert_array_equal(head.classes_, [10, 20, 30])
-    grid = getattr(head, f"{head.grid_param}_grid")
-    assert [entry[head.grid_param] for entry in head.selection_] == list(grid)
+    grid = list(getattr(head, f"{head.grid_param}_grid"))
+    tried = [entry[head.grid_param] for entry in head.selection_]
+    assert tried == grid[:len(tried)]  # the linear heads' path stops C_patience values past the best
     assert head.best_params_[head.grid_param] in grid
-    save_head(tmp_path / "head.joblib", head, {"note": kind})
-    loaded, metadata = load_head(tmp_path / "head.joblib")
+    save_head(tmp_path / "head.h5", head, {"note": kind})
+    loaded, metadata = load_head(tmp_path / "head.h5")
     assert metadata == {"note": kind} and type(loaded) is type(head)
+    assert loaded.get_params() == head.get_params() and loaded.selection_ == head.selection_
     np.testing.assert_array_equal(loaded.predict_proba(X_val), proba)
     np.testing.assert_array_equal(loaded.predict(X_val), head.predict(X_val))
 
@@ -116,14 +116,6 @@ def test_wrong_feature_width_is_refused(separable):
         head.predict(X_val[:, :11])
 
 
-def test_not_a_head_file(tmp_path):
-    (tmp_path / "x.joblib").write_bytes(b"not a pickle")
-    with pytest.raises(HeadFileError, match=r"x\.joblib: not a readable head file"):
-        load_head(tmp_path / "x.joblib")
-    with pytest.raises(HeadFileError, match="no such head file"):
-        load_head(tmp_path / "missing.joblib")
-
-
 # scikit-learn's own estimator checks, every one of them. Two skip themselves here, by sklearn's
 # choice: check_array_api_input (SCIPY_ARRAY_API unset) and check_classifier_data_not_an_array
 # (pandas is not a featurekit dependency). The MLP is smaller than the default so 55 fits stay quick.
@@ -155,8 +147,20 @@ def test_knn_probabilities_are_smoothed_never_hard(separable):
     head = KNNHead(n_neighbors=1).fit(X, y)
     proba = head.predict_proba(X_val)
     assert (head.predict(X_val) == y_val).all()
-    assert proba.max() < 1.0 and proba.min() > 0.0  # 1-NN: (1 + 1) / (1 + 3) for the winner
-    np.testing.assert_allclose(proba.max(axis=1), 0.5)
+    assert proba.max() < 1.0 and proba.min() > 0.0  # 1-NN: (1 + 1/3) / (1 + 1) for the winner
+    np.testing.assert_allclose(proba.max(axis=1), 2 / 3)
+
+
+def test_knn_scores_every_k_from_one_neighbour_search_as_each_k_alone_would(separable):
+    X, y, X_val, y_val = separable
+    rng = np.random.default_rng(1)
+    noisy, noisy_val = (a + rng.normal(scale=3.0, size=a.shape).astype(np.float32) for a in (X, X_val))
+    head = KNNHead(n_neighbors_grid=(1, 5, 20, 500)).fit(noisy, y, noisy_val, y_val)
+    for entry in head.selection_:
+        alone = KNNHead(n_neighbors=entry["n_neighbors"]).fit(noisy, y)
+        scores = alone._scores(alone.model_, (alone._scale(noisy_val), np.searchsorted(alone.classes_, y_val)))
+        assert scores["val_accuracy"] == entry["val_accuracy"]
+        assert scores["val_log_loss"] == pytest.approx(entry["val_log_loss"], rel=1e-12)
 
 
 def test_one_class_is_a_one_line_head_error(separable):

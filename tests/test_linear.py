@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
@@ -81,6 +82,18 @@ def test_fit_temperature_recovers_the_temperature_that_drew_the_labels():
     true_loss = linear.log_loss(scores, targets, 2.5)
     assert linear.cross_fitted_log_loss(scores, targets) == pytest.approx(true_loss, abs=0.01)
     assert linear.log_loss(scores, targets, 1.0) > true_loss + 0.05
+
+
+@pytest.mark.parametrize("rows", [10, 100])
+def test_scores_that_separate_the_rows_get_a_finite_temperature_and_no_zero_log_loss(rows):
+    targets = torch.arange(rows) % 4
+    noise = 0.3 * torch.randn(rows, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    scores = 3 * F.one_hot(targets, 4).double() + noise  # every row's own class scores highest
+    a = linear.fit_temperature(scores, targets)
+    assert a < 10  # not the bracket's end (~750 here), where probabilities round to 0 and 1
+    own = float(torch.softmax(a * scores, dim=1).gather(1, targets[:, None]).mean())
+    assert own == pytest.approx((rows + 1) / (rows + 2), abs=0.01)  # the rule of succession
+    assert linear.cross_fitted_log_loss(scores, targets) > 0.01
 
 
 @pytest.mark.parametrize("loss", linear.LOSSES)

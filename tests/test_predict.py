@@ -14,7 +14,7 @@ from conftest import error_lines, write_image_folder
 from featurekit import cli, runner
 from featurekit.backbones import load_backbone
 from featurekit.extraction import ExtractSettings, extract
-from featurekit.heads import load_head, save_head
+from featurekit.head_file import load_head, save_head
 from featurekit.predict import HeadMismatchError, head_features, predict_files, write_predictions
 from featurekit.store import read_store, store_path
 from featurekit.train import train_head
@@ -29,7 +29,7 @@ def trained(tmp_path_factory):
     root = write_image_folder(tmp / "data", {"train": {"cat": 3, "dog": 3}, "valid": {"cat": 2, "dog": 2}})
     extract(root, ["train", "valid"], [load_backbone("resnet18", weights="random")], tmp / "features", SETTINGS)
     train_head(tmp / "features", ["resnet18"], "logreg", tmp / "head", plots=False, log=lambda _: None)
-    return root, tmp / "features", tmp / "head" / "head.joblib"
+    return root, tmp / "features", tmp / "head" / "head.h5"
 
 
 def test_predictions_match_the_head_on_the_stored_features(trained):
@@ -78,10 +78,10 @@ def test_refuses_a_head_trained_with_other_preprocessing(trained, tmp_path):
     root, _, head_file = trained
     head, metadata = load_head(head_file)
     metadata["backbones"][0]["preprocessing"]["resize_size"] = 232
-    save_head(tmp_path / "other.joblib", head, metadata)
+    save_head(tmp_path / "other.h5", head, metadata)
     with pytest.raises(HeadMismatchError,
                        match=r"resnet18 was trained with preprocessing \{.*\"resize_size\": 232.*refusing"):
-        predict_files(tmp_path / "other.joblib", [root / "valid"], SETTINGS)
+        predict_files(tmp_path / "other.h5", [root / "valid"], SETTINGS)
 
 
 def test_train_head_cli_writes_the_artifact(trained, tmp_path, capsys):
@@ -89,7 +89,7 @@ def test_train_head_cli_writes_the_artifact(trained, tmp_path, capsys):
     assert cli.main(["train-head", str(features_dir), "--backbones", "resnet18", "--head", "knn",
                      "--out", str(tmp_path / "knn"), "--no-plots"]) == 0
     assert "knn head: valid accuracy" in capsys.readouterr().out
-    assert load_head(tmp_path / "knn" / "head.joblib")[1]["backbones"][0]["weights"] == "random"
+    assert load_head(tmp_path / "knn" / "head.h5")[1]["backbones"][0]["weights"] == "random"
     assert cli.main(["train-head", str(features_dir), "--backbones", "resnet18", "nope"]) == 1
     assert "nope.h5: no such store" in capsys.readouterr().err
 
@@ -102,7 +102,7 @@ def float16_head(tmp_path_factory):
     settings = dataclasses.replace(SETTINGS, dtype="float16")
     extract(root, ["train", "valid"], [load_backbone("resnet18", weights="random")], tmp / "features", settings)
     train_head(tmp / "features", ["resnet18"], "logreg", tmp / "head", plots=False, log=lambda _: None)
-    return root, tmp / "features", tmp / "head" / "head.joblib"
+    return root, tmp / "features", tmp / "head" / "head.h5"
 
 
 def test_predict_features_equal_the_store_rows_within_its_dtype(float16_head):

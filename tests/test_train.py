@@ -1,13 +1,12 @@
 import json
 import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import blobs, make_image_folder, run_cli, write_store
 
 from featurekit.dataset import load_features
-from featurekit.heads import load_head
+from featurekit.head_file import load_head
 from featurekit.store import StoreIdentity, read_header, store_path
 from featurekit.train import train_head
 
@@ -26,17 +25,17 @@ def test_mlp_report_artifact_and_plots(two_backbone_features, tmp_path):
     _, features_dir = two_backbone_features
     report = train_head(features_dir, ["a", "b"], "mlp", tmp_path / "out", params=FAST_MLP, log=lambda _: None)
     files = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert files == ["confusion_matrix.png", "embedding.png", "head.joblib", "learning_curves.png", "report.json",
+    assert files == ["confusion_matrix.png", "embedding.png", "head.h5", "learning_curves.png", "report.json",
                      "report.md"]
     saved = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert saved["report_version"] == 2 and sorted(saved["files"]) == files == sorted(report["files"])
+    assert saved["report_version"] == 3 and sorted(saved["files"]) == files == sorted(report["files"])
     assert saved["valid"]["accuracy"] == report["valid"]["accuracy"] == 1.0
     assert saved["valid"]["confusion_matrix"] == [[4, 0, 0], [0, 4, 0], [0, 0, 4]]
     assert [c["class"] for c in saved["valid"]["per_class"]] == ["ant", "bee", "wasp"]
     assert saved["chosen"]["head"] == "mlp" and "weight_decay" in saved["chosen"]
     assert saved["timing"]["epochs"] == len(saved["history"]) and saved["timing"]["seconds_per_epoch"] > 0
     assert "| **wasp** | 0 | 0 | 4 |" in (tmp_path / "out" / "report.md").read_text()
-    head, metadata = load_head(tmp_path / "out" / "head.joblib")
+    head, metadata = load_head(tmp_path / "out" / "head.h5")
     assert metadata["classes"] == ["ant", "bee", "wasp"]
     recorded = [(b["store_name"], b["columns"], b["weights_sha256"]) for b in metadata["backbones"]]
     assert recorded == [("a", [0, 6], "ab" * 32), ("b", [6, 10], "ab" * 32)]
@@ -70,7 +69,7 @@ def test_all_keeps_the_best_head_on_validation(two_backbone_features, tmp_path):
     assert {entry["head"] for entry in report["selection"]} == {"mlp", "logreg", "svm", "knn"}
     best = max(report["selection"], key=lambda e: (e["val_accuracy"], -e["val_log_loss"]))
     assert report["head"] == best["head"]
-    head, metadata = load_head(tmp_path / "out" / "head.joblib")
+    head, metadata = load_head(tmp_path / "out" / "head.h5")
     assert head.kind == metadata["head"] == report["head"]
 
 
@@ -83,22 +82,19 @@ def test_all_needs_a_validation_split(two_backbone_features):
 def test_a_full_disk_while_saving_leaves_no_head_and_no_temporary(two_backbone_features, tmp_path, capsys, monkeypatch):
     import errno
 
-    import joblib
-
-    from featurekit import cli
+    from featurekit import cli, head_file
 
     _, features_dir = two_backbone_features
 
-    def disk_full(value, filename, *args, **kwargs):
-        Path(filename).write_bytes(b"half a pickle")
+    def disk_full(h5, classes):  # the file is open and its attributes written: half a head on disk
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(joblib, "dump", disk_full)
+    monkeypatch.setattr(head_file, "_write_classes", disk_full)
     out = tmp_path / "out"
     code = cli.main(["train-head", str(features_dir), "--backbones", "a", "--head", "logreg", "--out", str(out),
                      "--no-plots"])
     assert code == 1
-    assert capsys.readouterr().err.splitlines()[-1] == (f"featurekit: error: {out / 'head.joblib'}: cannot write "
+    assert capsys.readouterr().err.splitlines()[-1] == (f"featurekit: error: {out / 'head.h5'}: cannot write "
                                                         "(no space left on device)")
     assert sorted(p.name for p in out.iterdir()) == []  # no head, no temporary, no report of a head that is not there
 
@@ -133,7 +129,7 @@ def test_the_summary_line_names_every_file_written(two_backbone_features, tmp_pa
     assert run.code == 0
     named = run.out.strip().split("(", 1)[1].rstrip(")").split(", ")
     assert sorted(named) == sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert {"confusion_matrix.png", "learning_curves.png", "embedding.png", "head.joblib"} <= set(named)
+    assert {"confusion_matrix.png", "learning_curves.png", "embedding.png", "head.h5"} <= set(named)
 
 
 def test_the_confusion_matrix_png_has_counts_a_colour_bar_and_a_title(two_backbone_features, tmp_path, monkeypatch):
@@ -162,8 +158,8 @@ def test_without_matplotlib_no_png_and_the_report_says_why(two_backbone_features
     messages = []
     _, features_dir = two_backbone_features
     written = train_head(features_dir, ["a"], "mlp", tmp_path / "out", params=FAST_MLP, log=messages.append)
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["head.joblib", "report.json", "report.md"]
-    assert sorted(written["files"]) == ["head.joblib", "report.json", "report.md"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["head.h5", "report.json", "report.md"]
+    assert sorted(written["files"]) == ["head.h5", "report.json", "report.md"]
     assert f"note: {report.PLOTS_MISSING}" in messages
     assert "pip install 'featurekit[plots]'" in (tmp_path / "out" / "report.md").read_text()
 
@@ -181,3 +177,36 @@ def test_embedding_is_t_sne_for_small_stores_and_pca_above(monkeypatch):
     centres = np.stack([xy[labels == c].mean(axis=0) for c in range(3)])  # PCA keeps well separated blobs apart
     spread = max(np.linalg.norm(xy[labels == c] - centres[c], axis=1).max() for c in range(3))
     assert min(np.linalg.norm(centres[i] - centres[j]) for i in range(3) for j in range(i)) > spread
+
+
+def test_all_heads_tied_at_100_percent_do_not_hand_the_win_to_knn_and_the_report_says_why(two_backbone_features,
+                                                                                          tmp_path):
+    # issue 11's case: every head 100% on validation; a 1-NN's hard 0/1 votes had a log loss of exactly 0
+    _, features_dir = two_backbone_features
+    report = train_head(features_dir, ["a", "b"], "all", tmp_path / "out", params=FAST_MLP, plots=False,
+                        log=lambda _: None)
+    compared = {entry["head"]: entry for entry in report["choice"]["heads"]}
+    assert list(compared) == ["mlp", "logreg", "svm", "knn"]
+    assert all(entry["val_accuracy"] == 1.0 for entry in compared.values())
+    k, classes = compared["knn"]["n_neighbors"], 3
+    assert compared["knn"]["val_log_loss"] >= -np.log((k + 1 / classes) / (k + 1)) > 0  # smoothed votes: never 0
+    assert compared["svm"]["val_log_loss"] > 0.01  # its temperature stays finite on separable rows (fit_temperature)
+    assert report["head"] != "knn"
+    assert compared[report["head"]]["val_log_loss"] == min(e["val_log_loss"] for e in compared.values())
+    others = [kind for kind in compared if kind != report["head"]]
+    reason = report["choice"]["reason"]
+    assert reason.startswith(f"{report['head']}: valid accuracy 1.0000, tied with {', '.join(others)}; lowest valid "
+                             f"log loss {compared[report['head']]['val_log_loss']:.4g} (")
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    assert f"- why: {reason}" in markdown and "## Heads compared" in markdown
+
+
+def test_the_reason_names_the_highest_accuracy_when_there_is_no_tie():
+    from featurekit.report import choice_reason
+
+    compared = [{"head": "mlp", "val_accuracy": 0.9478, "val_log_loss": 0.2, "candidates": 3},
+                {"head": "svm", "val_accuracy": 0.9568, "val_log_loss": 0.18, "candidates": 18},
+                {"head": "knn", "val_accuracy": 0.926, "val_log_loss": 0.4, "candidates": 6}]
+    assert choice_reason(compared, "svm") == "svm: highest valid accuracy 0.9568; mlp 0.9478, knn 0.9260"
+    assert choice_reason(compared[1:2], "svm") == ("svm: the only head tried; valid accuracy 0.9568, log loss 0.18, "
+                                                   "best of 18 candidates")

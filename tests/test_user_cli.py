@@ -87,7 +87,7 @@ def test_a_labelled_folder_reports_accuracy_and_a_per_class_report(head3, capsys
     trained = json.loads((head / "report.json").read_text())["valid"]["accuracy"]
     assert f"labelled images: accuracy {right / 6:.4f} over 6 images" in run.out and right / 6 == pytest.approx(trained)
     report = json.loads((tmp_path / "p.csv.report.json").read_text())
-    assert report["kind"] == "predict" and report["report_version"] == 2 and report["classes"] == ["ant", "bee", "wasp"]
+    assert report["kind"] == "predict" and report["report_version"] == 3 and report["classes"] == ["ant", "bee", "wasp"]
     assert report["evaluation"]["n"] == 6 and sum(map(sum, report["evaluation"]["confusion_matrix"])) == 6
     assert [c["support"] for c in report["evaluation"]["per_class"]] == [2, 2, 2]
     assert sorted(report["files"]) == sorted(p.name for p in tmp_path.iterdir() if ".report" in p.name
@@ -100,7 +100,7 @@ def test_head_may_be_the_folder_train_head_wrote(head3, capsys, tmp_path):
     image = next((root / "valid" / "ant").glob("*.jpg"))
     assert run_cli(capsys, "predict", "--head", head, "--out", tmp_path / "a.csv", "--quiet", *RUN, image).code == 0
     run = run_cli(capsys, "predict", "--head", features / "heads", "--out", tmp_path / "b.csv", *RUN, image)
-    assert error_lines(run.err) == [f"featurekit: error: {features / 'heads'}: a folder without head.joblib "
+    assert error_lines(run.err) == [f"featurekit: error: {features / 'heads'}: a folder without head.h5 "
                                     "(train-head writes it into its --out folder) or model.json (finetune's); its "
                                     "subfolders with one: knn-resnet18"]
 
