@@ -171,6 +171,15 @@ def _add_extract(commands) -> None:
     p.add_argument("--decoder", default="auto", choices=["auto", "pil", "torchvision"],
                    help="JPEG decoding: auto (batched nvJPEG on CUDA, PIL workers on CPU), pil, torchvision")
     p.add_argument("--compile", action="store_true", help="torch.compile the trunks")
+    p.add_argument("--augment", type=int, default=0, metavar="K",
+                   help="also store K augmented views of each image (features_aug [N, K, D]), cut from the same "
+                        "decode; train-head uses them (docs/augment.md)")
+    p.add_argument("--augment-policy", default="standard", metavar="NAME",
+                   help="augmentation of --augment: standard or crop-flip (featurekit/augment.py)")
+    p.add_argument("--augment-seed", type=int, default=0, metavar="S",
+                   help="seed of the augmented views (view v of image i depends on S, i, v only)")
+    p.add_argument("--tta", default="none", choices=["none", "flip", "five-crop"],
+                   help="also store test-time views (features_tta), for train-head --tta on this split")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--shard", metavar="I/N", help="extract only block I (0..N-1) of N of the chunks; the last "
                                                    "shard to finish joins the stores (see below; default: every "
@@ -189,6 +198,7 @@ def _run_extract(args) -> int:
 
 
 def _extract(args, launch) -> int:
+    from .augment import ViewPlan
     from .backbones import load_backbone
     from .distributed import Shard
     from .extraction import ExtractSettings, extract_listings, list_split, report_listing
@@ -205,6 +215,7 @@ def _extract(args, launch) -> int:
         num_workers=args.workers, chunk_size=args.chunk_size, on_error=args.on_error, overwrite=args.overwrite,
         decode=decode, compile=args.compile, progress=not args.quiet and launch.rank == 0, launch=launch,
         shard=Shard.parse(args.shard) if args.shard is not None else None,
+        views=ViewPlan(args.augment, args.augment_policy, args.augment_seed, args.tta),
     ).resolved()
     report = launch.rank == 0
     log = (lambda line: print(line, file=sys.stderr)) if report else (lambda line: None)
@@ -238,8 +249,9 @@ def _extract(args, launch) -> int:
     processes = f" x {launch.world_size} processes" if launch.world_size > 1 else ""
     processes += f", shard {settings.shard}" if settings.shard else ""
     dtype = storage_dtype(settings.dtype, backbones)
+    views = f", with {settings.views.describe()}" if settings.views.count > 1 else ""
     print(f"{len(results)} stores in {elapsed:.1f} s{rate} ({settings.device}{processes}, {settings.precision}, "
-          f"stored as {dtype})")
+          f"stored as {dtype}{views})")
     return 0
 
 

@@ -192,7 +192,8 @@ def write_store(features_dir: Path, listing, store_name: str, features: np.ndarr
     it unfinished."""
     import contextlib
 
-    from featurekit.store import Chunk, StoreWriter
+    from featurekit.partial import Chunk
+    from featurekit.store_writer import StoreWriter
 
     dtype = header_overrides.get("dtype", "float32")
     header = store_header(store_name, listing, features.shape[1], **header_overrides)
