@@ -90,10 +90,11 @@ class StoreIdentity:
         return self._recorded({f.name: getattr(self, f.name) for f in fields(StoreIdentity)})
 
     def _recorded(self, values: dict) -> dict:
-        """``values`` without the view fields that make no views: a store without views keeps the
-        identity, attributes and fingerprint of format 2."""
-        unused = {f.name: f.default for f in fields(StoreIdentity) if f.name in self.VIEW_FIELDS}
-        return {name: value for name, value in values.items() if name not in unused or value != unused[name]}
+        """``values`` with the augment fields only where there are augmented views, ``tta`` only where
+        there are test-time views: a store without views keeps format 2's identity and fingerprint."""
+        augment, tta = self.VIEW_FIELDS[:3], self.VIEW_FIELDS[3:]
+        unused = set((augment if not self.augment_views else ()) + (tta if self.tta == "none" else ()))
+        return {name: value for name, value in values.items() if name not in unused}
 
     @classmethod
     def from_dict(cls, values: Mapping) -> "StoreIdentity":

@@ -117,13 +117,16 @@ def error_lines(stderr: str) -> list[str]:
 
 
 def assert_same_store(actual: Path, expected: Path) -> None:
-    """Same rows, same order, same values, same skipped images and reasons."""
+    """Same rows, same order, same values (views included), same skipped images and reasons."""
     a, e = read_store(actual), read_store(expected)
     assert a.paths == e.paths
     assert a.classes == e.classes
     np.testing.assert_array_equal(a.labels, e.labels)
     assert a.features.dtype == e.features.dtype
     np.testing.assert_array_equal(a.features, e.features)
+    assert a.views.keys() == e.views.keys()
+    for name in a.views:
+        np.testing.assert_array_equal(a.views[name], e.views[name])
     assert a.skipped == e.skipped
     assert a.header.fingerprint == e.header.fingerprint
 
