@@ -44,7 +44,8 @@ import featurekit
 from featurekit.dataset import FeatureDataset
 from featurekit.images import DecodePolicy, list_split
 from featurekit.partial import Chunk
-from featurekit.store import FEATURES_VERSION, StoreHeader, StoreIdentity, StoreWriter, fingerprint, open_h5
+from featurekit.store import FEATURES_VERSION, StoreHeader, StoreIdentity, fingerprint, open_h5
+from featurekit.store_writer import StoreWriter
 from featurekit.verify import verify_store
 
 D, CHUNK, BATCH, CLASSES = 2048, 512, 256, 100

@@ -38,6 +38,11 @@ view one crop-and-resize and the photometric ops on a ``crop``-sized image.
 **Test-time views** (:func:`tta_views`, :data:`TTA_VIEWS`): ``flip`` is the plain view and its
 mirror; ``five-crop`` is torchvision's FiveCrop of the resized image (centre first, then the four
 corners). The first test-time view is always the plain view, exactly.
+
+**Plans** (:class:`ViewPlan`): what ``extract --augment K --tta MODE`` and ``predict --tta MODE``
+cut from each decoded image, per preprocessing, in one loader worker: the plain view, ``K``
+augmented views, the test-time views after the first. The trunks see them as batches of one
+view index each, the plain batch exactly as an extraction without views runs it.
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as F
 
 from .errors import SettingsError
+from .store_views import TTA_VIEWS, extra_datasets
 from .views import Preprocessing
 
 
@@ -169,8 +175,6 @@ AUGMENT_POLICIES: Mapping[str, AugmentPolicy] = MappingProxyType({policy.name: p
 )})
 DEFAULT_AUGMENT_POLICY = "standard"
 
-# Test-time mode -> number of views it makes per image.
-TTA_VIEWS: Mapping[str, int] = MappingProxyType({"none": 1, "flip": 2, "five-crop": 5})
 
 
 def augment_policy(name: str) -> AugmentPolicy:
@@ -202,6 +206,64 @@ def tta_views(image: Image.Image, preprocessing: Preprocessing, mode: str) -> to
         return torch.stack([centre, top_left, top_right, bottom_left, bottom_right])
     plain = preprocessing.view(image)
     return torch.stack([plain, F.horizontal_flip(plain)]) if mode == "flip" else plain.unsqueeze(0)
+
+
+@dataclass(frozen=True)
+class ViewPlan:
+    """The views a run cuts from each decoded image, per preprocessing: the plain view, then
+    ``augment`` views of policy ``policy`` (view ``v`` of listing row ``i``: :meth:`AugmentPolicy.view`
+    with ``(seed, i, v)``), then the test-time views of ``tta`` after the first (the plain view).
+    Where a store keeps them: :mod:`featurekit.store_views`; the default plan is the plain view alone."""
+
+    augment: int = 0
+    policy: str = DEFAULT_AUGMENT_POLICY
+    seed: int = 0
+    tta: str = "none"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.augment, bool) or not isinstance(self.augment, int) or self.augment < 0:
+            raise AugmentError(f"--augment takes a number of views per image, 0 or more (got {self.augment!r})")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise AugmentError(f"--augment-seed takes an integer (got {self.seed!r})")
+        if self.augment and not augment_policy(self.policy).is_random:
+            raise AugmentError(f"augment policy {self.policy!r} makes every view the plain one; "
+                               f"choose one of {', '.join(n for n, p in AUGMENT_POLICIES.items() if p.is_random)}")
+        if self.tta not in TTA_VIEWS:
+            raise AugmentError(f"unknown test-time augmentation {self.tta!r} (known: {', '.join(TTA_VIEWS)})")
+
+    @property
+    def extra(self) -> dict[str, int]:
+        """The view datasets a store of this plan holds: name -> views per image, in the order of :meth:`views`."""
+        return extra_datasets(self.augment, self.tta)
+
+    @property
+    def count(self) -> int:
+        """Views per image, the plain one included."""
+        return 1 + sum(self.extra.values())
+
+    def identity(self) -> dict:
+        """The view fields of the identity of a store made under this plan (:class:`store.StoreIdentity`)."""
+        augmented = {"augment_views": self.augment, "augment_policy": augment_policy(self.policy).to_dict(),
+                     "augment_seed": self.seed} if self.augment else {}
+        return {**augmented, "tta": self.tta}
+
+    def describe(self) -> str:
+        parts = [f"{self.augment} augmented views ({self.policy}, seed {self.seed})"] if self.augment else []
+        parts += [f"{self.tta} test-time views"] if self.tta != "none" else []
+        return " and ".join(parts) or "plain views"
+
+    def views(self, image: Image.Image, preprocessing: Preprocessing, index: int) -> torch.Tensor:
+        """The views of listing row ``index``: ``uint8[count, 3, crop, crop]``, the plain view first."""
+        test_time = tta_views(image, preprocessing, self.tta)  # its first view is the plain one
+        if not self.augment:
+            return test_time
+        augmented = augment_policy(self.policy).views(image, preprocessing, self.seed, index, self.augment)
+        return torch.cat([test_time[:1], augmented, test_time[1:]])
+
+    def split(self, features: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Features ``[B, count, D]`` of :meth:`views` -> (plain ``[B, D]``, {view dataset: ``[B, views, D]``})."""
+        parts = torch.split(features, [1, *self.extra.values()], dim=1)
+        return parts[0][:, 0], dict(zip(self.extra, parts[1:]))
 
 
 @lru_cache(maxsize=64)

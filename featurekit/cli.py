@@ -172,6 +172,15 @@ def _add_extract(commands) -> None:
     p.add_argument("--decoder", default="auto", choices=["auto", "pil", "torchvision"],
                    help="JPEG decoding: auto (batched nvJPEG on CUDA, PIL workers on CPU), pil, torchvision")
     p.add_argument("--compile", action="store_true", help="torch.compile the trunks")
+    p.add_argument("--augment", type=int, default=0, metavar="K",
+                   help="also store K augmented views of each image (features_aug [N, K, D]), cut from the same "
+                        "decode; train-head uses them (docs/augment.md)")
+    p.add_argument("--augment-policy", default="standard", metavar="NAME",
+                   help="augmentation of --augment: standard or crop-flip (featurekit/augment.py)")
+    p.add_argument("--augment-seed", type=int, default=0, metavar="S",
+                   help="seed of the augmented views (view v of image i depends on S, i, v only)")
+    p.add_argument("--tta", default="none", choices=["none", "flip", "five-crop"],
+                   help="also store test-time views (features_tta), for train-head --tta on this split")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--shard", metavar="I/N", help="extract only block I (0..N-1) of N of the chunks; the last "
                                                    "shard to finish joins the stores (see below; default: every "
@@ -190,6 +199,7 @@ def _run_extract(args) -> int:
 
 
 def _extract(args, launch) -> int:
+    from .augment import ViewPlan
     from .backbones import load_backbone
     from .distributed import Shard
     from .extraction import ExtractSettings, extract_listings, list_split, report_listing
@@ -206,6 +216,7 @@ def _extract(args, launch) -> int:
         num_workers=args.workers, chunk_size=args.chunk_size, on_error=args.on_error, overwrite=args.overwrite,
         decode=decode, compile=args.compile, progress=not args.quiet and launch.rank == 0, launch=launch,
         shard=Shard.parse(args.shard) if args.shard is not None else None,
+        views=ViewPlan(args.augment, args.augment_policy, args.augment_seed, args.tta),
     ).resolved()
     report = launch.rank == 0
     log = (lambda line: print(line, file=sys.stderr)) if report else (lambda line: None)
@@ -239,8 +250,9 @@ def _extract(args, launch) -> int:
     processes = f" x {launch.world_size} processes" if launch.world_size > 1 else ""
     processes += f", shard {settings.shard}" if settings.shard else ""
     dtype = storage_dtype(settings.dtype, backbones)
+    views = f", with {settings.views.describe()}" if settings.views.count > 1 else ""
     print(f"{len(results)} stores in {elapsed:.1f} s{rate} ({settings.device}{processes}, {settings.precision}, "
-          f"stored as {dtype})")
+          f"stored as {dtype}{views})")
     return 0
 
 
@@ -316,6 +328,13 @@ def _run_info(args) -> int:
         print(f"  split {header.split} of {header.data_root}")
         print(f"  backbone {header.backbone} node {header.node}: features {header.dtype}[{len(contents.paths)}, "
               f"{header.feature_dim}]")
+        if header.extra_datasets:
+            shapes = header.feature_shapes(len(contents.paths))
+            about = {"features_aug": f"{header.augment_views} augmented views, policy "
+                                     f"{(header.augment_policy or {}).get('name')}, seed {header.augment_seed}",
+                     "features_tta": f"{header.tta} test-time views"}
+            print("  views: " + ", ".join(f"{name} {header.dtype}{list(shapes[name])} ({about[name]})"
+                                          for name in header.extra_datasets))
         print(f"  weights {header.weights} sha256 {header.weights_sha256} ({header.weights_source})")
         print(f"  preprocessing {json.dumps(header.preprocessing)}")
         print(f"  decode {json.dumps(header.decode)}, precision {header.precision} on {header.device}")
@@ -363,6 +382,11 @@ def _add_train_head(commands) -> None:
     parser.add_argument("--lr", type=float, help="MLP Adam learning rate (default: 1e-3)")
     parser.add_argument("--patience", type=int, help="MLP early stopping patience in epochs (default: 5)")
     parser.add_argument("--seed", type=int, help="MLP initialisation and batch order seed (default: 0)")
+    parser.add_argument("--no-augmented", action="store_true",
+                        help="ignore the train stores' augmented views (extract --augment), to compare")
+    parser.add_argument("--tta", default="none", choices=["none", "flip", "five-crop"],
+                        help="also report valid accuracy with test-time augmentation; the valid stores must hold "
+                             "those views (extract --split VALID --tta MODE)")
     parser.add_argument("--no-plots", action="store_true", help="write no PNG plots")
     parser.set_defaults(run=_run_train_head)
 
@@ -379,10 +403,12 @@ def _run_train_head(args) -> int:
         params["hidden_sizes"] = tuple(params["hidden_sizes"])
     valid_split = None if args.valid_split.lower() == "none" else args.valid_split
     report = train_head(args.features_dir, args.backbone, args.head, args.out, args.train_split, valid_split,
-                        params, plots=not args.no_plots, log=lambda line: print(line, file=sys.stderr))
+                        params, plots=not args.no_plots, log=lambda line: print(line, file=sys.stderr),
+                        augmented=not args.no_augmented, tta=args.tta)
     out = args.out or default_out_dir(args.features_dir, args.head, args.backbone)
-    valid = report["valid"]
+    valid, tta = report["valid"], report["valid_tta"]
     print(f"{report['head']} head: " + (f"{valid['split']} accuracy {valid['accuracy']:.4f}, " if valid else "")
+          + (f"with {tta['mode']} test-time augmentation {tta['accuracy']:.4f}, " if tta else "")
           + f"written to {out}/ ({', '.join(report['files'])})")
     return 0
 
@@ -443,6 +469,9 @@ def _add_predict(commands) -> None:
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
                         help="compute precision (default: the one the head's stores were extracted at); "
                              "another one is written in the output's .json")
+    parser.add_argument("--tta", default="none", choices=["none", "flip", "five-crop"],
+                        help="average each image's class probabilities over test-time views: flip (and mirror), "
+                             "five-crop (centre and corners)")
     parser.add_argument("--no-plots", action="store_true", help="labelled folders: no confusion-matrix PNG")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(run=_run_predict)
@@ -475,7 +504,7 @@ def _run_predict(args) -> int:
     _warn_random([b["store_name"] for b in metadata["backbones"] if b["weights"] == RANDOM], _stderr)
     settings = RunSettings(device=args.device, batch_size=args.batch_size, num_workers=args.workers,
                            progress=not args.quiet)
-    predictions = predict_files(head_path, args.paths, settings, weights_paths, args.precision)
+    predictions = predict_files(head_path, args.paths, settings, weights_paths, args.precision, args.tta)
     for line in predictions.notices:
         _stderr(line)
     for path, reason in predictions.errors:

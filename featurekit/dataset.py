@@ -49,6 +49,7 @@ from .store import (
     reading,
     store_path,
 )
+from .store_views import AUGMENTED, PLAIN
 
 READ_BLOCK_ROWS = 8192
 
@@ -73,7 +74,8 @@ class FeatureSet:
 
     ``features``: float32[N, C]; ``labels``: int64[N] indices into ``classes``; ``paths``: N paths
     relative to ``<root>/<split>``; ``stores``: where each backbone's columns are in ``features``;
-    ``columns``: int64[C], which columns of the full concatenation (sum D) ``features`` holds.
+    ``columns``: int64[C], which columns of the full concatenation (sum D) ``features`` holds;
+    ``views``: the view datasets asked for (``features_aug``, ``features_tta``), float32[N, views, C].
     """
 
     split: str
@@ -83,6 +85,7 @@ class FeatureSet:
     classes: list[str]
     stores: list[StoreInfo]
     columns: np.ndarray
+    views: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -149,34 +152,46 @@ def check_alignment(store_names: Sequence[str], contents: Sequence[StoreContents
 
 
 def check_same_extraction(train: FeatureSet, other: FeatureSet) -> None:
-    """Raise :class:`AlignmentError` if a backbone's features of two splits were not made alike."""
+    """Raise :class:`AlignmentError` if a backbone's plain features of two splits were not made alike
+    (the views each split holds besides them may differ: augmented ones for training, test-time ones to score)."""
     for mine, theirs in zip(train.stores, other.stores):
-        change = mine.header.identity.difference(theirs.header.identity)
+        change = mine.header.identity.without_views().difference(theirs.header.identity.without_views())
         if change:
             raise AlignmentError(f"{mine.store_name}: split {train.split!r} ({mine.path}) and split {other.split!r} "
                                  f"({theirs.path}) were extracted with other {change}; re-extract one of them")
 
 
 def load_features(features_dir: str | os.PathLike, split: str, store_names: Sequence[str],
-                  verify: bool = True, columns: slice | Sequence[int] | None = None) -> FeatureSet:
+                  verify: bool = True, columns: slice | Sequence[int] | None = None,
+                  views: Sequence[str] = ()) -> FeatureSet:
     """Read, check and concatenate the stores of ``store_names`` for ``split`` into float32[N, sum D].
 
     ``verify``: check each store's content checksum first (one more read of each file).
     ``columns``: only these columns of the concatenation (a slice, or increasing indices):
-    float32[N, len(columns)]; stores with none of them are not read.
+    float32[N, len(columns)]; stores with none of them are not read. ``views``: view datasets
+    to read too (:mod:`featurekit.store_views`), into ``FeatureSet.views``, the same columns of
+    each view; the stores agree on which they hold (the run fields), and one without them is refused.
     """
     headers, full = _checked_stores(features_dir, split, store_names, verify)
     chosen = _columns(columns, full[-1].columns.stop)
-    n, stores, position = len(headers[0].labels), [], 0
+    held, n = headers[0].header.extra_datasets, len(headers[0].labels)
+    for name in views:
+        if name not in held:
+            raise StoreError(f"{full[0].path}: no {name} (held: {', '.join(held) or 'none'}); "
+                             f"extract split {split!r} with {'--augment K' if name == AUGMENTED else '--tta MODE'}")
     features = np.empty((n, len(chosen)), dtype=np.float32)
+    loaded = {name: np.empty((n, held[name], len(chosen)), dtype=np.float32) for name in views}
+    stores, position = [], 0
     for info in full:
         local = chosen[(chosen >= info.columns.start) & (chosen < info.columns.stop)] - info.columns.start
         stores.append(dataclasses.replace(info, columns=slice(position, position + len(local))))
         if len(local):
-            _read_columns(info.path, local, features[:, position:position + len(local)])
+            for name, out in {PLAIN: features, **loaded}.items():
+                _read_columns(info.path, local, out[..., position:position + len(local)], name)
         position += len(local)
     first = headers[0]
-    return FeatureSet(split, features, first.labels.astype(np.int64), first.paths, first.classes, stores, chosen)
+    return FeatureSet(split, features, first.labels.astype(np.int64), first.paths, first.classes, stores, chosen,
+                      loaded)
 
 
 def _columns(columns: slice | Sequence[int] | None, total: int) -> np.ndarray:
@@ -194,15 +209,15 @@ def _columns(columns: slice | Sequence[int] | None, total: int) -> np.ndarray:
     return chosen
 
 
-def _read_columns(path: Path, local: np.ndarray, out: np.ndarray) -> None:
-    """Columns ``local`` (increasing) of a store's features into ``out`` (float32 [N, len(local)]),
-    in blocks of rows: memory beyond ``out`` is one block."""
+def _read_columns(path: Path, local: np.ndarray, out: np.ndarray, name: str = PLAIN) -> None:
+    """Columns ``local`` (increasing) of a store's features ``name`` into ``out`` (float32 [N, len(local)],
+    or [N, views, len(local)] for a view dataset), in blocks of rows: memory beyond ``out`` is one block."""
     contiguous = local[-1] - local[0] + 1 == len(local)
     with reading(path) as h5:
-        source = h5["features"]
+        source = h5[name]
         for start in range(0, len(out), READ_BLOCK_ROWS):
             rows = slice(start, start + READ_BLOCK_ROWS)
-            out[rows] = source[rows, local[0]:local[-1] + 1] if contiguous else source[rows][:, local]
+            out[rows] = source[rows, ..., local[0]:local[-1] + 1] if contiguous else source[rows][..., local]
 
 
 def _checked_stores(features_dir, split, store_names, verify) -> tuple[list[StoreContents], list[StoreInfo]]:

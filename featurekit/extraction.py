@@ -29,13 +29,15 @@ import torch
 import torchvision
 
 from . import __version__
+from .augment import ViewPlan
 from .backbones import Backbone, load_backbone
 from .distributed import Launch, Shard, barrier, block, broadcast, check_group
 from .errors import SettingsError
 from .images import DataError, SplitListing, list_split, printable_path
 from .partial import Chunk, uncovered
 from .runner import AUTO_DTYPE, RunSettings, TrunkRunner, storage_dtype, store_identity
-from .store import StoreHeader, StoreWriter, fingerprint, read_store
+from .store import StoreHeader, fingerprint, read_store
+from .store_writer import StoreWriter
 
 Log = Callable[[str], None]
 
@@ -70,6 +72,7 @@ class ExtractSettings(RunSettings):
     overwrite: bool = False  # replace stores, and discard committed chunks, made from other inputs
     launch: Launch = field(default_factory=Launch)  # this process's place in a torchrun job
     shard: Shard | None = None  # this process's block of the chunks, for launchers without a rendezvous
+    views: ViewPlan = field(default_factory=ViewPlan)  # augmented and test-time views stored beside the plain row
 
     def resolved(self) -> "ExtractSettings":
         launch = self.launch
@@ -77,7 +80,13 @@ class ExtractSettings(RunSettings):
             raise SettingsError(f"rank {launch.rank} is not one of world_size {launch.world_size}")
         if self.chunk_size < 1:
             raise SettingsError(f"--chunk-size must be at least 1 (got {self.chunk_size})")
-        run = RunSettings.resolved(self, launch.local_rank if launch.world_size > 1 else None,
+        settings = self
+        if self.views.count > 1:  # views are cut from PIL images: auto decodes with PIL then, on any device
+            if self.decode.backend == "torchvision":
+                raise SettingsError(f"{self.views.describe()} are cut from PIL-decoded images: use --decoder pil "
+                                    "or auto, not torchvision")
+            settings = dataclasses.replace(self, decode=dataclasses.replace(self.decode, backend="pil"))
+        run = RunSettings.resolved(settings, launch.local_rank if launch.world_size > 1 else None,
                                    launch.local_world_size)
         return dataclasses.replace(run, chunk_size=-(-self.chunk_size // run.batch_size) * run.batch_size)
 
@@ -160,7 +169,8 @@ def missing_chunks(committed: Sequence[Sequence[tuple[int, int]]], n: int, chunk
 
 def _writer(listing: SplitListing, backbone: Backbone, settings: ExtractSettings, out_dir: str | Path,
             log: Log) -> StoreWriter:
-    identity, digest = store_identity(backbone, settings), listing.sha256()
+    identity = dataclasses.replace(store_identity(backbone, settings), **settings.views.identity())
+    digest = listing.sha256()
     header = StoreHeader(
         **identity.to_dict(), split=listing.split, data_root=printable_path(str(listing.root.resolve())),
         listing_sha256=digest,
@@ -224,14 +234,15 @@ def _compute(runner: TrunkRunner, listing: SplitListing, writers: list[StoreWrit
         rows: dict[str, list[torch.Tensor]] = {}
         kept: list[int] = []
         failed: list[tuple[int, str, str]] = []
-        for batch, outputs in runner.stream(sources, todo, f"extract {listing.split}"):
+        for batch, outputs in runner.stream(sources, todo, f"extract {listing.split}", settings.views):
             for name, features in outputs.items():
                 rows.setdefault(name, []).append(features)
             kept.extend(batch.indices)
             failed.extend(batch.errors)
             if batch.last_in_chunk:
                 host, copied = runner.to_host(rows)
-                pending.append(background.submit(_commit, writers, batch.chunk, host, copied, kept, failed))
+                pending.append(background.submit(_commit, writers, batch.chunk, host, copied, kept, failed,
+                                                 settings.views))
                 rows, kept, failed = {}, [], []
                 while pending and pending[0].done():  # a failed commit surfaces now, not at the end
                     pending.pop(0).result()
@@ -241,7 +252,7 @@ def _compute(runner: TrunkRunner, listing: SplitListing, writers: list[StoreWrit
 
 
 def _commit(writers: list[StoreWriter], chunk: tuple[int, int], host: dict[str, torch.Tensor], copied,
-            kept: list[int], failed: list[tuple[int, str, str]]) -> None:
+            kept: list[int], failed: list[tuple[int, str, str]], plan: ViewPlan) -> None:
     """Background thread: wait for the chunk's copy to the host, then commit it to every store."""
     if copied is not None:
         copied.synchronize()
@@ -249,7 +260,9 @@ def _commit(writers: list[StoreWriter], chunk: tuple[int, int], host: dict[str, 
     skipped = np.asarray([index for index, _, _ in failed], dtype=np.int64)
     reasons = tuple(reason for _, _, reason in failed)
     for writer in writers:
-        writer.commit(Chunk(chunk[0], chunk[1], kept_rows, host[writer.store_name].numpy(), skipped, reasons))
+        features, views = plan.split(host[writer.store_name]) if plan.count > 1 else (host[writer.store_name], {})
+        writer.commit(Chunk(chunk[0], chunk[1], kept_rows, features.numpy(), skipped, reasons,
+                            {name: values.numpy() for name, values in views.items()}))
 
 
 def _say(message: str) -> None:

@@ -369,7 +369,9 @@ class MLPHead(Head):
     With validation rows: each ``weight_decay_grid`` value trains until the validation score has
     not improved for ``patience`` epochs, and its best epoch's weights are kept. ``history_`` has
     one dict per epoch of the kept candidate: train_loss, val_accuracy, val_log_loss, seconds.
-    Training runs on ``device``; the fitted module lives on the CPU.
+    Training runs on ``device``; the fitted module lives on the CPU. ``fit(..., views=)``: other
+    views of the training rows (augmented features, float32[N, K, D]); each epoch then trains on
+    one of the K + 1 views of each row, the plain one among them, drawn with the batch order's generator.
     """
 
     kind = "mlp"
@@ -392,20 +394,43 @@ class MLPHead(Head):
         self.seed = seed
         self.standardize = standardize
 
+    def fit(self, X: np.ndarray, y: np.ndarray, X_val: np.ndarray | None = None, y_val: np.ndarray | None = None,
+            views: np.ndarray | None = None) -> "MLPHead":
+        """:meth:`Head.fit`; ``views``: float32[N, K, D], K other views of each row of ``X`` (see the class)."""
+        if views is not None:
+            views = np.asarray(views, dtype=np.float32)
+            if views.ndim != 3 or views.shape[0] != len(X) or views.shape[2] != np.shape(X)[1]:
+                raise SettingsError(f"mlp head: views must be [N, K, D] = [{len(X)}, K, {np.shape(X)[1]}], "
+                                    f"not {list(views.shape)}")
+        self._views = views  # for _fit_one only: never kept in the fitted head
+        try:
+            return super().fit(X, y, X_val, y_val)
+        finally:
+            del self._views
+
     def _fit_one(self, X, t, validation, value):
         device = torch.device(resolve_device(self.device))
+        views = getattr(self, "_views", None)
+        if views is not None:  # [N, K + 1, D], plain first, standardised as X was
+            views = np.concatenate([X[:, None], self._scale(views.reshape(-1, X.shape[1])).reshape(views.shape)], 1)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(self.seed)  # same init and dropout masks for every candidate and run
             model = build_mlp(X.shape[1], tuple(self.hidden_sizes), len(self.classes_), self.dropout).to(device)
-            return self._train(model, torch.from_numpy(X).to(device), torch.from_numpy(t).to(device), validation, value)
+            inputs = torch.from_numpy(X if views is None else views).to(device)
+            return self._train(model, inputs, torch.from_numpy(t).to(device), validation, value)
 
     def _train(self, model: nn.Module, X: torch.Tensor, t: torch.Tensor, validation, weight_decay: float):
+        """``X``: float32[N, D], or [N, V, D] views of each row, one drawn per row and epoch."""
         optimizer = torch.optim.Adam(model.parameters(), lr=self.lr, weight_decay=weight_decay)
         order = torch.Generator().manual_seed(self.seed)
         history, best, best_state, stale = [], None, None, 0
         for epoch in range(self.max_epochs):
             start = time.perf_counter()
-            train_loss = train_epoch(model, optimizer, X, t, self.batch_size, order)
+            rows = X
+            if X.ndim == 3:  # this epoch's view of each row
+                chosen = torch.randint(X.shape[1], (len(X),), generator=order).to(X.device)
+                rows = X[torch.arange(len(X), device=X.device), chosen]
+            train_loss = train_epoch(model, optimizer, rows, t, self.batch_size, order)
             record = {"epoch": epoch + 1, "train_loss": train_loss, "seconds": time.perf_counter() - start}
             if validation is not None:
                 record.update(self._scores(model, validation))

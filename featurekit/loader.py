@@ -18,6 +18,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from .augment import ViewPlan
+from .errors import SettingsError
 from .gpu_decode import RawJpeg, read_for_gpu
 from .images import DecodePolicy, ImageDecodeError, decode_image, to_rgb
 from .views import Preprocessing
@@ -49,12 +51,19 @@ class ViewDataset(Dataset):
 
     The payload is ``{key: uint8 view}`` after a PIL decode, a :class:`RawJpeg` for the GPU
     (``policy.backend == "torchvision"``), or ``(name, reason)`` when the image cannot be decoded.
+    With a ``plan`` of several views, each view is ``uint8[plan.count, 3, crop, crop]`` (the plain
+    view first), all cut from one PIL decode of image ``i`` (``i``: its listing index, which seeds them).
     """
 
-    def __init__(self, sources: Sequence[Source], preprocessings: Sequence[Preprocessing], policy: DecodePolicy):
+    def __init__(self, sources: Sequence[Source], preprocessings: Sequence[Preprocessing], policy: DecodePolicy,
+                 plan: ViewPlan | None = None):
         self.sources = list(sources)
         self.preprocessings = {p.key: p for p in preprocessings}
         self.policy = policy
+        self.plan = plan if plan is not None and plan.count > 1 else None
+        if self.plan is not None and policy.backend == "torchvision":
+            raise SettingsError(f"{self.plan.describe()} are cut from PIL-decoded images, not with the torchvision "
+                                "(nvJPEG) decoder: decode with --decoder pil")
 
     def __len__(self) -> int:
         return len(self.sources)
@@ -74,6 +83,8 @@ class ViewDataset(Dataset):
 
     def _views(self, image: Image.Image, index: int) -> dict[str, torch.Tensor]:
         """The views of image ``index`` (subclasses make other views than the plain one)."""
+        if self.plan is not None:
+            return {key: self.plan.views(image, p, index) for key, p in self.preprocessings.items()}
         return {key: p.view(image) for key, p in self.preprocessings.items()}
 
 

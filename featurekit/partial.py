@@ -54,6 +54,7 @@ class Chunk:
     features: np.ndarray  # float16|float32 [n, D]
     skipped: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # int64[k]
     reasons: tuple[str, ...] = ()
+    views: dict[str, np.ndarray] = field(default_factory=dict)  # view dataset -> float16|float32 [n, views, D]
 
 
 @dataclass(frozen=True)
@@ -186,15 +187,17 @@ class PartialStore:
 
     def write(self, chunk: Chunk) -> None:
         """Commit one chunk atomically (temporary name, fsync, rename, fsync directory)."""
-        bad = ~np.isfinite(chunk.features).all(axis=1)
-        if bad.any():
-            cause = ("overflow of float16: use --dtype float32" if chunk.features.dtype == np.float16
-                     else "NaN/Inf from the model")
-            raise StoreError(f"{self.final}: non-finite features for row {int(chunk.kept[bad.argmax()])} ({cause})")
+        for name, values in {"features": chunk.features, **chunk.views}.items():
+            bad = ~np.isfinite(values).all(axis=tuple(range(1, values.ndim)))
+            if bad.any():
+                cause = ("overflow of float16: use --dtype float32" if values.dtype == np.float16
+                         else "NaN/Inf from the model")
+                what = "features" if name == "features" else f"{name} features"
+                raise StoreError(f"{self.final}: non-finite {what} for row {int(chunk.kept[bad.argmax()])} ({cause})")
         target = self.chunk_path(chunk.start, chunk.stop)
         with atomic_output(target, "cannot write chunk", crash_at="chunk-tmp-written") as temporary:
             with open(temporary, "wb") as handle:
-                np.savez(handle, kept=chunk.kept, features=chunk.features, skipped=chunk.skipped,
+                np.savez(handle, kept=chunk.kept, features=chunk.features, skipped=chunk.skipped, **chunk.views,
                          reasons=np.array(chunk.reasons, dtype=str).reshape(-1), fingerprint=np.array(self.fingerprint))
         crash_point("chunk-committed")
 
@@ -208,13 +211,13 @@ class PartialStore:
                 reasons.extend(data["reasons"].tolist())
         return JoinedRows(np.concatenate(kept), np.concatenate(skipped), reasons, tiling)
 
-    def copy_features(self, rows: JoinedRows, target) -> None:
-        """Write the features of every chunk of ``rows.tiling`` into ``target`` (an h5py dataset of
-        [len(rows.kept), D]) in order, one chunk in memory at a time."""
+    def copy_features(self, rows: JoinedRows, target, name: str = "features") -> None:
+        """Write the features ``name`` (``features``, or a view dataset) of every chunk of ``rows.tiling``
+        into ``target`` (an h5py dataset of [len(rows.kept), ...]) in order, one chunk in memory at a time."""
         position = 0
         for start, stop in rows.tiling:
             with self._open_chunk(start, stop) as data:
-                features = data["features"]
+                features = data[name]
             if features.shape[1:] != target.shape[1:] or features.dtype != target.dtype:
                 raise RuntimeError(f"{self.final}: chunk {start}-{stop} holds {features.dtype}{list(features.shape)}, "
                                    f"the store {target.dtype}{list(target.shape)}")

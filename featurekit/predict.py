@@ -14,6 +14,9 @@ Input: image files and folders, under the rule of :mod:`featurekit.inputs` (a la
 (one probability column per class, in the head's class order), with ``topk`` the K likeliest classes
 instead, or with ``--format kaggle`` the dogs-vs-cats submission ``id,label`` (id = file stem, label
 = probability of the second class); beside it ``<out>.json`` says how the features were made.
+With test-time augmentation (``tta``: ``flip``, ``five-crop``; :func:`augment.tta_views`) each
+image's class probabilities are averaged over its test-time views, cut from its one decode and
+run through the same trunk runner.
 
 The classifier: a head file of ``train-head`` or a fine-tuned model of ``finetune`` (its
 ``model.json``: the trunks are then the fine-tuned ones), or the folder either wrote
@@ -33,6 +36,7 @@ from typing import Sequence, TextIO
 import numpy as np
 
 from . import __version__
+from .augment import ViewPlan
 from .backbones import Backbone, load_backbone
 from .errors import FeaturekitError, SettingsError, short
 from .files import atomic_output, atomic_write
@@ -43,6 +47,7 @@ from .images import DecodePolicy
 from .inputs import Inputs, collect_inputs
 from .runner import FileFeatures, RunSettings, TrunkRunner, store_identity
 from .store import StoreIdentity
+from .train import test_time_proba
 
 
 class HeadMismatchError(FeaturekitError, ValueError):
@@ -62,6 +67,7 @@ class Predictions:
     truth: list[str | None] = dataclasses.field(default_factory=list)  # per row: class folder of a labelled folder
     notices: list[str] = dataclasses.field(default_factory=list)  # what the given folders held and was left out
     labelled_folders: list[str] = dataclasses.field(default_factory=list)  # printable
+    tta: str = "none"  # test-time augmentation the probabilities are averaged over
 
     @property
     def predicted(self) -> list[str]:
@@ -118,7 +124,8 @@ def check_backbone(head_path: Path, recorded: dict, backbone: Backbone, settings
     """Raise :class:`HeadMismatchError` unless ``backbone`` under ``settings`` makes the features
     ``recorded`` describes (its precision aside: :func:`recorded_settings` decided it); the message
     ends "refusing to ``purpose``"."""
-    expected = dataclasses.replace(StoreIdentity.from_dict(recorded), precision=settings.precision)
+    # the plain rows' identity: views stored beside them (augmented, test-time) do not change them
+    expected = dataclasses.replace(StoreIdentity.from_dict(recorded).without_views(), precision=settings.precision)
     found = expected.difference(store_identity(backbone, settings))
     if found and found.field == "weights_sha256":
         raise HeadMismatchError(
@@ -152,7 +159,8 @@ def head_backbones(head_path: Path, metadata: dict, settings: RunSettings,
 @dataclass
 class HeadFeatures:
     """A head, and features of image files made as its stores were: ``extracted.features`` holds
-    float32[len(extracted.kept), D] per backbone, in the head's order; ``settings`` what ran."""
+    float32[len(extracted.kept), D] per backbone, in the head's order (with test-time views
+    ``[len(kept), views, D]``, the plain view first); ``settings`` what ran."""
 
     head: Head | FinetunedHead
     metadata: dict
@@ -163,46 +171,59 @@ class HeadFeatures:
 
 
 def head_features(head_path: str | os.PathLike, paths: Sequence[str | os.PathLike], settings: RunSettings | None = None,
-                  weights_paths: dict[str, str] | None = None, precision: str | None = None) -> HeadFeatures:
+                  weights_paths: dict[str, str] | None = None, precision: str | None = None,
+                  tta: str = "none") -> HeadFeatures:
     """Features of ``paths`` (files or folders) for the head at ``head_path``: the rows extract
     would have stored for those files under the head's stores' recorded settings. ``head_path``
     may also be a fine-tuned model (``model.json`` or its folder): its trunks are the fine-tuned ones.
 
     ``settings`` gives the device, batch size and workers; the decode policy, precision and dtype
     are the recorded ones (``precision`` overrides the precision). Undecodable files are reported,
-    not raised.
+    not raised. ``tta``: also the test-time views of that mode (:class:`HeadFeatures`).
     """
     head_path = find_head_file(head_path)
     head, metadata = load_classifier(head_path)
+    plan = ViewPlan(tta=tta)  # an unknown mode is refused before any image is read
     inputs = collect_inputs(paths, metadata["classes"])
-    extracted, settings = recorded_features(head_path, metadata, inputs.files, settings, weights_paths, precision)
+    extracted, settings = recorded_features(head_path, metadata, inputs.files, settings, weights_paths, precision,
+                                            plan=plan)
     return HeadFeatures(head, metadata, [Path(path) for path, _ in inputs.files], extracted, settings, inputs)
 
 
 def recorded_features(source: Path, metadata: dict, files: Sequence[tuple[str, str]],
                       settings: RunSettings | None = None, weights_paths: dict[str, str] | None = None,
-                      precision: str | None = None, label: str = "predict") -> tuple[FileFeatures, RunSettings]:
+                      precision: str | None = None, label: str = "predict", plan: ViewPlan | None = None,
+                      ) -> tuple[FileFeatures, RunSettings]:
     """Features of ``files`` ((OS path, name) pairs) as the stores ``metadata["backbones"]`` records
     describe would hold them (``source``: the head or store those records come from, for messages),
-    and the resolved settings that made them. Undecodable files are reported, not raised."""
+    and the resolved settings that made them; with a ``plan`` of several views, ``[N, views, D]``.
+    Undecodable files are reported, not raised."""
     base = dataclasses.replace(settings or RunSettings(progress=False), on_error="skip")
     settings = recorded_settings(source, metadata, base, precision).resolved()
+    if plan is not None and plan.count > 1 and settings.decode.backend != "pil":
+        raise HeadMismatchError(f"{source}: its stores were decoded with {settings.decode.backend} (nvJPEG) and "
+                                f"{plan.describe()} are cut from PIL-decoded images; extract with --decoder pil")
     backbones = head_backbones(source, metadata, settings, weights_paths)
-    extracted = TrunkRunner(backbones, settings).embed(files, label)
+    extracted = TrunkRunner(backbones, settings).embed(files, label, plan)
     extracted.features = {b.store_name: extracted.features[b.store_name] for b in backbones}
     return extracted, settings
 
 
 def predict_files(head_path: str | os.PathLike, paths: Sequence[str | os.PathLike], settings: RunSettings | None = None,
-                  weights_paths: dict[str, str] | None = None, precision: str | None = None) -> Predictions:
-    """Classify image files (or folders of them) with a head file; see :func:`head_features`."""
-    made = head_features(head_path, paths, settings, weights_paths, precision)
-    features = np.concatenate(list(made.extracted.features.values()), axis=1)
+                  weights_paths: dict[str, str] | None = None, precision: str | None = None,
+                  tta: str = "none") -> Predictions:
+    """Classify image files (or folders of them) with a head file; see :func:`head_features`.
+    ``tta``: average the class probabilities over that mode's test-time views (flip, five-crop)."""
+    made = head_features(head_path, paths, settings, weights_paths, precision, tta)
+    features = np.concatenate(list(made.extracted.features.values()), axis=-1)  # [N, D] or [N, views, D]
     classes = list(made.metadata["classes"])
-    proba = made.head.predict_proba(features) if len(features) else np.zeros((0, len(classes)))
+    if not len(features):
+        proba = np.zeros((0, len(classes)))
+    else:
+        proba = test_time_proba(made.head, features) if features.ndim == 3 else made.head.predict_proba(features)
     kept = made.extracted.kept
     return Predictions([str(made.files[i]) for i in kept], classes, proba, made.extracted.errors, made.settings,
-                       [made.inputs.truth[i] for i in kept], made.inputs.notices, made.inputs.labelled)
+                       [made.inputs.truth[i] for i in kept], made.inputs.notices, made.inputs.labelled, tta)
 
 
 FORMS = ("csv", "kaggle")
@@ -265,7 +286,7 @@ def write_predictions(predictions: Predictions, out: Path | TextIO, head_path: P
         _write_csv(handle, header, rows)
     settings = predictions.settings
     about = {"head": str(head_path), "rows": len(predictions.paths), "format": form, "topk": topk,
-             "class_names": class_names,
+             "class_names": class_names, "tta": predictions.tta,
              "device": settings.device, "precision": settings.precision, "dtype": settings.dtype,
              "decode": settings.decode.to_dict(), "skipped": [{"path": p, "reason": r} for p, r in predictions.errors],
              "featurekit": __version__}

@@ -27,6 +27,7 @@ from torch.fx.experimental.optimization import matches_module_pattern, replace_n
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 from tqdm import tqdm
 
+from .augment import ViewPlan
 from .backbones import Backbone, load_backbone
 from .errors import SettingsError
 from .gpu_decode import decode_batch
@@ -226,50 +227,64 @@ class TrunkRunner:
         self.preprocessings = {b.preprocessing.key: b.preprocessing for b in self.backbones}
 
     def stream(self, sources: Sequence[Source], chunks: Sequence[tuple[int, int]], label: str,
-               ) -> Iterator[tuple[ViewBatch, dict[str, torch.Tensor]]]:
-        """Yield ``(batch, {store_name: features[B, D]})`` over the row ``chunks`` of ``sources``, in order.
+               plan: ViewPlan | None = None) -> Iterator[tuple[ViewBatch, dict[str, torch.Tensor]]]:
+        """Yield ``(batch, {store_name: features[B, D]})`` over the row ``chunks`` of ``sources``, in order;
+        with a ``plan`` of several views, ``features[B, plan.count, D]`` (:meth:`ViewPlan.split` them).
 
         Batches never cross a chunk. Decode failures raise under ``on_error=fail`` and ride along
         in ``batch.errors`` otherwise.
         """
-        dataset = ViewDataset(sources, [b.preprocessing for b in self.backbones], self.settings.decode)
+        dataset = ViewDataset(sources, [b.preprocessing for b in self.backbones], self.settings.decode, plan)
+        count = dataset.plan.count if dataset.plan else 1
         total = sum(stop - start for start, stop in chunks)
         with tqdm(total=total, desc=label, unit="img", disable=not self.settings.progress, file=sys.stderr,
                   dynamic_ncols=True) as bar:
             for batch in iterate_views(dataset, chunks, self.settings.batch_size, self.settings.num_workers,
                                        pin_memory=self.device.type == "cuda"):
                 self._raise_failed(batch)
-                outputs = self.forward(batch)  # may move GPU-decode failures to batch.errors
+                outputs = self.forward(batch, count)  # may move GPU-decode failures to batch.errors
                 self._raise_failed(batch)
                 yield batch, outputs
                 bar.update(len(batch.indices) + len(batch.errors))
 
-    def embed(self, sources: Sequence[Source], label: str = "features") -> FileFeatures:
-        """Features of ``sources`` (image paths or PIL images) in memory, float32, no store."""
+    def embed(self, sources: Sequence[Source], label: str = "features", plan: ViewPlan | None = None) -> FileFeatures:
+        """Features of ``sources`` (image paths or PIL images) in memory, float32, no store; with a
+        ``plan`` of several views, float32[N, plan.count, D] (the plain view first)."""
         rows: dict[str, list[torch.Tensor]] = {b.store_name: [] for b in self.backbones}
         result = FileFeatures({}, [], [])
         chunks = [(start, min(start + self.settings.batch_size, len(sources)))
                   for start in range(0, len(sources), self.settings.batch_size)]
-        for batch, outputs in self.stream(sources, chunks, label):
+        for batch, outputs in self.stream(sources, chunks, label, plan):
             for name, features in outputs.items():
                 rows[name].append(features.float().cpu())
             result.kept.extend(batch.indices)
             result.errors.extend((path, reason) for _, path, reason in batch.errors)
+        per_image = (plan.count,) if plan is not None and plan.count > 1 else ()
         result.features = {b.store_name: torch.cat(rows[b.store_name]).numpy() if rows[b.store_name]
-                           else np.zeros((0, b.feature_dim), np.float32) for b in self.backbones}
+                           else np.zeros((0, *per_image, b.feature_dim), np.float32) for b in self.backbones}
         return result
 
-    def forward(self, batch: ViewBatch) -> dict[str, torch.Tensor]:
-        """Every trunk on the batch: ``{store_name: float16|float32 [B, D]}`` on the device.
+    def forward(self, batch: ViewBatch, count: int = 1) -> dict[str, torch.Tensor]:
+        """Every trunk on the batch: ``{store_name: float16|float32 [B, D]}`` on the device; for
+        ``count`` views per image (``uint8[B, count, 3, crop, crop]``), ``[B, count, D]``, each view
+        index run as one batch of the B images, so the plain views run as without other views.
 
         GPU-decoded images that fail are moved to ``batch.errors`` first, so ``batch.indices``
         lists exactly the rows returned.
         """
         views = self._views(batch)
-        storage = getattr(torch, self.settings.dtype)
         if not batch.indices:
-            return {b.store_name: torch.zeros(0, b.feature_dim, dtype=storage, device=self.device)
-                    for b in self.backbones}
+            per_image = (count,) if count > 1 else ()
+            return {b.store_name: torch.zeros(0, *per_image, b.feature_dim, dtype=getattr(torch, self.settings.dtype),
+                                              device=self.device) for b in self.backbones}
+        if count > 1:
+            per_view = [self._forward(batch, {key: view[:, v] for key, view in views.items()}) for v in range(count)]
+            return {name: torch.stack([outputs[name] for outputs in per_view], dim=1) for name in per_view[0]}
+        return self._forward(batch, views)
+
+    def _forward(self, batch: ViewBatch, views: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Every trunk on one view of each image of the batch: ``{store_name: [B, D]}``."""
+        storage = getattr(torch, self.settings.dtype)
         memory_format = torch.channels_last if self.settings.channels_last else torch.contiguous_format
         count, dtype = len(batch.indices), PRECISIONS[self.settings.precision]
         outputs = {}

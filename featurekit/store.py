@@ -1,4 +1,4 @@
-"""Stage 5: the HDF5 feature store, the one place that knows its format and its life cycle.
+"""Stage 5: the HDF5 feature store, the one place that knows its format (its life cycle: store_writer.py).
 
 One file per (split, backbone), ``<out>/<split>/<store_name>.h5``, with the datasets listed in
 docs/store-format.md (``features`` float16|float32 [N, D], ``labels`` int64 [N], ``paths``, ...).
@@ -7,9 +7,10 @@ Its attributes are the fields of :class:`StoreHeader` (dicts as JSON), ``format`
 :class:`StoreIdentity`, the part that decides the values, is what fingerprints, stale-cache
 refusals, a head's records and the checks across joined stores all derive from.
 
-:class:`StoreWriter` is the life cycle: a store is reused only if it is this very extraction and
-whole; otherwise its chunks are committed (:mod:`featurekit.partial`) and joined into a file
-written under a temporary name and renamed into place: a file under a final name is complete.
+A store may hold views of each image beside its plain row (``extract --augment``/``--tta``):
+``features_aug``, ``features_tta`` (:mod:`featurekit.store_views`); the identity's view fields say
+which, and are recorded only where there are views, so a store without any is what it was in
+format 2. :class:`~featurekit.store_writer.StoreWriter` writes stores.
 """
 
 from __future__ import annotations
@@ -19,22 +20,20 @@ import dataclasses
 import hashlib
 import json
 import os
-import sys
-import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Callable, ClassVar, Iterator, Mapping, NamedTuple
+from typing import ClassVar, Iterator, Mapping, NamedTuple
 
 import h5py
 import numpy as np
 
 from .errors import first_line, short
-from .files import atomic_output, crash_point
-from .images import SplitListing, listing_changes, printable_path
-from .partial import Chunk, PartialStore, StoreError, store_lock, uncovered
+from .partial import StoreError
+from .store_views import PLAIN, extra_datasets
 
 FORMAT = "featurekit.store"
-FORMAT_VERSION = 2  # 2: listing_sha256; identity and header as one schema
+FORMAT_VERSION = 3  # 2: listing_sha256; identity and header as one schema. 3: views beside the plain row
+READABLE_VERSIONS = (2, 3)  # a format 2 store reads as a store without views (its attributes are format 3's)
 
 # Bumped whenever a change to featurekit alters the features computed from the same images, weights
 # and settings (trunk construction, decoding, resizing). It is part of every store's identity, so a
@@ -59,25 +58,49 @@ class StoreIdentity:
     precision: str  # fp32 | bf16 | fp16
     dtype: str  # storage: float16 | float32
     features_version: int
+    # The views beside the plain row (featurekit.store_views), recorded only where a store has them.
+    augment_views: int = field(default=0, kw_only=True)
+    augment_policy: dict | None = field(default=None, kw_only=True)  # augment.AugmentPolicy.to_dict()
+    augment_seed: int = field(default=0, kw_only=True)
+    tta: str = field(default="none", kw_only=True)  # test-time views: none | flip | five-crop
 
+    VIEW_FIELDS: ClassVar[tuple[str, ...]] = ("augment_views", "augment_policy", "augment_seed", "tta")
     # What one run shares among its stores: stores joined for a head (rebuilt together by predict) agree on it.
-    RUN_FIELDS: ClassVar[tuple[str, ...]] = ("decode", "precision", "dtype", "features_version")
+    RUN_FIELDS: ClassVar[tuple[str, ...]] = ("decode", "precision", "dtype", "features_version", *VIEW_FIELDS)
 
     def __post_init__(self) -> None:
-        for name in ("preprocessing", "decode"):  # tuples -> lists, as JSON gives them back
+        for name in ("preprocessing", "decode", "augment_policy"):  # tuples -> lists, as JSON gives them back
             object.__setattr__(self, name, json.loads(json.dumps(getattr(self, name), sort_keys=True)))
 
     @property
     def identity(self) -> "StoreIdentity":
         return StoreIdentity(**{f.name: getattr(self, f.name) for f in fields(StoreIdentity)})
 
+    @property
+    def extra_datasets(self) -> dict[str, int]:
+        """The view datasets beside ``features``: name -> views per row (float[N, views, D])."""
+        return extra_datasets(self.augment_views, self.tta)
+
+    def without_views(self) -> "StoreIdentity":
+        """The identity of the plain ``features`` alone, as a store of the same trunk without views has it."""
+        return dataclasses.replace(self.identity, **{f.name: f.default for f in fields(StoreIdentity)
+                                                     if f.name in self.VIEW_FIELDS})
+
     def to_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(StoreIdentity)}
+        return self._recorded({f.name: getattr(self, f.name) for f in fields(StoreIdentity)})
+
+    def _recorded(self, values: dict) -> dict:
+        """``values`` with the augment fields only where there are augmented views, ``tta`` only where
+        there are test-time views: a store without views keeps format 2's identity and fingerprint."""
+        augment, tta = self.VIEW_FIELDS[:3], self.VIEW_FIELDS[3:]
+        unused = set((augment if not self.augment_views else ()) + (tta if self.tta == "none" else ()))
+        return {name: value for name, value in values.items() if name not in unused}
 
     @classmethod
     def from_dict(cls, values: Mapping) -> "StoreIdentity":
         """The identity fields of ``values`` (a header's, a head's record); extra keys are ignored."""
-        return StoreIdentity(**{f.name: values[f.name] for f in fields(StoreIdentity)})
+        return StoreIdentity(**{f.name: values[f.name] for f in fields(StoreIdentity)
+                                if f.name in values or f.name not in cls.VIEW_FIELDS})
 
     def difference(self, other: "StoreIdentity", names: tuple[str, ...] | None = None) -> "Difference | None":
         """The first field (of ``names``, default all) that differs from ``other``'s, or None."""
@@ -121,8 +144,13 @@ class StoreHeader(StoreIdentity):
         return {**self.identity.to_dict(), "weights": self.weights, "weights_source": self.weights_source,
                 "feature_dim": self.feature_dim}
 
+    def feature_shapes(self, rows: int) -> dict[str, tuple[int, ...]]:
+        """Every features dataset of a store of ``rows`` rows: ``features`` [N, D], then the views [N, views, D]."""
+        views = {name: (rows, count, self.feature_dim) for name, count in self.extra_datasets.items()}
+        return {PLAIN: (rows, self.feature_dim), **views}
+
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return self._recorded(dataclasses.asdict(self))
 
     def to_attrs(self) -> dict:
         """HDF5 attributes: dict fields as JSON, the rest as they are."""
@@ -137,9 +165,9 @@ class StoreHeader(StoreIdentity):
             raise StoreError(f"{path}: missing attribute{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
         values = {}
         for f in fields(cls):
-            value = attrs.get(f.name, f.default)
-            value = value.item() if isinstance(value, np.generic) else value
-            values[f.name] = json.loads(value) if f.type == "dict" else value
+            if f.name in attrs:
+                value = attrs[f.name].item() if isinstance(attrs[f.name], np.generic) else attrs[f.name]
+                values[f.name] = json.loads(value) if f.type.startswith("dict") else value
         return cls(**values)
 
 
@@ -163,6 +191,7 @@ class StoreContents:
     paths: list[str]
     classes: list[str]
     skipped: list[tuple[str, str]]
+    views: dict[str, np.ndarray] = field(default_factory=dict)  # view dataset -> float16|float32 [N, views, D]
 
 
 def open_h5(path: str | os.PathLike) -> h5py.File:
@@ -176,7 +205,7 @@ def open_h5(path: str | os.PathLike) -> h5py.File:
         version, complete = int(h5.attrs.get("format_version", -1)), h5.attrs.get("complete", False)
         if h5.attrs.get("format") != FORMAT:
             problem = "not a featurekit store (no format attribute)"
-        elif version != FORMAT_VERSION:
+        elif version not in READABLE_VERSIONS:
             newer = version > FORMAT_VERSION
             problem = (f"store format {version} is {'newer' if newer else 'older'} than this featurekit's "
                        f"({FORMAT_VERSION}); {'upgrade featurekit' if newer else 're-extract it: extract --overwrite'}")
@@ -212,12 +241,13 @@ def read_store(path: str | os.PathLike, features: bool = True) -> StoreContents:
     ``classes`` are refused: they would index the wrong class, or none."""
     with reading(path) as h5:
         header = StoreHeader.from_attrs(h5.attrs, path)
-        classes, labels = _strings(h5["classes"]), h5["labels"][()]
+        classes, labels = strings(h5["classes"]), h5["labels"][()]
         if labels.size and (labels.min() < 0 or labels.max() >= len(classes)):
             raise StoreError(f"{path}: labels outside 0-{len(classes) - 1} (the store is damaged)")
         return StoreContents(Path(path), header, h5["features"][()] if features else np.zeros((0, 0), np.float16),
-                             labels, _strings(h5["paths"]), classes,
-                             list(zip(_strings(h5["skipped_paths"]), _strings(h5["skipped_reasons"]))))
+                             labels, strings(h5["paths"]), classes,
+                             list(zip(strings(h5["skipped_paths"]), strings(h5["skipped_reasons"]))),
+                             {name: h5[name][()] for name in header.extra_datasets} if features else {})
 
 
 def content_sha256(h5: h5py.File) -> str:
@@ -250,150 +280,10 @@ def recorded_files(h5: h5py.File) -> dict[str, tuple[int, int]]:
     files = {}
     for prefix in ("", "skipped_"):
         sizes, mtimes = h5[f"{prefix}file_size"][()].tolist(), h5[f"{prefix}file_mtime_ns"][()].tolist()
-        files.update(zip(_strings(h5[f"{prefix}paths"]), zip(sizes, mtimes)))
+        files.update(zip(strings(h5[f"{prefix}paths"]), zip(sizes, mtimes)))
     return files
 
 
-class StoreWriter:
-    """The life cycle of one store of one run: reuse it, or lock, resume or start, commit, join.
-
-    ``header`` is the store as it will be written (``created`` is set when it is joined). A store
-    is reused only if its fingerprint is this run's and its content checksum holds; a store or
-    committed chunks made from other inputs stop the run with what changed, unless ``overwrite``
-    (then the old store stays readable until its successor is renamed over it).
-    """
-
-    def __init__(self, out_dir: str | os.PathLike, listing: SplitListing, store_name: str, header: StoreHeader,
-                 overwrite: bool = False, log: Callable[[str], None] | None = None):
-        self.final = store_path(out_dir, listing.split, store_name)
-        self.store_name = store_name
-        self.listing = listing
-        self.header = header
-        self.overwrite = overwrite
-        self.partial = PartialStore(self.final, header.fingerprint)
-        self.log = log or (lambda message: print(message, file=sys.stderr))
-
-    def is_current(self) -> bool:
-        """Whether the final store is this very extraction, whole. Raises :class:`StoreError` when
-        another store is there, unless ``overwrite``."""
-        if not self.final.exists():
-            return False
-        try:
-            if read_header(self.final).fingerprint == self.header.fingerprint:
-                check_content(self.final)
-                return True
-            why = self._what_changed()
-        except StoreError as error:
-            why = f"is damaged ({str(error).removeprefix(f'{self.final}: ')})"
-        if not self.overwrite:
-            raise StoreError(f"{self.final}: exists but {why}; pass --overwrite to re-extract it")
-        return False
-
-    def check_reusable(self) -> None:
-        """Raise :class:`StoreError` now, before any work, if :meth:`begin` would refuse. Only reads."""
-        if not self.is_current():
-            self._check_chunks()
-
-    def begin(self, locks: contextlib.ExitStack | None) -> bool:
-        """Get the store's chunks ready; False: already current. ``locks``: hold the store's lock
-        there for the whole run. None: one shard of a run, committing beside the others without
-        keeping the lock (:meth:`PartialStore.share`); it ends with :meth:`join_once`."""
-        if self.is_current():  # checked without the lock: readers never wait
-            self._report("leftovers of a killed run deleted" if self.partial.tidy_finished() else "")
-            return False
-        if locks is None:
-            self._report(self.partial.share(self.header.identity.to_dict(), self._check_chunks))
-            return True
-        locks.enter_context(store_lock(self.final))
-        if self.is_current():  # finished by another process meanwhile
-            self.partial.discard_finished()
-            return False
-        self._report(self.partial.resume(self.header.identity.to_dict(), self._check_chunks))
-        return True
-
-    def committed(self) -> list[tuple[int, int]]:
-        return self.partial.committed()
-
-    def commit(self, chunk: Chunk) -> None:
-        self.partial.write(chunk)
-
-    def join_once(self) -> str:
-        """After a shard's commits: join the chunks if every row is committed, once however many shards
-        finish at once. The store's state: written (here), up to date, partial, being joined by another process."""
-        crash_point("shard-committed")
-        if self.is_current():
-            return "up to date"
-        if uncovered(self.committed(), len(self.listing)):
-            return "partial"
-        with self.partial.lock_if_free() as locked:
-            if not locked:
-                return "being joined by another process"
-            crash_point("join-locked")
-            if self.is_current():  # joined by a shard that released the lock just before
-                return "up to date"
-            if not self.partial.holds():
-                raise StoreError(f"{self.partial.dir}: replaced by another run (--overwrite) while this shard ran")
-            try:
-                self.finish()
-            except StoreError:  # its chunks gone: joined meanwhile by a host that flock does not reach?
-                if not self.is_current():
-                    raise
-                return "up to date"
-        return "written"
-
-    def finish(self) -> Path:
-        """Lock holder: join the chunks into the final store (whole, or not there), one chunk in memory at a time."""
-        rows = self.partial.rows(len(self.listing))
-        if not rows.kept.size:
-            raise StoreError(f"{self.final}: every image of {self.listing.split_dir} was skipped; nothing to store")
-        kept, skipped = ([self.listing.records[i] for i in rows_of] for rows_of in (rows.kept, rows.skipped))
-        reasons = [printable_path(reason) for reason in rows.reasons]
-        header = dataclasses.replace(self.header, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-        self.partial.remove_temporaries(chunks=False)  # of a joiner killed before its rename
-        with atomic_output(self.final, "cannot write store", f"; committed chunks kept in {self.partial.dir}",
-                           "finalize-tmp-written") as temporary:
-            with h5py.File(temporary, "w") as h5:
-                features = h5.create_dataset("features", (len(kept), self.header.feature_dim), self.header.dtype)
-                self.partial.copy_features(rows, features)
-                h5.create_dataset("labels", data=np.array([r.label for r in kept], dtype=np.int64))
-                _write_records(h5, "", kept)
-                h5.create_dataset("classes", data=[printable_path(c) for c in self.listing.classes], dtype=STR)
-                h5.create_dataset("skipped_reasons", data=reasons, dtype=STR)
-                _write_records(h5, "skipped_", skipped)
-                h5.attrs.update(header.to_attrs())
-                h5.attrs["complete"] = True
-                h5.attrs["content_sha256"] = content_sha256(h5)
-        crash_point("finalize-renamed")
-        removed = self.partial.discard()
-        self._report(f"{removed} temporary file(s) of a killed run deleted" if removed else "")
-        return self.final
-
-    def _report(self, state: str) -> None:
-        if state:
-            self.log(f"{self.final}: {state}")
-
-    def _check_chunks(self) -> None:
-        """Refuse committed chunks of another run, unless ``overwrite``."""
-        if not self.overwrite:
-            self.partial.refuse_foreign(lambda recorded: StoreIdentity.from_dict(recorded).difference(self.header))
-
-    def _what_changed(self) -> str:
-        change = read_header(self.final).identity.difference(self.header.identity)
-        if change:
-            return f"was made with other {change}"
-        with reading(self.final) as h5:
-            changes = listing_changes(recorded_files(h5), _strings(h5["classes"]), self.listing)
-        changes = changes or ["same files, other recorded fingerprint"]
-        return f"was made from another state of {self.listing.split_dir} ({'; '.join(changes)})"
-
-
-def _write_records(h5: h5py.File, prefix: str, records: list) -> None:
-    """``<prefix>paths``, ``<prefix>file_size`` and ``<prefix>file_mtime_ns`` of listing records."""
-    h5.create_dataset(f"{prefix}paths", data=[printable_path(r.path) for r in records], dtype=STR)
-    h5.create_dataset(f"{prefix}file_size", data=np.array([r.size for r in records], dtype=np.int64))
-    h5.create_dataset(f"{prefix}file_mtime_ns", data=np.array([r.mtime_ns for r in records], dtype=np.int64))
-
-
-def _strings(dataset: h5py.Dataset) -> list[str]:
+def strings(dataset: h5py.Dataset) -> list[str]:
+    """A dataset of UTF-8 strings as ``str``."""
     return [value.decode("utf-8") for value in dataset[()]]
-

@@ -73,7 +73,7 @@ def verify_store(path: str | os.PathLike, data_root: str | os.PathLike | None = 
             if report.problems:  # the value and folder checks would only repeat the damage
                 return report
             report.rows, report.skipped = len(h5["paths"]), len(h5["skipped_paths"])
-            report.problems = _value_problems(h5)
+            report.problems = _value_problems(h5, header)
             report.alignment = (header.data_root, header.split, _rows_sha256(h5))
             root = Path(data_root) if data_root is not None else Path(fs_path(header.data_root))
             try:
@@ -101,13 +101,18 @@ def _structure_problems(h5: h5py.File, header: StoreHeader) -> list[str]:
     missing = [name for name in DATASETS if name not in h5]
     if missing:
         return [f"missing {', '.join(missing)}"]
-    features = h5["features"]
     n, problems = len(h5["paths"]), []
-    if features.ndim != 2 or features.dtype not in (np.float16, np.float32):
-        problems.append(f"features are {features.dtype}{list(features.shape)}, expected float16 or float32 [N, D]")
-    elif features.shape != (n, header.feature_dim) or str(features.dtype) != header.dtype:
-        problems.append(f"features are {features.dtype}{list(features.shape)} but the store records "
-                        f"{header.dtype}[{n}, {header.feature_dim}]")
+    for name, shape in header.feature_shapes(n).items():  # features [N, D], then the views [N, views, D]
+        if name not in h5:
+            problems.append(f"missing {name}, which the store records ({header.dtype}{list(shape)})")
+            continue
+        features = h5[name]
+        if features.ndim != len(shape) or features.dtype not in (np.float16, np.float32):
+            form = "[N, D]" if len(shape) == 2 else "[N, views, D]"
+            problems.append(f"{name} are {features.dtype}{list(features.shape)}, expected float16 or float32 {form}")
+        elif features.shape != shape or str(features.dtype) != header.dtype:
+            problems.append(f"{name} are {features.dtype}{list(features.shape)} but the store records "
+                            f"{header.dtype}{list(shape)}")
     k = len(h5["skipped_paths"])
     for prefix, rows in (("", n), ("skipped_", k)):
         for name in (f"{prefix}file_size", f"{prefix}file_mtime_ns") + (("labels",) if not prefix else ()):
@@ -123,15 +128,18 @@ def _structure_problems(h5: h5py.File, header: StoreHeader) -> list[str]:
     return problems
 
 
-def _value_problems(h5: h5py.File) -> list[str]:
-    features, bad_rows = h5["features"], []
-    for start in range(0, features.shape[0], DIGEST_BLOCK_ROWS):
-        finite = np.isfinite(features[start:start + DIGEST_BLOCK_ROWS]).all(axis=1)
-        bad_rows += (start + np.flatnonzero(~finite)).tolist()
+def _value_problems(h5: h5py.File, header: StoreHeader) -> list[str]:
     problems = []
-    if bad_rows:
-        first = h5["paths"][bad_rows[0]].decode("utf-8")
-        problems.append(f"NaN or Inf features in {len(bad_rows)} rows (first: row {bad_rows[0]}, {first})")
+    for name in header.feature_shapes(0):
+        features, bad_rows = h5[name], []
+        for start in range(0, features.shape[0], DIGEST_BLOCK_ROWS):
+            block = features[start:start + DIGEST_BLOCK_ROWS]
+            finite = np.isfinite(block).all(axis=tuple(range(1, block.ndim)))
+            bad_rows += (start + np.flatnonzero(~finite)).tolist()
+        if bad_rows:
+            first = h5["paths"][bad_rows[0]].decode("utf-8")
+            what = "features" if name == "features" else f"{name} features"
+            problems.append(f"NaN or Inf {what} in {len(bad_rows)} rows (first: row {bad_rows[0]}, {first})")
     recorded = h5.attrs.get("content_sha256")
     if recorded is None:
         problems.append("missing attribute content_sha256: edits cannot be ruled out")

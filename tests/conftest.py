@@ -126,13 +126,16 @@ def error_lines(stderr: str) -> list[str]:
 
 
 def assert_same_store(actual: Path, expected: Path) -> None:
-    """Same rows, same order, same values, same skipped images and reasons."""
+    """Same rows, same order, same values (views included), same skipped images and reasons."""
     a, e = read_store(actual), read_store(expected)
     assert a.paths == e.paths
     assert a.classes == e.classes
     np.testing.assert_array_equal(a.labels, e.labels)
     assert a.features.dtype == e.features.dtype
     np.testing.assert_array_equal(a.features, e.features)
+    assert a.views.keys() == e.views.keys()
+    for name in a.views:
+        np.testing.assert_array_equal(a.views[name], e.views[name])
     assert a.skipped == e.skipped
     assert a.header.fingerprint == e.header.fingerprint
 
@@ -201,7 +204,8 @@ def write_store(features_dir: Path, listing, store_name: str, features: np.ndarr
     it unfinished."""
     import contextlib
 
-    from featurekit.store import Chunk, StoreWriter
+    from featurekit.partial import Chunk
+    from featurekit.store_writer import StoreWriter
 
     dtype = header_overrides.get("dtype", "float32")
     header = store_header(store_name, listing, features.shape[1], **header_overrides)

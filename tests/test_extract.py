@@ -94,11 +94,11 @@ def test_failure_mid_extraction_leaves_no_final_file(tiny_folder, tmp_path, resn
     calls = {"n": 0}
     real_forward = runner.TrunkRunner.forward
 
-    def failing_forward(self, batch):
+    def failing_forward(self, batch, *views):
         calls["n"] += 1
         if calls["n"] == 3:
             raise RuntimeError("simulated crash")
-        return real_forward(self, batch)
+        return real_forward(self, batch, *views)
 
     monkeypatch.setattr(runner.TrunkRunner, "forward", failing_forward)
     with pytest.raises(RuntimeError, match="simulated crash"):

@@ -15,8 +15,8 @@ import h5py
 import pytest
 
 from featurekit import files, runner, store
-from featurekit.partial import PartialStore
-from featurekit.store import open_h5, read_store, store_lock
+from featurekit.partial import PartialStore, store_lock
+from featurekit.store import open_h5, read_store
 from tests.conftest import (
     REPO,
     TINY_RUN,
@@ -289,7 +289,7 @@ def test_second_writer_is_refused_while_readers_of_finished_stores_are_not(refer
     out = tmp_path / "out"
     final = out / "train" / "resnet18.h5"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from pathlib import Path; from featurekit.store import store_lock\n"
+        [sys.executable, "-c", "import sys; from pathlib import Path; from featurekit.partial import store_lock\n"
                                "with store_lock(Path(sys.argv[1])):\n    print('locked', flush=True); sys.stdin.read()",
          str(final)], cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         env={**os.environ, "PYTHONPATH": str(REPO)})

@@ -18,7 +18,8 @@ from featurekit import files
 from featurekit.distributed import Shard
 from featurekit.errors import SettingsError
 from featurekit.partial import Chunk, PartialStore
-from featurekit.store import StoreWriter, read_store
+from featurekit.store import read_store
+from featurekit.store_writer import StoreWriter
 from tests.conftest import (
     assert_same_store,
     committed_chunks,
