@@ -46,7 +46,7 @@ from sklearn.preprocessing import StandardScaler
 from featurekit.heads import MLPHead, build_mlp
 from featurekit.images import list_split
 from featurekit.partial import Chunk
-from featurekit.store import StoreWriter
+from featurekit.store_writer import StoreWriter
 from featurekit.train import train_head
 
 SCALES = {"recipe": (25_000, 8_192, 2), "small": (2_000, 1_280, 10)}

@@ -376,11 +376,12 @@ def _add_train_head(commands) -> None:
     parser.add_argument("--device", help="training device of the mlp, logreg and svm heads: auto (cuda if "
                                          "available), cpu, cuda or cuda:N (default: auto)")
     parser.add_argument("--epochs", type=int, dest="max_epochs", help="MLP: most epochs per candidate (default: 50)")
-    parser.add_argument("--batch-size", type=int, help="MLP batch size (default: 64)")
+    parser.add_argument("--batch-size", type=int,
+                        help="MLP batch size (default: 256, 128 or 64: the largest with 16 steps per epoch)")
     parser.add_argument("--hidden", type=int, nargs="+", dest="hidden_sizes",
                         help="MLP hidden layer sizes (default: 1000)")
     parser.add_argument("--lr", type=float, help="MLP Adam learning rate (default: 1e-3)")
-    parser.add_argument("--patience", type=int, help="MLP early stopping patience in epochs (default: 5)")
+    parser.add_argument("--patience", type=int, help="MLP early stopping patience in epochs (default: 3)")
     parser.add_argument("--seed", type=int, help="MLP initialisation and batch order seed (default: 0)")
     parser.add_argument("--no-augmented", action="store_true",
                         help="ignore the train stores' augmented views (extract --augment), to compare")
