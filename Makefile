@@ -20,7 +20,7 @@ HEAD_FILE ?= $(FEATURES)/heads/$(HEAD)-$(subst $(space),+,$(strip $(BACKBONES)))
 UNFREEZE ?= none
 FINETUNE_FLAGS ?=
 
-.PHONY: install data extract train-head finetune demo test bench bench-finetune bench-precision clean
+.PHONY: install data extract train-head finetune demo test bench bench-finetune bench-precision bench-augment clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -66,3 +66,8 @@ bench-finetune: install
 # Head accuracy on bf16 vs fp32 features (issue 5 goal: within 0.5 points), e.g. DATA=path/to/hymenoptera
 bench-precision: install
 	$(PY) benchmarks/bench_precision.py $(DATA)
+
+# Augmented caches and test-time views on a real set (docs/augment.md), e.g. DATA=path/to/hymenoptera
+AUGMENT_WORK ?= /tmp/bench_augment/$(notdir $(DATA))
+bench-augment: install
+	$(PY) benchmarks/bench_augment.py --data $(DATA) --work $(AUGMENT_WORK) $(BENCH_FLAGS)

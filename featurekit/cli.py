@@ -20,6 +20,7 @@ from typing import Sequence
 from . import __version__
 from .errors import FeaturekitError, SettingsError, describe_os_error, one_line
 from .registry import RANDOM, REGISTRY, random_weights_warning, torchvision_model_names
+from .store_views import TTA_VIEWS
 
 # heads.HEADS' keys, spelled out so that building the parser imports neither torch nor sklearn
 # (``featurekit info`` and ``--help`` answer in a fraction of a second); a test keeps them equal.
@@ -179,7 +180,7 @@ def _add_extract(commands) -> None:
                    help="augmentation of --augment: standard or crop-flip (featurekit/augment.py)")
     p.add_argument("--augment-seed", type=int, default=0, metavar="S",
                    help="seed of the augmented views (view v of image i depends on S, i, v only)")
-    p.add_argument("--tta", default="none", choices=["none", "flip", "five-crop"],
+    p.add_argument("--tta", default="none", choices=list(TTA_VIEWS),
                    help="also store test-time views (features_tta), for train-head --tta on this split")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--shard", metavar="I/N", help="extract only block I (0..N-1) of N of the chunks; the last "
@@ -385,7 +386,7 @@ def _add_train_head(commands) -> None:
     parser.add_argument("--seed", type=int, help="MLP initialisation and batch order seed (default: 0)")
     parser.add_argument("--no-augmented", action="store_true",
                         help="ignore the train stores' augmented views (extract --augment), to compare")
-    parser.add_argument("--tta", default="none", choices=["none", "flip", "five-crop"],
+    parser.add_argument("--tta", default="none", choices=list(TTA_VIEWS),
                         help="also report valid accuracy with test-time augmentation; the valid stores must hold "
                              "those views (extract --split VALID --tta MODE)")
     parser.add_argument("--no-plots", action="store_true", help="write no PNG plots")
@@ -470,7 +471,7 @@ def _add_predict(commands) -> None:
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
                         help="compute precision (default: the one the head's stores were extracted at); "
                              "another one is written in the output's .json")
-    parser.add_argument("--tta", default="none", choices=["none", "flip", "five-crop"],
+    parser.add_argument("--tta", default="none", choices=list(TTA_VIEWS),
                         help="average each image's class probabilities over test-time views: flip (and mirror), "
                              "five-crop (centre and corners)")
     parser.add_argument("--no-plots", action="store_true", help="labelled folders: no confusion-matrix PNG")
