@@ -176,8 +176,8 @@ def _add_extract(commands) -> None:
     p.add_argument("--augment", type=int, default=0, metavar="K",
                    help="also store K augmented views of each image (features_aug [N, K, D]), cut from the same "
                         "decode; train-head uses them (docs/augment.md)")
-    p.add_argument("--augment-policy", default="standard", metavar="NAME",
-                   help="augmentation of --augment: standard or crop-flip (featurekit/augment.py)")
+    p.add_argument("--augment-policy", metavar="NAME",
+                   help="augmentation of --augment: crop-flip (default) or standard (docs/augment.md)")
     p.add_argument("--augment-seed", type=int, default=0, metavar="S",
                    help="seed of the augmented views (view v of image i depends on S, i, v only)")
     p.add_argument("--tta", default="none", choices=list(TTA_VIEWS),
@@ -217,7 +217,7 @@ def _extract(args, launch) -> int:
         num_workers=args.workers, chunk_size=args.chunk_size, on_error=args.on_error, overwrite=args.overwrite,
         decode=decode, compile=args.compile, progress=not args.quiet and launch.rank == 0, launch=launch,
         shard=Shard.parse(args.shard) if args.shard is not None else None,
-        views=ViewPlan(args.augment, args.augment_policy, args.augment_seed, args.tta),
+        views=ViewPlan(args.augment, args.augment_policy or ViewPlan.policy, args.augment_seed, args.tta),
     ).resolved()
     report = launch.rank == 0
     log = (lambda line: print(line, file=sys.stderr)) if report else (lambda line: None)

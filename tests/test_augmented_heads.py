@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from featurekit import heads
+from featurekit.augment import CACHE_AUGMENT_POLICY
 from featurekit.cli import main
 from featurekit.dataset import load_features
 from featurekit.errors import SettingsError
@@ -82,7 +83,7 @@ def test_train_head_uses_the_views_and_no_augmented_is_the_plain_store(kind, row
     assert report["augmented"]["used"] and report["augmented"]["views"] == 2
     assert report["train"]["rows_fitted"] == rows
     head, metadata = load_head(tmp_path / "views" / HEAD_FILE)
-    assert metadata["augmented"]["policy"] == "standard"
+    assert metadata["augmented"]["policy"] == CACHE_AUGMENT_POLICY
     if head.scaler_ is not None:
         assert head.scaler_.n_samples_seen_ == rows  # the linear heads and kNN fit on all plain + view rows
     if kind == "knn":

@@ -1,7 +1,7 @@
 """extract --augment K / --tta MODE: views stored beside the plain row, reproducible by any run.
 
 Every extraction here: resnet18, random weights, fp32 on the CPU, two rows per chunk and batch,
-K = 2 augmented views (policy standard) and flip test-time views of 40x32 JPEGs.
+K = 2 augmented views (the default policy, crop-flip) and flip test-time views of 40x32 JPEGs.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from featurekit import files
-from featurekit.augment import AugmentPolicy, ViewPlan, augment_policy, tta_views
+from featurekit.augment import CACHE_AUGMENT_POLICY, AugmentPolicy, ViewPlan, augment_policy, tta_views
 from featurekit.backbones import load_backbone
 from featurekit.cli import main
 from featurekit.dataset import AlignmentError, load_features
@@ -61,7 +61,7 @@ def test_views_sit_beside_the_plain_rows_which_stay_those_of_a_plain_extraction(
     assert not np.isclose(views, features[:, None]).all(axis=2).any()  # every augmented view differs from plain
     assert (attrs["augment_views"], attrs["augment_seed"], attrs["tta"], attrs["format_version"]) == (2, 0, "flip", 3)
     header = read_header(augmented)
-    assert AugmentPolicy.from_dict(header.augment_policy) == augment_policy("standard")
+    assert AugmentPolicy.from_dict(header.augment_policy) == augment_policy(CACHE_AUGMENT_POLICY)
     assert header.without_views() == read_header(plain).identity
 
 
@@ -71,13 +71,13 @@ def test_stored_views_are_the_trunk_on_the_views_of_the_decoded_images(reference
     backbone = load_backbone("resnet18", weights="random")
     runner = TrunkRunner([backbone], RunSettings(device="cpu", precision="fp32", dtype="float32", num_workers=0,
                                                  progress=False).resolved())
-    preprocessing = backbone.preprocessing
+    preprocessing, policy = backbone.preprocessing, augment_policy(CACHE_AUGMENT_POLICY)
     images = [decode_image(path, runner.settings.decode) for path, _ in list_split(data, "train").files()]
     stored = read_store(augmented)
     for start in (0, 6):  # two batches, as extraction cut them
         rows = [start, start + 1]
         for v in range(2):
-            views = torch.stack([augment_policy("standard").view(images[i], preprocessing, 0, i, v) for i in rows])
+            views = torch.stack([policy.view(images[i], preprocessing, 0, i, v) for i in rows])
             features = runner.forward(ViewBatch(rows, {preprocessing.key: views}, cpu_rows=[0, 1]))["resnet18"]
             np.testing.assert_allclose(stored.views["features_aug"][rows, v], features.numpy(), rtol=1e-5, atol=1e-6)
         mirrors = torch.stack([tta_views(images[i], preprocessing, "flip")[1] for i in rows])
@@ -120,7 +120,7 @@ def test_torchrun_ranks_write_the_views_one_process_writes(reference, tmp_path):
 @pytest.mark.parametrize("options, change", [
     (("--augment", "3"), "augment views (2 != 3)"),
     (("--augment", "2", "--augment-seed", "1"), "augment seed (0 != 1)"),
-    (("--augment", "2", "--augment-policy", "crop-flip"), "augment policy"),
+    (("--augment", "2", "--augment-policy", "standard"), "augment policy"),
     ((), "augment views (2 != 0)"),
 ])
 def test_a_store_with_other_views_is_refused_not_reused(options, change, reference, tmp_path, capsys):
@@ -220,7 +220,7 @@ def test_plan_splits_views_in_the_order_it_makes_them():
 def test_cli_reports_the_views(reference, tmp_path, capsys):
     data, _, augmented = reference
     result = run_cli(capsys, *extract_args(data, tmp_path / "out", *VIEWS))
-    assert "with 2 augmented views (standard, seed 0) and flip test-time views" in result.out
+    assert "with 2 augmented views (crop-flip, seed 0) and flip test-time views" in result.out
     info = run_cli(capsys, "info", augmented)
-    assert "views: features_aug float32[10, 2, 512] (2 augmented views, policy standard, seed 0), " \
+    assert "views: features_aug float32[10, 2, 512] (2 augmented views, policy crop-flip, seed 0), " \
            "features_tta float32[10, 1, 512] (flip test-time views)" in info.out
