@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# The torch pair this project is tested with; on a GPU machine any CUDA build >= 2.2 works too.
+# The torch pair this project is tested with; on a GPU machine any CUDA build >= 2.4 works too.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
 DATA ?= data/digits
