@@ -7,6 +7,7 @@ from conftest import blobs
 from sklearn.base import clone
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
+from featurekit import heads
 from featurekit.errors import SettingsError
 from featurekit.head_file import load_head, save_head
 from featurekit.heads import (
@@ -181,3 +182,15 @@ def test_parameter_values_that_cannot_work_are_refused_before_fitting(separable,
     X, y, _, _ = separable
     with pytest.raises(SettingsError, match=f"^{re.escape(message)}$"):
         make_head(kind, **params).fit(X, y)
+
+
+def test_mlp_batch_size_auto_keeps_sixteen_steps_per_epoch(separable, monkeypatch):
+    assert [MLPHead().batch_size_for(n) for n in (5000, 4095, 2048, 245)] == [256, 128, 128, 64]
+    assert MLPHead(batch_size=32).batch_size_for(5000) == 32
+    used = []
+    real_epoch = heads.train_epoch
+    monkeypatch.setattr(heads, "train_epoch", lambda *args: used.append(args[4]) or real_epoch(*args))
+    MLPHead(max_epochs=2, hidden_sizes=(8,)).fit(*separable[:2])
+    assert used == [64, 64]  # 90 rows: batches of 64, the smallest auto size
+    with pytest.raises(SettingsError, match=r"^mlp head: batch_size must be a number or auto \(got 'big'\)$"):
+        MLPHead(batch_size="big").fit(*separable[:2])
