@@ -111,6 +111,10 @@ class TrunkPart:
     modules: set[str]
     parameters: set[str]
 
+    def trains(self, name: str) -> bool:
+        """Whether state entry ``name`` of the trunk (a parameter, or a buffer of a module) is trained."""
+        return name in self.parameters or name.rpartition(".")[0] in self.modules
+
 
 def unfrozen_part(body: fx.GraphModule, unfreeze: str, store_name: str) -> TrunkPart:
     """What trains when ``unfreeze`` (none, all, or a module path) is the first trainable module of ``body``."""
@@ -209,8 +213,9 @@ class FinetuneModel(nn.Module):
 
     def mutable_state(self) -> dict[str, torch.Tensor]:
         """What training can change: the head's tensors and the unfrozen part of each trunk (CPU copies)."""
+        names = self._mutable_names()
         return {name: tensor.detach().to("cpu", copy=True) for name, tensor in self.state_dict().items()
-                if name in self._mutable_names()}
+                if name in names}
 
     def load_mutable_state(self, state: Mapping[str, torch.Tensor]) -> None:
         expected = self._mutable_names()
@@ -224,14 +229,13 @@ class FinetuneModel(nn.Module):
         a state dict ``extract --weights-path`` loads."""
         trained = self.trunks[index].body.state_dict()
         part = self.parts[index]
-        return {name: (trained[name] if name in part.parameters or name.rpartition(".")[0] in part.modules
-                       else tensor).detach().to("cpu", copy=True).contiguous()
+        return {name: (trained[name] if part.trains(name) else tensor).detach().to("cpu", copy=True).contiguous()
                 for name, tensor in self.original_states[index].items()}
 
     def _mutable_names(self) -> set[str]:
         names = {f"head.{name}" for name in self.head.state_dict()}
         for index, part in enumerate(self.parts):
             for name in self.trunks[index].body.state_dict():
-                if name in part.parameters or name.rpartition(".")[0] in part.modules:
+                if part.trains(name):
                     names.add(f"trunks.{index}.body.{name}")
         return names

@@ -71,7 +71,7 @@ def _add_folder(found: Inputs, folder: Path, classes: Sequence[str]) -> None:
         found.notices.append(f"{shown}: {named} (not a labelled folder <class>/<image>: the head has no class "
                              f"{', '.join(strangers[:NAMES_SHOWN])}{' ...' if len(strangers) > NAMES_SHOWN else ''}; "
                              "give a subfolder as a PATH to classify its images)")
-    others = [printable_path(e.name) for e in visible if not _is_dir(e) and e not in images]
+    others = [printable_path(e.name) for e in visible if not _is_dir(e) and not _is_image_name(e.name)]
     if others:
         found.notices.append(f"{shown}: {counted(others, 'file', 'files', 'without an image extension ignored')}")
     hidden = [printable_path(e.name) for e in entries if e.name.startswith(".") and e.name != ".DS_Store"]
