@@ -103,7 +103,7 @@ class Head(ClassifierMixin, BaseEstimator):
         selection, best_score, best = [], None, None
         for value, model, history, scores in self._candidates(train, validation, grid):
             selection.append({self.grid_param: value, **scores, "epochs": len(history) or None})
-            score = (scores.get("val_accuracy", 0.0), -scores.get("val_log_loss", 0.0))
+            score = linear.selection_score(scores)
             if best_score is None or score > best_score:
                 best_score, best = score, (model, history, {self.grid_param: value})
         model, history, params = best
@@ -414,16 +414,20 @@ class MLPHead(Head):
         finally:
             del self._views
 
-    def _fit_one(self, X, t, validation, value):
-        device = torch.device(resolve_device(self.device))
+    def _select(self, train, validation):
+        X, t = train
         views = getattr(self, "_views", None)
-        if views is not None:  # [N, K + 1, D], plain first, standardised as X was
-            views = np.concatenate([X[:, None], self._scale(views.reshape(-1, X.shape[1])).reshape(views.shape)], 1)
+        if views is not None:  # [N, K + 1, D], plain first, standardised as X was; once for every candidate
+            X = np.concatenate([X[:, None], self._scale(views.reshape(-1, X.shape[1])).reshape(views.shape)], 1)
+        return super()._select((X, t), validation)
+
+    def _fit_one(self, X, t, validation, value):
+        """``X``: float32[N, D], or [N, K + 1, D] with the views (:meth:`_select`)."""
+        device = torch.device(resolve_device(self.device))
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(self.seed)  # same init and dropout masks for every candidate and run
-            model = build_mlp(X.shape[1], tuple(self.hidden_sizes), len(self.classes_), self.dropout).to(device)
-            inputs = torch.from_numpy(X if views is None else views).to(device)
-            return self._train(model, inputs, torch.from_numpy(t).to(device), validation, value)
+            model = build_mlp(X.shape[-1], tuple(self.hidden_sizes), len(self.classes_), self.dropout).to(device)
+            return self._train(model, torch.from_numpy(X).to(device), torch.from_numpy(t).to(device), validation, value)
 
     def _train(self, model: nn.Module, X: torch.Tensor, t: torch.Tensor, validation, weight_decay: float):
         """``X``: float32[N, D], or [N, V, D] views of each row, one drawn per row and epoch."""
@@ -441,7 +445,7 @@ class MLPHead(Head):
             record = {"epoch": epoch + 1, "train_loss": train_loss, "seconds": time.perf_counter() - start}
             if validation is not None:
                 record.update(self._scores(model, validation))
-                score = (record["val_accuracy"], -record["val_log_loss"])
+                score = linear.selection_score(record)
                 if best is None or score > best:
                     best, stale = score, 0
                     best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}

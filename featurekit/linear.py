@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import ClassVar, Literal
 
@@ -576,6 +576,12 @@ def out_of_fold_scores(X: torch.Tensor, y: torch.Tensor, fit: LinearFit, folds: 
     return scores
 
 
+def selection_score(scores: Mapping[str, float]) -> tuple[float, float]:
+    """How every sweep and ``--head all`` rank candidates: higher validation accuracy, then lower
+    validation log loss (``scores``: a selection record; without validation scores, (0, 0))."""
+    return scores.get("val_accuracy", 0.0), -scores.get("val_log_loss", 0.0)
+
+
 def select_on_validation(path: Iterable[LinearFit], X_val: torch.Tensor, y_val: torch.Tensor,
                          patience: int = PATIENCE) -> tuple[LinearFit, list[dict]]:
     """Score each fit of ``path`` on validation rows; keep the best; stop early.
@@ -597,8 +603,9 @@ def select_on_validation(path: Iterable[LinearFit], X_val: torch.Tensor, y_val: 
         records.append({"C": fit.C, "val_accuracy": accuracy, "val_log_loss": loss, "iterations": fit.n_iter,
                         "passes": fit.n_passes, "converged": fit.converged, "seconds": time.perf_counter() - start})
         start = time.perf_counter()
-        if best_score is None or (accuracy, -loss) > best_score:
-            best, best_score, since_best = fit, (accuracy, -loss), 0
+        score = selection_score(records[-1])
+        if best_score is None or score > best_score:
+            best, best_score, since_best = fit, score, 0
         else:
             since_best += 1
             if since_best >= patience:

@@ -37,6 +37,7 @@ from .dataset import FeatureSet, check_same_extraction, load_features, store_fil
 from .errors import SettingsError
 from .head_file import HEAD_FILE, save_head
 from .heads import HEADS, Head, make_heads
+from .linear import selection_score
 from .registry import RANDOM, random_weights_warning
 from .report import Points, choice_reason, classification_metrics, describe, write_reports
 from .store import read_header
@@ -86,7 +87,7 @@ def fit_heads(kinds: Sequence[str], params: dict, train: FeatureSet, valid: Vali
     for kind, head in zip(kinds, make_heads(list(kinds), params)):
         if views is None:
             head.fit(train.features, train.labels, *validation)
-        elif kind == "mlp":
+        elif draws_one_view(kind):
             head.fit(train.features, train.labels, *validation, views=views)
         else:
             head.fit(*all_rows(train.features, views, train.labels), *validation)
@@ -96,7 +97,7 @@ def fit_heads(kinds: Sequence[str], params: dict, train: FeatureSet, valid: Vali
         compared.append({"head": kind, **head.best_params_, "val_accuracy": chosen.get("val_accuracy"),
                          "val_log_loss": chosen.get("val_log_loss"), "seconds": head.fit_seconds_,
                          "candidates": len(head.selection_)})
-        score = (chosen.get("val_accuracy", 0.0), -chosen.get("val_log_loss", 0.0))
+        score = selection_score(chosen)
         if best_score is None or score > best_score:
             best, best_score = head, score
     return best, sweep, compared
@@ -173,14 +174,21 @@ def valid_features(features_dir: Path, split: str, store_names: Sequence[str], t
     return load_features(features_dir, split, store_names, views=[TEST_TIME] if tta != "none" else [])
 
 
+def draws_one_view(kind: str) -> bool:
+    """Whether a head of ``kind`` trains on one view of each image per epoch (the MLP) rather than on
+    every row of every view (the linear heads and kNN)."""
+    return kind == "mlp"
+
+
 def augmentation(train: FeatureSet, head: Head, held: int) -> dict | None:
     """What the train stores' augmented views were and how ``head`` used them (None: the stores have none)."""
     if not held:
         return None
     header = train.stores[0].header
     used = AUGMENTED in train.views
+    every_row = f"all {len(train) * (held + 1)} rows ({len(train)} images x {held + 1} views)"
     how = ("not used (--no-augmented)" if not used else f"one of the {held + 1} views of each image per epoch"
-           if head.kind == "mlp" else f"all {len(train) * (held + 1)} rows ({len(train)} images x {held + 1} views)")
+           if draws_one_view(head.kind) else every_row)
     return {"views": held, "policy": header.augment_policy["name"], "seed": header.augment_seed, "used": used,
             "how": how}
 
@@ -246,7 +254,8 @@ def train_head(features_dir: str | Path, store_names: Sequence[str], head_kind: 
     report = {
         "head": head.kind, "backbones": list(store_names), "classes": metadata["classes"],
         "train": {"split": train_split, "n": len(train),
-                  "rows_fitted": len(train) * (1 + held) if views is not None and head.kind != "mlp" else len(train),
+                  "rows_fitted": len(train) * (1 + held) if views is not None and not draws_one_view(head.kind)
+                  else len(train),
                   "accuracy": float((head.predict(train.features) == train.labels).mean())},
         "valid": ({"split": valid_split, **evaluate(head, rows, train.classes), "excluded_classes": rows.excluded}
                   if rows else None),
