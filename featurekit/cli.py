@@ -500,13 +500,14 @@ def _run_predict(args) -> int:
     weights_paths = _weights_paths(args.weights_path)
     started = time.perf_counter()
     head_path = find_head_file(args.head)
-    metadata = load_classifier(head_path)[1]
+    loaded = load_classifier(head_path)
+    metadata = loaded[1]
     names = read_class_names(args.class_names) if args.class_names else None
     check_output(metadata["classes"], args.format, args.topk, names)  # before any image is read
     _warn_random([b["store_name"] for b in metadata["backbones"] if b["weights"] == RANDOM], _stderr)
     settings = RunSettings(device=args.device, batch_size=args.batch_size, num_workers=args.workers,
                            progress=not args.quiet)
-    predictions = predict_files(head_path, args.paths, settings, weights_paths, args.precision, args.tta)
+    predictions = predict_files(head_path, args.paths, settings, weights_paths, args.precision, args.tta, loaded)
     for line in predictions.notices:
         _stderr(line)
     for path, reason in predictions.errors:

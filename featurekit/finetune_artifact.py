@@ -40,6 +40,7 @@ from .head_file import HeadFileError
 MODEL_FILE = "model.json"
 MODEL_FORMAT = "featurekit.finetuned"
 MODEL_FORMAT_VERSION = 2  # 2: an svm classifier is a Linear with its temperature folded in (1: Platt sigmoids)
+MODEL_KEYS = ("format_version", "head", "classifier", "classifier_file", "classifier_sha256", "backbones", "classes")
 
 
 class FinetunedHead:
@@ -102,6 +103,9 @@ def load_model(path: str | os.PathLike) -> tuple[FinetunedHead, dict]:
         raise HeadFileError(f"{path}: not a readable fine-tuned model ({first_line(error)})") from None
     if not isinstance(metadata, dict) or metadata.get("format") != MODEL_FORMAT:
         raise HeadFileError(f"{path}: not a featurekit head or fine-tuned model")
+    missing = [key for key in MODEL_KEYS if key not in metadata]
+    if missing:
+        raise HeadFileError(f"{path}: a fine-tuned model without {', '.join(missing)} (damaged or edited)")
     if metadata["format_version"] > MODEL_FORMAT_VERSION:
         raise HeadFileError(f"{path}: fine-tuned model format {metadata['format_version']} is newer than this "
                             f"featurekit reads ({MODEL_FORMAT_VERSION})")

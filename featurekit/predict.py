@@ -172,17 +172,19 @@ class HeadFeatures:
 
 def head_features(head_path: str | os.PathLike, paths: Sequence[str | os.PathLike], settings: RunSettings | None = None,
                   weights_paths: dict[str, str] | None = None, precision: str | None = None,
-                  tta: str = "none") -> HeadFeatures:
+                  tta: str = "none", loaded: tuple[Head | FinetunedHead, dict] | None = None) -> HeadFeatures:
     """Features of ``paths`` (files or folders) for the head at ``head_path``: the rows extract
     would have stored for those files under the head's stores' recorded settings. ``head_path``
     may also be a fine-tuned model (``model.json`` or its folder): its trunks are the fine-tuned ones.
 
     ``settings`` gives the device, batch size and workers; the decode policy, precision and dtype
     are the recorded ones (``precision`` overrides the precision). Undecodable files are reported,
-    not raised. ``tta``: also the test-time views of that mode (:class:`HeadFeatures`).
+    not raised. ``tta``: also the test-time views of that mode (:class:`HeadFeatures`). ``loaded``:
+    what :func:`load_classifier` already returned for ``head_path``, so it is not read (and a
+    fine-tuned model's files hashed) a second time.
     """
     head_path = find_head_file(head_path)
-    head, metadata = load_classifier(head_path)
+    head, metadata = loaded or load_classifier(head_path)
     plan = ViewPlan(tta=tta)  # an unknown mode is refused before any image is read
     inputs = collect_inputs(paths, metadata["classes"])
     extracted, settings = recorded_features(head_path, metadata, inputs.files, settings, weights_paths, precision,
@@ -211,10 +213,10 @@ def recorded_features(source: Path, metadata: dict, files: Sequence[tuple[str, s
 
 def predict_files(head_path: str | os.PathLike, paths: Sequence[str | os.PathLike], settings: RunSettings | None = None,
                   weights_paths: dict[str, str] | None = None, precision: str | None = None,
-                  tta: str = "none") -> Predictions:
+                  tta: str = "none", loaded: tuple[Head | FinetunedHead, dict] | None = None) -> Predictions:
     """Classify image files (or folders of them) with a head file; see :func:`head_features`.
     ``tta``: average the class probabilities over that mode's test-time views (flip, five-crop)."""
-    made = head_features(head_path, paths, settings, weights_paths, precision, tta)
+    made = head_features(head_path, paths, settings, weights_paths, precision, tta, loaded)
     features = np.concatenate(list(made.extracted.features.values()), axis=-1)  # [N, D] or [N, views, D]
     classes = list(made.metadata["classes"])
     if not len(features):

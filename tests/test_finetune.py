@@ -258,6 +258,12 @@ def test_a_changed_model_file_is_refused(tuned, tmp_path):
     (copy / "model.pt").write_bytes((copy / "model.pt").read_bytes()[:-1] + b"x")
     with pytest.raises(HeadFileError, match=r"model.json: its file model.pt was changed"):
         predict_files(copy, [root / "valid"], RunSettings(device="cpu", num_workers=0, progress=False))
+    record = json.loads((copy / "model.json").read_text())
+    del record["classifier_sha256"], record["backbones"]
+    (copy / "model.json").write_text(json.dumps(record))
+    with pytest.raises(HeadFileError, match=r"model.json: a fine-tuned model without classifier_sha256, backbones "
+                                             r"\(damaged or edited\)$"):
+        predict_files(copy, [root / "valid"])
 
 
 def test_bad_input_is_one_line_before_any_work(binary, tmp_path, capsys):
