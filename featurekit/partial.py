@@ -29,12 +29,13 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from .errors import FeaturekitError, first_line
 from .files import FileLock, LockError, atomic_output, crash_point, fsync_dir, temporary_name
+from .store_views import PLAIN
 
 MANIFEST_VERSION = 1
 SHORT_LOCK_S = 30  # how long a shard waits for a lock that others hold only to replace a manifest
@@ -211,20 +212,24 @@ class PartialStore:
                 reasons.extend(data["reasons"].tolist())
         return JoinedRows(np.concatenate(kept), np.concatenate(skipped), reasons, tiling)
 
-    def copy_features(self, rows: JoinedRows, target, name: str = "features") -> None:
-        """Write the features ``name`` (``features``, or a view dataset) of every chunk of ``rows.tiling``
-        into ``target`` (an h5py dataset of [len(rows.kept), ...]) in order, one chunk in memory at a time."""
+    def copy_features(self, rows: JoinedRows, targets: Mapping[str, Any]) -> None:
+        """Write each dataset ``name`` (``features``, and the view datasets) of every chunk of
+        ``rows.tiling`` into ``targets[name]`` (an h5py dataset of [len(rows.kept), ...]) in order, each
+        chunk opened once and one chunk in memory at a time."""
         position = 0
         for start, stop in rows.tiling:
             with self._open_chunk(start, stop) as data:
-                features = data[name]
-            if features.shape[1:] != target.shape[1:] or features.dtype != target.dtype:
-                raise RuntimeError(f"{self.final}: chunk {start}-{stop} holds {features.dtype}{list(features.shape)}, "
-                                   f"the store {target.dtype}{list(target.shape)}")
-            target[position:position + len(features)] = features
-            position += len(features)
-        if position != len(target):
-            raise RuntimeError(f"{self.final}: the chunks hold {position} rows of features for {len(target)} kept rows")
+                arrays = {name: data[name] for name in targets}
+            for name, target in targets.items():
+                features = arrays[name]
+                if features.shape[1:] != target.shape[1:] or features.dtype != target.dtype:
+                    raise RuntimeError(f"{self.final}: chunk {start}-{stop} holds {name} {features.dtype}"
+                                       f"{list(features.shape)}, the store {target.dtype}{list(target.shape)}")
+                target[position:position + len(features)] = features
+            position += len(arrays[PLAIN])
+        if any(position != len(target) for target in targets.values()):
+            raise RuntimeError(f"{self.final}: the chunks hold {position} rows of features for "
+                               f"{len(targets[PLAIN])} kept rows")
 
     @contextlib.contextmanager
     def lock_if_free(self) -> Iterator[bool]:

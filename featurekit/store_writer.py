@@ -134,8 +134,8 @@ class StoreWriter:
         with atomic_output(self.final, "cannot write store", f"; committed chunks kept in {self.partial.dir}",
                            "finalize-tmp-written") as temporary:
             with h5py.File(temporary, "w") as h5:
-                for name, shape in self.header.feature_shapes(len(kept)).items():
-                    self.partial.copy_features(rows, h5.create_dataset(name, shape, self.header.dtype), name)
+                self.partial.copy_features(rows, {name: h5.create_dataset(name, shape, self.header.dtype)
+                                                  for name, shape in self.header.feature_shapes(len(kept)).items()})
                 h5.create_dataset("labels", data=np.array([r.label for r in kept], dtype=np.int64))
                 _write_records(h5, "", kept)
                 h5.create_dataset("classes", data=[printable_path(c) for c in self.listing.classes], dtype=STR)

@@ -28,6 +28,7 @@ from .store import (
     fingerprint,
     open_h5,
     recorded_files,
+    strings,
 )
 
 DATASETS = ("features", "labels", "paths", "classes", "file_size", "file_mtime_ns", "skipped_paths", "skipped_reasons",
@@ -83,7 +84,7 @@ def verify_store(path: str | os.PathLike, data_root: str | os.PathLike | None = 
                 return report
             digest = listing.sha256()
             if digest != header.listing_sha256:  # name what changed (dicts of every path: only then)
-                classes = [c.decode("utf-8") for c in h5["classes"][()]]
+                classes = strings(h5["classes"])
                 report.problems += listing_changes(recorded_files(h5), classes, listing)
             if not report.problems and fingerprint(header.identity, digest) != header.fingerprint:
                 report.problems.append("recorded fingerprint does not match the folder and the recorded settings")
