@@ -45,7 +45,6 @@ import featurekit  # noqa: E402,F401  (first: it sets OMP_WAIT_POLICY before tor
 import numpy as np  # noqa: E402
 
 BACKBONES = ["efficientnet_lite0", "efficientnet_lite2"]
-KS = (0, 4, 8)
 # train stores: name -> (K, policy); K8-crop-flip: the same K without the photometric ops, which cost CPU time
 ARMS = {"K0": (0, "standard"), "K4": (4, "standard"), "K8": (8, "standard"), "K8-crop-flip": (8, "crop-flip")}
 TTA_MODES = ("none", "flip", "five-crop")

@@ -36,12 +36,11 @@ import featurekit  # noqa: F401  (first: it sets OMP_WAIT_POLICY before torch lo
 import numpy as np
 import torch
 import torch.nn.functional as F
-from bench_linear import calibrated_svm, sklearn_fit, synthetic
+from bench_linear import calibrated_svm, sklearn_fit, standardised, synthetic
 from bench_scale import STORE, header_for, make_folder
 from sklearn.linear_model import LogisticRegression
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.neural_network import MLPClassifier
-from sklearn.preprocessing import StandardScaler
 
 from featurekit.heads import MLPHead, build_mlp
 from featurekit.images import list_split
@@ -134,8 +133,8 @@ def many_classes(device: str, limit: float, plots: bool) -> None:
     print(f"  train-head --head all, end to end: {total:.1f} s (head fits {fits:.1f} s; loading, evaluation, report"
           f"{' and plots' if plots else ''} {total - fits:.1f} s); kept {report['head']}, valid accuracy "
           f"{report['valid']['accuracy']:.4f}", flush=True)
-    scaler = StandardScaler().fit(X)
-    data = (scaler.transform(X).astype(np.float32), y, scaler.transform(X_val).astype(np.float32), y_val)
+    X, X_val = standardised(X, X_val)
+    data = (X, y, X_val, y_val)
     print(f"  {'head':6s} {'ours: s':>8s} {'valid':>7s}  {'scikit-learn, defaults, one value':44s} {'s':>7s} "
           f"{'valid':>7s} {'sklearn / ours':>14s}")
     sklearn_total = 0.0
