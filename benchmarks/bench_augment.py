@@ -56,7 +56,7 @@ SEEDS = (0, 1, 2, 3, 4)
 
 def subset(data: Path, work: Path, per_class: int) -> Path:
     """The first ``per_class`` images (listing order) of each class of train and valid, copied with their mtimes."""
-    from featurekit.images import list_split
+    from featurekit.images.listing import list_split
 
     target = work / "data"
     if (target / "COMPLETE").exists():
@@ -80,8 +80,8 @@ def subset(data: Path, work: Path, per_class: int) -> Path:
 
 def extract(data: Path, out: Path, split: str, plan, backbones) -> dict:
     """One extraction of ``split`` under the view ``plan``; its wall time and the command that does the same."""
-    from featurekit.extraction import ExtractSettings, extract_listings
-    from featurekit.images import list_split
+    from featurekit.extraction.engine import ExtractSettings, extract_listings
+    from featurekit.images.listing import list_split
 
     listing = list_split(data, split)
     load = os.getloadavg()[0]
@@ -103,9 +103,10 @@ def decode_and_view_seconds(data: Path, limit: int) -> dict:
     view and K augmented views, for both backbones' preprocessings."""
     import torch
 
-    from featurekit.augment import ViewPlan
-    from featurekit.backbones import load_backbone
-    from featurekit.images import DecodePolicy, decode_image, list_split
+    from featurekit.backbones.trunks import load_backbone
+    from featurekit.images.decode import DecodePolicy, decode_image
+    from featurekit.images.listing import list_split
+    from featurekit.views.augment import ViewPlan
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -130,8 +131,8 @@ def decode_and_view_seconds(data: Path, limit: int) -> dict:
 
 
 def extract_phase(data: Path, work: Path, results: dict) -> None:
-    from featurekit.augment import ViewPlan
-    from featurekit.backbones import load_backbone
+    from featurekit.backbones.trunks import load_backbone
+    from featurekit.views.augment import ViewPlan
 
     backbones = [load_backbone(name, "IMAGENET") for name in BACKBONES]
     timings = results.setdefault("extract", {})
@@ -153,7 +154,7 @@ def extract_phase(data: Path, work: Path, results: dict) -> None:
 
 def consistency(work: Path) -> dict:
     """The K = 4 views are the K = 8 store's first four; every store's plain rows are the plain store's."""
-    from featurekit.store import read_store
+    from featurekit.store.format import read_store
 
     checks = {}
     for name in BACKBONES:
@@ -187,10 +188,10 @@ def arm(work: Path, name: str, mode: str) -> Path:
 
 
 def heads_phase(work: Path, results: dict) -> None:
-    from featurekit.dataset import load_features
-    from featurekit.head_file import HEAD_FILE, load_head
-    from featurekit.store_views import TEST_TIME
-    from featurekit.train import map_by_name, test_time_metrics, train_head
+    from featurekit.heads.head_file import HEAD_FILE, load_head
+    from featurekit.heads.train import map_by_name, test_time_metrics, train_head
+    from featurekit.store.dataset import load_features
+    from featurekit.store.layout import TEST_TIME
 
     runs = results.setdefault("heads", {})
     for name in ARMS:
@@ -287,7 +288,7 @@ def main() -> None:
     results = json.loads(results_file.read_text()) if results_file.exists() else {}
     data = subset(args.data, args.work, args.per_class) if args.per_class else args.data
     if "train_images" not in results:
-        from featurekit.images import list_split
+        from featurekit.images.listing import list_split
 
         results.update(data=str(data), source=str(args.data), per_class=args.per_class,
                        train_images=len(list_split(data, "train")), valid_images=len(list_split(data, "valid")))

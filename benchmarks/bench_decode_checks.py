@@ -28,7 +28,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from featurekit.images import IMAGE_EXTENSIONS, DecodePolicy, ImageDecodeError, decode_image, jpeg_damage, list_split  # noqa: E402
+from featurekit.errors import ImageDecodeError  # noqa: E402
+from featurekit.images.decode import DecodePolicy, decode_image, jpeg_damage  # noqa: E402
+from featurekit.images.listing import IMAGE_EXTENSIONS, list_split  # noqa: E402
 
 
 def bare_walk(split_dir: Path) -> list[str]:

@@ -86,7 +86,7 @@ def phase_recipe(args) -> dict:
     import torch
     from torchvision import datasets
 
-    from featurekit.backbones import load_backbone
+    from featurekit.backbones.trunks import load_backbone
 
     device = _device(args.device)
     started = time.perf_counter()
@@ -121,8 +121,8 @@ def _recipe_transform(preprocessing):
 def phase_featurekit(args) -> dict:
     import torch
 
-    from featurekit.backbones import load_backbone
-    from featurekit.extraction import ExtractSettings, extract
+    from featurekit.backbones.trunks import load_backbone
+    from featurekit.extraction.engine import ExtractSettings, extract
 
     device = _device(args.device)
     started = time.perf_counter()
@@ -148,8 +148,9 @@ def phase_bound(args) -> dict:
     (BatchNorm folded, weights in the compute precision, channels_last, compiled on request)."""
     import torch
 
-    from featurekit.backbones import load_backbone
-    from featurekit.runner import PRECISIONS, RunSettings, prepare_trunk
+    from featurekit.backbones.runner import RunSettings, prepare_trunk
+    from featurekit.backbones.trunks import load_backbone
+    from featurekit.devices import PRECISIONS
 
     device = _device(args.device)
     settings = RunSettings(device=str(device), precision=args.precision, compile=args.compile).resolved()
@@ -180,9 +181,9 @@ def phase_bound(args) -> dict:
 
 def phase_precision(args) -> dict:
     """Relative difference of the default-precision features against fp32, on the same images."""
-    from featurekit.backbones import load_backbone
-    from featurekit.extraction import ExtractSettings, extract
-    from featurekit.store import read_store
+    from featurekit.backbones.trunks import load_backbone
+    from featurekit.extraction.engine import ExtractSettings, extract
+    from featurekit.store.format import read_store
 
     device = _device(args.device)
     backbones = [load_backbone(name, weights="random") for name in args.backbones]

@@ -26,11 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from featurekit.backbones import load_backbone
-from featurekit.finetune_model import FinetuneModel, head_layers, unfrozen_part
-from featurekit.finetune_train import FinetuneSettings, parameter_groups, train_step
-from featurekit.heads import LogisticHead
-from featurekit.runner import PRECISIONS
+from featurekit.backbones.trunks import load_backbone
+from featurekit.devices import PRECISIONS
+from featurekit.finetuning.loop import FinetuneSettings, parameter_groups, train_step
+from featurekit.finetuning.model import FinetuneModel, head_layers, unfrozen_part
+from featurekit.heads.linear import LogisticHead
 
 
 def finetune_side(args, settings: FinetuneSettings, images: torch.Tensor, targets: torch.Tensor):

@@ -42,11 +42,11 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.neural_network import MLPClassifier
 
-from featurekit.heads import MLPHead, build_mlp
-from featurekit.images import list_split
-from featurekit.partial import Chunk
-from featurekit.store_writer import StoreWriter
-from featurekit.train import train_head
+from featurekit.heads.mlp import MLPHead, build_mlp
+from featurekit.heads.train import train_head
+from featurekit.images.listing import list_split
+from featurekit.store.chunks import Chunk
+from featurekit.store.writer import StoreWriter
 
 SCALES = {"recipe": (25_000, 8_192, 2), "small": (2_000, 1_280, 10)}
 MANY_CLASSES = (5_000, 2_560, 100)

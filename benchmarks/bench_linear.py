@@ -44,8 +44,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
 
-from featurekit import linear
-from featurekit.dataset import load_features
+from featurekit.heads import solver as linear
+from featurekit.store.dataset import load_features
 
 LITE = ["efficientnet_lite0", "efficientnet_lite2"]
 

@@ -22,9 +22,9 @@ import featurekit  # noqa: F401  (first: it sets OMP_WAIT_POLICY before torch lo
 
 import numpy as np
 
-from featurekit.backbones import load_backbone
-from featurekit.extraction import ExtractSettings, extract
-from featurekit.train import train_head
+from featurekit.backbones.trunks import load_backbone
+from featurekit.extraction.engine import ExtractSettings, extract
+from featurekit.heads.train import train_head
 
 
 def main() -> None:

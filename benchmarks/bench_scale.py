@@ -41,12 +41,13 @@ import torch
 from torch.utils.data import DataLoader
 
 import featurekit
-from featurekit.dataset import FeatureDataset
-from featurekit.images import DecodePolicy, list_split
-from featurekit.partial import Chunk
-from featurekit.store import FEATURES_VERSION, StoreHeader, StoreIdentity, fingerprint, open_h5
-from featurekit.store_writer import StoreWriter
-from featurekit.verify import verify_store
+from featurekit.images.decode import DecodePolicy
+from featurekit.images.listing import list_split
+from featurekit.store.chunks import Chunk
+from featurekit.store.dataset import FeatureDataset
+from featurekit.store.format import FEATURES_VERSION, StoreHeader, StoreIdentity, fingerprint, open_h5
+from featurekit.store.verify import verify_store
+from featurekit.store.writer import StoreWriter
 
 D, CHUNK, BATCH, CLASSES = 2048, 512, 256, 100
 MB = 2**20

@@ -27,38 +27,38 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 __version__ = "0.1.0"
 
 _API = {
-    "extract": ("extraction", "extract"),
-    "ExtractSettings": ("extraction", "ExtractSettings"),
-    "load": ("dataset", "load_features"),
-    "FeatureDataset": ("dataset", "FeatureDataset"),
-    "FeatureSet": ("dataset", "FeatureSet"),
-    "embed": ("runner", "embed"),
-    "RunSettings": ("runner", "RunSettings"),
-    "load_backbone": ("backbones", "load_backbone"),
-    "load_head": ("head_file", "load_head"),
-    "train_head": ("train", "train_head"),
-    "predict_files": ("predict", "predict_files"),
-    "finetune": ("finetuning", "finetune"),
-    "FinetuneSettings": ("finetune_train", "FinetuneSettings"),
+    "extract": ("extraction.engine", "extract"),
+    "ExtractSettings": ("extraction.engine", "ExtractSettings"),
+    "load": ("store.dataset", "load_features"),
+    "FeatureDataset": ("store.dataset", "FeatureDataset"),
+    "FeatureSet": ("store.dataset", "FeatureSet"),
+    "embed": ("backbones.runner", "embed"),
+    "RunSettings": ("backbones.runner", "RunSettings"),
+    "load_backbone": ("backbones.trunks", "load_backbone"),
+    "load_head": ("heads.head_file", "load_head"),
+    "train_head": ("heads.train", "train_head"),
+    "predict_files": ("predict.classify", "predict_files"),
+    "finetune": ("finetuning.run", "finetune"),
+    "FinetuneSettings": ("finetuning.loop", "FinetuneSettings"),
     "FeaturekitError": ("errors", "FeaturekitError"),
 }
 __all__ = sorted(_API)
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ imports on first use
-    from .backbones import load_backbone as load_backbone
-    from .dataset import FeatureDataset as FeatureDataset
-    from .dataset import FeatureSet as FeatureSet
-    from .dataset import load_features as load  # noqa: F401
+    from .backbones.runner import RunSettings as RunSettings
+    from .backbones.runner import embed as embed
+    from .backbones.trunks import load_backbone as load_backbone
     from .errors import FeaturekitError as FeaturekitError
-    from .extraction import ExtractSettings as ExtractSettings
-    from .extraction import extract as extract
-    from .finetune_train import FinetuneSettings as FinetuneSettings
-    from .finetuning import finetune as finetune
-    from .head_file import load_head as load_head
-    from .predict import predict_files as predict_files
-    from .runner import RunSettings as RunSettings
-    from .runner import embed as embed
-    from .train import train_head as train_head
+    from .extraction.engine import ExtractSettings as ExtractSettings
+    from .extraction.engine import extract as extract
+    from .finetuning.loop import FinetuneSettings as FinetuneSettings
+    from .finetuning.run import finetune as finetune
+    from .heads.head_file import load_head as load_head
+    from .heads.train import train_head as train_head
+    from .predict.classify import predict_files as predict_files
+    from .store.dataset import FeatureDataset as FeatureDataset
+    from .store.dataset import FeatureSet as FeatureSet
+    from .store.dataset import load_features as load  # noqa: F401
 
 
 def __getattr__(name: str):

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from .errors import FeaturekitError, first_line
+from .errors import LockError, WriteError, os_reason
 
 # Testing hooks at the points of a commit protocol: FEATUREKIT_CRASH_AT=<point>[:<n>] SIGKILLs the
 # process the n-th time it reaches <point>, so tests can stop a real extraction exactly there;
@@ -31,12 +31,6 @@ PAUSE_LIMIT_S = 120  # a test that died must not leave its children waiting fore
 _crash_counts: dict[str, int] = {}
 
 
-class WriteError(FeaturekitError):
-    """An output cannot be written (disk full, permissions). Names the file; nothing half written stays."""
-
-
-class LockError(FeaturekitError):
-    """Another process holds the output, or its lock file is not a plain file."""
 
 
 def crash_point(point: str) -> None:
@@ -107,11 +101,6 @@ def fsync_dir(path: Path) -> None:
     finally:
         os.close(descriptor)
 
-
-def os_reason(error: OSError) -> str:
-    if error.errno == errno.ENOSPC or "No space left" in str(error):  # h5py drops the errno
-        return "no space left on device"
-    return error.strerror or first_line(error)
 
 
 class FileLock:

@@ -20,9 +20,9 @@ import pytest
 from PIL import Image
 
 from featurekit.cli import main
-from featurekit.images import SplitListing, list_split
-from featurekit.partial import PartialStore
-from featurekit.store import read_store
+from featurekit.images.listing import SplitListing, list_split
+from featurekit.store.chunks import PartialStore
+from featurekit.store.format import read_store
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_RUN = ["--backbone", "resnet18", "--weights", "random", "--device", "cpu", "--dtype", "float32",
@@ -182,8 +182,8 @@ def make_image_folder(root: Path, split: str, counts: dict[str, int]) -> SplitLi
 
 def store_header(backbone: str, listing: SplitListing, dim: int, **overrides):
     """A real :class:`StoreHeader` for test features of ``listing`` (fields overridable)."""
-    from featurekit.images import DecodePolicy
-    from featurekit.store import FEATURES_VERSION, StoreHeader, StoreIdentity, fingerprint
+    from featurekit.images.decode import DecodePolicy
+    from featurekit.store.format import FEATURES_VERSION, StoreHeader, StoreIdentity, fingerprint
 
     identity = {"backbone": backbone, "node": "flatten", "weights_sha256": "ab" * 32,
                 "preprocessing": STORE_PREPROCESSING, "decode": DecodePolicy(backend="pil").to_dict(),
@@ -204,8 +204,8 @@ def write_store(features_dir: Path, listing, store_name: str, features: np.ndarr
     it unfinished."""
     import contextlib
 
-    from featurekit.partial import Chunk
-    from featurekit.store_writer import StoreWriter
+    from featurekit.store.chunks import Chunk
+    from featurekit.store.writer import StoreWriter
 
     dtype = header_overrides.get("dtype", "float32")
     header = store_header(store_name, listing, features.shape[1], **header_overrides)

@@ -10,17 +10,11 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-from featurekit.augment import (
-    AUGMENT_POLICIES,
-    DEFAULT_AUGMENT_POLICY,
-    TTA_VIEWS,
-    AugmentError,
-    AugmentPolicy,
-    augment_policy,
-    tta_views,
-)
-from featurekit.images import decode_image
-from featurekit.views import Preprocessing
+from featurekit.errors import AugmentError
+from featurekit.images.decode import decode_image
+from featurekit.store.layout import TTA_VIEWS
+from featurekit.views.augment import AUGMENT_POLICIES, DEFAULT_AUGMENT_POLICY, AugmentPolicy, augment_policy, tta_views
+from featurekit.views.preprocessing import Preprocessing
 from tests.conftest import write_jpeg
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))

@@ -13,16 +13,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from featurekit import heads
-from featurekit.augment import CACHE_AUGMENT_POLICY
+from featurekit.backbones.runner import RunSettings
 from featurekit.cli import main
-from featurekit.dataset import load_features
-from featurekit.errors import SettingsError
-from featurekit.head_file import HEAD_FILE, load_head
-from featurekit.heads import MLPHead
-from featurekit.predict import HeadMismatchError, predict_files
-from featurekit.runner import RunSettings
-from featurekit.train import train_head
+from featurekit.errors import HeadMismatchError, SettingsError
+from featurekit.heads import mlp
+from featurekit.heads.head_file import HEAD_FILE, load_head
+from featurekit.heads.mlp import MLPHead
+from featurekit.heads.train import train_head
+from featurekit.predict.classify import predict_files
+from featurekit.store.dataset import load_features
+from featurekit.views.augment import CACHE_AUGMENT_POLICY
 from tests.conftest import TINY_RUN, error_lines, make_folder, run_cli
 
 FP32 = ("--precision", "fp32")
@@ -46,13 +46,13 @@ def test_the_mlp_trains_each_epoch_on_one_view_of_each_image_the_plain_one_among
     _, views_dir, _ = stores
     train = load_features(views_dir, "train", ["resnet18"], views=["features_aug"])
     seen = []
-    real_epoch = heads.train_epoch
+    real_epoch = mlp.train_epoch
 
     def recording_epoch(model, optimizer, X, t, batch_size, generator):
         seen.append(X.numpy().copy())
         return real_epoch(model, optimizer, X, t, batch_size, generator)
 
-    monkeypatch.setattr(heads, "train_epoch", recording_epoch)
+    monkeypatch.setattr(mlp, "train_epoch", recording_epoch)
     views = train.views["features_aug"]
     head = MLPHead(max_epochs=12, hidden_sizes=(16,)).fit(train.features, train.labels, views=views)
     scale = head.scaler_.transform

@@ -15,15 +15,17 @@ import pytest
 import torch
 
 from featurekit import files
-from featurekit.augment import CACHE_AUGMENT_POLICY, AugmentPolicy, ViewPlan, augment_policy, tta_views
-from featurekit.backbones import load_backbone
+from featurekit.backbones.runner import RunSettings, TrunkRunner
+from featurekit.backbones.trunks import load_backbone
 from featurekit.cli import main
-from featurekit.dataset import AlignmentError, load_features
-from featurekit.images import decode_image, list_split
-from featurekit.loader import ViewBatch
-from featurekit.partial import Chunk, PartialStore, StoreError
-from featurekit.runner import RunSettings, TrunkRunner
-from featurekit.store import content_sha256, read_header, read_store
+from featurekit.errors import AlignmentError, StoreError
+from featurekit.images.decode import decode_image
+from featurekit.images.listing import list_split
+from featurekit.store.chunks import Chunk, PartialStore
+from featurekit.store.dataset import load_features
+from featurekit.store.format import content_sha256, read_header, read_store
+from featurekit.views.augment import CACHE_AUGMENT_POLICY, AugmentPolicy, ViewPlan, augment_policy, tta_views
+from featurekit.views.loader import ViewBatch
 from tests.conftest import (
     assert_same_store,
     error_lines,

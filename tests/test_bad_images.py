@@ -24,10 +24,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from featurekit import extraction as extract_module
-from featurekit.gpu_decode import read_for_gpu
-from featurekit.images import DataError, DecodePolicy, ImageDecodeError, decode_image, list_split
-from featurekit.store import read_store
+from featurekit.errors import DataError, ImageDecodeError
+from featurekit.extraction import engine as extract_module
+from featurekit.images.decode import DecodePolicy, decode_image
+from featurekit.images.listing import list_split
+from featurekit.store.format import read_store
+from featurekit.views.gpu_decode import read_for_gpu
 from tests.conftest import REPO, TINY_RUN, acting_as_nobody, error_lines, extract_args, make_folder, run_cli, write_jpeg
 
 # --------------------------------------------------------------------------- the files
@@ -230,9 +232,9 @@ def test_refusals_are_not_part_of_the_store_identity():
 
 MEMORY_PROBE = """
 import json, resource, sys
-from featurekit.images import DecodePolicy
-from featurekit.loader import ViewDataset
-from featurekit.views import Preprocessing
+from featurekit.images.decode import DecodePolicy
+from featurekit.views.loader import ViewDataset
+from featurekit.views.preprocessing import Preprocessing
 
 backend, paths = sys.argv[1], sys.argv[2:]
 view = Preprocessing(256, 224, (0.5,) * 3, (0.5,) * 3)

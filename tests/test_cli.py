@@ -5,8 +5,8 @@ import sys
 
 import pytest
 
-from featurekit.cli import HEAD_KINDS
-from featurekit.heads import HEADS
+from featurekit.cli.heads import HEAD_KINDS
+from featurekit.heads.registry import HEADS
 from tests.conftest import REPO
 
 
@@ -22,8 +22,8 @@ def test_defaults_the_command_line_states_are_the_library_defaults():
     import re
 
     from featurekit.cli import build_parser
-    from featurekit.finetune_train import FinetuneSettings
-    from featurekit.heads import MLPHead
+    from featurekit.finetuning.loop import FinetuneSettings
+    from featurekit.heads.mlp import MLPHead
 
     parsed = vars(build_parser().parse_args(["finetune", "--head", "h.h5", "data"]))
     settings = {f.name: f.default for f in dataclasses.fields(FinetuneSettings)}
@@ -43,13 +43,14 @@ def test_defaults_the_command_line_states_are_the_library_defaults():
 
 def test_help_and_info_do_not_import_torch_or_sklearn():
     code = ("import sys; from featurekit.cli import build_parser; build_parser().parse_args(['info', 'x.h5']); "
-            "from featurekit import store; print(sorted(m for m in ('torch', 'sklearn') if m in sys.modules))")
+            "from featurekit.store import format; print(sorted(m for m in ('torch', 'sklearn') if m in sys.modules))")
     completed = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert completed.stdout.strip() == "[]"
 
 
 def test_user_errors_are_one_line_and_bugs_keep_their_traceback(tmp_path, capsys, monkeypatch):
-    from featurekit import cli, store
+    from featurekit import cli
+    from featurekit.store import format as store
 
     missing = tmp_path / "nope.h5"
     assert cli.main(["info", str(missing)]) == 1
@@ -152,7 +153,7 @@ def test_list_backbones_imports_no_torch_and_lists_what_torchvision_lists():
     assert completed.stdout.splitlines()[-1] == "[]"
     import torchvision
 
-    from featurekit.registry import torchvision_model_names
+    from featurekit.backbones.registry import torchvision_model_names
     assert list(torchvision_model_names()) == sorted(torchvision.models.list_models(module=torchvision.models))
     assert "resnet152" in completed.stdout and "vit_b_16" in completed.stdout
 

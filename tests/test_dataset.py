@@ -7,10 +7,10 @@ import torch
 from conftest import blobs, make_image_folder, write_store
 from torch.utils.data import DataLoader
 
-from featurekit import dataset as dataset_module
-from featurekit.dataset import AlignmentError, FeatureDataset, check_same_extraction, load_features
-from featurekit.errors import SettingsError
-from featurekit.store import StoreError, read_store, store_path
+from featurekit.errors import AlignmentError, SettingsError, StoreError
+from featurekit.store import dataset as dataset_module
+from featurekit.store.dataset import FeatureDataset, check_same_extraction, load_features
+from featurekit.store.format import read_store, store_path
 
 
 def test_in_memory_concatenates_columns_in_backbone_order(two_backbone_features):
@@ -195,7 +195,7 @@ def test_labels_outside_the_classes_are_refused(two_backbone_features):
 
 def _rewrite(features_dir: Path, root: Path, split: str, name: str, **header):
     """Store ``name`` of ``split`` written again over the same images, with other header fields."""
-    from featurekit.images import list_split
+    from featurekit.images.listing import list_split
 
     listing = list_split(root, split)
     store_path(features_dir, split, name).unlink()
@@ -217,7 +217,7 @@ def test_train_and_valid_extracted_differently(two_backbone_features):
 def test_backbones_extracted_unlike_are_not_joined(two_backbone_features, field, value):
     root, features_dir = two_backbone_features
     if field == "decode":
-        from featurekit.images import DecodePolicy
+        from featurekit.images.decode import DecodePolicy
 
         value = DecodePolicy(backend="torchvision").to_dict()
     _rewrite(features_dir, root, "valid", "b", **{field: value})

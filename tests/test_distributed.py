@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from featurekit import files
-from featurekit.store import read_store
+from featurekit.store.format import read_store
 from tests.conftest import TINY_RUN, committed_chunks, leftovers, make_folder, run_cli, run_subprocess
 
 

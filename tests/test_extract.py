@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from featurekit import cli, runner
-from featurekit.backbones import load_backbone
-from featurekit.extraction import ExtractSettings, extract, shard
-from featurekit.files import WriteError
-from featurekit.store import StoreError, read_store
+from featurekit import cli, devices
+from featurekit.backbones import runner
+from featurekit.backbones.trunks import load_backbone
+from featurekit.errors import StoreError, WriteError
+from featurekit.extraction.engine import ExtractSettings, extract, shard
+from featurekit.store.format import read_store
 from tests.conftest import committed_chunks
 
 # float16 as pretrained weights get it (random weights would get float32 under the default dtype "auto")
@@ -82,10 +83,10 @@ def test_bf16_on_cpu_is_recorded_close_to_fp32_and_leaves_the_backbone_as_built(
 
 
 def test_auto_precision_is_bf16_only_where_the_hardware_computes_it(monkeypatch):
-    monkeypatch.setattr(runner, "native_bf16_cpu", lambda: False)
+    monkeypatch.setattr(devices, "native_bf16_cpu", lambda: False)
     assert ExtractSettings(device="cpu").resolved().precision == "fp32"
-    assert runner.auto_precision("cuda:1") == "bf16"
-    monkeypatch.setattr(runner, "native_bf16_cpu", lambda: True)
+    assert devices.auto_precision("cuda:1") == "bf16"
+    monkeypatch.setattr(devices, "native_bf16_cpu", lambda: True)
     assert ExtractSettings(device="cpu").resolved().precision == "bf16"
     assert ExtractSettings(device="cpu", precision="fp32").resolved().precision == "fp32"
 

@@ -17,16 +17,17 @@ import torchvision
 from torch import nn
 
 from featurekit import files
-from featurekit.backbones import load_backbone
-from featurekit.dataset import load_features
-from featurekit.extraction import ExtractSettings, extract
-from featurekit.finetune_model import FinetuneError
-from featurekit.finetuning import CHECKPOINT_FILE, FinetuneSettings, finetune, prepare
-from featurekit.head_file import HeadFileError, load_head, save_head
-from featurekit.predict import predict_files
-from featurekit.runner import RunSettings
-from featurekit.store import read_header, read_store, store_path
-from featurekit.train import train_head
+from featurekit.backbones.runner import RunSettings
+from featurekit.backbones.trunks import load_backbone
+from featurekit.errors import FinetuneError, HeadFileError
+from featurekit.extraction.engine import ExtractSettings, extract
+from featurekit.finetuning.loop import FinetuneSettings
+from featurekit.finetuning.run import CHECKPOINT_FILE, finetune, prepare
+from featurekit.heads.head_file import load_head, save_head
+from featurekit.heads.train import train_head
+from featurekit.predict.classify import predict_files
+from featurekit.store.dataset import load_features
+from featurekit.store.format import read_header, read_store, store_path
 from tests.conftest import error_lines, run_cli, run_subprocess, write_image_folder
 
 EXTRACT = ExtractSettings(device="cpu", precision="fp32", batch_size=4, num_workers=0, dtype="float32", progress=False)

@@ -13,9 +13,12 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
 import featurekit
-from featurekit.head_file import HeadFileError, load_head, save_head
-from featurekit.heads import KNNHead, LinearSVMHead, LogisticHead, MLPHead
-from featurekit.train import train_head
+from featurekit.errors import HeadFileError
+from featurekit.heads.head_file import load_head, save_head
+from featurekit.heads.knn import KNNHead
+from featurekit.heads.linear import LinearSVMHead, LogisticHead
+from featurekit.heads.mlp import MLPHead
+from featurekit.heads.train import train_head
 
 
 @pytest.fixture(scope="module")

@@ -7,19 +7,13 @@ from conftest import blobs
 from sklearn.base import clone
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from featurekit import heads
-from featurekit.errors import SettingsError
-from featurekit.head_file import load_head, save_head
-from featurekit.heads import (
-    HEADS,
-    HeadError,
-    KNNHead,
-    LinearSVMHead,
-    LogisticHead,
-    MLPHead,
-    build_mlp,
-    make_head,
-)
+from featurekit.errors import HeadError, SettingsError
+from featurekit.heads import mlp
+from featurekit.heads.head_file import load_head, save_head
+from featurekit.heads.knn import KNNHead
+from featurekit.heads.linear import LinearSVMHead, LogisticHead
+from featurekit.heads.mlp import MLPHead, build_mlp
+from featurekit.heads.registry import HEADS, make_head
 
 FAST = {"mlp": {"hidden_sizes": (32,), "max_epochs": 20, "patience": 5, "batch_size": 45}}
 
@@ -188,8 +182,8 @@ def test_mlp_batch_size_auto_keeps_sixteen_steps_per_epoch(separable, monkeypatc
     assert [MLPHead().batch_size_for(n) for n in (5000, 4095, 2048, 245)] == [256, 128, 128, 64]
     assert MLPHead(batch_size=32).batch_size_for(5000) == 32
     used = []
-    real_epoch = heads.train_epoch
-    monkeypatch.setattr(heads, "train_epoch", lambda *args: used.append(args[4]) or real_epoch(*args))
+    real_epoch = mlp.train_epoch
+    monkeypatch.setattr(mlp, "train_epoch", lambda *args: used.append(args[4]) or real_epoch(*args))
     MLPHead(max_epochs=2, hidden_sizes=(8,)).fit(*separable[:2])
     assert used == [64, 64]  # 90 rows: batches of 64, the smallest auto size
     with pytest.raises(SettingsError, match=r"^mlp head: batch_size must be a number or auto \(got 'big'\)$"):

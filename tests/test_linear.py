@@ -9,7 +9,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
 
-from featurekit import linear
+from featurekit.heads import solver as linear
 
 
 @pytest.fixture(scope="module")

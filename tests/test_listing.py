@@ -16,8 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from featurekit.images import DataError, ImageDecodeError, decode_image, fs_path, list_split, printable_path
-from featurekit.store import read_store
+from featurekit.errors import DataError, ImageDecodeError
+from featurekit.images.decode import decode_image
+from featurekit.images.listing import list_split
+from featurekit.images.names import fs_path, printable_path
+from featurekit.store.format import read_store
 from tests.conftest import acting_as_nobody, error_lines, extract_args, make_folder, run_cli, write_jpeg
 
 

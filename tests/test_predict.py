@@ -11,13 +11,15 @@ import torch
 import torchvision
 from conftest import error_lines, write_image_folder
 
-from featurekit import cli, runner
-from featurekit.backbones import load_backbone
-from featurekit.extraction import ExtractSettings, extract
-from featurekit.head_file import load_head, save_head
-from featurekit.predict import HeadMismatchError, head_features, predict_files, write_predictions
-from featurekit.store import read_store, store_path
-from featurekit.train import train_head
+from featurekit import cli, devices
+from featurekit.backbones.trunks import load_backbone
+from featurekit.errors import HeadMismatchError
+from featurekit.extraction.engine import ExtractSettings, extract
+from featurekit.heads.head_file import load_head, save_head
+from featurekit.heads.train import train_head
+from featurekit.predict.classify import head_features, predict_files
+from featurekit.predict.outputs import write_predictions
+from featurekit.store.format import read_store, store_path
 
 SETTINGS = ExtractSettings(device="cpu", precision="fp32", batch_size=4, num_workers=0, dtype="float32", progress=False)
 
@@ -118,7 +120,7 @@ def test_predict_features_equal_the_store_rows_within_its_dtype(float16_head):
 
 def test_a_head_of_fp32_stores_runs_at_fp32_unless_asked(float16_head, tmp_path, capsys, monkeypatch):
     root, _, head_file = float16_head
-    monkeypatch.setattr(runner, "native_bf16_cpu", lambda: True)  # where `auto` would pick bf16
+    monkeypatch.setattr(devices, "native_bf16_cpu", lambda: True)  # where `auto` would pick bf16
     assert predict_files(head_file, [root / "valid"], SETTINGS).settings.precision == "fp32"
     common = ["predict", "--head", head_file, "--device", "cpu", "--workers", "0", root / "valid"]
     assert cli.main([str(a) for a in [*common, "--out", tmp_path / "p.csv"]]) == 0

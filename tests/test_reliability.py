@@ -14,9 +14,11 @@ from pathlib import Path
 import h5py
 import pytest
 
-from featurekit import files, runner, store
-from featurekit.partial import PartialStore, store_lock
-from featurekit.store import open_h5, read_store
+from featurekit import files
+from featurekit.backbones import rebuild
+from featurekit.store import format as store
+from featurekit.store.chunks import PartialStore, store_lock
+from featurekit.store.format import open_h5, read_store
 from tests.conftest import (
     REPO,
     TINY_RUN,
@@ -173,7 +175,7 @@ def test_store_of_an_older_feature_computation_is_refused_not_reused(reference, 
     data, expected = reference
     out = tmp_path / "out"
     shutil.copytree(expected.parent, out / "train")
-    monkeypatch.setattr(runner, "FEATURES_VERSION", runner.FEATURES_VERSION + 1)  # a newer build
+    monkeypatch.setattr(rebuild, "FEATURES_VERSION", rebuild.FEATURES_VERSION + 1)  # a newer build
     refused = run_cli(capsys, *extract_args(data, out))
     assert refused.code == 1
     assert "other features version" in error_lines(refused.err)[0]
@@ -289,7 +291,7 @@ def test_second_writer_is_refused_while_readers_of_finished_stores_are_not(refer
     out = tmp_path / "out"
     final = out / "train" / "resnet18.h5"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from pathlib import Path; from featurekit.partial import store_lock\n"
+        [sys.executable, "-c", "import sys; from pathlib import Path; from featurekit.store.chunks import store_lock\n"
                                "with store_lock(Path(sys.argv[1])):\n    print('locked', flush=True); sys.stdin.read()",
          str(final)], cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         env={**os.environ, "PYTHONPATH": str(REPO)})
@@ -350,7 +352,7 @@ def test_damaged_committed_chunk_is_recomputed(reference, tmp_path, capsys):
 
 
 def test_missing_chunks_follow_the_grid_and_cover_every_store():
-    from featurekit.extraction import missing_chunks
+    from featurekit.extraction.engine import missing_chunks
 
     # store A has rows 0-4, store B rows 0-2: rows 2-10 are needed, cut on the grid of 4
     assert missing_chunks([[(0, 2), (2, 4)], [(0, 2)]], 10, 4) == [(2, 4), (4, 8), (8, 10)]

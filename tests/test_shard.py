@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 
 from featurekit import files
-from featurekit.distributed import Shard
 from featurekit.errors import SettingsError
-from featurekit.partial import Chunk, PartialStore
-from featurekit.store import read_store
-from featurekit.store_writer import StoreWriter
+from featurekit.extraction.distributed import Shard
+from featurekit.store.chunks import Chunk, PartialStore
+from featurekit.store.format import read_store
+from featurekit.store.writer import StoreWriter
 from tests.conftest import (
     assert_same_store,
     committed_chunks,

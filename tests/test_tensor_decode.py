@@ -8,11 +8,11 @@ import torch
 from conftest import write_image_folder
 from PIL import Image, ImageOps
 
-from featurekit.backbones import load_backbone
-from featurekit.extraction import ExtractSettings, extract
-from featurekit.gpu_decode import apply_orientation
-from featurekit.images import DecodePolicy
-from featurekit.store import read_store
+from featurekit.backbones.trunks import load_backbone
+from featurekit.extraction.engine import ExtractSettings, extract
+from featurekit.images.decode import DecodePolicy
+from featurekit.store.format import read_store
+from featurekit.views.gpu_decode import apply_orientation
 
 
 @pytest.mark.parametrize("orientation", range(1, 9))

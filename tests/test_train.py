@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 from conftest import blobs, make_image_folder, run_cli, write_store
 
-from featurekit.dataset import load_features
-from featurekit.head_file import load_head
-from featurekit.store import StoreIdentity, read_header, store_path
-from featurekit.train import train_head
+from featurekit.heads.head_file import load_head
+from featurekit.heads.train import train_head
+from featurekit.store.dataset import load_features
+from featurekit.store.format import StoreIdentity, read_header, store_path
 
 FAST_MLP = {"hidden_sizes": (16,), "max_epochs": 15, "batch_size": 8, "lr": 1e-2}
 
@@ -82,7 +82,8 @@ def test_all_needs_a_validation_split(two_backbone_features):
 def test_a_full_disk_while_saving_leaves_no_head_and_no_temporary(two_backbone_features, tmp_path, capsys, monkeypatch):
     import errno
 
-    from featurekit import cli, head_file
+    from featurekit import cli
+    from featurekit.heads import head_file
 
     _, features_dir = two_backbone_features
 
@@ -133,7 +134,7 @@ def test_the_summary_line_names_every_file_written(two_backbone_features, tmp_pa
 
 
 def test_the_confusion_matrix_png_has_counts_a_colour_bar_and_a_title(two_backbone_features, tmp_path, monkeypatch):
-    from featurekit import report
+    from featurekit.heads import report
 
     figures, save = {}, report._save_figure
 
@@ -152,7 +153,7 @@ def test_the_confusion_matrix_png_has_counts_a_colour_bar_and_a_title(two_backbo
 
 
 def test_without_matplotlib_no_png_and_the_report_says_why(two_backbone_features, tmp_path, monkeypatch):
-    from featurekit import report
+    from featurekit.heads import report
 
     monkeypatch.setattr(report, "pyplot", lambda: None)
     messages = []
@@ -165,7 +166,7 @@ def test_without_matplotlib_no_png_and_the_report_says_why(two_backbone_features
 
 
 def test_embedding_is_t_sne_for_small_stores_and_pca_above(monkeypatch):
-    from featurekit import report
+    from featurekit.heads import report
 
     labels = np.repeat(np.arange(3), 10)
     features = blobs(labels, 6, seed=4)
@@ -202,7 +203,7 @@ def test_all_heads_tied_at_100_percent_do_not_hand_the_win_to_knn_and_the_report
 
 
 def test_the_reason_names_the_highest_accuracy_when_there_is_no_tie():
-    from featurekit.report import choice_reason
+    from featurekit.heads.report import choice_reason
 
     compared = [{"head": "mlp", "val_accuracy": 0.9478, "val_log_loss": 0.2, "candidates": 3},
                 {"head": "svm", "val_accuracy": 0.9568, "val_log_loss": 0.18, "candidates": 18},

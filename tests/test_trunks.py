@@ -10,8 +10,9 @@ import torchvision
 from conftest import write_image_folder
 from PIL import Image
 
-from featurekit.backbones import BackboneError, load_backbone
-from featurekit.extraction import ExtractSettings, extract
+from featurekit.backbones.trunks import load_backbone
+from featurekit.errors import BackboneError
+from featurekit.extraction.engine import ExtractSettings, extract
 
 SETTINGS = ExtractSettings(device="cpu", precision="fp32", dtype="float32", batch_size=2, num_workers=0, progress=False)
 

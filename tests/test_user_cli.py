@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 from conftest import TINY_RUN, error_lines, run_cli, write_image_folder, write_jpeg
 
-from featurekit import cli, runner
-from featurekit.store import read_header
+from featurekit import cli
+from featurekit.backbones import runner
+from featurekit.store.format import read_header
 
 RUN = ["--device", "cpu", "--workers", "0"]
 

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 from torchvision.models import ConvNeXt_Tiny_Weights, Inception_V3_Weights, ResNet152_Weights
 
-from featurekit.views import Preprocessing
+from featurekit.views.preprocessing import Preprocessing
 
 
 @pytest.mark.parametrize("weights", [ResNet152_Weights.IMAGENET1K_V1, ResNet152_Weights.IMAGENET1K_V2,

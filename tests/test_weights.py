@@ -6,8 +6,8 @@ import pytest
 import torch
 import torchvision
 
-from featurekit.backbones import load_backbone
-from featurekit.weights import WeightsError
+from featurekit.backbones.trunks import load_backbone
+from featurekit.errors import WeightsError
 
 
 def test_offline_weights_error_says_where_to_put_the_file(tmp_path, monkeypatch):

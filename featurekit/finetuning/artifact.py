@@ -1,0 +1,165 @@
+"""The fine-tuned model as files: data, never a pickle, that ``predict`` and ``extract`` read.
+
+A model folder holds
+
+- ``trunks/<store_name>.pt``: each fine-tuned trunk's state dict under the architecture's own
+  names (the tensors up to its feature node), which ``extract --weights-path`` loads like any
+  local weights file; its weights sha256 is new, so stores of the trunk before fine-tuning read
+  as stale by construction;
+- ``model.pt``: the classifier's state dict (standardisation, classifier);
+- ``model.json``, written last: the format, the classes in probability-column order, the
+  classifier's shape (:func:`featurekit.finetune_model.build_head_layers`), the sha256 of every
+  file, and one record per backbone as a head has them (the feature identity: backbone, node,
+  weights sha256, preprocessing, decode policy, precision, dtype, features version; weights name
+  and source, feature dimension, columns), the fine-tuned ones pointing at their trunk file.
+
+``predict --head DIR`` (or ``DIR/model.json``) rebuilds each backbone from its record, exactly as for a head
+(so the trunk file must give the recorded sha256), runs the trunks once per image and applies the
+classifier (:class:`FinetunedHead`). State dicts are read with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import sklearn
+import torch
+from torch import nn
+
+from ..backbones.trunks import Backbone, load_backbone
+from ..errors import HeadFileError, first_line
+from ..files import atomic_output, atomic_write, file_sha256
+from ..heads.base import Head
+from ..heads.head_file import HEAD_FILE, OLD_HEAD_FILE, load_head
+from .model import FinetuneModel, build_head_layers
+
+MODEL_FILE = "model.json"
+MODEL_FORMAT = "featurekit.finetuned"
+MODEL_FORMAT_VERSION = 2  # 2: an svm classifier is a Linear with its temperature folded in (1: Platt sigmoids)
+MODEL_KEYS = ("format_version", "head", "classifier", "classifier_file", "classifier_sha256", "backbones", "classes")
+
+
+class FinetunedHead:
+    """A fine-tuned model's classifier as ``predict`` uses a head: ``predict_proba(float32[N, D])`` ->
+    float64[N, C] on features made by its (fine-tuned) trunks."""
+
+    def __init__(self, layers: nn.Sequential):
+        self.layers = layers.eval()
+
+    @torch.no_grad()
+    def predict_proba(self, features: np.ndarray) -> np.ndarray:
+        log_p = [self.layers(torch.from_numpy(features[i:i + 4096]).float()) for i in range(0, len(features), 4096)]
+        proba = torch.exp(torch.cat(log_p).double())
+        return (proba / proba.sum(dim=1, keepdim=True)).numpy()
+
+
+def save_model(out_dir: Path, model: FinetuneModel, backbones: Sequence[Backbone], metadata: dict, spec: dict,
+               precision: str, about: dict) -> list[Path]:
+    """Write ``model``'s current state as a model folder in ``out_dir``; returns the files written,
+    ``model.json`` last.
+
+    ``metadata``: the head's (its backbone records and classes); ``precision``: the one the model
+    was trained and validated at, which predict reproduces; ``about``: how it was fine-tuned."""
+    records, written = [], []
+    for index, (backbone, recorded) in enumerate(zip(backbones, metadata["backbones"])):
+        record = {key: value for key, value in recorded.items() if key != "fingerprints"}  # those are the head's
+        record["precision"] = precision
+        if model.parts[index].parameters:
+            path = out_dir / "trunks" / f"{backbone.store_name}.pt"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_output(path) as temporary:
+                torch.save(model.trunk_state(index), temporary)
+            written.append(path)
+            weights = load_backbone(backbone.name, "DEFAULT", str(path), backbone.node).weights  # as extract will
+            record.update(weights=weights.name, weights_sha256=weights.sha256, weights_source=str(path.resolve()),
+                          trunk_file=f"trunks/{path.name}", trunk_file_sha256=file_sha256(path))
+        records.append(record)
+    classifier = out_dir / "model.pt"
+    with atomic_output(classifier) as temporary:
+        torch.save(model.head.state_dict(), temporary)
+    artifact = {"format": MODEL_FORMAT, "format_version": MODEL_FORMAT_VERSION, "classes": metadata["classes"],
+                "head": spec["kind"], "classifier": spec, "classifier_file": classifier.name,
+                "classifier_sha256": file_sha256(classifier), "backbones": records, "finetune": about,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "versions": {"torch": torch.__version__, "sklearn": sklearn.__version__}}
+    return [*written, classifier, atomic_write(out_dir / MODEL_FILE, json.dumps(artifact, indent=2) + "\n")]
+
+
+def load_model(path: str | os.PathLike) -> tuple[FinetunedHead, dict]:
+    """``(classifier, metadata)`` of a model folder's ``model.json``, as predict uses a head
+    (:func:`featurekit.predict.find_head_file` finds the file in a folder).
+
+    Every file must have the sha256 ``model.json`` records; each fine-tuned trunk's record is
+    pointed at its file beside the JSON, wherever the folder was moved. Raises :class:`HeadFileError`.
+    """
+    path = Path(path)
+    try:
+        metadata = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise HeadFileError(f"{path}: not a readable fine-tuned model ({first_line(error)})") from None
+    if not isinstance(metadata, dict) or metadata.get("format") != MODEL_FORMAT:
+        raise HeadFileError(f"{path}: not a featurekit head or fine-tuned model")
+    missing = [key for key in MODEL_KEYS if key not in metadata]
+    if missing:
+        raise HeadFileError(f"{path}: a fine-tuned model without {', '.join(missing)} (damaged or edited)")
+    if metadata["format_version"] > MODEL_FORMAT_VERSION:
+        raise HeadFileError(f"{path}: fine-tuned model format {metadata['format_version']} is newer than this "
+                            f"featurekit reads ({MODEL_FORMAT_VERSION})")
+    if metadata["format_version"] == 1 and metadata["head"] == "svm":
+        raise HeadFileError(f"{path}: fine-tuned from a sigmoid-calibrated svm head (model format 1), which this "
+                            "featurekit does not build; fine-tune again from an svm head trained by this version")
+    layers = build_head_layers(metadata["classifier"])
+    layers.load_state_dict(torch.load(_checked(path, metadata["classifier_file"], metadata["classifier_sha256"]),
+                                      map_location="cpu", weights_only=True))
+    for record in metadata["backbones"]:
+        if record.get("trunk_file"):
+            record["weights_source"] = str(_checked(path, record["trunk_file"], record["trunk_file_sha256"]))
+    return FinetunedHead(layers), metadata
+
+
+def _checked(model_file: Path, relative: str, sha256: str) -> Path:
+    path = (model_file.parent / relative).resolve()
+    if not path.is_file():
+        raise HeadFileError(f"{model_file}: its file {relative} is missing")
+    if file_sha256(path) != sha256:
+        raise HeadFileError(f"{model_file}: its file {relative} was changed since it was written (sha256 differs)")
+    return path
+
+
+# --------------------------------------------------------------------------- any classifier file
+
+
+HEAD_FILES = (HEAD_FILE, MODEL_FILE)  # what train-head and finetune write into their --out folder
+
+
+def find_head_file(path: str | os.PathLike) -> Path:
+    """The file ``path`` names: the file itself, or the one of :data:`HEAD_FILES` in a folder that
+    train-head (``head.h5``) or finetune (``model.json``) wrote; a folder holding both is
+    refused, since either could be meant. A folder holding only an old pickle head (``head.joblib``)
+    gives that file, which :func:`~featurekit.head_file.load_head` refuses, saying how to convert it."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    found = [path / name for name in HEAD_FILES if (path / name).is_file()]
+    if len(found) > 1:
+        raise HeadFileError(f"{path}: holds both {HEAD_FILE} (train-head) and {MODEL_FILE} (finetune); "
+                            "give the file meant")
+    if found:
+        return found[0]
+    if (path / OLD_HEAD_FILE).is_file():
+        return path / OLD_HEAD_FILE
+    heads = sorted({p.parent.name for name in HEAD_FILES for p in path.glob(f"*/{name}")})
+    inside = f"; its subfolders with one: {', '.join(heads)}" if heads else ""
+    raise HeadFileError(f"{path}: a folder without {HEAD_FILE} (train-head writes it into its --out folder) or "
+                        f"{MODEL_FILE} (finetune's){inside}")
+
+
+def load_classifier(path: Path) -> tuple[Head | FinetunedHead, dict]:
+    """A head file (train-head's ``head.h5``) or a fine-tuned model (finetune's ``model.json``:
+    told by its ``.json`` suffix), as :func:`find_head_file` found it."""
+    return load_model(path) if path.suffix == ".json" else load_head(path)

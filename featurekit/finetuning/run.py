@@ -1,0 +1,257 @@
+"""``featurekit finetune``: train a head's trunks and classifier on images, warm-started from the head.
+
+The model (:class:`~featurekit.finetune_model.FinetuneModel`) is the head's trunks, rebuilt with the
+weights the head records (sha256 checked, as predict does), its standardisation and its classifier;
+before the first step it gives the head's probabilities. That is measured on the valid split and
+reported as epoch 0, against the head on its stored features where those stores are still there.
+Each epoch (:mod:`featurekit.finetune_train`) trains on augmented train images and scores the
+valid split; the epoch with the best valid accuracy (then log loss) is kept, the warm start
+(epoch 0) included, so the kept model is never worse on valid than the head (report.json also
+gives the last epoch's scores). On CUDA the trunks run under bf16 autocast in channels_last; on
+the CPU the precision is extract's rule (``RunSettings.resolved``).
+
+Writes into ``out_dir`` (default ``<head folder>/finetuned``):
+
+- ``checkpoint.pt`` after every epoch (atomically; read back with ``weights_only=True``): the same
+  command resumes from it, and on the CPU ends with the weights of an uninterrupted run; a
+  checkpoint of another run (other head, images or options) is refused unless ``overwrite``;
+- the model folder (:mod:`featurekit.finetune_artifact`): ``trunks/<store_name>.pt`` for
+  ``extract --weights-path``, ``model.pt`` and ``model.json`` for ``predict --head``;
+- last, ``learning_curves.png``, ``confusion_matrix.png``, ``report.md`` and ``report.json``
+  (:func:`featurekit.report.write_reports`, as train-head's), listing every file above.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..backbones.rebuild import head_backbones, recorded_settings
+from ..backbones.trunks import Backbone
+from ..errors import FeaturekitError, FinetuneError, first_line, short
+from ..files import FileLock, atomic_output, crash_point, file_sha256
+from ..heads.base import Head
+from ..heads.head_file import HEAD_FILE, load_head
+from ..heads.report import classification_metrics, write_reports
+from ..images.names import printable_path
+from ..store.dataset import load_features
+from ..views.augment import augment_policy
+from .artifact import find_head_file, save_model
+from .loop import Evaluation, Finetuner, FinetuneSettings, Split, head_split, unfreeze_map
+from .model import FinetuneModel, head_layers
+
+CHECKPOINT_FILE = "checkpoint.pt"
+CHECKPOINT_FORMAT = "featurekit.finetune-checkpoint"
+CHECKPOINTED = "finetune-checkpointed"  # crash point (files.crash_point) once an epoch's checkpoint is in place
+
+
+# --------------------------------------------------------------------------- the run
+
+
+@dataclass
+class Prepared:
+    """A fine-tuning run before its first epoch: the head, the model built from it, and its identity."""
+
+    head: Head
+    metadata: dict
+    spec: dict  # the classifier's shape (finetune_model.head_layers)
+    backbones: list[Backbone]
+    trainer: Finetuner
+    run: dict  # what a checkpoint must match to be resumed (JSON values)
+
+
+def prepare(head_path: Path, data_root: str | Path, settings: FinetuneSettings,
+            weights_paths: dict[str, str] | None = None) -> Prepared:
+    """Read the head, list and check the splits, rebuild the head's backbones and the model on the device."""
+    if head_path.suffix == ".json":
+        raise FinetuneError(f"{head_path}: a fine-tuned model; finetune starts from a head written by train-head "
+                            f"({HEAD_FILE})")
+    head, metadata = load_head(head_path)
+    spec, layers = head_layers(head, head_path)
+    classes = list(metadata["classes"])
+    train = head_split(data_root, settings.train_split, classes, head_path, exact=True)
+    valid = head_split(data_root, settings.valid_split, classes, head_path, exact=False)
+    settings = recorded_settings(head_path, metadata, settings, settings.precision).resolved()
+    backbones = head_backbones(head_path, metadata, settings, weights_paths, "fine-tune")
+    unfreeze = unfreeze_map(settings.unfreeze, [b.store_name for b in backbones])
+    model = FinetuneModel(backbones, layers, unfreeze, settings.precision, settings.dtype, settings.batchnorm,
+                          settings.channels_last).to(settings.device)
+    trainer = Finetuner(model, train, valid, settings)
+    chosen = ("epochs", "lr", "trunk_lr_scale", "weight_decay", "warmup_epochs", "batchnorm", "seed", "batch_size",
+              "precision", "channels_last")
+    run = {"head_sha256": file_sha256(head_path), "train_listing": train.listing.sha256(),
+           "valid_listing": valid.listing.sha256(), "unfreeze": unfreeze,
+           "augment": augment_policy(settings.augment).to_dict(), "device": trainer.device.type,
+           **{name: getattr(settings, name) for name in chosen}}
+    return Prepared(head, metadata, spec, backbones, trainer, json.loads(json.dumps(run)))
+
+
+def finetune(head_path: str | Path, data_root: str | Path, out_dir: str | Path | None = None,
+             settings: FinetuneSettings | None = None, weights_paths: dict[str, str] | None = None,
+             log: Callable[[str], None] = print) -> dict:
+    """Fine-tune the head at ``head_path`` on ``data_root``'s train split; returns the report dict.
+
+    ``head_path``: the head file or its folder (:func:`featurekit.predict.find_head_file`);
+    ``weights_paths[store_name]``: where a backbone's weights file lies now (as predict takes it).
+    Rerunning the same call resumes from ``out_dir``'s checkpoint.
+    """
+    head_path = find_head_file(head_path)
+    prepared = prepare(head_path, data_root, settings or FinetuneSettings(), weights_paths)
+    trainer = prepared.trainer
+    out_dir = Path(out_dir) if out_dir else head_path.parent / "finetuned"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(out_dir / ".finetune.lock", str(out_dir)):
+        progress = _resume(out_dir / CHECKPOINT_FILE, prepared.run, trainer, trainer.settings.overwrite, log)
+        if progress is None:
+            progress = _warm_start(trainer, prepared.head, prepared.metadata, log)
+        for epoch in range(progress["epoch"] + 1, trainer.settings.epochs + 1):
+            _epoch(trainer, epoch, progress, log)
+            _save_checkpoint(out_dir / CHECKPOINT_FILE, {"format": CHECKPOINT_FORMAT, "run": prepared.run,
+                                                          "state": trainer.model.mutable_state(),
+                                                          "optimizer": trainer.optimizer.state_dict(), **progress})
+        trainer.model.load_mutable_state(progress["best"]["state"])
+        report = _report(trainer, head_path, prepared.metadata, progress)
+        about = {"head_file": str(head_path), "best_epoch": progress["best"]["epoch"],
+                 "valid_accuracy": report["valid"]["accuracy"], "settings": report["params"]}
+        written = save_model(out_dir, trainer.model, prepared.backbones, prepared.metadata, prepared.spec,
+                             trainer.settings.precision, about)
+        report = write_reports(out_dir, report, trainer.settings.plots, (),
+                               [out_dir / CHECKPOINT_FILE, *written], log)
+    log(f"kept epoch {progress['best']['epoch']}: valid accuracy {report['valid']['accuracy']:.4f}; model "
+        f"written to {written[-1]}")
+    return report
+
+
+def _warm_start(trainer: Finetuner, head: Head, metadata: dict, log: Callable[[str], None]) -> dict:
+    """Epoch 0: the model before any step, against the head on its stored features where they exist."""
+    start, skipped = time.perf_counter(), {}
+    evaluation = trainer.evaluate(skipped)
+    compared = compare_with_head(head, metadata, trainer.settings.valid_split, trainer.valid, evaluation)
+    record = {"epoch": 0, "val_accuracy": evaluation.accuracy, "val_log_loss": evaluation.log_loss,
+              "seconds": time.perf_counter() - start}
+    log(f"epoch 0 (the head, before any step): valid accuracy {evaluation.accuracy:.4f}, log loss "
+        f"{evaluation.log_loss:.4f}" + (f"; the head on its stored features: {compared['head_accuracy']:.4f} "
+                                        f"(max |p - p_head| {compared['max_abs_difference']:.2g} over "
+                                        f"{compared['rows']} images)" if compared["compared"] else ""))
+    return {"epoch": 0, "history": [record], "warm_start": compared, "skipped": skipped,
+            "best": _best(0, evaluation, trainer.model)}
+
+
+def compare_with_head(head: Head, metadata: dict, split: str, valid: Split, evaluation: Evaluation) -> dict:
+    """The model's valid probabilities against the head's on the stores it was trained with, image by image."""
+    names = [record["store_name"] for record in metadata["backbones"]]
+    try:
+        stored = load_features(metadata["features_dir"], split, names)
+    except FeaturekitError as error:
+        return {"compared": False, "reason": first_line(error)}
+    current = [info.header.fingerprint == record["fingerprints"].get(split)
+               for info, record in zip(stored.stores, metadata["backbones"])]
+    if not all(current) or stored.stores[0].header.listing_sha256 != valid.listing.sha256():
+        return {"compared": False, "reason": f"the {split} stores are not those of the head, or of other files"}
+    position = {path: row for row, path in enumerate(stored.paths)}
+    stored_names = [printable_path(valid.listing.records[index].path) for index in evaluation.kept]
+    pairs = [(row, position[name]) for row, name in enumerate(stored_names) if name in position]
+    if not pairs:
+        return {"compared": False, "reason": f"no image of the {split} split decoded in both"}
+    mine, theirs = (list(side) for side in zip(*pairs))
+    head_proba, labels = head.predict_proba(stored.features[theirs]), evaluation.labels[mine]
+    return {"compared": True, "rows": len(pairs),
+            "max_abs_difference": float(np.abs(evaluation.proba[mine] - head_proba).max()),
+            "head_accuracy": float((head_proba.argmax(axis=1) == labels).mean()),
+            "model_accuracy": float((evaluation.proba[mine].argmax(axis=1) == labels).mean()),
+            "same_predictions": int((head_proba.argmax(axis=1) == evaluation.proba[mine].argmax(axis=1)).sum())}
+
+
+def _best(epoch: int, evaluation: Evaluation, model: FinetuneModel) -> dict:
+    return {"epoch": epoch, "score": [evaluation.accuracy, -evaluation.log_loss], "state": model.mutable_state(),
+            "proba": torch.from_numpy(evaluation.proba), "kept": evaluation.kept}
+
+
+def _epoch(trainer: Finetuner, epoch: int, progress: dict, log: Callable[[str], None]) -> None:
+    start = time.perf_counter()
+    record = {"epoch": epoch, **trainer.train_epoch(epoch, progress["skipped"])}
+    evaluation = trainer.evaluate(progress["skipped"])
+    record.update(val_accuracy=evaluation.accuracy, val_log_loss=evaluation.log_loss,
+                  seconds=time.perf_counter() - start)
+    progress["history"].append(record)
+    progress["epoch"] = epoch
+    if [evaluation.accuracy, -evaluation.log_loss] > progress["best"]["score"]:
+        progress["best"] = _best(epoch, evaluation, trainer.model)
+    log(f"epoch {epoch}/{trainer.settings.epochs}: train loss {record['train_loss']:.4f} accuracy "
+        f"{record['train_accuracy']:.4f}, valid loss {evaluation.log_loss:.4f} accuracy {evaluation.accuracy:.4f} "
+        f"({record['seconds']:.1f} s)")
+
+
+def _save_checkpoint(path: Path, payload: dict) -> None:
+    with atomic_output(path, "cannot write the checkpoint", "; the previous one is kept") as temporary:
+        torch.save(payload, temporary)
+    crash_point(CHECKPOINTED)
+
+
+def _resume(path: Path, run: dict, trainer: Finetuner, overwrite: bool, log: Callable[[str], None]) -> dict | None:
+    """The progress of ``path``'s checkpoint, model and optimiser restored; None to start afresh."""
+    if overwrite or not path.exists():
+        return None
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise FinetuneError(f"{path}: not a readable checkpoint ({first_line(error)}); --overwrite starts over"
+                            ) from None
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT or "run" not in payload:
+        raise FinetuneError(f"{path}: not a featurekit fine-tuning checkpoint; --overwrite starts over")
+    changed = next((key for key in run if payload["run"].get(key) != run[key]), None)
+    if changed:
+        raise FinetuneError(f"{path}: a checkpoint of another run ({changed} {short(payload['run'].get(changed))} "
+                            f"!= {short(run[changed])}); rerun that command to continue it, "
+                            "or --overwrite to start over")
+    trainer.model.load_mutable_state(payload["state"])
+    trainer.optimizer.load_state_dict(payload["optimizer"])
+    log(f"resuming from {path} after epoch {payload['epoch']} of {trainer.settings.epochs}")
+    return {key: payload[key] for key in ("epoch", "history", "warm_start", "skipped", "best")}
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _report(trainer: Finetuner, head_path: Path, metadata: dict, progress: dict) -> dict:
+    settings, history, best, classes = trainer.settings, progress["history"], progress["best"], metadata["classes"]
+    labels = trainer.valid.labels[best["kept"]]
+    valid = classification_metrics(labels, best["proba"].numpy(), np.arange(len(classes)), classes)
+    epochs = [record for record in history if record["epoch"] > 0]
+    warm, names = progress["warm_start"], [record["store_name"] for record in metadata["backbones"]]
+    head_accuracy = warm["head_accuracy"] if warm["compared"] else metadata.get("valid_accuracy")
+    trainable = {name: sum(p.numel() for p in trunk.parameters() if p.requires_grad)
+                 for name, trunk in zip(names, trainer.model.trunks)}
+    notes = [f"epoch 0 (the head, before any step): valid accuracy {history[0]['val_accuracy']:.4f}; "
+             + (f"the head on its stored features: {warm['head_accuracy']:.4f}, the same prediction for "
+                f"{warm['same_predictions']} of {warm['rows']} images, "
+                f"max |p - p_head| {warm['max_abs_difference']:.2g}"
+                if warm["compared"] else f"stored features not compared ({warm['reason']})"),
+             f"kept epoch {best['epoch']} of {settings.epochs} (best valid accuracy, then log loss); last epoch: "
+             f"valid accuracy {history[-1]['val_accuracy']:.4f}, log loss {history[-1]['val_log_loss']:.4f}",
+             "trainable: " + ", ".join(f"{name} from {part.unfreeze} ({trainable[name]:,} parameters)"
+                                       for name, part in zip(names, trainer.model.parts))
+             + f"; BatchNorm of the unfrozen part: {settings.batchnorm}",
+             f"{settings.device}, {settings.precision}, batch {settings.batch_size}, augment {settings.augment}"]
+    notes += [f"skipped {path}: {reason}" for path, reason in progress["skipped"].items()]
+    return {
+        "title": f"Fine-tuning report: {metadata['head']} head on {' + '.join(names)}",
+        "head": metadata["head"], "head_file": str(head_path), "backbones": names, "classes": classes,
+        "train": {"split": settings.train_split, "n": history[-1]["train_images"],
+                  "accuracy": history[-1]["train_accuracy"], "note": "last epoch, augmented views"},
+        "valid": {"split": settings.valid_split, **valid, "excluded_classes": {}},
+        "chosen": {"epoch": best["epoch"]}, "params": json.loads(json.dumps(dataclasses.asdict(settings))),
+        "selection": [], "notes": notes, "warm_start": warm, "head_valid_accuracy": head_accuracy,
+        "trainable_parameters": trainable,
+        "skipped": [{"path": p, "reason": r} for p, r in progress["skipped"].items()],
+        "timing": {"seconds_total": sum(r["seconds"] for r in history), "epochs": len(epochs),
+                   "seconds_per_epoch": float(np.mean([r["seconds"] for r in epochs]))},
+        "history": history, "train_curve_label": "train loss (augmented, dropout on)",
+    }

@@ -1,0 +1,240 @@
+"""Stage 1: decode any image file into 8-bit RGB pixels, once, under a recorded policy.
+
+Decoding turns any file PIL understands into an 8-bit RGB ``PIL.Image`` under a recorded
+:class:`DecodePolicy`. Every limit is checked on the size that will be decoded, before decoding.
+Every failure is a :class:`~featurekit.errors.ImageDecodeError` whose message is one line naming
+the file and the reason. What is not a regular file is refused without being opened (a FIFO would
+block forever).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import warnings
+from dataclasses import asdict, dataclass
+from typing import BinaryIO, ClassVar
+
+import numpy as np
+import simplejpeg
+from PIL import Image, ImageOps
+
+from ..errors import ImageDecodeError, SettingsError, first_line, os_reason
+from .names import printable_path
+
+# --------------------------------------------------------------------------- decoding
+
+
+@dataclass(frozen=True)
+class DecodePolicy:
+    """How files become RGB pixels; recorded in every store because it changes the features.
+
+    - ``exif_transpose``: apply the EXIF orientation (phone photos are stored sideways).
+    - ``alpha_background``: transparent pixels are composited onto this grey level (0-255).
+    - ``draft_min_side``: JPEGs are decoded at a reduced DCT scale while their shorter side stays
+      at least this many pixels (much faster for large photos; ``None`` decodes at full size).
+      A constant, not a function of the backbones, so a store's features never depend on which
+      other backbones shared the run.
+    - ``backend``: ``pil``, or ``torchvision`` (JPEGs decoded in batches by ``decode_jpeg`` on the
+      extraction device, nvJPEG on CUDA, at full size; the rest by PIL). They round differently,
+      so the backend is part of a store's identity. ``auto`` (torchvision on CUDA, PIL elsewhere)
+      is resolved against the device before a run (``RunSettings.resolved``) and never stored.
+
+    Refusals (:data:`REFUSALS`), checked before decoding, on the size that will be decoded (after
+    the draft decision; nvJPEG decodes at full size):
+
+    - ``max_pixels``: more decoded pixels than this is refused as a decompression bomb. A
+      progressive JPEG holds the coefficients of every stored pixel while decoding, so its stored
+      size counts too. The default, PIL's own warning threshold, is 256 MiB of 8-bit RGB.
+    - ``max_aspect_ratio``: a longer side more than this many times the shorter one is refused.
+      Views scale the shorter side to ``resize_size``, so a 30000x1 image would become
+      7,680,000x256 pixels (6 GB) before its centre is cut out.
+    - ``refuse_damaged_jpeg``: a JPEG whose entropy-coded data libjpeg complains about (flipped
+      bits, a lost marker: PIL decodes such files silently, with damaged rows) is refused.
+
+    Refusals decide which images are left out, never the values of the others, and every image
+    left out is recorded with its reason; so they are not part of :meth:`to_dict`, the identity,
+    and changing them never makes a store stale.
+    """
+
+    exif_transpose: bool = True
+    alpha_background: int = 255
+    draft_min_side: int | None = 768
+    backend: str = "auto"
+    max_pixels: int = 89_478_485
+    max_aspect_ratio: float = 100.0
+    refuse_damaged_jpeg: bool = True
+
+    REFUSALS: ClassVar[tuple[str, ...]] = ("max_pixels", "max_aspect_ratio", "refuse_damaged_jpeg")
+    BACKENDS: ClassVar[tuple[str, ...]] = ("auto", "pil", "torchvision")
+
+    def __post_init__(self) -> None:
+        if self.backend not in self.BACKENDS:
+            raise SettingsError(f"unknown decoder {self.backend!r} (choose from {', '.join(self.BACKENDS)})")
+
+    def to_dict(self) -> dict:
+        """What changes the features (the store's ``decode`` attribute and identity)."""
+        return {key: value for key, value in asdict(self).items() if key not in self.REFUSALS}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "DecodePolicy":
+        """The policy a store or head recorded (:meth:`to_dict`), with today's refusals."""
+        return cls(**{key: value for key, value in values.items() if key not in cls.REFUSALS})
+
+
+def size_refusal(image: Image.Image, policy: DecodePolicy, stored_size: tuple[int, int] | None = None) -> str | None:
+    """Why an opened, not yet loaded ``image`` must not be decoded at its current ``size``, or None.
+
+    ``stored_size``: its size before a draft reduced ``image.size``."""
+    width, height = image.size
+    if width * height > policy.max_pixels:
+        drafted = f"{stored_size[0]}x{stored_size[1]} drafted to " if stored_size and stored_size != image.size else ""
+        return f"decompression bomb refused ({drafted}{width}x{height} = {width * height} pixels > {policy.max_pixels})"
+    stored_width, stored_height = stored_size or image.size
+    if image.format == "JPEG" and image.info.get("progressive") and stored_width * stored_height > policy.max_pixels:
+        return (f"decompression bomb refused (progressive JPEG {stored_width}x{stored_height}: its "
+                f"{stored_width * stored_height} pixels are held while decoding > {policy.max_pixels})")
+    if max(width, height) > policy.max_aspect_ratio * min(width, height):
+        return f"extreme aspect ratio refused ({width}x{height}; at most {policy.max_aspect_ratio:g}:1)"
+    return None
+
+
+def jpeg_damage(data: bytes) -> str | None:
+    """libjpeg's complaint about a JPEG's data, or None if it has none.
+
+    PIL silences libjpeg's warnings ("Corrupt JPEG data: bad Huffman code", "N extraneous bytes
+    before marker"): a JPEG with damaged entropy-coded data decodes into damaged rows without a
+    word. libjpeg-turbo decodes it again here, strictly, in grey at 1/8 scale, so that the
+    cost is mostly reading the entropy-coded data. A flip that still decodes as valid data goes
+    unnoticed: JPEG has no checksum.
+    """
+    try:
+        colorspace = simplejpeg.decode_jpeg_header(data)[2]
+        simplejpeg.decode_jpeg(data, colorspace="CMYK" if colorspace in ("CMYK", "YCCK") else "GRAY",
+                               fastdct=True, fastupsample=True, min_factor=8, strict=True)
+    except ValueError as error:
+        return first_line(error)
+    return None
+
+
+def open_regular_file(path: str | os.PathLike) -> BinaryIO:
+    """``path`` opened for reading, if it is a regular file; otherwise it is never opened (a FIFO
+    would block forever, a device could be anything) and an ImageDecodeError reason is raised."""
+    _refuse_special(os.stat(path).st_mode)
+    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        _refuse_special(os.fstat(descriptor).st_mode)  # replaced between the stat and the open
+        os.set_blocking(descriptor, True)
+        return os.fdopen(descriptor, "rb")
+    except BaseException:
+        os.close(descriptor)
+        raise
+
+
+_SPECIAL_FILES = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"),
+                  (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"))
+
+
+def _refuse_special(mode: int) -> None:
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in _SPECIAL_FILES if test(mode)), "special file")
+        raise _Refused(f"not a regular file ({kind})")
+
+
+def decode_image(path: str | os.PathLike, policy: DecodePolicy | None = None,
+                 display: str | None = None) -> Image.Image:
+    """Decode one file into an 8-bit RGB image. Raises :class:`ImageDecodeError`.
+
+    ``display`` is the name used in error messages (defaults to ``path`` in printable form).
+    """
+    display = display or printable_path(str(path))
+    try:
+        with open_regular_file(path) as handle:
+            return _decode_open_file(handle, policy or DecodePolicy())
+    except _Refused as refusal:
+        raise ImageDecodeError(display, str(refusal)) from None
+    except FileNotFoundError:
+        reason = "broken symbolic link" if os.path.islink(path) else "file disappeared after listing"
+        raise ImageDecodeError(display, reason) from None
+    except PermissionError:
+        raise ImageDecodeError(display, "permission denied") from None
+    except Image.DecompressionBombError as error:
+        raise ImageDecodeError(display, f"decompression bomb refused ({error})") from None
+    except Exception as error:  # PIL raises many types for bad data; the reason is what matters
+        raise ImageDecodeError(display, _reason(error)) from None
+
+
+def _reason(error: Exception) -> str:
+    if isinstance(error, OSError) and error.errno is not None:
+        # "[Errno 40] Too many levels of symbolic links: 'path'" would name the file twice.
+        return f"cannot read file ({os_reason(error)})"
+    text = first_line(error)
+    if isinstance(error, OSError) and "truncated" in text:
+        return f"truncated image ({text})"
+    return text
+
+
+class _Refused(Exception):
+    """A reason to refuse an image, turned into an ImageDecodeError naming the file."""
+
+
+def _decode_open_file(handle: BinaryIO, policy: DecodePolicy) -> Image.Image:
+    if os.fstat(handle.fileno()).st_size == 0:
+        raise _Refused("empty file (0 bytes)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(handle)
+        except Image.UnidentifiedImageError:
+            raise _Refused("not an image PIL can identify") from None
+        stored_size = image.size
+        if image.format == "JPEG" and policy.draft_min_side and image.mode in ("RGB", "L", "CMYK"):
+            _draft(image, policy.draft_min_side)
+        refusal = size_refusal(image, policy, stored_size)
+        if refusal:
+            raise _Refused(refusal)
+        image.load()  # before the JPEG check: PIL's own reasons (truncated, ...) come first
+        if image.format == "JPEG" and policy.refuse_damaged_jpeg:
+            handle.seek(0)
+            damage = jpeg_damage(handle.read())
+            if damage:
+                raise _Refused(f"damaged JPEG data ({damage})")
+    if policy.exif_transpose:
+        image = ImageOps.exif_transpose(image)
+    return to_rgb(image, policy.alpha_background)
+
+
+def _draft(image: Image.Image, min_side: int) -> None:
+    width, height = image.size
+    scale = min(width, height) / min_side
+    if scale >= 2:
+        # draft keeps both sides >= the request: ask for the aspect-preserving size of min_side.
+        image.draft(image.mode, (int(width / scale), int(height / scale)))
+
+
+def to_rgb(image: Image.Image, background: int = 255) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB. 16-bit data are scaled (PIL's convert clamps them to white)."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        # 16-bit range -> 8-bit range ("I" holds 16-bit PNG values too), in place on int32: a
+        # float64 copy would take 8 bytes per pixel, several of them at once.
+        pixels = np.array(image, dtype=np.int32)
+        np.clip(pixels, 0, 65535, out=pixels)
+        pixels += 128
+        pixels //= 257  # == rint(value / 257): value / 257 is never halfway between integers
+        return Image.fromarray(pixels.astype(np.uint8), "L").convert("RGB")
+    if image.mode == "F":
+        pixels = np.array(image, dtype=np.float64)
+        if pixels.max(initial=0) <= 1.0:
+            pixels *= 255.0
+        np.rint(pixels, out=pixels)
+        np.clip(pixels, 0, 255, out=pixels)
+        return Image.fromarray(pixels.astype(np.uint8), "L").convert("RGB")
+    if (image.mode == "P" and "transparency" in image.info) or image.mode in ("PA", "LA", "La", "RGBa"):
+        image = image.convert("RGBA")
+    if image.mode == "RGBA":
+        flat = Image.new("RGB", image.size, (background,) * 3)
+        flat.paste(image, mask=image.getchannel("A"))
+        return flat
+    return image.convert("RGB")

@@ -1,0 +1,118 @@
+"""Stage 8: classify image files with a trained head, re-extracting their features exactly.
+
+A head records, per backbone, the identity of the features it was trained on
+(:meth:`StoreHeader.backbone_record`: backbone, node, weights sha256, preprocessing, decode policy,
+precision, dtype, features version) and where the weights came from. Prediction rebuilds each
+backbone and runs the :class:`~featurekit.runner.TrunkRunner` under exactly the recorded decode
+policy, precision and storage dtype, then compares the identity it would record with the one the
+head recorded: any difference (other weights, preprocessing, node, ...) is refused in one line,
+since features from another trunk look like features and give confident, wrong answers. Only
+``precision`` may be overridden, on request, and the run's precision is written in the output.
+
+Input: image files and folders, under the rule of :mod:`featurekit.inputs` (a labelled folder
+``<class>/<image>`` gives each image's true class). Output: a CSV ``path,predicted,prob_<class>...``
+(one probability column per class, in the head's class order), with ``topk`` the K likeliest classes
+instead, or with ``--format kaggle`` the dogs-vs-cats submission ``id,label`` (id = file stem, label
+= probability of the second class); beside it ``<out>.json`` says how the features were made.
+With test-time augmentation (``tta``: ``flip``, ``five-crop``; :func:`augment.tta_views`) each
+image's class probabilities are averaged over its test-time views, cut from its one decode and
+run through the same trunk runner.
+
+The classifier: a head file of ``train-head`` or a fine-tuned model of ``finetune`` (its
+``model.json``: the trunks are then the fine-tuned ones), or the folder either wrote
+(:func:`find_head_file`); both record their backbones alike, so the same checks apply.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..backbones.rebuild import recorded_features
+from ..backbones.runner import FileFeatures, RunSettings
+from ..finetuning.artifact import FinetunedHead, find_head_file, load_classifier
+from ..heads.base import Head
+from ..heads.train import test_time_proba
+from ..views.augment import ViewPlan
+from .inputs import Inputs, collect_inputs
+
+
+@dataclass
+class Predictions:
+    """``proba``: float64[len(paths), len(classes)]; ``errors``: (path, reason) of undecodable files;
+    ``settings``: how the features were computed (resolved)."""
+
+    paths: list[str]
+    classes: list[str]
+    proba: np.ndarray
+    errors: list[tuple[str, str]]
+    settings: RunSettings
+    truth: list[str | None] = dataclasses.field(default_factory=list)  # per row: class folder of a labelled folder
+    notices: list[str] = dataclasses.field(default_factory=list)  # what the given folders held and was left out
+    labelled_folders: list[str] = dataclasses.field(default_factory=list)  # printable
+    tta: str = "none"  # test-time augmentation the probabilities are averaged over
+
+    @property
+    def predicted(self) -> list[str]:
+        return [self.classes[i] for i in self.proba.argmax(axis=1)]
+
+
+@dataclass
+class HeadFeatures:
+    """A head, and features of image files made as its stores were: ``extracted.features`` holds
+    float32[len(extracted.kept), D] per backbone, in the head's order (with test-time views
+    ``[len(kept), views, D]``, the plain view first); ``settings`` what ran."""
+
+    head: Head | FinetunedHead
+    metadata: dict
+    files: list[Path]
+    extracted: FileFeatures
+    settings: RunSettings
+    inputs: Inputs = dataclasses.field(default_factory=Inputs)  # files' true classes, what was left out
+
+
+def head_features(head_path: str | os.PathLike, paths: Sequence[str | os.PathLike], settings: RunSettings | None = None,
+                  weights_paths: dict[str, str] | None = None, precision: str | None = None,
+                  tta: str = "none", loaded: tuple[Head | FinetunedHead, dict] | None = None) -> HeadFeatures:
+    """Features of ``paths`` (files or folders) for the head at ``head_path``: the rows extract
+    would have stored for those files under the head's stores' recorded settings. ``head_path``
+    may also be a fine-tuned model (``model.json`` or its folder): its trunks are the fine-tuned ones.
+
+    ``settings`` gives the device, batch size and workers; the decode policy, precision and dtype
+    are the recorded ones (``precision`` overrides the precision). Undecodable files are reported,
+    not raised. ``tta``: also the test-time views of that mode (:class:`HeadFeatures`). ``loaded``:
+    what :func:`load_classifier` already returned for ``head_path``, so it is not read (and a
+    fine-tuned model's files hashed) a second time.
+    """
+    head_path = find_head_file(head_path)
+    head, metadata = loaded or load_classifier(head_path)
+    plan = ViewPlan(tta=tta)  # an unknown mode is refused before any image is read
+    inputs = collect_inputs(paths, metadata["classes"])
+    extracted, settings = recorded_features(head_path, metadata, inputs.files, settings, weights_paths, precision,
+                                            plan=plan)
+    return HeadFeatures(head, metadata, [Path(path) for path, _ in inputs.files], extracted, settings, inputs)
+
+
+
+def predict_files(head_path: str | os.PathLike, paths: Sequence[str | os.PathLike], settings: RunSettings | None = None,
+                  weights_paths: dict[str, str] | None = None, precision: str | None = None,
+                  tta: str = "none", loaded: tuple[Head | FinetunedHead, dict] | None = None) -> Predictions:
+    """Classify image files (or folders of them) with a head file; see :func:`head_features`.
+    ``tta``: average the class probabilities over that mode's test-time views (flip, five-crop)."""
+    made = head_features(head_path, paths, settings, weights_paths, precision, tta, loaded)
+    features = np.concatenate(list(made.extracted.features.values()), axis=-1)  # [N, D] or [N, views, D]
+    classes = list(made.metadata["classes"])
+    if not len(features):
+        proba = np.zeros((0, len(classes)))
+    else:
+        proba = test_time_proba(made.head, features) if features.ndim == 3 else made.head.predict_proba(features)
+    kept = made.extracted.kept
+    return Predictions([str(made.files[i]) for i in kept], classes, proba, made.extracted.errors, made.settings,
+                       [made.inputs.truth[i] for i in kept], made.inputs.notices, made.inputs.labelled, tta)
+
+

@@ -1,0 +1,207 @@
+"""``featurekit neighbors``: the training images nearest to query images, and a contact sheet of them.
+
+Queries are image files (their features made exactly as the stores' rows were, as predict makes
+them) or, given a head, the validation images it misclassifies, worst first (lowest probability of
+the true class). Nearness is the cosine similarity of features standardised with the training
+split's mean and std, as the kNN head compares them. The contact sheet shows one query per row,
+then its nearest training images, each framed green when its class is the query's (true, else
+predicted) class and red otherwise; thumbnails are decoded by :func:`featurekit.images.decode_image`
+under the stores' recorded decode policy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont, ImageOps
+
+from ..backbones.rebuild import recorded_features
+from ..backbones.runner import RunSettings
+from ..errors import ImageDecodeError, SettingsError
+from ..files import atomic_output
+from ..heads.base import Head
+from ..images.decode import DecodePolicy, decode_image
+from ..images.names import fs_path
+from ..store.dataset import FeatureSet, check_same_extraction, load_features
+from .inputs import collect_inputs
+
+THUMB = 112  # thumbnail side, pixels
+CAPTION = 28  # two caption lines under each thumbnail
+
+
+@dataclass(frozen=True)
+class Neighbour:
+    """A training image: ``name`` ``<split>/<path as stored>``, ``file`` its OS path."""
+
+    name: str
+    file: str
+    label: str
+    similarity: float
+
+
+@dataclass
+class Query:
+    """A query image (``name`` printable, ``file`` its OS path) and its nearest training images,
+    nearest first; ``truth`` from a labelled folder or a validation store, ``predicted`` and
+    ``probability`` from a head, ``truth_probability`` the head's probability of ``truth``."""
+
+    name: str
+    file: str
+    neighbours: list[Neighbour] = field(default_factory=list)
+    truth: str | None = None
+    predicted: str | None = None
+    probability: float | None = None
+    truth_probability: float | None = None
+
+
+class Gallery:
+    """The training rows searched: ``train.features`` float32[N, D] standardised and scaled to unit rows."""
+
+    def __init__(self, train: FeatureSet):
+        self.train = train
+        self.mean = train.features.mean(axis=0)
+        self.std = np.maximum(train.features.std(axis=0), 1e-6)
+        self.rows = self._unit(train.features)
+        header = train.stores[0].header
+        self.split_dir = Path(fs_path(header.data_root)) / fs_path(train.split)
+        self.decode = DecodePolicy.from_dict(header.decode)
+
+    def _unit(self, features: np.ndarray) -> np.ndarray:
+        scaled = (features - self.mean) / self.std
+        return scaled / np.maximum(np.linalg.norm(scaled, axis=1, keepdims=True), 1e-12)
+
+    def nearest(self, features: np.ndarray, k: int) -> list[list[Neighbour]]:
+        """The ``k`` training images nearest to each row of ``features`` float32[Q, D], nearest first."""
+        similarity = self._unit(features) @ self.rows.T  # [Q, N]
+        k = min(k, similarity.shape[1])
+        best = np.argsort(-similarity, axis=1, kind="stable")[:, :k]
+        train = self.train
+        return [[Neighbour(f"{train.split}/{train.paths[i]}", str(self.split_dir / fs_path(train.paths[i])),
+                           train.classes[train.labels[i]], float(similarity[q, i])) for i in row]
+                for q, row in enumerate(best)]
+
+
+def store_records(train: FeatureSet) -> dict:
+    """What a head would record about ``train``'s stores: enough to make their rows for new images."""
+    return {"backbones": [{"store_name": info.store_name, **info.header.backbone_record()} for info in train.stores]}
+
+
+def image_queries(gallery: Gallery, paths: Sequence[str | os.PathLike], k: int, head: Head | None = None,
+                  metadata: dict | None = None, settings: RunSettings | None = None,
+                  ) -> tuple[list[Query], list[str]]:
+    """Queries for image files and folders (the rule of :mod:`featurekit.inputs`), with ``head``'s
+    predictions when given; returns (queries, notices: what the folders held and was left out, and
+    each undecodable file)."""
+    classes = metadata["classes"] if metadata else gallery.train.classes
+    inputs = collect_inputs(paths, classes)
+    source = gallery.train.stores[0].path
+    extracted, _ = recorded_features(source, metadata or store_records(gallery.train), inputs.files, settings,
+                                     label="neighbors")
+    features = np.concatenate(list(extracted.features.values()), axis=1)
+    queries = [Query(inputs.files[i][1], inputs.files[i][0], truth=inputs.truth[i]) for i in extracted.kept]
+    if head is not None and len(features):
+        _predict(queries, head.predict_proba(features), metadata["classes"])
+    for query, neighbours in zip(queries, gallery.nearest(features, k)):
+        query.neighbours = neighbours
+    return queries, inputs.notices + [f"skipped {name}: {reason}" for name, reason in extracted.errors]
+
+
+def misclassified_queries(gallery: Gallery, head: Head, metadata: dict, features_dir: Path, valid_split: str,
+                          k: int) -> tuple[list[Query], int]:
+    """The validation images ``head`` gets wrong, worst first; returns (queries, validation rows scored)."""
+    valid = load_features(features_dir, valid_split, [b["store_name"] for b in metadata["backbones"]])
+    check_same_extraction(gallery.train, valid)
+    names = [valid.classes[label] for label in valid.labels]
+    scored = [i for i, name in enumerate(names) if name in metadata["classes"]]
+    if not scored:
+        raise SettingsError(f"split {valid_split!r}: no image of a class the head knows ({', '.join(valid.classes)})")
+    valid_dir = Path(fs_path(valid.stores[0].header.data_root)) / fs_path(valid_split)
+    queries = [Query(f"{valid_split}/{valid.paths[i]}", str(valid_dir / fs_path(valid.paths[i])), truth=names[i])
+               for i in scored]
+    features = valid.features[scored]
+    _predict(queries, head.predict_proba(features), metadata["classes"])
+    order = sorted((j for j, q in enumerate(queries) if q.predicted != q.truth),
+                   key=lambda j: queries[j].truth_probability)
+    wrong = [queries[j] for j in order]
+    for query, neighbours in zip(wrong, gallery.nearest(features[order], k)):
+        query.neighbours = neighbours
+    return wrong, len(scored)
+
+
+def _predict(queries: list[Query], proba: np.ndarray, classes: Sequence[str]) -> None:
+    for query, row in zip(queries, proba):
+        query.predicted, query.probability = classes[int(row.argmax())], float(row.max())
+        if query.truth in classes:
+            query.truth_probability = float(row[list(classes).index(query.truth)])
+
+
+# --------------------------------------------------------------------------- output
+
+
+def describe_query(query: Query) -> list[str]:
+    """One line for the query, then one per neighbour."""
+    said = [f"true {query.truth}"] if query.truth else []
+    if query.predicted is not None:
+        said.append(f"predicted {query.predicted} ({query.probability:.3f}"
+                    + (f"; {query.truth} {query.truth_probability:.3f})" if query.truth_probability is not None
+                       and query.predicted != query.truth else ")"))
+    lines = [f"{query.name}" + (f": {', '.join(said)}" if said else "")]
+    lines += [f"  {rank}. {n.similarity:.3f} {n.label}  {n.name}" for rank, n in enumerate(query.neighbours, 1)]
+    return lines
+
+
+def queries_json(queries: Sequence[Query], about: dict) -> str:
+    """``{"neighbors_version": 1, **about, "queries": [...]}`` as one line of JSON."""
+    return json.dumps({"neighbors_version": 1, **about, "queries": [asdict(q) for q in queries]})
+
+
+def contact_sheet(queries: Sequence[Query], path: Path, policy: DecodePolicy, title: str) -> Path:
+    """A PNG: one query per row (red frame: misclassified), then its neighbours (green frame: the
+    query's class, red: another), with captions. Written atomically."""
+    font = ImageFont.load_default()
+    columns = 1 + max(len(q.neighbours) for q in queries)
+    cell_w, cell_h, top, gap = THUMB + 10, THUMB + CAPTION + 10, 26, 14
+    sheet = Image.new("RGB", (columns * cell_w + gap, top + len(queries) * cell_h), "white")
+    draw = ImageDraw.Draw(sheet)
+    draw.text((6, 6), _fit(draw, title, font, sheet.width - 12), fill="black", font=font)
+    for row, query in enumerate(queries):
+        y = top + row * cell_h
+        wrong = query.truth is not None and query.predicted is not None and query.predicted != query.truth
+        said = (f"{query.truth}->{query.predicted}" if wrong else query.truth or query.predicted or "")
+        _cell(sheet, draw, font, (0, y), query.file, policy, "red" if wrong else "grey",
+              [Path(query.name).name, f"{said} {query.probability:.2f}" if query.probability is not None else said])
+        expected = query.truth or query.predicted
+        for column, neighbour in enumerate(query.neighbours, 1):
+            frame = "green" if neighbour.label == expected else "red"
+            _cell(sheet, draw, font, (column * cell_w + gap, y), neighbour.file, policy, frame,
+                  [Path(neighbour.name).name, f"{neighbour.label} {neighbour.similarity:.2f}"])
+    with atomic_output(path) as temporary:
+        sheet.save(temporary, format="PNG")
+    return path
+
+
+def _cell(sheet: Image.Image, draw: ImageDraw.ImageDraw, font, corner: tuple[int, int], file: str,
+          policy: DecodePolicy, frame: str, captions: list[str]) -> None:
+    x, y = corner
+    draw.rectangle([x + 1, y + 1, x + THUMB + 8, y + THUMB + 8], outline=frame, width=3)
+    try:
+        thumb = ImageOps.contain(decode_image(file, policy), (THUMB, THUMB))
+        sheet.paste(thumb, (x + 5 + (THUMB - thumb.width) // 2, y + 5 + (THUMB - thumb.height) // 2))
+    except ImageDecodeError as error:
+        draw.text((x + 8, y + THUMB // 2), _fit(draw, error.reason, font, THUMB - 6), fill="grey", font=font)
+    for line, text in enumerate(captions):
+        draw.text((x + 4, y + THUMB + 11 + 13 * line), _fit(draw, text, font, THUMB + 4), fill="black", font=font)
+
+
+def _fit(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
+    """``text``, cut with an ellipsis to fit ``width`` pixels."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "...", font=font) > width:
+        text = text[:-1]
+    return text + "..."
