@@ -148,7 +148,8 @@ def phase_bound(args) -> dict:
     (BatchNorm folded, weights in the compute precision, channels_last, compiled on request)."""
     import torch
 
-    from featurekit.backbones.runner import RunSettings, prepare_trunk
+    from featurekit.backbones.runner import prepare_trunk
+    from featurekit.backbones.settings import RunSettings
     from featurekit.backbones.trunks import load_backbone
     from featurekit.devices import PRECISIONS
 

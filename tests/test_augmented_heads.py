@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from featurekit.backbones.runner import RunSettings
+from featurekit.backbones.settings import RunSettings
 from featurekit.cli import main
 from featurekit.errors import HeadMismatchError, SettingsError
 from featurekit.heads import mlp

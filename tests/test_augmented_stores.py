@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from featurekit import files
-from featurekit.backbones.runner import RunSettings, TrunkRunner
+from featurekit.backbones.runner import TrunkRunner
+from featurekit.backbones.settings import RunSettings
 from featurekit.backbones.trunks import load_backbone
 from featurekit.cli import main
 from featurekit.errors import AlignmentError, StoreError

@@ -17,7 +17,7 @@ import torchvision
 from torch import nn
 
 from featurekit import files
-from featurekit.backbones.runner import RunSettings
+from featurekit.backbones.settings import RunSettings
 from featurekit.backbones.trunks import load_backbone
 from featurekit.errors import FinetuneError, HeadFileError
 from featurekit.extraction.engine import ExtractSettings, extract

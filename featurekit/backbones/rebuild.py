@@ -21,7 +21,8 @@ from ..errors import HeadMismatchError, short
 from ..images.decode import DecodePolicy
 from ..store.format import FEATURES_VERSION, StoreIdentity
 from ..views.augment import ViewPlan
-from .runner import FileFeatures, RunSettings, TrunkRunner
+from .runner import FileFeatures, TrunkRunner
+from .settings import RunSettings
 from .trunks import Backbone, load_backbone
 
 

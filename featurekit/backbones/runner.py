@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Collection, Iterator, Sequence
 
@@ -26,7 +26,7 @@ from torch.fx.experimental.optimization import matches_module_pattern, replace_n
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 from tqdm import tqdm
 
-from ..devices import PRECISIONS, auto_precision, default_workers, resolve_device, torch_dtype
+from ..devices import torch_dtype
 from ..errors import ImageDecodeError, SettingsError
 from ..images.decode import DecodePolicy
 from ..views.augment import ViewPlan
@@ -34,64 +34,11 @@ from ..views.gpu_decode import decode_batch
 from ..views.loader import Source, ViewBatch, ViewDataset, iterate_views
 from ..views.preprocessing import Preprocessing
 from .registry import RANDOM
+from .settings import AUTO_DTYPE, RunSettings
 from .trunks import Backbone, load_backbone
 
-DTYPES = ("float16", "float32")
-AUTO_DTYPE = "auto"  # float16, or float32 where a backbone has random weights: storage_dtype
-ON_ERROR = ("fail", "skip")
 FOLDABLE = [(nn.Conv1d, nn.BatchNorm1d), (nn.Conv2d, nn.BatchNorm2d), (nn.Conv3d, nn.BatchNorm3d),
             (nn.Linear, nn.BatchNorm1d)]  # torch.fx's own fuse() patterns, in its order
-
-
-
-
-
-
-@dataclass(frozen=True)
-class RunSettings:
-    """How trunks run. ``auto`` fields are decided against the device by :meth:`resolved`."""
-
-    device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
-    precision: str = "auto"  # auto (see auto_precision) | fp32 | bf16 | fp16
-    dtype: str = "float16"  # features as stored and returned: float16 | float32 | auto (storage_dtype)
-    batch_size: int = 32
-    num_workers: int | None = None  # decoding processes; None: sized to the cores
-    on_error: str = "fail"  # bad images: fail (raise) | skip (reported with the batch)
-    decode: DecodePolicy = field(default_factory=DecodePolicy)  # its backend: auto | pil | torchvision
-    channels_last: bool = True
-    compile: bool = False
-    progress: bool = True
-
-    def resolved(self, local_rank: int | None = None, processes_per_node: int = 1) -> "RunSettings":
-        """Concrete settings; a value that cannot work is a one-line :class:`SettingsError`.
-
-        ``local_rank``: under torchrun, ``cuda`` means ``cuda:<local_rank>``; the node's cores are
-        shared between the decoding workers of its ``processes_per_node`` processes.
-        """
-        device = resolve_device(self.device, local_rank)
-        precision = self.precision if self.precision != "auto" else auto_precision(device)
-        _check_choice("precision", precision, PRECISIONS)
-        _check_choice("dtype", self.dtype, (AUTO_DTYPE, *DTYPES))  # auto: decided with the backbones
-        _check_choice("on-error", self.on_error, ON_ERROR)
-        if self.batch_size < 1:
-            raise SettingsError(f"--batch-size must be at least 1 (got {self.batch_size})")
-        workers = self.num_workers
-        if workers is None:
-            workers = max(1, default_workers(device) // max(1, processes_per_node))
-        elif workers < 0:
-            raise SettingsError(f"--workers must be 0 or more (got {workers})")
-        backend = self.decode.backend
-        if backend == "auto":
-            backend = "torchvision" if device.startswith("cuda") else "pil"
-        return dataclasses.replace(self, device=device, precision=precision, num_workers=workers,
-                                   decode=dataclasses.replace(self.decode, backend=backend))
-
-
-
-
-def _check_choice(name: str, value: str, choices) -> None:
-    if value not in choices:
-        raise SettingsError(f"unknown {name} {value!r} (choose from {', '.join(choices)})")
 
 
 def storage_dtype(requested: str, backbones: Sequence[Backbone]) -> str:
@@ -102,7 +49,6 @@ def storage_dtype(requested: str, backbones: Sequence[Backbone]) -> str:
     if requested != AUTO_DTYPE:
         return requested
     return "float32" if any(b.weights.name == RANDOM for b in backbones) else "float16"
-
 
 
 def prepare_trunk(backbone: Backbone, settings: RunSettings) -> torch.nn.Module:

@@ -112,8 +112,9 @@ def _extract(args, launch) -> int:
     from ..backbones.trunks import load_backbone
     from ..errors import ImageDecodeError
     from ..extraction.distributed import Shard
-    from ..extraction.engine import ExtractSettings, extract_listings, list_split, report_listing
+    from ..extraction.engine import ExtractSettings, extract_listings, report_listing
     from ..images.decode import DecodePolicy
+    from ..images.listing import list_split
     from ..views.augment import ViewPlan
 
     if args.weights_path and len(args.backbone) != 1:

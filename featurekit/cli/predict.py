@@ -59,7 +59,7 @@ def add_predict(commands) -> None:
 
 
 def _run_predict(args) -> int:
-    from ..backbones.runner import RunSettings
+    from ..backbones.settings import RunSettings
     from ..finetuning.artifact import find_head_file, load_classifier
     from ..predict.classify import predict_files
     from ..predict.outputs import check_output, read_class_names, write_predictions
@@ -148,7 +148,7 @@ def add_neighbors(commands) -> None:
 
 
 def _run_neighbors(args) -> int:
-    from ..backbones.runner import RunSettings
+    from ..backbones.settings import RunSettings
     from ..finetuning.artifact import find_head_file
     from ..heads.head_file import load_head
     from ..predict.neighbors import (

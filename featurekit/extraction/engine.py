@@ -30,7 +30,8 @@ import torchvision
 
 from .. import __version__
 from ..backbones.rebuild import store_identity
-from ..backbones.runner import AUTO_DTYPE, RunSettings, TrunkRunner, storage_dtype
+from ..backbones.runner import TrunkRunner, storage_dtype
+from ..backbones.settings import AUTO_DTYPE, RunSettings
 from ..backbones.trunks import Backbone, load_backbone
 from ..errors import DataError, SettingsError
 from ..images.listing import SplitListing, list_split

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ..backbones.runner import RunSettings, device_views
+from ..backbones.runner import device_views
+from ..backbones.settings import RunSettings
 from ..errors import FinetuneError, ImageDecodeError, SettingsError
 from ..images.listing import SplitListing, list_split
 from ..images.names import printable_path

@@ -34,7 +34,8 @@ from typing import Sequence
 import numpy as np
 
 from ..backbones.rebuild import recorded_features
-from ..backbones.runner import FileFeatures, RunSettings
+from ..backbones.runner import FileFeatures
+from ..backbones.settings import RunSettings
 from ..finetuning.artifact import FinetunedHead, find_head_file, load_classifier
 from ..heads.base import Head
 from ..heads.train import test_time_proba

@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from ..backbones.rebuild import recorded_features
-from ..backbones.runner import RunSettings
+from ..backbones.settings import RunSettings
 from ..errors import ImageDecodeError, SettingsError
 from ..files import atomic_output
 from ..heads.base import Head

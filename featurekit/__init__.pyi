@@ -1,0 +1,17 @@
+__version__: str
+
+from .backbones.runner import embed as embed
+from .backbones.settings import RunSettings as RunSettings
+from .backbones.trunks import load_backbone as load_backbone
+from .errors import FeaturekitError as FeaturekitError
+from .errors import FeaturekitWarning as FeaturekitWarning
+from .extraction.engine import ExtractSettings as ExtractSettings
+from .extraction.engine import extract as extract
+from .finetuning.loop import FinetuneSettings as FinetuneSettings
+from .finetuning.run import finetune as finetune
+from .heads.head_file import load_head as load_head
+from .heads.train import train_head as train_head
+from .predict.classify import predict_files as predict_files
+from .store.dataset import FeatureDataset as FeatureDataset
+from .store.dataset import FeatureSet as FeatureSet
+from .store.dataset import load_features as load

@@ -1,0 +1,12 @@
+"""Stage 3: the one registry of backbones, their weights, the frozen trunks and the runner that feeds them.
+
+- :mod:`.registry`: the entries and names, without importing torch;
+- :mod:`.weights`: where parameters come from, and the sha256 proving which were used;
+- :mod:`.trunks`: :func:`load_backbone` -> a :class:`Backbone` (trunk, preprocessing, identity);
+- :mod:`.runner`: :class:`TrunkRunner`, decode once -> views -> prepared trunks -> features, for every stage;
+- :mod:`.rebuild`: the trunks of a store's or head's recorded identity, rebuilt and checked.
+"""
+
+from .._lazy import attach
+
+__getattr__, __dir__, __all__ = attach(__name__, __file__)

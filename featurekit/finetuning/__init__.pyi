@@ -1,0 +1,2 @@
+from .loop import FinetuneSettings as FinetuneSettings
+from .run import finetune as finetune

@@ -1,0 +1,9 @@
+from .head_file import load_head as load_head
+from .head_file import save_head as save_head
+from .knn import KNNHead as KNNHead
+from .linear import LinearSVMHead as LinearSVMHead
+from .linear import LogisticHead as LogisticHead
+from .mlp import MLPHead as MLPHead
+from .registry import HEADS as HEADS
+from .registry import make_head as make_head
+from .train import train_head as train_head

@@ -1,0 +1,10 @@
+"""Stage 1: the images of a data set, listed deterministically and decoded once.
+
+- :mod:`.listing`: ``root/<split>/<class>/<image>`` -> a :class:`SplitListing` (sorted records, what was left out);
+- :mod:`.decode`: any file -> 8-bit RGB under a recorded :class:`DecodePolicy`, or one-line refusal;
+- :mod:`.names`: the printable, injective form in which names are stored and shown.
+"""
+
+from .._lazy import attach
+
+__getattr__, __dir__, __all__ = attach(__name__, __file__)

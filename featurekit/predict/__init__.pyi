@@ -1,0 +1,2 @@
+from .classify import Predictions as Predictions
+from .classify import predict_files as predict_files

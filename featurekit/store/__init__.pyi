@@ -1,0 +1,9 @@
+from .dataset import FeatureDataset as FeatureDataset
+from .dataset import FeatureSet as FeatureSet
+from .dataset import load_features as load_features
+from .format import StoreHeader as StoreHeader
+from .format import StoreIdentity as StoreIdentity
+from .format import read_header as read_header
+from .format import read_store as read_store
+from .verify import verify_stores as verify_stores
+from .writer import StoreWriter as StoreWriter
