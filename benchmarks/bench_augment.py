@@ -80,7 +80,8 @@ def subset(data: Path, work: Path, per_class: int) -> Path:
 
 def extract(data: Path, out: Path, split: str, plan, backbones) -> dict:
     """One extraction of ``split`` under the view ``plan``; its wall time and the command that does the same."""
-    from featurekit.extraction.engine import ExtractSettings, extract_listings
+    from featurekit.extraction.engine import extract_listings
+    from featurekit.extraction.settings import ExtractSettings
     from featurekit.images.listing import list_split
 
     listing = list_split(data, split)

@@ -122,7 +122,8 @@ def phase_featurekit(args) -> dict:
     import torch
 
     from featurekit.backbones.trunks import load_backbone
-    from featurekit.extraction.engine import ExtractSettings, extract
+    from featurekit.extraction.engine import extract
+    from featurekit.extraction.settings import ExtractSettings
 
     device = _device(args.device)
     started = time.perf_counter()
@@ -183,7 +184,8 @@ def phase_bound(args) -> dict:
 def phase_precision(args) -> dict:
     """Relative difference of the default-precision features against fp32, on the same images."""
     from featurekit.backbones.trunks import load_backbone
-    from featurekit.extraction.engine import ExtractSettings, extract
+    from featurekit.extraction.engine import extract
+    from featurekit.extraction.settings import ExtractSettings
     from featurekit.store.format import read_store
 
     device = _device(args.device)

@@ -28,8 +28,9 @@ from torch import nn
 
 from featurekit.backbones.trunks import load_backbone
 from featurekit.devices import PRECISIONS
-from featurekit.finetuning.loop import FinetuneSettings, parameter_groups, train_step
+from featurekit.finetuning.loop import parameter_groups, train_step
 from featurekit.finetuning.model import FinetuneModel, head_layers, unfrozen_part
+from featurekit.finetuning.settings import FinetuneSettings
 from featurekit.heads.linear import LogisticHead
 
 

@@ -23,7 +23,8 @@ import featurekit  # noqa: F401  (first: it sets OMP_WAIT_POLICY before torch lo
 import numpy as np
 
 from featurekit.backbones.trunks import load_backbone
-from featurekit.extraction.engine import ExtractSettings, extract
+from featurekit.extraction.engine import extract
+from featurekit.extraction.settings import ExtractSettings
 from featurekit.heads.train import train_head
 
 

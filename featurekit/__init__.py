@@ -28,6 +28,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.1.0"
 
-from ._lazy import attach  # noqa: E402  (after the environment is set)
+from ._lazy import attach  # noqa: E402  (after the environment is set
 
 __getattr__, __dir__, __all__ = attach(__name__, __file__)

@@ -5,10 +5,10 @@ from .backbones.settings import RunSettings as RunSettings
 from .backbones.trunks import load_backbone as load_backbone
 from .errors import FeaturekitError as FeaturekitError
 from .errors import FeaturekitWarning as FeaturekitWarning
-from .extraction.engine import ExtractSettings as ExtractSettings
 from .extraction.engine import extract as extract
-from .finetuning.loop import FinetuneSettings as FinetuneSettings
+from .extraction.settings import ExtractSettings as ExtractSettings
 from .finetuning.run import finetune as finetune
+from .finetuning.settings import FinetuneSettings as FinetuneSettings
 from .heads.head_file import load_head as load_head
 from .heads.train import train_head as train_head
 from .predict.classify import predict_files as predict_files

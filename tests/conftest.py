@@ -209,7 +209,7 @@ def write_store(features_dir: Path, listing, store_name: str, features: np.ndarr
 
     dtype = header_overrides.get("dtype", "float32")
     header = store_header(store_name, listing, features.shape[1], **header_overrides)
-    writer = StoreWriter(features_dir, listing, store_name, header, log=lambda _: None)
+    writer = StoreWriter(features_dir, listing, store_name, header)
     with contextlib.ExitStack() as locks:
         assert writer.begin(locks)
         stop = len(listing) if rows is None else rows

@@ -12,8 +12,14 @@ from torchvision.transforms.v2 import functional as F
 
 from featurekit.errors import AugmentError
 from featurekit.images.decode import decode_image
-from featurekit.store.layout import TTA_VIEWS
-from featurekit.views.augment import AUGMENT_POLICIES, DEFAULT_AUGMENT_POLICY, AugmentPolicy, augment_policy, tta_views
+from featurekit.views.augment import (
+    AUGMENT_POLICIES,
+    DEFAULT_AUGMENT_POLICY,
+    TTA_VIEWS,
+    AugmentPolicy,
+    augment_policy,
+    tta_views,
+)
 from featurekit.views.preprocessing import Preprocessing
 from tests.conftest import write_jpeg
 

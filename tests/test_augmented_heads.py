@@ -26,7 +26,7 @@ from featurekit.views.augment import CACHE_AUGMENT_POLICY
 from tests.conftest import TINY_RUN, error_lines, make_folder, run_cli
 
 FP32 = ("--precision", "fp32")
-QUIET = {"plots": False, "log": lambda line: None}
+QUIET = {"plots": False}
 
 
 @pytest.fixture(scope="module")

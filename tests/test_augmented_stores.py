@@ -25,6 +25,7 @@ from featurekit.images.listing import list_split
 from featurekit.store.chunks import Chunk, PartialStore
 from featurekit.store.dataset import load_features
 from featurekit.store.format import content_sha256, read_header, read_store
+from featurekit.store.layout import extra_datasets, view_datasets
 from featurekit.views.augment import CACHE_AUGMENT_POLICY, AugmentPolicy, ViewPlan, augment_policy, tta_views
 from featurekit.views.loader import ViewBatch
 from tests.conftest import (
@@ -212,9 +213,10 @@ def test_load_features_reads_the_views_of_chosen_columns(reference):
 
 def test_plan_splits_views_in_the_order_it_makes_them():
     plan = ViewPlan(augment=3, tta="five-crop")
-    assert plan.count == 8 and plan.extra == {"features_aug": 3, "features_tta": 4}
+    assert plan.count == 8 and extra_datasets(plan.augment, plan.tta) == {"features_aug": 3, "features_tta": 4}
     features = torch.arange(2 * 8 * 1).reshape(2, 8, 1)
-    plain, views = plan.split(features)
+    plain, *extra = plan.split(features)
+    views = view_datasets(*extra)
     assert plain.tolist() == [[0], [8]]
     assert views["features_aug"][:, :, 0].tolist() == [[1, 2, 3], [9, 10, 11]]
     assert views["features_tta"][:, :, 0].tolist() == [[4, 5, 6, 7], [12, 13, 14, 15]]

@@ -28,3 +28,20 @@ def test_api_snippets_run(tmp_path, monkeypatch):
     assert namespace["probabilities"].shape == (20, 10)
     assert os.path.isfile("heads/digits/head.h5")
     assert "20 20\n" in out and os.path.isfile("heads/digits/finetuned/trunks/efficientnet_lite0.pt")
+
+
+def test_the_readme_tree_is_the_package():
+    text = (REPO / "README.md").read_text()
+    tree = text[text.index("## Layout"):].split("```text\n", 1)[1].split("```", 1)[0]
+    listed, folders = set(), []
+    for line in tree.splitlines():
+        name = line.strip().split()[0]
+        depth = (len(line) - len(line.lstrip())) // 2
+        folders = folders[:depth]
+        if name.endswith("/"):
+            folders.append(name)
+            listed.add("".join(folders) + "__init__.py")  # a folder line stands for its package module
+        elif name.endswith(".py"):
+            listed.add("".join(folders) + name)
+    listed = {path for path in listed if path.startswith("featurekit/")}
+    assert listed == {str(p.relative_to(REPO)) for p in (REPO / "featurekit").rglob("*.py")}

@@ -12,7 +12,8 @@ from featurekit import cli, devices
 from featurekit.backbones import runner
 from featurekit.backbones.trunks import load_backbone
 from featurekit.errors import StoreError, WriteError
-from featurekit.extraction.engine import ExtractSettings, extract, shard
+from featurekit.extraction.engine import extract, shard
+from featurekit.extraction.settings import ExtractSettings
 from featurekit.store.format import read_store
 from tests.conftest import committed_chunks
 

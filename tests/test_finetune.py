@@ -20,9 +20,10 @@ from featurekit import files
 from featurekit.backbones.settings import RunSettings
 from featurekit.backbones.trunks import load_backbone
 from featurekit.errors import FinetuneError, HeadFileError
-from featurekit.extraction.engine import ExtractSettings, extract
-from featurekit.finetuning.loop import FinetuneSettings
+from featurekit.extraction.engine import extract
+from featurekit.extraction.settings import ExtractSettings
 from featurekit.finetuning.run import CHECKPOINT_FILE, finetune, prepare
+from featurekit.finetuning.settings import FinetuneSettings
 from featurekit.heads.head_file import load_head, save_head
 from featurekit.heads.train import train_head
 from featurekit.predict.classify import predict_files
@@ -48,7 +49,7 @@ def tiny_run(tmp: Path, classes: list[str], heads: list[str], backbones: tuple[s
     made = {}
     for kind in heads:
         params = {"max_epochs": 3} if kind == "mlp" else {}
-        train_head(tmp / "features", backbones, kind, tmp / kind, params=params, plots=False, log=lambda _: None)
+        train_head(tmp / "features", backbones, kind, tmp / kind, params=params, plots=False)
         made[kind] = tmp / kind / "head.h5"
     return root, tmp / "features", made
 
@@ -159,8 +160,7 @@ def tuned(binary, tmp_path_factory):
     """(data root, features dir, head file, model folder, report) of a one-epoch fine-tune of the logreg head."""
     root, features, heads = binary
     out = tmp_path_factory.mktemp("tuned") / "model"
-    report = finetune(heads["logreg"], root, out, dataclasses.replace(TUNE, unfreeze=(SMALL,), plots=True),
-                      log=lambda _: None)
+    report = finetune(heads["logreg"], root, out, dataclasses.replace(TUNE, unfreeze=(SMALL,), plots=True))
     return root, features, heads["logreg"], out, report
 
 

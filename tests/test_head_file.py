@@ -123,7 +123,7 @@ def test_a_linear_head_reads_with_h5py_alone_as_docs_heads_md_shows(kind, tmp_pa
         listing = make_image_folder(root, split, {"ant": count, "bee": count, "wasp": count})
         labels = np.array([r.label for r in listing.records])
         write_store(features, listing, "a", blobs(labels, 6, seed=5, spread=1.5))
-    train_head(features, ["a"], kind, tmp_path / "head", plots=False, log=lambda _: None)
+    train_head(features, ["a"], kind, tmp_path / "head", plots=False)
     head, _ = load_head(tmp_path / "head" / "head.h5")
     valid = featurekit.load(features, "valid", ["a"])
     namespace: dict = {}

@@ -24,7 +24,7 @@ def test_misclassified_images_worst_first_with_their_neighbours_and_a_contact_sh
     valid_rows[0] = centres[2] + 0.01  # an ant that looks like a wasp: the worst mistake
     valid_rows[4] = 0.4 * centres[1] + 0.6 * centres[0]  # a bee nearer the ants: a milder one
     write_store(features, valid, "a", valid_rows.astype(np.float32))
-    train_head(features, ["a"], "logreg", tmp_path / "head", plots=False, log=lambda _: None)
+    train_head(features, ["a"], "logreg", tmp_path / "head", plots=False)
 
     sheet = tmp_path / "worst.png"
     run = run_cli(capsys, "neighbors", "--head", tmp_path / "head", "-k", "3", "--json", "--sheet", sheet)

@@ -14,7 +14,8 @@ from conftest import error_lines, write_image_folder
 from featurekit import cli, devices
 from featurekit.backbones.trunks import load_backbone
 from featurekit.errors import HeadMismatchError
-from featurekit.extraction.engine import ExtractSettings, extract
+from featurekit.extraction.engine import extract
+from featurekit.extraction.settings import ExtractSettings
 from featurekit.heads.head_file import load_head, save_head
 from featurekit.heads.train import train_head
 from featurekit.predict.classify import head_features, predict_files
@@ -30,7 +31,7 @@ def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("predict")
     root = write_image_folder(tmp / "data", {"train": {"cat": 3, "dog": 3}, "valid": {"cat": 2, "dog": 2}})
     extract(root, ["train", "valid"], [load_backbone("resnet18", weights="random")], tmp / "features", SETTINGS)
-    train_head(tmp / "features", ["resnet18"], "logreg", tmp / "head", plots=False, log=lambda _: None)
+    train_head(tmp / "features", ["resnet18"], "logreg", tmp / "head", plots=False)
     return root, tmp / "features", tmp / "head" / "head.h5"
 
 
@@ -103,7 +104,7 @@ def float16_head(tmp_path_factory):
     root = write_image_folder(tmp / "data", {"train": {"cat": 3, "dog": 3}, "valid": {"cat": 2, "dog": 2}})
     settings = dataclasses.replace(SETTINGS, dtype="float16")
     extract(root, ["train", "valid"], [load_backbone("resnet18", weights="random")], tmp / "features", settings)
-    train_head(tmp / "features", ["resnet18"], "logreg", tmp / "head", plots=False, log=lambda _: None)
+    train_head(tmp / "features", ["resnet18"], "logreg", tmp / "head", plots=False)
     return root, tmp / "features", tmp / "head" / "head.h5"
 
 

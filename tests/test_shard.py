@@ -16,7 +16,7 @@ import pytest
 
 from featurekit import files
 from featurekit.errors import SettingsError
-from featurekit.extraction.distributed import Shard
+from featurekit.extraction.settings import Shard
 from featurekit.store.chunks import Chunk, PartialStore
 from featurekit.store.format import read_store
 from featurekit.store.writer import StoreWriter
@@ -165,7 +165,7 @@ def test_a_joiner_whose_chunks_another_joiner_took_reports_the_store_up_to_date(
     that finds the chunks gone because the other's store is in place says so instead of failing."""
     listing = make_image_folder(tmp_path / "data", "train", {"a": 3})
     header = store_header("x", listing, 4)
-    first, second = (StoreWriter(tmp_path / "out", listing, "x", header, log=lambda _: None) for _ in range(2))
+    first, second = (StoreWriter(tmp_path / "out", listing, "x", header) for _ in range(2))
     assert first.begin(None)
     first.commit(Chunk(0, 3, np.arange(3), np.ones((3, 4), np.float32)))
     real_rows = PartialStore.rows

@@ -9,7 +9,8 @@ from conftest import write_image_folder
 from PIL import Image, ImageOps
 
 from featurekit.backbones.trunks import load_backbone
-from featurekit.extraction.engine import ExtractSettings, extract
+from featurekit.extraction.engine import extract
+from featurekit.extraction.settings import ExtractSettings
 from featurekit.images.decode import DecodePolicy
 from featurekit.store.format import read_store
 from featurekit.views.gpu_decode import apply_orientation

@@ -23,7 +23,7 @@ def _named_blobs(listing, dim: int, seed: int) -> np.ndarray:
 
 def test_mlp_report_artifact_and_plots(two_backbone_features, tmp_path):
     _, features_dir = two_backbone_features
-    report = train_head(features_dir, ["a", "b"], "mlp", tmp_path / "out", params=FAST_MLP, log=lambda _: None)
+    report = train_head(features_dir, ["a", "b"], "mlp", tmp_path / "out", params=FAST_MLP)
     files = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert files == ["confusion_matrix.png", "embedding.png", "head.h5", "learning_curves.png", "report.json",
                      "report.md"]
@@ -47,14 +47,16 @@ def test_mlp_report_artifact_and_plots(two_backbone_features, tmp_path):
 
 
 def test_valid_labels_are_mapped_by_name_and_unknown_classes_reported(tmp_path):
+    from featurekit.errors import FeaturekitWarning
+
     root, features_dir = tmp_path / "data", tmp_path / "features"
     train = make_image_folder(root, "train", {"ant": 6, "bee": 6, "empty": 0, "wasp": 6})
     valid = make_image_folder(root, "valid", {"ant": 3, "bee": 3, "hornet": 2, "wasp": 3})
     for listing in (train, valid):
         write_store(features_dir, listing, "a", _named_blobs(listing, 5, seed=0))
-    messages = []
-    report = train_head(features_dir, ["a"], "logreg", tmp_path / "out", log=messages.append)
-    assert any("hornet (2 rows)" in m and m.startswith("warning") for m in messages)
+    with pytest.warns(FeaturekitWarning) as warned:
+        report = train_head(features_dir, ["a"], "logreg", tmp_path / "out")
+    assert any("hornet (2 rows)" in str(w.message) for w in warned)
     assert report["valid"]["excluded_classes"] == {"hornet": 2}
     # wasp is index 3 in train, 3 in valid; bee 1, 1
     assert report["valid"]["n"] == 9 and report["valid"]["accuracy"] == 1.0
@@ -64,8 +66,7 @@ def test_valid_labels_are_mapped_by_name_and_unknown_classes_reported(tmp_path):
 
 def test_all_keeps_the_best_head_on_validation(two_backbone_features, tmp_path):
     _, features_dir = two_backbone_features
-    report = train_head(features_dir, ["a", "b"], "all", tmp_path / "out", params=FAST_MLP, plots=False,
-                        log=lambda _: None)
+    report = train_head(features_dir, ["a", "b"], "all", tmp_path / "out", params=FAST_MLP, plots=False)
     assert {entry["head"] for entry in report["selection"]} == {"mlp", "logreg", "svm", "knn"}
     best = max(report["selection"], key=lambda e: (e["val_accuracy"], -e["val_log_loss"]))
     assert report["head"] == best["head"]
@@ -76,7 +77,7 @@ def test_all_keeps_the_best_head_on_validation(two_backbone_features, tmp_path):
 def test_all_needs_a_validation_split(two_backbone_features):
     _, features_dir = two_backbone_features
     with pytest.raises(ValueError, match="--head all chooses on the validation split"):
-        train_head(features_dir, ["a"], "all", valid_split=None, log=lambda _: None)
+        train_head(features_dir, ["a"], "all", valid_split=None)
 
 
 def test_a_full_disk_while_saving_leaves_no_head_and_no_temporary(two_backbone_features, tmp_path, capsys, monkeypatch):
@@ -105,8 +106,7 @@ def test_a_full_disk_while_saving_leaves_no_head_and_no_temporary(two_backbone_f
 
 def test_without_validation_the_report_shows_no_selection_table_of_nan(two_backbone_features, tmp_path):
     _, features_dir = two_backbone_features
-    report = train_head(features_dir, ["a"], "logreg", tmp_path / "out", valid_split=None, plots=False,
-                        log=lambda _: None)
+    report = train_head(features_dir, ["a"], "logreg", tmp_path / "out", valid_split=None, plots=False)
     markdown = (tmp_path / "out" / "report.md").read_text()
     assert report["valid"] is None and "nan" not in markdown.lower()
     assert "No validation split: nothing was selected; head logreg, C 1 as given" in markdown
@@ -117,8 +117,7 @@ def test_seconds_total_of_head_all_is_the_whole_sweep(two_backbone_features, tmp
 
     _, features_dir = two_backbone_features
     started = time.perf_counter()
-    report = train_head(features_dir, ["a", "b"], "all", tmp_path / "out", params=FAST_MLP, plots=False,
-                        log=lambda _: None)
+    report = train_head(features_dir, ["a", "b"], "all", tmp_path / "out", params=FAST_MLP, plots=False)
     timing = report["timing"]
     assert timing["seconds_chosen"] < timing["seconds_total"] < time.perf_counter() - started
 
@@ -144,7 +143,7 @@ def test_the_confusion_matrix_png_has_counts_a_colour_bar_and_a_title(two_backbo
 
     monkeypatch.setattr(report, "_save_figure", capture)
     _, features_dir = two_backbone_features
-    train_head(features_dir, ["a", "b"], "logreg", tmp_path / "out", log=lambda _: None)
+    train_head(features_dir, ["a", "b"], "logreg", tmp_path / "out")
     (title, counts), colour_bar = figures["confusion_matrix.png"]
     assert title == "logreg on a + b\nvalid: accuracy 1.0000 (12 images)"
     assert counts == sorted(["4", "0", "0", "0", "4", "0", "0", "0", "4"]) and colour_bar == ("", [])
@@ -152,16 +151,16 @@ def test_the_confusion_matrix_png_has_counts_a_colour_bar_and_a_title(two_backbo
     assert "t-SNE of 36 feature rows (train o, valid x), coloured by class" in embedding_title
 
 
-def test_without_matplotlib_no_png_and_the_report_says_why(two_backbone_features, tmp_path, monkeypatch):
+def test_without_matplotlib_no_png_and_the_report_says_why(two_backbone_features, tmp_path, monkeypatch, caplog):
     from featurekit.heads import report
 
     monkeypatch.setattr(report, "pyplot", lambda: None)
-    messages = []
     _, features_dir = two_backbone_features
-    written = train_head(features_dir, ["a"], "mlp", tmp_path / "out", params=FAST_MLP, log=messages.append)
+    with caplog.at_level("INFO", logger="featurekit"):
+        written = train_head(features_dir, ["a"], "mlp", tmp_path / "out", params=FAST_MLP)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["head.h5", "report.json", "report.md"]
     assert sorted(written["files"]) == ["head.h5", "report.json", "report.md"]
-    assert f"note: {report.PLOTS_MISSING}" in messages
+    assert f"note: {report.PLOTS_MISSING}" in caplog.messages
     assert "pip install 'featurekit[plots]'" in (tmp_path / "out" / "report.md").read_text()
 
 
@@ -184,8 +183,7 @@ def test_all_heads_tied_at_100_percent_do_not_hand_the_win_to_knn_and_the_report
                                                                                           tmp_path):
     # issue 11's case: every head 100% on validation; a 1-NN's hard 0/1 votes had a log loss of exactly 0
     _, features_dir = two_backbone_features
-    report = train_head(features_dir, ["a", "b"], "all", tmp_path / "out", params=FAST_MLP, plots=False,
-                        log=lambda _: None)
+    report = train_head(features_dir, ["a", "b"], "all", tmp_path / "out", params=FAST_MLP, plots=False)
     compared = {entry["head"]: entry for entry in report["choice"]["heads"]}
     assert list(compared) == ["mlp", "logreg", "svm", "knn"]
     assert all(entry["val_accuracy"] == 1.0 for entry in compared.values())

@@ -12,7 +12,8 @@ from PIL import Image
 
 from featurekit.backbones.trunks import load_backbone
 from featurekit.errors import BackboneError
-from featurekit.extraction.engine import ExtractSettings, extract
+from featurekit.extraction.engine import extract
+from featurekit.extraction.settings import ExtractSettings
 
 SETTINGS = ExtractSettings(device="cpu", precision="fp32", dtype="float32", batch_size=2, num_workers=0, progress=False)
 

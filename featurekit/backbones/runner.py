@@ -29,11 +29,11 @@ from tqdm import tqdm
 from ..devices import torch_dtype
 from ..errors import ImageDecodeError, SettingsError
 from ..images.decode import DecodePolicy
+from ..store.format import RANDOM
 from ..views.augment import ViewPlan
 from ..views.gpu_decode import decode_batch
 from ..views.loader import Source, ViewBatch, ViewDataset, iterate_views
 from ..views.preprocessing import Preprocessing
-from .registry import RANDOM
 from .settings import AUTO_DTYPE, RunSettings
 from .trunks import Backbone, load_backbone
 

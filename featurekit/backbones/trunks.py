@@ -25,8 +25,9 @@ from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
 from ..errors import BackboneError, WeightsError
+from ..store.format import RANDOM
 from ..views.preprocessing import Preprocessing
-from .registry import RANDOM, REGISTRY, BackboneSpec
+from .registry import REGISTRY, BackboneSpec
 from .weights import RANDOM_SEED, WeightsInfo, load_file, seed_random, state_sha256, torchvision_download
 
 
@@ -61,9 +62,8 @@ def get_spec(name: str) -> BackboneSpec:
     if name in REGISTRY:
         return REGISTRY[name]
     if name in torchvision_classifiers():
-        arch_kwargs = {"transform_input": True, "init_weights": False} if name == "googlenet" else {}
         return BackboneSpec(name, "torchvision", "DEFAULT", None, None,
-                            f"torchvision {name}, input of its final classifier layer", arch_kwargs)
+                            f"torchvision {name}, input of its final classifier layer")
     known = list(dict.fromkeys([*REGISTRY, *torchvision_classifiers()]))
     close = difflib.get_close_matches(name, known, n=3)
     hint = f" (did you mean {', '.join(close)}?)" if close else ""
@@ -110,21 +110,6 @@ def _random_info(model: nn.Module) -> WeightsInfo:
     return WeightsInfo(RANDOM, state_sha256(model), f"random(seed={RANDOM_SEED})")
 
 
-_LITE_SIZES = {"efficientnet_lite0": 224, "efficientnet_lite2": 260}
-
-
-# The TF-Lite models' own normalisation, (x - 127) / 128 on 0-255 pixels: on hymenoptera valid it
-# gave 41/50 right ImageNet top-1 (ant/bee) against 34/50 with the ImageNet mean/std.
-_LITE_MEAN = (127.0 / 255,) * 3
-_LITE_STD = (128.0 / 255,) * 3
-
-
-def _lite_preprocessing(name: str) -> Preprocessing:
-    # The TF EfficientNet eval crop: central size / (size + 32) of the image, bicubic.
-    size = _LITE_SIZES[name]
-    return Preprocessing(size + 32, size, _LITE_MEAN, _LITE_STD, "bicubic", True)
-
-
 def _build_lite(spec: BackboneSpec, weights: str, weights_path: str | None) -> Built:
     try:
         from efficientnet_lite_pytorch import EfficientNet
@@ -142,7 +127,7 @@ def _build_lite(spec: BackboneSpec, weights: str, weights_path: str | None) -> B
         info = _load_lite_package(spec, model)
     else:
         raise WeightsError(f"{spec.name}: unknown weights {weights!r} (choices: IMAGENET, random, or --weights-path)")
-    return model, _lite_preprocessing(spec.name), info
+    return model, Preprocessing(**spec.preprocessing), info
 
 
 def _load_lite_package(spec: BackboneSpec, model: nn.Module) -> WeightsInfo:

@@ -13,18 +13,19 @@ model, so a random-weight store can never pass for a pretrained one.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import os
 import urllib.error
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
 
-from ..errors import WeightsError, first_line
-from .registry import RANDOM as RANDOM  # lives in registry, which imports no torch
+from ..errors import SettingsError, WeightsError, first_line
 
 RANDOM_SEED = 0
 
@@ -136,3 +137,26 @@ def torchvision_download(weights):
             f"cannot download {weights} from {weights.url} ({reason}): put that file at {cached}, "
             "or pass --weights-path FILE (a local state dict), or --weights random for a smoke run"
         ) from None
+
+
+def weights_files(given: Mapping[str, str] | str | Sequence[str] | None, store_names: Sequence[str]) -> dict[str, str]:
+    """Local weights per backbone: ``given`` as a mapping, as ``STORE=FILE`` texts (``--weights-path``),
+    or one ``FILE`` (a text, or a mapping's lone entry) where there is one backbone. A store name
+    that is none of ``store_names`` is refused with the close ones: a misspelt name must not leave
+    a backbone on the weights it would have had without the file."""
+    if given is None or not len(given):
+        return {}
+    if isinstance(given, (str, os.PathLike)):
+        given = [str(given)]
+    if not isinstance(given, Mapping):
+        pairs = [text.split("=", 1) if "=" in text else (None, text) for text in given]
+        if any(name is None for name, _ in pairs) and len(store_names) != 1:
+            raise SettingsError(f"--weights-path {next(f for n, f in pairs if n is None)}: give STORE=FILE, one per "
+                                f"backbone ({', '.join(store_names)})")
+        given = {name or store_names[0]: file for name, file in pairs}
+    for name in given:
+        if name not in store_names:
+            close = ", ".join(difflib.get_close_matches(name, store_names, n=3))
+            raise SettingsError(f"--weights-path {name}=...: no backbone {name!r} in this run "
+                                f"({', '.join(store_names)})" + (f"; did you mean {close}?" if close else ""))
+    return dict(given)

@@ -1,20 +1,25 @@
-"""The ``featurekit`` command line. Each subcommand is a thin layer over one stage module.
+"""The ``featurekit`` command line: each command parses, calls one library function and prints.
 
-Every error a user can cause (:class:`~featurekit.errors.FeaturekitError`: bad data, missing
-weights, stale or damaged stores, bad images, bad options) and every OS error ends the process
-with exit code 1 and one line on stderr naming the file and the reason. Anything else is a bug
-and keeps its traceback. Building the parser imports neither torch nor scikit-learn.
+Results go to stdout; what the library logs (logger ``featurekit``) and warns
+(:class:`~featurekit.errors.FeaturekitWarning`) goes to stderr, one line each. Every error a user
+can cause (:class:`~featurekit.errors.FeaturekitError`) and every OS error ends the process with
+exit code 1 and one line on stderr naming the file and the reason; anything else is a bug and
+keeps its traceback. Options are built from the library's settings dataclasses
+(:mod:`featurekit.options`); building the parser imports neither torch nor scikit-learn.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import os
 import sys
-from typing import Sequence
+import warnings
+from typing import Iterator, Sequence
 
 from .. import __version__
-from ..errors import FeaturekitError, describe_os_error, one_line
+from ..errors import FeaturekitError, FeaturekitWarning, describe_os_error, one_line
 from ._options import HelpFormatter
 from .extract import add_extract
 from .finetune import add_finetune
@@ -41,7 +46,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.run(args) or 0
+        with diagnostics():
+            return args.run(args) or 0
     except KeyboardInterrupt:
         print("featurekit: interrupted; committed chunks are kept, rerun the same command to resume", file=sys.stderr)
         return 130
@@ -52,6 +58,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = describe_os_error(error) if isinstance(error, OSError) else str(error)
         print(f"featurekit: error: {one_line(message)}", file=sys.stderr)
         return 1
+
+
+@contextlib.contextmanager
+def diagnostics() -> Iterator[None]:
+    """The library's log lines and FeaturekitWarnings on stderr, one line each, while a command runs
+    (torchrun ranks other than 0 say only what is their own, ``extra={"every_rank": True}``: rank 0
+    speaks for the job)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger, speaks = logging.getLogger("featurekit"), int(os.environ.get("RANK", "0")) == 0
+    handler.addFilter(lambda record: speaks or getattr(record, "every_rank", False))
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    shown = warnings.showwarning
+
+    def show(message, category, *where, **options):
+        if not issubclass(category, FeaturekitWarning):
+            return shown(message, category, *where, **options)
+        if speaks:
+            logger.warning(f"warning: {message}")
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", FeaturekitWarning)
+            warnings.showwarning = show
+            yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,13 +1,14 @@
-"""What several commands share: the help format, option groups and small helpers."""
+"""What the commands share: the help format, ``--backbone``, and output (options from settings:
+:mod:`featurekit.options`)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 import textwrap
+from typing import Iterable
 
-from ..backbones.registry import random_weights_warning
-from ..errors import SettingsError
+__all__ = ["HelpFormatter", "add_backbones", "command", "say"]
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -17,6 +18,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         if (any(action.default is v for v in (None, False, argparse.SUPPRESS)) or action.required  # 0 is a default
+                or action.nargs == 0  # a flag
                 or "default" in text
                 or not (action.option_strings or action.nargs in ("?", "*"))):
             return text
@@ -32,22 +34,13 @@ def command(commands, name: str, summary: str, **kwargs) -> argparse.ArgumentPar
                                formatter_class=HelpFormatter, **kwargs)
 
 
-def backbone_option(parser: argparse.ArgumentParser, help: str) -> None:
+def add_backbones(parser: argparse.ArgumentParser, help: str, required: bool = True) -> None:
     """``--backbone`` in every command that names backbones (``--backbones`` is accepted too)."""
-    parser.add_argument("--backbone", "--backbones", dest="backbone", nargs="+", required=True, metavar="NAME",
+    parser.add_argument("--backbone", "--backbones", dest="backbone", nargs="+", required=required, metavar="NAME",
                         help=help)
 
 
-def warn_random(store_names: list[str], log) -> None:
-    if store_names:
-        log(random_weights_warning(store_names))
-
-def weights_paths(pairs: list[str]) -> dict[str, str]:
-    """``--weights-path STORE=FILE ...`` as {store name: file} (predict and finetune)."""
-    if any("=" not in pair for pair in pairs):
-        raise SettingsError(f"--weights-path expects STORE=FILE, got {next(p for p in pairs if '=' not in p)!r}")
-    return dict(pair.split("=", 1) for pair in pairs)
-
-
-def stderr(line: str) -> None:
-    print(line, file=sys.stderr)
+def say(lines: str | Iterable[str], error: bool = False) -> None:
+    """Print a result (stdout) or, with ``error``, a line beside the results (stderr)."""
+    for line in [lines] if isinstance(lines, str) else lines:
+        print(line, file=sys.stderr if error else sys.stdout)

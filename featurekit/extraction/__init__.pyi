@@ -1,3 +1,3 @@
-from .engine import ExtractSettings as ExtractSettings
 from .engine import StoreResult as StoreResult
 from .engine import extract as extract
+from .settings import ExtractSettings as ExtractSettings

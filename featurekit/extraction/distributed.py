@@ -23,69 +23,18 @@ from __future__ import annotations
 
 import datetime
 import os
-from dataclasses import dataclass
 from typing import TypeVar
 
 import torch.distributed as dist
 
 from ..errors import SettingsError
+from .settings import Launch
 
 # Ranks wait at the barrier for the slowest one; blocks are balanced, but a slow disk or a
 # skewed split must not turn a long extraction into a timeout.
 BARRIER_TIMEOUT = datetime.timedelta(hours=24)
 
 T = TypeVar("T")
-SHARD_HELP = "I/N with whole numbers, 0 <= I < N (e.g. 0/4; I counts from 0, as JOB_COMPLETION_INDEX does)"
-
-
-@dataclass(frozen=True)
-class Launch:
-    """This process's place in the job: ``rank`` of ``world_size``, ``local_rank`` of
-    ``local_world_size`` on its node."""
-
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-    local_world_size: int = 1
-
-
-@dataclass(frozen=True)
-class Shard:
-    """Shard ``index`` of ``count``: the index-th (from 0) of ``count`` contiguous blocks of the
-    chunks of every split. Blocks are cut from the whole chunk grid of the listing, not from the
-    chunks still missing, so shards started at different times agree on them without talking."""
-
-    index: int
-    count: int
-
-    def __post_init__(self) -> None:
-        if self.count < 1 or not 0 <= self.index < self.count:
-            raise SettingsError(f"--shard {self}: expected {SHARD_HELP}")
-
-    def __str__(self) -> str:
-        return f"{self.index}/{self.count}"
-
-    @classmethod
-    def parse(cls, text: str) -> "Shard":
-        """``"I/N"`` -> Shard(I, N); anything else is a one-line :class:`SettingsError`."""
-        index, slash, count = text.partition("/")
-        if not (slash and index.isdigit() and count.isdigit()):
-            raise SettingsError(f"--shard {text!r}: expected {SHARD_HELP}")
-        return cls(int(index), int(count))
-
-    def rows(self, n: int, chunk_size: int) -> tuple[int, int]:
-        """The rows ``[start, stop)`` of this shard's block of ``n`` rows cut into ``chunk_size`` chunks."""
-        chunks = block(-(-n // chunk_size), self.index, self.count)
-        return min(chunks.start * chunk_size, n), min(chunks.stop * chunk_size, n)
-
-
-def block(length: int, index: int, count: int) -> slice:
-    """The ``index``-th of ``count`` contiguous blocks of ``length`` items, sizes differing by at most one."""
-    per, extra = divmod(length, count)
-    start = index * per + min(index, extra)
-    return slice(start, start + per + (index < extra))
-
-
 def from_environment() -> Launch:
     """The launch torchrun describes in the environment; joins its process group when there are
     several processes. A plain ``python -m featurekit`` is rank 0 of 1."""
@@ -102,7 +51,7 @@ def check_group(world_size: int) -> None:
     """Raise :class:`SettingsError` when ``world_size`` > 1 but no process group joins the processes."""
     if world_size > 1 and not dist.is_initialized():
         raise SettingsError(f"world_size {world_size} needs the processes joined by torch.distributed: launch with "
-                         "torchrun, or call featurekit.distributed.from_environment() in each process")
+                         "torchrun, or call featurekit.extraction.distributed.from_environment() in each process")
 
 
 def barrier(world_size: int) -> None:

@@ -8,7 +8,7 @@ The unit of work is a chunk: ``chunk_size`` consecutive rows of the sorted listi
 done when it is committed for every store of the run. A run computes only the chunks not yet
 committed, so a killed run resumes, and :func:`shard` hands contiguous blocks of the missing
 chunks to processes (torchrun ranks) without padding or dropping images. Under ``--shard I/N``
-(:class:`~featurekit.distributed.Shard`) a process computes only the missing chunks of its block
+(:class:`~featurekit.extraction.settings.Shard`) a process computes only the missing chunks of its block
 of the chunk grid, and the shard that finds every chunk committed joins the store.
 """
 
@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import sys
+import logging
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Mapping, Sequence
 
 import h5py
 import numpy as np
@@ -31,18 +32,22 @@ import torchvision
 from .. import __version__
 from ..backbones.rebuild import store_identity
 from ..backbones.runner import TrunkRunner, storage_dtype
-from ..backbones.settings import AUTO_DTYPE, RunSettings
 from ..backbones.trunks import Backbone, load_backbone
-from ..errors import DataError, SettingsError
+from ..backbones.weights import weights_files
+from ..errors import DataError, ImageDecodeError
 from ..images.listing import SplitListing, list_split
 from ..images.names import printable_path
 from ..store.chunks import Chunk, uncovered
-from ..store.format import StoreHeader, fingerprint, read_store
+from ..store.format import RANDOM, StoreHeader, fingerprint, read_store, warn_random
+from ..store.layout import view_datasets
 from ..store.writer import StoreWriter
 from ..views.augment import ViewPlan
-from .distributed import Launch, Shard, barrier, block, broadcast, check_group
+from .distributed import barrier, broadcast, check_group
+from .settings import ExtractSettings, block
 
-Log = Callable[[str], None]
+__all__ = ["Extraction", "StoreResult", "build_backbones", "extract", "extract_listings", "missing_chunks", "shard"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -65,83 +70,100 @@ class StoreResult:
         contents = read_store(writer.final, features=False)
         return cls(writer.final, status, len(contents.paths), contents.skipped, computed)
 
-
-@dataclass(frozen=True)
-class ExtractSettings(RunSettings):
-    """How to run an extraction: :class:`~featurekit.runner.RunSettings` and the store side."""
-
-    dtype: str = AUTO_DTYPE  # float16, or float32 for random weights (runner.storage_dtype)
-    chunk_size: int = 512  # rows per committed chunk (resume granularity); rounded up to whole batches
-    overwrite: bool = False  # replace stores, and discard committed chunks, made from other inputs
-    launch: Launch = field(default_factory=Launch)  # this process's place in a torchrun job
-    shard: Shard | None = None  # this process's block of the chunks, for launchers without a rendezvous
-    views: ViewPlan = field(default_factory=ViewPlan)  # augmented and test-time views stored beside the plain row
-
-    def resolved(self) -> "ExtractSettings":
-        launch = self.launch
-        if not 0 <= launch.rank < launch.world_size:
-            raise SettingsError(f"rank {launch.rank} is not one of world_size {launch.world_size}")
-        if self.chunk_size < 1:
-            raise SettingsError(f"--chunk-size must be at least 1 (got {self.chunk_size})")
-        settings = self
-        if self.views.count > 1:  # views are cut from PIL images: auto decodes with PIL then, on any device
-            if self.decode.backend == "torchvision":
-                raise SettingsError(f"{self.views.describe()} are cut from PIL-decoded images: use --decoder pil "
-                                    "or auto, not torchvision")
-            settings = dataclasses.replace(self, decode=dataclasses.replace(self.decode, backend="pil"))
-        run = RunSettings.resolved(settings, launch.local_rank if launch.world_size > 1 else None,
-                                   launch.local_world_size)
-        return dataclasses.replace(run, chunk_size=-(-self.chunk_size // run.batch_size) * run.batch_size)
+    def lines(self) -> list[str]:
+        """``<path>  <rows> rows  <status>``, then one line per skipped image."""
+        skipped = f"  {len(self.skipped)} skipped" if self.skipped else ""
+        return [f"{self.path}  {self.rows} rows  {self.status}{skipped}",
+                *(f"  skipped {path}: {reason}" for path, reason in self.skipped)]
 
 
-def extract(
-    root: str | Path,
-    splits: Sequence[str],
-    backbones: Sequence[str | Backbone],
-    out_dir: str | Path = "features",
-    settings: ExtractSettings | None = None,
-    *,
-    weights: str = "DEFAULT",
-    weights_path: str | None = None,
-    node: str | None = None,
-    log: Log | None = None,
-) -> list[StoreResult]:
+class Extraction(list):
+    """The stores of one run (a list of :class:`StoreResult`; empty on torchrun ranks other than 0)
+    and how the run went: ``seconds``, ``settings`` (resolved), ``backbones`` (how many)."""
+
+    def __init__(self, results: Sequence[StoreResult], seconds: float, settings: ExtractSettings, backbones: int):
+        super().__init__(results)
+        self.seconds, self.settings, self.backbones = seconds, settings, backbones
+
+    def summary(self) -> str:
+        """One line: stores, seconds, images per second, device, processes, precision, storage."""
+        settings, launch = self.settings, self.settings.launch
+        images = sum(result.computed for result in self) // max(1, self.backbones)
+        rate = f", {images / self.seconds:.1f} images/s over {images} images" if images else \
+            ", nothing left to extract"
+        processes = (f" x {launch.world_size} processes" if launch.world_size > 1 else "") + \
+            (f", shard {settings.shard}" if settings.shard else "")
+        views = f", with {settings.views.describe()}" if settings.views.count > 1 else ""
+        return (f"{len(self)} stores in {self.seconds:.1f} s{rate} ({settings.device}{processes}, "
+                f"{settings.precision}, stored as {settings.dtype}{views})")
+
+    def lines(self) -> list[str]:
+        """What ``featurekit extract`` prints: each store, then :meth:`summary`."""
+        return [line for result in self for line in result.lines()] + [self.summary()]
+
+
+def extract(root: str | Path, splits: Sequence[str], backbones: Sequence[str | Backbone],
+            out_dir: str | Path = "features", settings: ExtractSettings | None = None, *, weights: str = "DEFAULT",
+            weights_paths: Mapping[str, str] | str | None = None, node: str | None = None) -> Extraction:
     """Extract the store of every (split, backbone) of ``root`` into ``out_dir``; one result per store.
 
-    ``backbones``: registry names (built with ``weights``, ``weights_path`` and ``node``) or
-    :class:`~featurekit.backbones.Backbone` objects. Every split is listed, and every store
-    checked for staleness, before any model runs.
+    ``backbones``: registry names (built with ``weights``, ``weights_paths`` and ``node``, see
+    :func:`build_backbones`) or :class:`~featurekit.backbones.trunks.Backbone` objects. Every split is
+    listed, and every store checked for staleness, before any model runs. What is found is logged
+    (:mod:`logging`, logger ``featurekit``); features of random weights are a ``FeaturekitWarning``.
     """
-    log = log or _say
+    started = time.perf_counter()
+    settings = (settings or ExtractSettings()).resolved()  # a setting that cannot work is refused before any work
     listings = [list_split(root, split) for split in splits]
     for listing in listings:
-        report_listing(listing, log)
-    built = [b if isinstance(b, Backbone) else load_backbone(b, weights, weights_path, node) for b in backbones]
-    return extract_listings(listings, built, out_dir, settings, log)
+        logger.info(f"{listing.display_dir}: {len(listing)} images in {len(listing.classes)} classes")
+        for line in listing.notices():
+            logger.info(line)
+    built = build_backbones(backbones, weights, weights_paths, node)
+    return extract_listings(listings, built, out_dir, settings, started)
+
+
+def build_backbones(backbones: Sequence[str | Backbone], weights: str = "DEFAULT",
+                    weights_paths: Mapping[str, str] | str | None = None, node: str | None = None) -> list[Backbone]:
+    """The backbones of a run: names built with ``weights`` (``weights_paths``: a state-dict file per
+    backbone name, or one file when there is one backbone) and ``node``; built ones as they are.
+    Each is logged; random weights are warned of (:func:`~featurekit.store.format.warn_random`)."""
+    names = [b if isinstance(b, str) else b.store_name for b in backbones]
+    files = weights_files(weights_paths, names)
+    built = [b if isinstance(b, Backbone) else load_backbone(b, weights, files.get(b), node) for b in backbones]
+    for backbone in built:
+        logger.info(f"{backbone.store_name}: node {backbone.node}, {backbone.feature_dim} features, weights "
+                    f"{backbone.weights.name} (sha256 {backbone.weights.sha256[:12]})")
+        report = backbone.weights.report
+        if report.missing or report.unexpected or report.shape_mismatch:
+            logger.info(f"  {backbone.weights.source}: {report.summary()}")
+    warn_random([b.store_name for b in built if b.weights.name == RANDOM])
+    return built
 
 
 def extract_listings(listings: Sequence[SplitListing], backbones: Sequence[Backbone], out_dir: str | Path,
-                     settings: ExtractSettings | None = None, log: Log | None = None) -> list[StoreResult]:
-    """:func:`extract` over splits already listed and backbones already built. Under torchrun every
-    rank calls this; only rank 0's results list the stores."""
-    settings, log = settings or ExtractSettings(), log or _say
+                     settings: ExtractSettings | None = None, started: float | None = None) -> Extraction:
+    """:func:`extract` over splits already listed and backbones already built (``started``: when
+    the run began, for its rate). Under torchrun every rank calls this; only rank 0's results list the stores."""
+    started = time.perf_counter() if started is None else started
+    settings = settings or ExtractSettings()
     settings = dataclasses.replace(settings, dtype=storage_dtype(settings.dtype, backbones)).resolved()
     check_group(settings.launch.world_size)
     unreadable = next((listing for listing in listings if listing.unreadable), None)
     if unreadable and settings.on_error == "fail":
         raise DataError(f"{unreadable.display_dir}: {unreadable.unreadable_text()} (--on-error skip extracts the rest)")
-    plans = [(listing, [_writer(listing, b, settings, out_dir, log) for b in backbones]) for listing in listings]
+    plans = [(listing, [_writer(listing, b, settings, out_dir) for b in backbones]) for listing in listings]
     for _, writers in plans:  # refuse stale stores of any split before extracting the first
         for writer in writers:
             writer.check_reusable()
     runner = TrunkRunner(backbones, settings)
-    return [result for listing, writers in plans for result in _extract_split(runner, listing, writers, settings)]
-
-
-def report_listing(listing: SplitListing, log: Log) -> None:
-    log(f"{listing.display_dir}: {len(listing)} images in {len(listing.classes)} classes")
-    for line in listing.notices():
-        log(line)
+    try:
+        results = [result for listing, writers in plans
+                   for result in _extract_split(runner, listing, writers, settings)]
+    except ImageDecodeError as error:
+        raise ImageDecodeError(error.path, f"{error.reason} (--on-error skip leaves such images out, each "
+                                           "recorded with its reason)") from None
+    return Extraction(results, time.perf_counter() - started, settings, len(backbones))
 
 
 def shard(chunks: Sequence[tuple[int, int]], rank: int, world_size: int) -> list[tuple[int, int]]:
@@ -170,8 +192,7 @@ def missing_chunks(committed: Sequence[Sequence[tuple[int, int]]], n: int, chunk
     return todo
 
 
-def _writer(listing: SplitListing, backbone: Backbone, settings: ExtractSettings, out_dir: str | Path,
-            log: Log) -> StoreWriter:
+def _writer(listing: SplitListing, backbone: Backbone, settings: ExtractSettings, out_dir: str | Path) -> StoreWriter:
     identity = dataclasses.replace(store_identity(backbone, settings), **settings.views.identity())
     digest = listing.sha256()
     header = StoreHeader(
@@ -181,7 +202,7 @@ def _writer(listing: SplitListing, backbone: Backbone, settings: ExtractSettings
         weights_report=backbone.weights.report.summary(), device=torch.device(settings.device).type,
         on_error=settings.on_error, fingerprint=fingerprint(identity, digest), feature_dim=backbone.feature_dim,
         n_listed=len(listing), versions=_versions())
-    return StoreWriter(out_dir, listing, backbone.store_name, header, settings.overwrite, log)
+    return StoreWriter(out_dir, listing, backbone.store_name, header, settings.overwrite)
 
 
 def _versions() -> dict:
@@ -228,7 +249,8 @@ def _compute(runner: TrunkRunner, listing: SplitListing, writers: list[StoreWrit
     who = " ".join(([f"shard {part}"] if part else []) + ([f"rank {launch.rank}/{launch.world_size}"]
                                                           if launch.world_size > 1 else []))
     if who:
-        _say(f"{who}: {len(todo)} chunks ({sum(b - a for a, b in todo)} images) of {listing.split}")
+        logger.info(f"{who}: {len(todo)} chunks ({sum(b - a for a, b in todo)} images) of {listing.split}",
+                    extra={"every_rank": True})
     if not todo:
         return computed
     sources = listing.files()
@@ -263,10 +285,10 @@ def _commit(writers: list[StoreWriter], chunk: tuple[int, int], host: dict[str, 
     skipped = np.asarray([index for index, _, _ in failed], dtype=np.int64)
     reasons = tuple(reason for _, _, reason in failed)
     for writer in writers:
-        features, views = plan.split(host[writer.store_name]) if plan.count > 1 else (host[writer.store_name], {})
+        features, views = host[writer.store_name], {}
+        if plan.count > 1:
+            features, *extra = plan.split(features)
+            views = view_datasets(*extra)
         writer.commit(Chunk(chunk[0], chunk[1], kept_rows, features.numpy(), skipped, reasons,
                             {name: values.numpy() for name, values in views.items()}))
 
-
-def _say(message: str) -> None:
-    print(message, file=sys.stderr)

@@ -1,2 +1,2 @@
-from .loop import FinetuneSettings as FinetuneSettings
 from .run import finetune as finetune
+from .settings import FinetuneSettings as FinetuneSettings

@@ -8,7 +8,7 @@ A model folder holds
   as stale by construction;
 - ``model.pt``: the classifier's state dict (standardisation, classifier);
 - ``model.json``, written last: the format, the classes in probability-column order, the
-  classifier's shape (:func:`featurekit.finetune_model.build_head_layers`), the sha256 of every
+  classifier's shape (:func:`featurekit.finetuning.model.build_head_layers`), the sha256 of every
   file, and one record per backbone as a head has them (the feature identity: backbone, node,
   weights sha256, preprocessing, decode policy, precision, dtype, features version; weights name
   and source, feature dimension, columns), the fine-tuned ones pointing at their trunk file.
@@ -20,9 +20,11 @@ classifier (:class:`FinetunedHead`). State dicts are read with ``torch.load(weig
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -36,12 +38,43 @@ from ..errors import HeadFileError, first_line
 from ..files import atomic_output, atomic_write, file_sha256
 from ..heads.base import Head
 from ..heads.head_file import HEAD_FILE, OLD_HEAD_FILE, load_head
+from ..heads.records import ClassifierRecord, HeadRecord
+from ..records import missing, parse
+from ..store.format import BackboneRecord
 from .model import FinetuneModel, build_head_layers
 
 MODEL_FILE = "model.json"
 MODEL_FORMAT = "featurekit.finetuned"
 MODEL_FORMAT_VERSION = 2  # 2: an svm classifier is a Linear with its temperature folded in (1: Platt sigmoids)
-MODEL_KEYS = ("format_version", "head", "classifier", "classifier_file", "classifier_sha256", "backbones", "classes")
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    """``model.json``: the classifier's record (:meth:`classifier_record`), and the files and settings
+    of the fine-tuned model. Its fields without a default are the ones a model file must have."""
+
+    format_version: int
+    head: str
+    classifier: dict  # the classifier's shape: finetuning.model.build_head_layers
+    classifier_file: str
+    classifier_sha256: str
+    backbones: list[BackboneRecord]
+    classes: list[str]
+    format: str = MODEL_FORMAT
+    finetune: dict = field(default_factory=dict)
+    created: str = ""
+    versions: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Classifier:
+    """A classifier file as predict and neighbors use it: a head of train-head (``head.h5``) or a
+    fine-tuned model (``model.json``): ``head.predict_proba(float32[N, D]) -> float64[N, C]`` on the
+    features its ``record.backbones`` make, columns ``record.classes``."""
+
+    path: Path
+    head: Head | FinetunedHead
+    record: ClassifierRecord
 
 
 class FinetunedHead:
@@ -58,17 +91,17 @@ class FinetunedHead:
         return (proba / proba.sum(dim=1, keepdim=True)).numpy()
 
 
-def save_model(out_dir: Path, model: FinetuneModel, backbones: Sequence[Backbone], metadata: dict, spec: dict,
+def save_model(out_dir: Path, model: FinetuneModel, backbones: Sequence[Backbone], head: HeadRecord, spec: dict,
                precision: str, about: dict) -> list[Path]:
     """Write ``model``'s current state as a model folder in ``out_dir``; returns the files written,
     ``model.json`` last.
 
-    ``metadata``: the head's (its backbone records and classes); ``precision``: the one the model
-    was trained and validated at, which predict reproduces; ``about``: how it was fine-tuned."""
+    ``head``: the head's record (its backbones and classes); ``precision``: the one the model was
+    trained and validated at, which predict reproduces; ``about``: how it was fine-tuned."""
     records, written = [], []
-    for index, (backbone, recorded) in enumerate(zip(backbones, metadata["backbones"])):
-        record = {key: value for key, value in recorded.items() if key != "fingerprints"}  # those are the head's
-        record["precision"] = precision
+    for index, (backbone, recorded) in enumerate(zip(backbones, head.backbones)):
+        record = {**recorded.to_dict(), "precision": precision}
+        record.pop("fingerprints", None)  # those are the head's stores'
         if model.parts[index].parameters:
             path = out_dir / "trunks" / f"{backbone.store_name}.pt"
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -82,7 +115,7 @@ def save_model(out_dir: Path, model: FinetuneModel, backbones: Sequence[Backbone
     classifier = out_dir / "model.pt"
     with atomic_output(classifier) as temporary:
         torch.save(model.head.state_dict(), temporary)
-    artifact = {"format": MODEL_FORMAT, "format_version": MODEL_FORMAT_VERSION, "classes": metadata["classes"],
+    artifact = {"format": MODEL_FORMAT, "format_version": MODEL_FORMAT_VERSION, "classes": head.classes,
                 "head": spec["kind"], "classifier": spec, "classifier_file": classifier.name,
                 "classifier_sha256": file_sha256(classifier), "backbones": records, "finetune": about,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -90,39 +123,40 @@ def save_model(out_dir: Path, model: FinetuneModel, backbones: Sequence[Backbone
     return [*written, classifier, atomic_write(out_dir / MODEL_FILE, json.dumps(artifact, indent=2) + "\n")]
 
 
-def load_model(path: str | os.PathLike) -> tuple[FinetunedHead, dict]:
-    """``(classifier, metadata)`` of a model folder's ``model.json``, as predict uses a head
-    (:func:`featurekit.predict.find_head_file` finds the file in a folder).
+def load_model(path: str | os.PathLike) -> tuple[FinetunedHead, ClassifierRecord]:
+    """``(classifier, record)`` of a model folder's ``model.json``, as predict uses a head
+    (:func:`find_head_file` finds the file in a folder).
 
     Every file must have the sha256 ``model.json`` records; each fine-tuned trunk's record is
     pointed at its file beside the JSON, wherever the folder was moved. Raises :class:`HeadFileError`.
     """
     path = Path(path)
     try:
-        metadata = json.loads(path.read_text())
+        values = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as error:
         raise HeadFileError(f"{path}: not a readable fine-tuned model ({first_line(error)})") from None
-    if not isinstance(metadata, dict) or metadata.get("format") != MODEL_FORMAT:
+    if not isinstance(values, dict) or values.get("format") != MODEL_FORMAT:
         raise HeadFileError(f"{path}: not a featurekit head or fine-tuned model")
-    missing = [key for key in MODEL_KEYS if key not in metadata]
-    if missing:
-        raise HeadFileError(f"{path}: a fine-tuned model without {', '.join(missing)} (damaged or edited)")
-    if metadata["format_version"] > MODEL_FORMAT_VERSION:
-        raise HeadFileError(f"{path}: fine-tuned model format {metadata['format_version']} is newer than this "
+    absent = missing(ModelRecord, values)
+    if absent:
+        raise HeadFileError(f"{path}: a fine-tuned model without {', '.join(absent)} (damaged or edited)")
+    record = parse(ModelRecord, values, str(path))
+    if record.format_version > MODEL_FORMAT_VERSION:
+        raise HeadFileError(f"{path}: fine-tuned model format {record.format_version} is newer than this "
                             f"featurekit reads ({MODEL_FORMAT_VERSION})")
-    if metadata["format_version"] == 1 and metadata["head"] == "svm":
+    if record.format_version == 1 and record.head == "svm":
         raise HeadFileError(f"{path}: fine-tuned from a sigmoid-calibrated svm head (model format 1), which this "
                             "featurekit does not build; fine-tune again from an svm head trained by this version")
-    layers = build_head_layers(metadata["classifier"])
-    layers.load_state_dict(torch.load(_checked(path, metadata["classifier_file"], metadata["classifier_sha256"]),
+    layers = build_head_layers(record.classifier)
+    layers.load_state_dict(torch.load(_checked(path, record.classifier_file, record.classifier_sha256),
                                       map_location="cpu", weights_only=True))
-    for record in metadata["backbones"]:
-        if record.get("trunk_file"):
-            record["weights_source"] = str(_checked(path, record["trunk_file"], record["trunk_file_sha256"]))
-    return FinetunedHead(layers), metadata
+    backbones = [dataclasses.replace(backbone, weights_source=str(_checked(path, backbone.trunk_file,
+                                                                          backbone.trunk_file_sha256)))
+                 if backbone.trunk_file else backbone for backbone in record.backbones]
+    return FinetunedHead(layers), ClassifierRecord(record.head, record.classes, backbones)
 
 
-def _checked(model_file: Path, relative: str, sha256: str) -> Path:
+def _checked(model_file: Path, relative: str, sha256: str | None) -> Path:
     path = (model_file.parent / relative).resolve()
     if not path.is_file():
         raise HeadFileError(f"{model_file}: its file {relative} is missing")
@@ -141,7 +175,7 @@ def find_head_file(path: str | os.PathLike) -> Path:
     """The file ``path`` names: the file itself, or the one of :data:`HEAD_FILES` in a folder that
     train-head (``head.h5``) or finetune (``model.json``) wrote; a folder holding both is
     refused, since either could be meant. A folder holding only an old pickle head (``head.joblib``)
-    gives that file, which :func:`~featurekit.head_file.load_head` refuses, saying how to convert it."""
+    gives that file, which :func:`~featurekit.heads.head_file.load_head` refuses, saying how to convert it."""
     path = Path(path)
     if not path.is_dir():
         return path
@@ -159,7 +193,12 @@ def find_head_file(path: str | os.PathLike) -> Path:
                         f"{MODEL_FILE} (finetune's){inside}")
 
 
-def load_classifier(path: Path) -> tuple[Head | FinetunedHead, dict]:
-    """A head file (train-head's ``head.h5``) or a fine-tuned model (finetune's ``model.json``:
-    told by its ``.json`` suffix), as :func:`find_head_file` found it."""
-    return load_model(path) if path.suffix == ".json" else load_head(path)
+def load_classifier(path: str | os.PathLike) -> Classifier:
+    """The classifier at ``path`` (a file, or a folder :func:`find_head_file` looks in): a head file
+    (train-head's ``head.h5``) or a fine-tuned model (finetune's ``model.json``: told by its ``.json``
+    suffix), its record checked (:func:`featurekit.records.parse`). Raises :class:`HeadFileError`."""
+    path = find_head_file(path)
+    if path.suffix == ".json":
+        return Classifier(path, *load_model(path))
+    head, metadata = load_head(path)
+    return Classifier(path, head, parse(HeadRecord, metadata, str(path)))

@@ -1,6 +1,6 @@
 """One epoch of fine-tuning, and one evaluation, on an image folder (used by :mod:`featurekit.finetuning`).
 
-Training views: the train split's images under an augmentation policy (:mod:`featurekit.augment`:
+Training views: the train split's images under an augmentation policy (:mod:`featurekit.views.augment`:
 view ``epoch`` of image ``i``, seeded by (seed, i, epoch)), PIL-decoded, ending in the weights' own
 normalisation on the device. Valid views: exactly the store's (plain view, recorded decode
 policy, GPU decoding included). AdamW, the trunks at ``lr * trunk_lr_scale``, weight decay on
@@ -26,55 +26,13 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..backbones.runner import device_views
-from ..backbones.settings import RunSettings
-from ..errors import FinetuneError, ImageDecodeError, SettingsError
+from ..errors import FinetuneError, ImageDecodeError
 from ..images.listing import SplitListing, list_split
 from ..images.names import printable_path
-from ..views.augment import DEFAULT_AUGMENT_POLICY, AugmentPolicy, augment_policy, view_seed
+from ..views.augment import AugmentPolicy, augment_policy, view_seed
 from ..views.loader import ViewBatch, ViewDataset, collate_views, iterate_views
-from .model import BATCHNORM_MODES, FinetuneModel
-
-
-@dataclass(frozen=True)
-class FinetuneSettings(RunSettings):
-    """How to fine-tune; the decode policy and storage dtype always come from the head's stores.
-
-    ``unfreeze``: ``NODE`` for every trunk (a module path, ``none`` or ``all``) and/or ``STORE=NODE``
-    for one; ``warmup_epochs``: linear warm-up length (at most half the steps); ``batchnorm``:
-    ``frozen`` (running statistics of the unfrozen part kept) or ``train``.
-    """
-
-    unfreeze: tuple[str, ...] = ("none",)
-    epochs: int = 5
-    lr: float = 1e-4
-    trunk_lr_scale: float = 0.1
-    weight_decay: float = 0.01
-    warmup_epochs: float = 1.0
-    augment: str = DEFAULT_AUGMENT_POLICY
-    batchnorm: str = "frozen"
-    seed: int = 0
-    train_split: str = "train"
-    valid_split: str = "valid"
-    overwrite: bool = False  # discard a checkpoint of another run instead of refusing it
-    plots: bool = True
-
-    def resolved(self, local_rank: int | None = None, processes_per_node: int = 1) -> "FinetuneSettings":
-        resolved = super().resolved(local_rank, processes_per_node)
-        augment_policy(self.augment)
-        problems = [
-            (self.epochs < 1, f"--epochs must be at least 1 (got {self.epochs})"),
-            (not self.lr > 0, f"--lr must be positive (got {self.lr})"),
-            (not self.trunk_lr_scale >= 0, f"--trunk-lr-scale must be 0 or more (got {self.trunk_lr_scale})"),
-            (not self.warmup_epochs >= 0, f"--warmup-epochs must be 0 or more (got {self.warmup_epochs})"),
-            (self.batchnorm not in BATCHNORM_MODES, f"unknown --batchnorm {self.batchnorm!r} (frozen or train)"),
-            (resolved.precision == "fp16", "--precision fp16 would need loss scaling; fine-tune in bf16 or fp32"),
-            (self.compile, "finetune does not torch.compile its model"),
-        ]
-        for bad, message in problems:
-            if bad:
-                raise SettingsError(message)
-        return resolved
-
+from .model import FinetuneModel
+from .settings import FinetuneSettings
 
 # --------------------------------------------------------------------------- data
 

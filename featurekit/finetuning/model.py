@@ -22,7 +22,7 @@ the train graph would switch on drop-connect and dropout traced into frozen bloc
 NODE`` makes trainable every module and parameter the graph uses from the first use of ``NODE``
 (a module path such as ``layer4``, ``features.28``, ``_blocks.15``) on; ``all`` the whole trunk,
 ``none`` nothing. The frozen part is prepared by extraction's own function
-(:func:`featurekit.runner.fold_and_cast`): BatchNorm folded into the convolution before it, weights
+(:func:`featurekit.backbones.runner.fold_and_cast`): BatchNorm folded into the convolution before it, weights
 cast to the compute precision, so with ``none`` the trunk computes exactly what extract computed.
 In the unfrozen part, modules follow ``train()``/``eval()``, except BatchNorm, which by default
 stays in eval mode (running statistics frozen, scale and shift trained; ``batchnorm="train"``
@@ -45,11 +45,7 @@ from ..devices import torch_dtype
 from ..errors import FinetuneError
 from ..heads.base import Head
 from ..heads.mlp import build_mlp
-
-FINETUNABLE_HEADS = ("mlp", "logreg", "svm")
-BATCHNORM_MODES = ("frozen", "train")
-
-
+from .settings import BATCHNORM_MODES, FINETUNABLE_HEADS
 
 # --------------------------------------------------------------------------- the head as layers
 

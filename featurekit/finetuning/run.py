@@ -1,10 +1,10 @@
 """``featurekit finetune``: train a head's trunks and classifier on images, warm-started from the head.
 
-The model (:class:`~featurekit.finetune_model.FinetuneModel`) is the head's trunks, rebuilt with the
+The model (:class:`~featurekit.finetuning.model.FinetuneModel`) is the head's trunks, rebuilt with the
 weights the head records (sha256 checked, as predict does), its standardisation and its classifier;
 before the first step it gives the head's probabilities. That is measured on the valid split and
 reported as epoch 0, against the head on its stored features where those stores are still there.
-Each epoch (:mod:`featurekit.finetune_train`) trains on augmented train images and scores the
+Each epoch (:mod:`featurekit.finetuning.loop`) trains on augmented train images and scores the
 valid split; the epoch with the best valid accuracy (then log loss) is kept, the warm start
 (epoch 0) included, so the kept model is never worse on valid than the head (report.json also
 gives the last epoch's scores). On CUDA the trunks run under bf16 autocast in channels_last; on
@@ -15,37 +15,41 @@ Writes into ``out_dir`` (default ``<head folder>/finetuned``):
 - ``checkpoint.pt`` after every epoch (atomically; read back with ``weights_only=True``): the same
   command resumes from it, and on the CPU ends with the weights of an uninterrupted run; a
   checkpoint of another run (other head, images or options) is refused unless ``overwrite``;
-- the model folder (:mod:`featurekit.finetune_artifact`): ``trunks/<store_name>.pt`` for
+- the model folder (:mod:`featurekit.finetuning.artifact`): ``trunks/<store_name>.pt`` for
   ``extract --weights-path``, ``model.pt`` and ``model.json`` for ``predict --head``;
 - last, ``learning_curves.png``, ``confusion_matrix.png``, ``report.md`` and ``report.json``
-  (:func:`featurekit.report.write_reports`, as train-head's), listing every file above.
+  (:func:`featurekit.heads.report.write_reports`, as train-head's), listing every file above.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
-from ..backbones.rebuild import head_backbones, recorded_settings
+from ..backbones.rebuild import recorded_backbones, recorded_settings
 from ..backbones.trunks import Backbone
 from ..errors import FeaturekitError, FinetuneError, first_line, short
 from ..files import FileLock, atomic_output, crash_point, file_sha256
 from ..heads.base import Head
-from ..heads.head_file import HEAD_FILE, load_head
+from ..heads.head_file import HEAD_FILE
+from ..heads.records import HeadRecord
 from ..heads.report import classification_metrics, write_reports
 from ..images.names import printable_path
 from ..store.dataset import load_features
 from ..views.augment import augment_policy
-from .artifact import find_head_file, save_model
-from .loop import Evaluation, Finetuner, FinetuneSettings, Split, head_split, unfreeze_map
+from .artifact import find_head_file, load_classifier, save_model
+from .loop import Evaluation, Finetuner, Split, head_split, unfreeze_map
 from .model import FinetuneModel, head_layers
+from .settings import FinetuneSettings
+
+logger = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "checkpoint.pt"
 CHECKPOINT_FORMAT = "featurekit.finetune-checkpoint"
@@ -60,7 +64,7 @@ class Prepared:
     """A fine-tuning run before its first epoch: the head, the model built from it, and its identity."""
 
     head: Head
-    metadata: dict
+    record: HeadRecord
     spec: dict  # the classifier's shape (finetune_model.head_layers)
     backbones: list[Backbone]
     trainer: Finetuner
@@ -73,13 +77,13 @@ def prepare(head_path: Path, data_root: str | Path, settings: FinetuneSettings,
     if head_path.suffix == ".json":
         raise FinetuneError(f"{head_path}: a fine-tuned model; finetune starts from a head written by train-head "
                             f"({HEAD_FILE})")
-    head, metadata = load_head(head_path)
+    classifier = load_classifier(head_path)
+    head, record = classifier.head, classifier.record
     spec, layers = head_layers(head, head_path)
-    classes = list(metadata["classes"])
-    train = head_split(data_root, settings.train_split, classes, head_path, exact=True)
-    valid = head_split(data_root, settings.valid_split, classes, head_path, exact=False)
-    settings = recorded_settings(head_path, metadata, settings, settings.precision).resolved()
-    backbones = head_backbones(head_path, metadata, settings, weights_paths, "fine-tune")
+    train = head_split(data_root, settings.train_split, record.classes, head_path, exact=True)
+    valid = head_split(data_root, settings.valid_split, record.classes, head_path, exact=False)
+    settings = recorded_settings(head_path, record.backbones, settings, settings.precision).resolved()
+    backbones = recorded_backbones(head_path, record.backbones, settings, weights_paths, "fine-tune")
     unfreeze = unfreeze_map(settings.unfreeze, [b.store_name for b in backbones])
     model = FinetuneModel(backbones, layers, unfreeze, settings.precision, settings.dtype, settings.batchnorm,
                           settings.channels_last).to(settings.device)
@@ -90,53 +94,65 @@ def prepare(head_path: Path, data_root: str | Path, settings: FinetuneSettings,
            "valid_listing": valid.listing.sha256(), "unfreeze": unfreeze,
            "augment": augment_policy(settings.augment).to_dict(), "device": trainer.device.type,
            **{name: getattr(settings, name) for name in chosen}}
-    return Prepared(head, metadata, spec, backbones, trainer, json.loads(json.dumps(run)))
+    return Prepared(head, record, spec, backbones, trainer, json.loads(json.dumps(run)))
+
+
+def default_out_dir(head_path: Path) -> Path:
+    """Where finetune writes when no folder is given: ``finetuned`` beside the head file."""
+    return head_path.parent / "finetuned"
+
+
+def summary(report: dict) -> str:
+    """One line on a fine-tuning run's outcome (what ``featurekit finetune`` prints)."""
+    valid = report["valid"]
+    return (f"fine-tuned {report['head']} head: {valid['split']} accuracy {valid['accuracy']:.4f} (epoch "
+            f"{report['chosen']['epoch']}; epoch 0, the head: {report['history'][0]['val_accuracy']:.4f}), "
+            f"written to {report['out_dir']}/ (model.json, trunks/, report.md)")
 
 
 def finetune(head_path: str | Path, data_root: str | Path, out_dir: str | Path | None = None,
-             settings: FinetuneSettings | None = None, weights_paths: dict[str, str] | None = None,
-             log: Callable[[str], None] = print) -> dict:
+             settings: FinetuneSettings | None = None, weights_paths: dict[str, str] | None = None) -> dict:
     """Fine-tune the head at ``head_path`` on ``data_root``'s train split; returns the report dict.
 
-    ``head_path``: the head file or its folder (:func:`featurekit.predict.find_head_file`);
+    ``head_path``: the head file or its folder (:func:`featurekit.finetuning.artifact.find_head_file`);
     ``weights_paths[store_name]``: where a backbone's weights file lies now (as predict takes it).
     Rerunning the same call resumes from ``out_dir``'s checkpoint.
     """
     head_path = find_head_file(head_path)
     prepared = prepare(head_path, data_root, settings or FinetuneSettings(), weights_paths)
     trainer = prepared.trainer
-    out_dir = Path(out_dir) if out_dir else head_path.parent / "finetuned"
+    out_dir = Path(out_dir) if out_dir else default_out_dir(head_path)
     out_dir.mkdir(parents=True, exist_ok=True)
     with FileLock(out_dir / ".finetune.lock", str(out_dir)):
-        progress = _resume(out_dir / CHECKPOINT_FILE, prepared.run, trainer, trainer.settings.overwrite, log)
+        progress = _resume(out_dir / CHECKPOINT_FILE, prepared.run, trainer, trainer.settings.overwrite)
         if progress is None:
-            progress = _warm_start(trainer, prepared.head, prepared.metadata, log)
+            progress = _warm_start(trainer, prepared.head, prepared.record)
         for epoch in range(progress["epoch"] + 1, trainer.settings.epochs + 1):
-            _epoch(trainer, epoch, progress, log)
+            _epoch(trainer, epoch, progress)
             _save_checkpoint(out_dir / CHECKPOINT_FILE, {"format": CHECKPOINT_FORMAT, "run": prepared.run,
                                                           "state": trainer.model.mutable_state(),
                                                           "optimizer": trainer.optimizer.state_dict(), **progress})
         trainer.model.load_mutable_state(progress["best"]["state"])
-        report = _report(trainer, head_path, prepared.metadata, progress)
+        report = _report(trainer, head_path, prepared.record, progress)
         about = {"head_file": str(head_path), "best_epoch": progress["best"]["epoch"],
                  "valid_accuracy": report["valid"]["accuracy"], "settings": report["params"]}
-        written = save_model(out_dir, trainer.model, prepared.backbones, prepared.metadata, prepared.spec,
+        written = save_model(out_dir, trainer.model, prepared.backbones, prepared.record, prepared.spec,
                              trainer.settings.precision, about)
-        report = write_reports(out_dir, report, trainer.settings.plots, (),
-                               [out_dir / CHECKPOINT_FILE, *written], log)
-    log(f"kept epoch {progress['best']['epoch']}: valid accuracy {report['valid']['accuracy']:.4f}; model "
+        report = write_reports(out_dir, {**report, "out_dir": str(out_dir)}, trainer.settings.plots, (),
+                               [out_dir / CHECKPOINT_FILE, *written])
+    logger.info(f"kept epoch {progress['best']['epoch']}: valid accuracy {report['valid']['accuracy']:.4f}; model "
         f"written to {written[-1]}")
     return report
 
 
-def _warm_start(trainer: Finetuner, head: Head, metadata: dict, log: Callable[[str], None]) -> dict:
+def _warm_start(trainer: Finetuner, head: Head, record: HeadRecord) -> dict:
     """Epoch 0: the model before any step, against the head on its stored features where they exist."""
     start, skipped = time.perf_counter(), {}
     evaluation = trainer.evaluate(skipped)
-    compared = compare_with_head(head, metadata, trainer.settings.valid_split, trainer.valid, evaluation)
+    compared = compare_with_head(head, record, trainer.settings.valid_split, trainer.valid, evaluation)
     record = {"epoch": 0, "val_accuracy": evaluation.accuracy, "val_log_loss": evaluation.log_loss,
               "seconds": time.perf_counter() - start}
-    log(f"epoch 0 (the head, before any step): valid accuracy {evaluation.accuracy:.4f}, log loss "
+    logger.info(f"epoch 0 (the head, before any step): valid accuracy {evaluation.accuracy:.4f}, log loss "
         f"{evaluation.log_loss:.4f}" + (f"; the head on its stored features: {compared['head_accuracy']:.4f} "
                                         f"(max |p - p_head| {compared['max_abs_difference']:.2g} over "
                                         f"{compared['rows']} images)" if compared["compared"] else ""))
@@ -144,15 +160,14 @@ def _warm_start(trainer: Finetuner, head: Head, metadata: dict, log: Callable[[s
             "best": _best(0, evaluation, trainer.model)}
 
 
-def compare_with_head(head: Head, metadata: dict, split: str, valid: Split, evaluation: Evaluation) -> dict:
+def compare_with_head(head: Head, record: HeadRecord, split: str, valid: Split, evaluation: Evaluation) -> dict:
     """The model's valid probabilities against the head's on the stores it was trained with, image by image."""
-    names = [record["store_name"] for record in metadata["backbones"]]
     try:
-        stored = load_features(metadata["features_dir"], split, names)
+        stored = load_features(record.features_dir, split, record.store_names)
     except FeaturekitError as error:
         return {"compared": False, "reason": first_line(error)}
-    current = [info.header.fingerprint == record["fingerprints"].get(split)
-               for info, record in zip(stored.stores, metadata["backbones"])]
+    current = [info.header.fingerprint == (backbone.fingerprints or {}).get(split)
+               for info, backbone in zip(stored.stores, record.backbones)]
     if not all(current) or stored.stores[0].header.listing_sha256 != valid.listing.sha256():
         return {"compared": False, "reason": f"the {split} stores are not those of the head, or of other files"}
     position = {path: row for row, path in enumerate(stored.paths)}
@@ -174,7 +189,7 @@ def _best(epoch: int, evaluation: Evaluation, model: FinetuneModel) -> dict:
             "proba": torch.from_numpy(evaluation.proba), "kept": evaluation.kept}
 
 
-def _epoch(trainer: Finetuner, epoch: int, progress: dict, log: Callable[[str], None]) -> None:
+def _epoch(trainer: Finetuner, epoch: int, progress: dict) -> None:
     start = time.perf_counter()
     record = {"epoch": epoch, **trainer.train_epoch(epoch, progress["skipped"])}
     evaluation = trainer.evaluate(progress["skipped"])
@@ -184,7 +199,7 @@ def _epoch(trainer: Finetuner, epoch: int, progress: dict, log: Callable[[str], 
     progress["epoch"] = epoch
     if [evaluation.accuracy, -evaluation.log_loss] > progress["best"]["score"]:
         progress["best"] = _best(epoch, evaluation, trainer.model)
-    log(f"epoch {epoch}/{trainer.settings.epochs}: train loss {record['train_loss']:.4f} accuracy "
+    logger.info(f"epoch {epoch}/{trainer.settings.epochs}: train loss {record['train_loss']:.4f} accuracy "
         f"{record['train_accuracy']:.4f}, valid loss {evaluation.log_loss:.4f} accuracy {evaluation.accuracy:.4f} "
         f"({record['seconds']:.1f} s)")
 
@@ -195,7 +210,7 @@ def _save_checkpoint(path: Path, payload: dict) -> None:
     crash_point(CHECKPOINTED)
 
 
-def _resume(path: Path, run: dict, trainer: Finetuner, overwrite: bool, log: Callable[[str], None]) -> dict | None:
+def _resume(path: Path, run: dict, trainer: Finetuner, overwrite: bool) -> dict | None:
     """The progress of ``path``'s checkpoint, model and optimiser restored; None to start afresh."""
     if overwrite or not path.exists():
         return None
@@ -213,20 +228,20 @@ def _resume(path: Path, run: dict, trainer: Finetuner, overwrite: bool, log: Cal
                             "or --overwrite to start over")
     trainer.model.load_mutable_state(payload["state"])
     trainer.optimizer.load_state_dict(payload["optimizer"])
-    log(f"resuming from {path} after epoch {payload['epoch']} of {trainer.settings.epochs}")
+    logger.info(f"resuming from {path} after epoch {payload['epoch']} of {trainer.settings.epochs}")
     return {key: payload[key] for key in ("epoch", "history", "warm_start", "skipped", "best")}
 
 
 # --------------------------------------------------------------------------- report
 
 
-def _report(trainer: Finetuner, head_path: Path, metadata: dict, progress: dict) -> dict:
-    settings, history, best, classes = trainer.settings, progress["history"], progress["best"], metadata["classes"]
+def _report(trainer: Finetuner, head_path: Path, record: HeadRecord, progress: dict) -> dict:
+    settings, history, best, classes = trainer.settings, progress["history"], progress["best"], record.classes
     labels = trainer.valid.labels[best["kept"]]
     valid = classification_metrics(labels, best["proba"].numpy(), np.arange(len(classes)), classes)
     epochs = [record for record in history if record["epoch"] > 0]
-    warm, names = progress["warm_start"], [record["store_name"] for record in metadata["backbones"]]
-    head_accuracy = warm["head_accuracy"] if warm["compared"] else metadata.get("valid_accuracy")
+    warm, names = progress["warm_start"], record.store_names
+    head_accuracy = warm["head_accuracy"] if warm["compared"] else record.valid_accuracy
     trainable = {name: sum(p.numel() for p in trunk.parameters() if p.requires_grad)
                  for name, trunk in zip(names, trainer.model.trunks)}
     notes = [f"epoch 0 (the head, before any step): valid accuracy {history[0]['val_accuracy']:.4f}; "
@@ -242,8 +257,8 @@ def _report(trainer: Finetuner, head_path: Path, metadata: dict, progress: dict)
              f"{settings.device}, {settings.precision}, batch {settings.batch_size}, augment {settings.augment}"]
     notes += [f"skipped {path}: {reason}" for path, reason in progress["skipped"].items()]
     return {
-        "title": f"Fine-tuning report: {metadata['head']} head on {' + '.join(names)}",
-        "head": metadata["head"], "head_file": str(head_path), "backbones": names, "classes": classes,
+        "title": f"Fine-tuning report: {record.head} head on {' + '.join(names)}",
+        "head": record.head, "head_file": str(head_path), "backbones": names, "classes": classes,
         "train": {"split": settings.train_split, "n": history[-1]["train_images"],
                   "accuracy": history[-1]["train_accuracy"], "note": "last epoch, augmented views"},
         "valid": {"split": settings.valid_split, **valid, "excluded_classes": {}},

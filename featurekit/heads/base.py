@@ -25,7 +25,7 @@ as named arrays and plain values (``_model_arrays``) and rebuilds it from them (
 from __future__ import annotations
 
 import time
-from typing import Any, ClassVar, Iterator
+from typing import Any, ClassVar, Iterator, Protocol
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
@@ -40,6 +40,13 @@ from . import solver
 # the linear-probe protocols' sweep, affordable since each C starts from the last solution
 C_GRID = tuple(float(f"{C:.3g}") for C in np.logspace(-6, 5, 45))
 
+
+
+class ProbabilityModel(Protocol):
+    """Anything that gives class probabilities of feature rows: a :class:`Head`, a fine-tuned model's classifier."""
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        """float32[N, D] -> float64[N, classes]."""
 
 
 class Head(ClassifierMixin, BaseEstimator):

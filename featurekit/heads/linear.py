@@ -15,10 +15,10 @@ from .solver import LinearFit
 
 
 class LinearHead(Head):
-    """A linear head fitted by :mod:`featurekit.linear`: every class at once, L-BFGS in torch on
+    """A linear head fitted by :mod:`featurekit.heads.solver`: every class at once, L-BFGS in torch on
     ``device``. With validation rows, one path over ``C_grid`` (sorted increasing), each C
     warm-started from the last, scored on validation and stopped ``C_patience`` values past the best
-    (:func:`~featurekit.solver.select_on_validation`); without, the one ``C``. ``tol``, ``max_iter``:
+    (:func:`~featurekit.heads.solver.select_on_validation`); without, the one ``C``. ``tol``, ``max_iter``:
     the stopping rule at each C. ``model_`` is the kept :class:`~featurekit.heads.solver.LinearFit`, on the
     CPU: ``coef`` float32[K, D], ``intercept`` float32[K] over standardised features, and for the
     SVM its inverse ``temperature``."""

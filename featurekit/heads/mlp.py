@@ -13,6 +13,7 @@ from ..devices import resolve_device
 from ..errors import SettingsError
 from . import solver
 from .base import Head
+from .settings import MLP
 
 
 def build_mlp(in_features: int, hidden_sizes: tuple[int, ...], n_classes: int, dropout: float) -> nn.Sequential:
@@ -42,9 +43,10 @@ class MLPHead(Head):
               "max_epochs": (1, True), "patience": (1, True), "weight_decay": (0, True), "weight_decay_grid": (0, True)}
     auto_params = frozenset({"batch_size"})
 
-    def __init__(self, hidden_sizes=(1000,), dropout: float = 0.5, lr: float = 1e-3, batch_size: int | str = "auto",
-                 max_epochs: int = 50, patience: int = 3, weight_decay: float = 0.0,
-                 weight_decay_grid=(0.0, 1e-4, 1e-3), device: str = "auto", seed: int = 0, standardize: bool = True):
+    def __init__(self, hidden_sizes=MLP.hidden_sizes, dropout: float = 0.5, lr: float = MLP.lr,
+                 batch_size: int | str = MLP.batch_size, max_epochs: int = MLP.max_epochs, patience: int = MLP.patience,
+                 weight_decay: float = 0.0, weight_decay_grid=(0.0, 1e-4, 1e-3), device: str = MLP.device,
+                 seed: int = MLP.seed, standardize: bool = True):
         self.hidden_sizes = hidden_sizes
         self.dropout = dropout
         self.lr = lr

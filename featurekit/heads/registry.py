@@ -7,8 +7,10 @@ from .base import Head
 from .knn import KNNHead
 from .linear import LinearSVMHead, LogisticHead
 from .mlp import MLPHead
+from .settings import HEAD_KINDS
 
 HEADS: dict[str, type[Head]] = {cls.kind: cls for cls in (MLPHead, LogisticHead, LinearSVMHead, KNNHead)}
+assert tuple(HEADS) == HEAD_KINDS, "heads.settings.HEAD_KINDS names the heads registered here, in order"
 
 
 def make_head(kind: str, **params) -> Head:

@@ -27,14 +27,17 @@ dimensions, coloured by class: t-SNE (scikit-learn, after PCA to 50 dimensions) 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 from sklearn import metrics
 
 from ..files import atomic_output, atomic_write
+
+logger = logging.getLogger(__name__)
 
 REPORT_VERSION = 3
 TSNE_MAX_ROWS = 1000  # t-SNE of 1,000 rows takes a few seconds on two cores; PCA above
@@ -58,6 +61,12 @@ def describe(entry: dict) -> str:
     return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in entry.items() if v is not None)
 
 
+def tied_with(compared: Sequence[dict], chosen: str) -> list[dict]:
+    """The other heads of ``compared`` (see :func:`choice_reason`) whose valid accuracy equals ``chosen``'s."""
+    accuracy = next(entry["val_accuracy"] for entry in compared if entry["head"] == chosen)
+    return [entry for entry in compared if entry["head"] != chosen and entry["val_accuracy"] == accuracy]
+
+
 def choice_reason(compared: Sequence[dict], chosen: str) -> str:
     """Why head ``chosen`` won, in one line. ``compared``: per head kind tried, in the order fitted,
     its kept candidate (``head``, ``val_accuracy``, ``val_log_loss``, ``candidates`` tried); the
@@ -71,7 +80,7 @@ def choice_reason(compared: Sequence[dict], chosen: str) -> str:
     if not others:
         return (f"{chosen}: the only head tried; valid accuracy {accuracy:.4f}, log loss {loss:.4g}, best of "
                 f"{winner['candidates']} candidates")
-    tied = [entry for entry in others if entry["val_accuracy"] == accuracy]
+    tied = tied_with(compared, chosen)
     below = ", ".join(f"{e['head']} {e['val_accuracy']:.4f}" for e in others if e not in tied)
     if not tied:
         return f"{chosen}: highest valid accuracy {accuracy:.4f}; {below}"
@@ -106,12 +115,12 @@ def classification_metrics(truth: np.ndarray, proba: np.ndarray, columns: np.nda
 
 
 def write_reports(out_dir: Path, report: dict, plots: bool = True, points: Sequence[Points] = (),
-                  written: Sequence[Path] = (), log: Callable[[str], None] = print) -> dict:
+                  written: Sequence[Path] = ()) -> dict:
     """Write the plots, then report.md and report.json into ``out_dir``; returns the report as written
     (``report_version`` and ``files``: ``written``, the files already there such as the head, and these,
     as paths relative to ``out_dir``)."""
     files = list(written)
-    plt, missing = _plotter(plots, log)
+    plt, missing = _plotter(plots)
     if plt:
         files += _train_plots(plt, out_dir, report, points)
     names = [Path(path).relative_to(out_dir).as_posix() for path in files] + ["report.md", "report.json"]
@@ -241,14 +250,14 @@ def labelled_metrics(truth: Sequence[str | None], proba: np.ndarray, classes: Se
     return classification_metrics(labels, proba[rows], np.arange(len(classes)), classes)
 
 
-def write_prediction_report(out: Path, about: dict, evaluation: dict, classes: list[str], plots: bool = True,
-                            log: Callable[[str], None] = print) -> list[Path]:
+def write_prediction_report(out: Path, about: dict, evaluation: dict, classes: list[str],
+                            plots: bool = True) -> list[Path]:
     """``<out>.confusion_matrix.png`` (where matplotlib imports), ``<out>.report.md`` and
     ``<out>.report.json`` (``about``: head, folders; the metrics under ``evaluation``). Returns them."""
     files = []
     title = f"{about['head']}\n{', '.join(about['folders'])}: accuracy {evaluation['accuracy']:.4f} " \
             f"({evaluation['n']} images)"
-    plt, missing = _plotter(plots, log)
+    plt, missing = _plotter(plots)
     if plt:
         files.append(confusion_plot(plt, evaluation["confusion_matrix"], classes,
                                     out.with_name(out.name + ".confusion_matrix.png"), title))
@@ -279,13 +288,13 @@ def pyplot():
     return plt
 
 
-def _plotter(plots: bool, log: Callable[[str], None]):
+def _plotter(plots: bool):
     """(pyplot, None) when plots are asked for and matplotlib imports; else (None, why: None if not asked)."""
     if not plots:
         return None, None
     plt = pyplot()
     if plt is None:
-        log(f"note: {PLOTS_MISSING}")
+        logger.info(f"note: {PLOTS_MISSING}")
     return plt, None if plt else PLOTS_MISSING
 
 

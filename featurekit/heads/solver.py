@@ -49,14 +49,14 @@ import math
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import ClassVar, Literal
 
 import torch
-import torch.nn.functional as F
 
-Loss = Literal["logistic", "squared_hinge"]
-LOSSES: tuple[str, ...] = ("logistic", "squared_hinge")
-_PRECONDITIONER_ROWS = 2048  # rows the preconditioner's diagonal is estimated on (every stride-th)
+from ._objective import LOSSES, Loss, Point, Problem, Trial, check_problem, loss_terms
+
+__all__ = ["LOSSES", "MAX_ITER", "PATIENCE", "TOL", "LinearFit", "Loss", "cross_fitted_log_loss", "fit_path",
+           "fit_temperature", "log_loss", "objective", "out_of_fold_scores", "select_on_validation", "selection_score"]
+
 _ARMIJO = 1e-4
 TOL = 1e-3  # default stopping tolerance of fit_path (see its docstring for why not scikit-learn's 1e-4)
 MAX_ITER = 500  # default L-BFGS iterations per C
@@ -95,203 +95,17 @@ class LinearFit:
         return torch.softmax(scores, dim=1)
 
 
-# --------------------------------------------------------------------------- objective
-
-
-def _check(X: torch.Tensor, y: torch.Tensor, loss: str, n_classes: int | None) -> int:
-    if loss not in LOSSES:
-        raise ValueError(f"unknown loss {loss!r} (choices: {', '.join(LOSSES)})")
-    if X.ndim != 2 or not X.is_floating_point():
-        raise ValueError(f"features must be a 2-D float tensor [N, D], got {tuple(X.shape)} {X.dtype}")
-    if y.shape != (len(X),) or y.dtype != torch.int64:
-        raise ValueError(f"targets must be int64[{len(X)}], got {tuple(y.shape)} {y.dtype}")
-    K = int(y.max()) + 1 if n_classes is None else n_classes
-    if len(y) and (int(y.min()) < 0 or int(y.max()) >= K):
-        raise ValueError(f"targets must lie in 0..{K - 1}, got {int(y.min())}..{int(y.max())}")
-    return K
-
-
-def _signs(y: torch.Tensor, K: int, dtype: torch.dtype) -> torch.Tensor:
-    """float[N, K]: +1 on each row's class, -1 elsewhere."""
-    return 2 * F.one_hot(y, K).to(dtype) - 1
-
-
-def _loss_terms(S: torch.Tensor, y: torch.Tensor, signs: torch.Tensor | None, loss: str):
-    """(mean loss float64[B], dLoss/dS float[N, K] already divided by N) for scores S float[N, K].
-
-    B = 1 for logistic; for squared hinge B = K, one value per one-vs-rest problem (they are separable).
-    """
-    N = len(S)
-    if loss == "logistic":
-        log_p = torch.log_softmax(S, dim=1)
-        value = -log_p.gather(1, y[:, None]).sum(dtype=torch.float64) / N
-        dS = log_p.exp_()
-        dS[torch.arange(N, device=S.device), y] -= 1
-        return value.view(1), dS.div_(N)
-    margin = (1 - signs * S).clamp_min_(0)
-    value = (margin * margin).sum(dim=0, dtype=torch.float64) / N
-    return value, margin.mul_(signs).mul_(-2.0 / N)
-
-
-def _curvature(S: torch.Tensor, signs: torch.Tensor | None, loss: str) -> torch.Tensor:
-    """float[N, K]: each row's loss curvature in each class score, for the preconditioner."""
-    if loss == "logistic":
-        p = torch.softmax(S, dim=1)
-        return p * (1 - p)
-    # rows past the margin count a quarter: a warm start's active set is about to change, and with the
-    # exact diagonal, features seen only on inactive rows got steps of 1 / penalty (3x the iterations
-    # along a path on digits at C = 1)
-    return torch.where(signs * S < 1, 2.0, 0.5).to(S.dtype)
-
-
 def objective(X: torch.Tensor, y: torch.Tensor, coef: torch.Tensor, intercept: torch.Tensor, C: float,
               loss: Loss) -> float:
     """The normalised objective of the module docstring at ``coef`` float[K, D], ``intercept`` float[K]."""
-    K = _check(X, y, loss, len(coef))
-    problem = _Problem(X, y, K, loss)
+    K = check_problem(X, y, loss, len(coef))
+    problem = Problem(X, y, K, loss)
     problem.penalty = 1.0 / (C * len(X))
     return float(problem.value(problem.point(torch.cat([coef, intercept[:, None]], dim=1).to(X))).sum())
 
 
-@dataclass
-class _Point:
-    """A parameter value and what the solver knows there. Per block: ``loss`` and ``norm2``, so the
-    objective at any C is ``loss + norm2 / (2 C N)`` (:meth:`_Problem.value`)."""
 
-    theta: torch.Tensor  # float[K, D + 1]: W, then b as the last column
-    scores: torch.Tensor  # float[N, K]
-    dscores: torch.Tensor  # float[N, K]: d(mean loss) / d(scores)
-    loss: torch.Tensor  # float64[blocks]: the mean loss
-    norm2: torch.Tensor  # float64[blocks]: ||W||^2
-    grad: torch.Tensor | None  # like theta, at the problem's current penalty; None until computed
-
-    ROWS: ClassVar = ("theta", "grad")  # which fields follow the blocks how, for _where_blocks
-    COLUMNS: ClassVar = ("scores", "dscores")
-    BLOCKS: ClassVar = ("loss", "norm2")
-
-
-@dataclass
-class _Trial:
-    """A step along a search direction, known from the scores alone (theta not yet formed)."""
-
-    step: torch.Tensor  # float64[blocks]
-    scores: torch.Tensor
-    dscores: torch.Tensor
-    loss: torch.Tensor
-    norm2: torch.Tensor
-    value: torch.Tensor  # float64[blocks]: the objective
-    slope: torch.Tensor  # float64[blocks]: its derivative along the direction
-
-    ROWS: ClassVar = ()
-    COLUMNS: ClassVar = ("scores", "dscores")
-    BLOCKS: ClassVar = ("step", "loss", "norm2", "value", "slope")
-
-
-class _Problem:
-    """The objective at one C, as a sum over ``blocks`` independent parts: one for logistic (the
-    softmax couples the classes), K for squared hinge (one binary problem per class). The solver
-    keeps a step length and a curvature memory per block. ``passes`` counts products with X, in
-    units of one product with all K classes (each reads all of X: the unit of cost)."""
-
-    def __init__(self, X: torch.Tensor, y: torch.Tensor, K: int, loss: str):
-        self.X, self.y, self.loss, self.N = X, y, loss, len(X)
-        self.signs = _signs(y, K, X.dtype) if loss == "squared_hinge" else None
-        self.blocks = K if loss == "squared_hinge" else 1
-        self.penalty = 0.0  # 1 / (C N), set per C
-        self.passes = 0.0
-        self.stride = -(-self.N // _PRECONDITIONER_ROWS)
-        self.squared_sample: torch.Tensor | None = None
-
-    def scores(self, theta: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """float[N, K] = X @ W.T + b (for a search direction: the scores' rate of change); with
-        ``rows`` (class indices) only those columns, the others zero."""
-        if rows is None:
-            self.passes += 1
-            return torch.addmm(theta[:, -1], self.X, theta[:, :-1].T)
-        self.passes += len(rows) / len(theta)
-        scores = torch.zeros(self.N, len(theta), dtype=theta.dtype, device=theta.device)
-        scores[:, rows] = torch.addmm(theta[rows, -1], self.X, theta[rows, :-1].T)
-        return scores
-
-    def point(self, theta: torch.Tensor) -> _Point:
-        scores = self.scores(theta)
-        loss, dscores = _loss_terms(scores, self.y, self.signs, self.loss)
-        return _Point(theta, scores, dscores, loss, self.norm2(theta), self.gradient(theta, dscores))
-
-    def value(self, point: _Point | _Trial) -> torch.Tensor:
-        """float64[blocks]: the objective at the current C."""
-        return point.loss + 0.5 * self.penalty * point.norm2
-
-    def norm2(self, theta: torch.Tensor) -> torch.Tensor:
-        return self.dot(theta[:, :-1], theta[:, :-1])
-
-    def gradient(self, theta: torch.Tensor, dscores: torch.Tensor, rows: torch.Tensor | None = None,
-                 previous: torch.Tensor | None = None) -> torch.Tensor:
-        """Gradient like theta; with ``rows``, only those rows are computed, the others copied from
-        ``previous`` (blocks that did not move keep their gradient)."""
-        if rows is None:
-            self.passes += 1
-            grad = torch.empty_like(theta)
-            grad[:, :-1] = torch.addmm(theta[:, :-1], dscores.T, self.X, beta=self.penalty)
-            grad[:, -1] = dscores.sum(dim=0)
-            return grad
-        self.passes += len(rows) / len(theta)
-        grad = previous.clone()
-        moved = dscores[:, rows]
-        grad[rows, :-1] = torch.addmm(theta[rows, :-1], moved.T, self.X, beta=self.penalty)
-        grad[rows, -1] = moved.sum(dim=0)
-        return grad
-
-    def at_penalty(self, point: _Point, old_penalty: float) -> _Point:
-        """``point`` with its gradient moved from ``old_penalty`` to the current one."""
-        grad = point.grad.clone()
-        grad[:, :-1] += (self.penalty - old_penalty) * point.theta[:, :-1]
-        return replace(point, grad=grad)
-
-    def dot(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """float64[blocks]: inner products of two theta-shaped tensors, block by block."""
-        return (a * b).reshape(self.blocks, -1).sum(dim=1).double()
-
-    def score_slope(self, dscores: torch.Tensor, direction_scores: torch.Tensor) -> torch.Tensor:
-        """float64[blocks]: the mean loss's derivative along a direction, from the scores."""
-        along = dscores * direction_scores
-        return (along.sum(dim=0) if self.blocks > 1 else along.sum().view(1)).double()
-
-    def on_rows(self, values: torch.Tensor) -> torch.Tensor:
-        """float64[blocks] (or bool) as a factor broadcasting over theta's rows."""
-        return values.to(self.X.dtype).view(-1, 1)
-
-    def on_columns(self, values: torch.Tensor) -> torch.Tensor:
-        """float64[blocks] (or bool) as a factor broadcasting over the scores' columns."""
-        return values.to(self.X.dtype).view(1, -1)
-
-    def preconditioner(self, point: _Point) -> torch.Tensor:
-        """float[K, D + 1]: inverse of the Hessian's diagonal at ``point`` (curvature-weighted x_ij^2 +
-        penalty), the W part estimated on every ``stride``-th row (at most _PRECONDITIONER_ROWS)."""
-        weights = _curvature(point.scores, self.signs, self.loss)
-        if self.squared_sample is None:  # once per path
-            self.squared_sample = self.X[::self.stride].square()
-        sample = weights[::self.stride]
-        self.passes += len(sample) / self.N
-        diagonal = torch.empty_like(point.theta)
-        diagonal[:, :-1] = (sample.T @ self.squared_sample).div_(len(sample)).add_(self.penalty)
-        diagonal[:, -1] = weights.mean(dim=0)
-        # a class whose rows all sit past the margin has no curvature in b: keep its step finite
-        return 1.0 / diagonal.clamp_min_(max(self.penalty, 1e-12))
-
-    def initial(self, K: int, D: int) -> torch.Tensor:
-        """W = 0 and the intercept that is optimal for W = 0 (log priors, or the mean of the signs)."""
-        theta = torch.zeros(K, D + 1, dtype=self.X.dtype, device=self.X.device)
-        share = torch.bincount(self.y, minlength=K).to(self.X.dtype) / self.N
-        if self.loss == "logistic":
-            log_share = share.clamp_min(1e-12).log()  # a class without rows: very negative, not -inf
-            theta[:, -1] = log_share - log_share.mean()
-        else:
-            theta[:, -1] = 2 * share - 1
-        return theta
-
-
-def _lbfgs(problem: _Problem, point: _Point, tol: float, max_iter: int, history: int) -> tuple[_Point, int, bool]:
+def _lbfgs(problem: Problem, point: Point, tol: float, max_iter: int, history: int) -> tuple[Point, int, bool]:
     """Minimise ``problem`` from ``point``; returns (solution, iterations, converged).
 
     Each iteration reads X twice: once for the scores' rate of change along the search direction
@@ -327,8 +141,8 @@ def _lbfgs(problem: _Problem, point: _Point, tol: float, max_iter: int, history:
     return point, max_iter, bool(done.all())
 
 
-def _line_search(problem: _Problem, point: _Point, direction: torch.Tensor, direction_scores: torch.Tensor,
-                 finished: torch.Tensor, noise: float) -> tuple[_Point, torch.Tensor]:
+def _line_search(problem: Problem, point: Point, direction: torch.Tensor, direction_scores: torch.Tensor,
+                 finished: torch.Tensor, noise: float) -> tuple[Point, torch.Tensor]:
     """A step per block along ``direction``; returns the new point (gradient not yet computed) and the
     blocks where no step passed (left in place). Trials need no product with X: they move along the
     scores, and the penalty is a quadratic in the step.
@@ -341,12 +155,12 @@ def _line_search(problem: _Problem, point: _Point, direction: torch.Tensor, dire
     W, dW = point.theta[:, :-1], direction[:, :-1]
     along, across = problem.dot(W, dW), problem.dot(dW, dW)
 
-    def at(step: torch.Tensor) -> _Trial:
+    def at(step: torch.Tensor) -> Trial:
         scores = point.scores + problem.on_columns(step) * direction_scores
-        loss, dscores = _loss_terms(scores, problem.y, problem.signs, problem.loss)
+        loss, dscores = loss_terms(scores, problem.y, problem.signs, problem.loss)
         norm2 = point.norm2 + step * (2 * along + step * across)
         slope = problem.score_slope(dscores, direction_scores) + problem.penalty * (along + step * across)
-        return _Trial(step, scores, dscores, loss, norm2, loss + 0.5 * problem.penalty * norm2, slope)
+        return Trial(step, scores, dscores, loss, norm2, loss + 0.5 * problem.penalty * norm2, slope)
 
     value = problem.value(point)
     slope = problem.score_slope(point.dscores, direction_scores) + problem.penalty * along
@@ -371,13 +185,13 @@ def _line_search(problem: _Problem, point: _Point, direction: torch.Tensor, dire
     return _settle(problem, point, direction, trial), ~accepted
 
 
-def _settle(problem: _Problem, point: _Point, direction: torch.Tensor, trial: _Trial) -> _Point:
+def _settle(problem: Problem, point: Point, direction: torch.Tensor, trial: Trial) -> Point:
     """The point that ``trial`` stands for (its norm computed afresh, so rounding cannot accumulate)."""
     theta = point.theta + problem.on_rows(trial.step) * direction
-    return _Point(theta, trial.scores, trial.dscores, trial.loss, problem.norm2(theta), None)
+    return Point(theta, trial.scores, trial.dscores, trial.loss, problem.norm2(theta), None)
 
 
-def _refit_intercept(problem: _Problem, point: _Point, finished: torch.Tensor, steps: int = 2) -> _Point:
+def _refit_intercept(problem: Problem, point: Point, finished: torch.Tensor, steps: int = 2) -> Point:
     """``point`` with its intercept moved by Newton steps for b alone (gradient not computed).
 
     The intercept's curvature, net of its coupling with W, is far below the Hessian's diagonal in b
@@ -401,7 +215,7 @@ def _refit_intercept(problem: _Problem, point: _Point, finished: torch.Tensor, s
             shift = torch.where(curvature > 0, -gradient / curvature.clamp_min(1e-12), 0.0)
             shift = torch.where(finished, 0.0, shift)
         scores = moved.scores + shift
-        loss, dscores = _loss_terms(scores, problem.y, problem.signs, problem.loss)
+        loss, dscores = loss_terms(scores, problem.y, problem.signs, problem.loss)
         better = loss < moved.loss
         if not bool(better.any()):
             break
@@ -414,9 +228,9 @@ def _refit_intercept(problem: _Problem, point: _Point, finished: torch.Tensor, s
     return replace(moved, theta=theta)
 
 
-def _where_blocks(problem: _Problem, condition: torch.Tensor, a, b):
+def _where_blocks(problem: Problem, condition: torch.Tensor, a, b):
     """Block by block (the blocks are independent), ``a`` where ``condition`` bool[blocks], else ``b``:
-    two _Point or two _Trial."""
+    two Point or two Trial."""
     if bool(condition.all()):
         return a
     if not bool(condition.any()):
@@ -430,7 +244,7 @@ def _where_blocks(problem: _Problem, condition: torch.Tensor, a, b):
     return replace(a, **chosen)
 
 
-def _two_loop(problem: _Problem, grad: torch.Tensor, pairs: list, precondition: torch.Tensor) -> torch.Tensor:
+def _two_loop(problem: Problem, grad: torch.Tensor, pairs: list, precondition: torch.Tensor) -> torch.Tensor:
     """H @ grad, per block, for the L-BFGS inverse-Hessian estimate with initial matrix gamma * precondition."""
     q = grad.clone()
     alphas = []
@@ -467,12 +281,12 @@ def fit_path(X: torch.Tensor, y: torch.Tensor, Cs: Sequence[float], loss: Loss, 
     start the first C from (e.g. the full-data fit, for fold fits). A generator, so the caller can
     score each C and stop early (:func:`select_on_validation`).
     """
-    K = _check(X, y, loss, n_classes)
+    K = check_problem(X, y, loss, n_classes)
     if any(not C > 0 for C in Cs):
         raise ValueError(f"every C must be positive, got {list(Cs)}")
-    problem = _Problem(X, y, K, loss)
+    problem = Problem(X, y, K, loss)
     theta = problem.initial(K, X.shape[1]) if init is None else torch.cat([init.coef, init.intercept[:, None]], 1)
-    last: list[tuple[float, _Point]] = []  # (log C, solution) of the last two Cs, at the last C's penalty
+    last: list[tuple[float, Point]] = []  # (log C, solution) of the last two Cs, at the last C's penalty
     for C in map(float, Cs):
         problem.passes, old_penalty, problem.penalty = 0.0, problem.penalty, 1.0 / (C * len(X))
         if last:
@@ -486,7 +300,7 @@ def fit_path(X: torch.Tensor, y: torch.Tensor, Cs: Sequence[float], loss: Loss, 
                         problem.passes, converged, float(problem.value(solution).sum()))
 
 
-def _warm_start(problem: _Problem, last: list[tuple[float, _Point]], log_C: float) -> _Point:
+def _warm_start(problem: Problem, last: list[tuple[float, Point]], log_C: float) -> Point:
     """The point to start the next C from: per block, the better of the last solution and the secant
     extrapolation of the last two solutions in log C (one evaluation)."""
     log_C1, solution = last[-1]

@@ -2,13 +2,13 @@
 
 Writes into ``--out`` (default ``FEATURES_DIR/heads/<head>-<backbone>+<backbone>``):
 
-- ``head.h5``: the fitted head and its metadata (:func:`featurekit.head_file.save_head`): backbones,
+- ``head.h5``: the fitted head and its metadata (:func:`featurekit.heads.head_file.save_head`): backbones,
   store names, nodes, weights names and sha256, preprocessing, decode policy, store fingerprints,
   class names in probability-column order, and what the standardisation was fitted on;
 - ``report.json`` and ``report.md``: accuracy, balanced accuracy, per-class precision/recall, log
   loss, confusion matrix, the hyper-parameter sweep and the chosen values, seconds per epoch and in total;
 - ``confusion_matrix.png``, ``learning_curves.png`` (MLP) and ``embedding.png``, where matplotlib
-  imports (:mod:`featurekit.report` writes the reports and plots).
+  imports (:mod:`featurekit.heads.report` writes the reports and plots).
 
 Validation labels are mapped onto the training classes by name; validation rows of classes
 without training rows cannot be predicted and are left out of selection and metrics, loudly.
@@ -24,28 +24,31 @@ averaged over the test-time views (:func:`test_time_metrics`).
 
 from __future__ import annotations
 
+import logging
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import sklearn
 import torch
 
-from ..backbones.registry import RANDOM, random_weights_warning
-from ..errors import SettingsError
+from ..errors import FeaturekitWarning, SettingsError
 from ..store.dataset import FeatureSet, check_same_extraction, load_features, store_files
-from ..store.format import read_header
-from ..store.layout import AUGMENTED, TEST_TIME, TTA_VIEWS
-from .base import Head
+from ..store.format import RANDOM, read_header, warn_random
+from ..store.layout import AUGMENTED, TEST_TIME
+from ..views.augment import TTA_VIEWS
+from .base import Head, ProbabilityModel
 from .head_file import HEAD_FILE, save_head
+from .records import HeadRecord
 from .registry import HEADS, make_heads
-from .report import Points, choice_reason, classification_metrics, describe, write_reports
+from .report import Points, choice_reason, classification_metrics, describe, tied_with, write_reports
+from .settings import TRAIN_HEAD
 from .solver import selection_score
 
-if TYPE_CHECKING:
-    from ..finetuning.artifact import FinetunedHead
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -77,7 +80,7 @@ def all_rows(features: np.ndarray, views: np.ndarray, labels: np.ndarray) -> tup
 
 
 def fit_heads(kinds: Sequence[str], params: dict, train: FeatureSet, valid: ValidationRows | None,
-              log: Callable[[str], None], views: np.ndarray | None = None) -> tuple[Head, list[dict], list[dict]]:
+              views: np.ndarray | None = None) -> tuple[Head, list[dict], list[dict]]:
     """Fit each head kind; keep the best by validation accuracy, then log loss (the first fitted of
     equals). Returns ``(head, sweep, compared)``: every candidate of every kind, and per kind its
     kept candidate (hyper-parameters, validation scores, seconds of the kind's whole fit, candidates tried).
@@ -94,7 +97,7 @@ def fit_heads(kinds: Sequence[str], params: dict, train: FeatureSet, valid: Vali
             head.fit(*all_rows(train.features, views, train.labels), *validation)
         chosen = next(e for e in head.selection_ if e[head.grid_param] == head.best_params_[head.grid_param])
         sweep += [{"head": kind, **entry} for entry in head.selection_]
-        log(f"{kind}: {describe(chosen)} ({head.fit_seconds_:.1f} s)")
+        logger.info(f"{kind}: {describe(chosen)} ({head.fit_seconds_:.1f} s)")
         compared.append({"head": kind, **head.best_params_, "val_accuracy": chosen.get("val_accuracy"),
                          "val_log_loss": chosen.get("val_log_loss"), "seconds": head.fit_seconds_,
                          "candidates": len(head.selection_)})
@@ -109,7 +112,7 @@ def evaluate(head: Head, rows: ValidationRows, class_names: Sequence[str]) -> di
     return classification_metrics(rows.labels, head.predict_proba(rows.features), head.classes_, class_names)
 
 
-def test_time_proba(head: Head | FinetunedHead, views: np.ndarray) -> np.ndarray:
+def test_time_proba(head: ProbabilityModel, views: np.ndarray) -> np.ndarray:
     """Class probabilities float64[N, classes] averaged over the views float32[N, V, C] of each image
     (the plain view first): test-time augmentation, for train-head and predict alike."""
     proba = head.predict_proba(np.ascontiguousarray(views[:, 0]))
@@ -126,31 +129,22 @@ def test_time_metrics(head: Head, rows: ValidationRows, views: np.ndarray, class
     return classification_metrics(rows.labels, proba, head.classes_, class_names)
 
 
-def head_metadata(head: Head, train: FeatureSet, valid: FeatureSet | None, features_dir: Path) -> dict:
-    """What predict needs to rebuild the features exactly, and what the head was trained on."""
-    backbones = []
-    for index, info in enumerate(train.stores):
-        backbones.append({
-            "store_name": info.store_name,
-            **info.header.backbone_record(),
-            "columns": [info.columns.start, info.columns.stop],
-            "fingerprints": {train.split: info.header.fingerprint,
-                             **({valid.split: valid.stores[index].header.fingerprint} if valid else {})},
-        })
-    return {
-        "head": head.kind,
-        "params": head.get_params(),
-        "best_params": head.best_params_,
-        "classes": [train.classes[c] for c in head.classes_],  # probability columns, in order
-        "backbones": backbones,
-        "standardization": (f"per-feature mean and std of split {train.split!r} ({len(train)} rows), in head.scaler_"
-                            if head.scaler_ is not None else "none"),
-        "features_dir": str(features_dir),
-        "train_split": train.split,
-        "valid_split": valid.split if valid else None,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "versions": {"torch": torch.__version__, "sklearn": sklearn.__version__},
-    }
+def head_record(head: Head, train: FeatureSet, valid: FeatureSet | None, features_dir: Path, **extra) -> HeadRecord:
+    """What predict needs to rebuild the features exactly, and what the head was trained on
+    (``extra``: more fields of :class:`~featurekit.heads.records.HeadRecord`)."""
+    backbones = [info.header.backbone_record(
+        info.store_name, columns=[info.columns.start, info.columns.stop],
+        fingerprints={train.split: info.header.fingerprint,
+                      **({valid.split: valid.stores[index].header.fingerprint} if valid else {})})
+        for index, info in enumerate(train.stores)]
+    scaled = f"per-feature mean and std of split {train.split!r} ({len(train)} rows), in head.scaler_"
+    return HeadRecord(
+        head=head.kind, classes=[train.classes[c] for c in head.classes_], backbones=backbones,  # columns in order
+        params=head.get_params(), best_params=head.best_params_,
+        standardization=scaled if head.scaler_ is not None else "none", features_dir=str(features_dir),
+        train_split=train.split, valid_split=valid.split if valid else None,
+        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        versions={"torch": torch.__version__, "sklearn": sklearn.__version__}, **extra)
 
 
 def timing(head: Head, seconds_total: float) -> dict:
@@ -213,10 +207,18 @@ def default_out_dir(features_dir: str | Path, head_kind: str, store_names: Seque
     return Path(features_dir) / "heads" / f"{head_kind}-{'+'.join(store_names)}"
 
 
+def summary(report: dict) -> str:
+    """One line on a train-head run's outcome (what ``featurekit train-head`` prints)."""
+    valid, tta = report["valid"], report["valid_tta"]
+    return (f"{report['head']} head: " + (f"{valid['split']} accuracy {valid['accuracy']:.4f}, " if valid else "")
+            + (f"with {tta['mode']} test-time augmentation {tta['accuracy']:.4f}, " if tta else "")
+            + f"written to {report['out_dir']}/ ({', '.join(report['files'])})")
+
+
 def train_head(features_dir: str | Path, store_names: Sequence[str], head_kind: str, out_dir: str | Path | None = None,
-               train_split: str = "train", valid_split: str | None = "valid", params: dict | None = None,
-               plots: bool = True, log: Callable[[str], None] = print, augmented: bool = True,
-               tta: str = "none") -> dict:
+               train_split: str = TRAIN_HEAD.train_split, valid_split: str | None = TRAIN_HEAD.valid_split,
+               params: dict | None = None, plots: bool = TRAIN_HEAD.plots, augmented: bool = TRAIN_HEAD.augmented,
+               tta: str = TRAIN_HEAD.tta) -> dict:
     """Fit, select, evaluate and write the head artifact and reports. Returns the report dict.
     ``augmented``: use the train stores' augmented views, if they have any; ``tta``: also score the
     valid split with test-time augmentation (its stores made with ``extract --tta`` of that mode)."""
@@ -232,46 +234,50 @@ def train_head(features_dir: str | Path, store_names: Sequence[str], head_kind: 
         check_same_extraction(train, valid)
         rows = map_by_name(valid, train)
         if rows.excluded:
-            log(f"warning: split {valid_split!r} has classes without training rows, left out of selection and metrics: "
-                + ", ".join(f"{name} ({n} rows)" for name, n in rows.excluded.items()))
+            warnings.warn(f"split {valid_split!r} has classes without training rows, left out of selection and "
+                          "metrics: " + ", ".join(f"{name} ({n} rows)" for name, n in rows.excluded.items()),
+                          FeaturekitWarning, stacklevel=2)
         if not len(rows.labels):
             raise SettingsError(f"split {valid_split!r}: no row of a class the training split has")
     elif head_kind == "all":
         raise SettingsError("--head all chooses on the validation split; give one (--valid-split)")
     augmenting = f" and {held} augmented views of each{'' if train.views else ' (not used)'}" if held else ""
-    log(f"train: {len(train)} rows{augmenting} x {train.features.shape[1]} features ({', '.join(store_names)}), "
-        f"{len(np.unique(train.labels))} classes" + (f"; {valid_split}: {len(rows.labels)} rows" if rows else ""))
-    random = [info.store_name for info in train.stores if info.header.weights == RANDOM]
-    if random:
-        log(random_weights_warning(random))
+    logger.info(f"train: {len(train)} rows{augmenting} x {train.features.shape[1]} features "
+                f"({', '.join(store_names)}), {len(np.unique(train.labels))} classes"
+                + (f"; {valid_split}: {len(rows.labels)} rows" if rows else ""))
+    warn_random([info.store_name for info in train.stores if info.header.weights == RANDOM])
     views = train.views.get(AUGMENTED)
     started = time.perf_counter()
     head, sweep, compared = fit_heads(list(HEADS) if head_kind == "all" else [head_kind], params or {}, train, rows,
-                                      log, views)
+                                      views)
     seconds = time.perf_counter() - started
     reason = choice_reason(compared, head.kind)
-    log(f"chosen: {reason}")
-    metadata = {**head_metadata(head, train, valid, features_dir), "augmented": augmentation(train, head, held)}
+    logger.info(f"chosen: {reason}")
+    if rows is not None and tied_with(compared, head.kind):
+        warnings.warn(f"the heads tied on valid accuracy; {reason}", FeaturekitWarning, stacklevel=2)
+    valid_metrics = ({"split": valid_split, **evaluate(head, rows, train.classes), "excluded_classes": rows.excluded}
+                     if rows else None)
+    record = head_record(head, train, valid, features_dir, augmented=augmentation(train, head, held),
+                         valid_accuracy=valid_metrics["accuracy"] if valid_metrics else None)
     report = {
-        "head": head.kind, "backbones": list(store_names), "classes": metadata["classes"],
+        "head": head.kind, "backbones": list(store_names), "classes": record.classes,
         "train": {"split": train_split, "n": len(train),
                   "rows_fitted": len(train) * (1 + held) if views is not None and not draws_one_view(head.kind)
                   else len(train),
                   "accuracy": float((head.predict(train.features) == train.labels).mean())},
-        "valid": ({"split": valid_split, **evaluate(head, rows, train.classes), "excluded_classes": rows.excluded}
-                  if rows else None),
+        "valid": valid_metrics,
         "valid_tta": ({"split": valid_split, "mode": tta, "views": TTA_VIEWS[tta],
                        **test_time_metrics(head, rows, valid.views[TEST_TIME], train.classes)} if tta != "none"
                       else None),
-        "augmented": metadata["augmented"],
+        "augmented": record.augmented,
         "chosen": {"head": head.kind, **head.best_params_}, "choice": {"reason": reason, "heads": compared},
         "params": head.get_params(), "selection": sweep,
         "timing": timing(head, seconds), "history": head.history_,
     }
     report["notes"] = view_notes(report)
+    report["out_dir"] = str(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    saved = save_head(out_dir / HEAD_FILE, head, {**metadata, "valid_accuracy": report["valid"]["accuracy"] if rows
-                                                  else None})
+    saved = save_head(out_dir / HEAD_FILE, head, record.to_dict())
     points = [Points(train.split, train.features, train.labels, train.classes)]
     points += [Points(valid.split, rows.features, rows.labels, train.classes)] if rows else []
-    return write_reports(out_dir, report, plots, points, [saved], log)
+    return write_reports(out_dir, report, plots, points, [saved])

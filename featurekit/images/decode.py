@@ -20,9 +20,13 @@ import simplejpeg
 from PIL import Image, ImageOps
 
 from ..errors import ImageDecodeError, SettingsError, first_line, os_reason
+from ..options import setting
 from .names import printable_path
 
 # --------------------------------------------------------------------------- decoding
+
+
+DECODERS = ("auto", "pil", "torchvision")  # auto: torchvision (nvJPEG) on CUDA, PIL elsewhere
 
 
 @dataclass(frozen=True)
@@ -57,20 +61,22 @@ class DecodePolicy:
     and changing them never makes a store stale.
     """
 
-    exif_transpose: bool = True
+    exif_transpose: bool = setting(True, "ignore EXIF orientation", flag="--no-exif-transpose", negate=True)
     alpha_background: int = 255
     draft_min_side: int | None = 768
-    backend: str = "auto"
+    backend: str = setting("auto", "JPEG decoding: auto (batched nvJPEG on CUDA, PIL workers on CPU), pil, "
+                           "torchvision", flag="--decoder", choices=DECODERS)
     max_pixels: int = 89_478_485
     max_aspect_ratio: float = 100.0
-    refuse_damaged_jpeg: bool = True
+    refuse_damaged_jpeg: bool = setting(True, "do not re-read JPEG data to refuse damaged files (faster; a damaged "
+                                        "JPEG then decodes into wrong rows without a word)", flag="--no-jpeg-check",
+                                        negate=True)
 
     REFUSALS: ClassVar[tuple[str, ...]] = ("max_pixels", "max_aspect_ratio", "refuse_damaged_jpeg")
-    BACKENDS: ClassVar[tuple[str, ...]] = ("auto", "pil", "torchvision")
 
     def __post_init__(self) -> None:
-        if self.backend not in self.BACKENDS:
-            raise SettingsError(f"unknown decoder {self.backend!r} (choose from {', '.join(self.BACKENDS)})")
+        if self.backend not in DECODERS:
+            raise SettingsError(f"unknown decoder {self.backend!r} (choose from {', '.join(DECODERS)})")
 
     def to_dict(self) -> dict:
         """What changes the features (the store's ``decode`` attribute and identity)."""

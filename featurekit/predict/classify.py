@@ -3,13 +3,13 @@
 A head records, per backbone, the identity of the features it was trained on
 (:meth:`StoreHeader.backbone_record`: backbone, node, weights sha256, preprocessing, decode policy,
 precision, dtype, features version) and where the weights came from. Prediction rebuilds each
-backbone and runs the :class:`~featurekit.runner.TrunkRunner` under exactly the recorded decode
+backbone and runs the :class:`~featurekit.backbones.runner.TrunkRunner` under exactly the recorded decode
 policy, precision and storage dtype, then compares the identity it would record with the one the
 head recorded: any difference (other weights, preprocessing, node, ...) is refused in one line,
 since features from another trunk look like features and give confident, wrong answers. Only
 ``precision`` may be overridden, on request, and the run's precision is written in the output.
 
-Input: image files and folders, under the rule of :mod:`featurekit.inputs` (a labelled folder
+Input: image files and folders, under the rule of :mod:`featurekit.predict.inputs` (a labelled folder
 ``<class>/<image>`` gives each image's true class). Output: a CSV ``path,predicted,prob_<class>...``
 (one probability column per class, in the head's class order), with ``topk`` the K likeliest classes
 instead, or with ``--format kaggle`` the dogs-vs-cats submission ``id,label`` (id = file stem, label
@@ -26,21 +26,23 @@ The classifier: a head file of ``train-head`` or a fine-tuned model of ``finetun
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
 from ..backbones.rebuild import recorded_features
 from ..backbones.runner import FileFeatures
 from ..backbones.settings import RunSettings
-from ..finetuning.artifact import FinetunedHead, find_head_file, load_classifier
-from ..heads.base import Head
+from ..finetuning.artifact import Classifier, load_classifier
 from ..heads.train import test_time_proba
 from ..views.augment import ViewPlan
 from .inputs import Inputs, collect_inputs
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -65,55 +67,53 @@ class Predictions:
 
 @dataclass
 class HeadFeatures:
-    """A head, and features of image files made as its stores were: ``extracted.features`` holds
+    """A classifier, and features of image files made as its stores were: ``extracted.features`` holds
     float32[len(extracted.kept), D] per backbone, in the head's order (with test-time views
     ``[len(kept), views, D]``, the plain view first); ``settings`` what ran."""
 
-    head: Head | FinetunedHead
-    metadata: dict
+    classifier: Classifier
     files: list[Path]
     extracted: FileFeatures
     settings: RunSettings
     inputs: Inputs = dataclasses.field(default_factory=Inputs)  # files' true classes, what was left out
 
 
-def head_features(head_path: str | os.PathLike, paths: Sequence[str | os.PathLike], settings: RunSettings | None = None,
-                  weights_paths: dict[str, str] | None = None, precision: str | None = None,
-                  tta: str = "none", loaded: tuple[Head | FinetunedHead, dict] | None = None) -> HeadFeatures:
-    """Features of ``paths`` (files or folders) for the head at ``head_path``: the rows extract
-    would have stored for those files under the head's stores' recorded settings. ``head_path``
-    may also be a fine-tuned model (``model.json`` or its folder): its trunks are the fine-tuned ones.
+def head_features(head: str | os.PathLike | Classifier, paths: str | os.PathLike | Sequence[str | os.PathLike],
+                  settings: RunSettings | None = None, weights_paths: Mapping[str, str] | None = None,
+                  precision: str | None = None, tta: str = "none") -> HeadFeatures:
+    """Features of ``paths`` (files or folders) for ``head``: the rows extract would have stored for
+    those files under the head's stores' recorded settings. ``head``: a head file, a fine-tuned model
+    (``model.json``: its trunks are then the fine-tuned ones), the folder of either, or a
+    :class:`~featurekit.finetuning.artifact.Classifier` already loaded.
 
     ``settings`` gives the device, batch size and workers; the decode policy, precision and dtype
     are the recorded ones (``precision`` overrides the precision). Undecodable files are reported,
-    not raised. ``tta``: also the test-time views of that mode (:class:`HeadFeatures`). ``loaded``:
-    what :func:`load_classifier` already returned for ``head_path``, so it is not read (and a
-    fine-tuned model's files hashed) a second time.
+    not raised. ``tta``: also the test-time views of that mode (:class:`HeadFeatures`).
     """
-    head_path = find_head_file(head_path)
-    head, metadata = loaded or load_classifier(head_path)
+    classifier = head if isinstance(head, Classifier) else load_classifier(head)
     plan = ViewPlan(tta=tta)  # an unknown mode is refused before any image is read
-    inputs = collect_inputs(paths, metadata["classes"])
-    extracted, settings = recorded_features(head_path, metadata, inputs.files, settings, weights_paths, precision,
-                                            plan=plan)
-    return HeadFeatures(head, metadata, [Path(path) for path, _ in inputs.files], extracted, settings, inputs)
+    inputs = collect_inputs([paths] if isinstance(paths, (str, os.PathLike)) else paths, classifier.record.classes)
+    extracted, settings = recorded_features(classifier.path, classifier.record.backbones, inputs.files, settings,
+                                            weights_paths, precision, plan=plan)
+    return HeadFeatures(classifier, [Path(path) for path, _ in inputs.files], extracted, settings, inputs)
 
 
-
-def predict_files(head_path: str | os.PathLike, paths: Sequence[str | os.PathLike], settings: RunSettings | None = None,
-                  weights_paths: dict[str, str] | None = None, precision: str | None = None,
-                  tta: str = "none", loaded: tuple[Head | FinetunedHead, dict] | None = None) -> Predictions:
-    """Classify image files (or folders of them) with a head file; see :func:`head_features`.
+def predict_files(head: str | os.PathLike | Classifier, paths: str | os.PathLike | Sequence[str | os.PathLike],
+                  settings: RunSettings | None = None, weights_paths: Mapping[str, str] | None = None,
+                  precision: str | None = None, tta: str = "none") -> Predictions:
+    """Classify image files (or folders of them) with a head; see :func:`head_features`.
     ``tta``: average the class probabilities over that mode's test-time views (flip, five-crop)."""
-    made = head_features(head_path, paths, settings, weights_paths, precision, tta, loaded)
+    made = head_features(head, paths, settings, weights_paths, precision, tta)
     features = np.concatenate(list(made.extracted.features.values()), axis=-1)  # [N, D] or [N, views, D]
-    classes = list(made.metadata["classes"])
+    classes, classify = list(made.classifier.record.classes), made.classifier.head
     if not len(features):
         proba = np.zeros((0, len(classes)))
     else:
-        proba = test_time_proba(made.head, features) if features.ndim == 3 else made.head.predict_proba(features)
+        proba = test_time_proba(classify, features) if features.ndim == 3 else classify.predict_proba(features)
     kept = made.extracted.kept
+    for line in made.inputs.notices:
+        logger.info(line)
+    for path, reason in made.extracted.errors:
+        logger.info(f"skipped {path}: {reason}")
     return Predictions([str(made.files[i]) for i in kept], classes, proba, made.extracted.errors, made.settings,
                        [made.inputs.truth[i] for i in kept], made.inputs.notices, made.inputs.labelled, tta)
-
-

@@ -12,6 +12,7 @@ under the stores' recorded decode policy.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,11 +25,14 @@ from ..backbones.rebuild import recorded_features
 from ..backbones.settings import RunSettings
 from ..errors import ImageDecodeError, SettingsError
 from ..files import atomic_output
-from ..heads.base import Head
+from ..finetuning.artifact import Classifier, load_classifier
 from ..images.decode import DecodePolicy, decode_image
 from ..images.names import fs_path
 from ..store.dataset import FeatureSet, check_same_extraction, load_features
+from ..store.format import RANDOM, BackboneRecord, warn_random
 from .inputs import collect_inputs
+
+logger = logging.getLogger(__name__)
 
 THUMB = 112  # thumbnail side, pixels
 CAPTION = 28  # two caption lines under each thumbnail
@@ -86,45 +90,109 @@ class Gallery:
                 for q, row in enumerate(best)]
 
 
-def store_records(train: FeatureSet) -> dict:
+def store_records(train: FeatureSet) -> list[BackboneRecord]:
     """What a head would record about ``train``'s stores: enough to make their rows for new images."""
-    return {"backbones": [{"store_name": info.store_name, **info.header.backbone_record()} for info in train.stores]}
+    return [info.header.backbone_record(info.store_name) for info in train.stores]
 
 
-def image_queries(gallery: Gallery, paths: Sequence[str | os.PathLike], k: int, head: Head | None = None,
-                  metadata: dict | None = None, settings: RunSettings | None = None,
-                  ) -> tuple[list[Query], list[str]]:
-    """Queries for image files and folders (the rule of :mod:`featurekit.inputs`), with ``head``'s
-    predictions when given; returns (queries, notices: what the folders held and was left out, and
-    each undecodable file)."""
-    classes = metadata["classes"] if metadata else gallery.train.classes
+@dataclass
+class Search:
+    """The queries of one search, each with its nearest training images; ``summary``: one line on it;
+    ``about``: where the neighbours were searched (for the JSON); ``stores``: the store names searched."""
+
+    queries: list[Query]
+    summary: str
+    about: dict
+    gallery: Gallery
+    stores: list[str]
+
+
+def search(head: str | os.PathLike | Classifier | None = None, features_dir: str | os.PathLike | None = None,
+           backbones: Sequence[str] | None = None, images: Sequence[str | os.PathLike] | None = None,
+           split: str | None = None, valid_split: str | None = None, k: int = 5,
+           settings: RunSettings | None = None) -> Search:
+    """The training images nearest to ``images`` (files or folders), or without ``images`` to the
+    validation images ``head`` misclassifies, worst first. Searched: the stores ``head`` was trained
+    on (``features_dir``, its ``split``), or without a head the ``backbones`` in ``features_dir``."""
+    if k < 1:
+        raise SettingsError(f"-k must be at least 1 (got {k})")
+    classifier = head if isinstance(head, Classifier) or head is None else load_classifier(head)
+    if classifier is None and not (features_dir and backbones and images):
+        raise SettingsError("give --head HEAD (its mistakes, or --image), or --features DIR --backbone NAME --image "
+                            "PATH")
+    if classifier is not None and backbones:
+        raise SettingsError("--backbone: a head searches the stores it was trained on; leave --backbone out")
+    record = classifier.record if classifier else None
+    features_dir = features_dir or getattr(record, "features_dir", None)
+    if not features_dir:
+        raise SettingsError(f"{classifier.path}: records no features folder (a fine-tuned model); give --features")
+    features_dir = Path(features_dir)
+    stores = list(backbones or record.store_names)
+    split = split or getattr(record, "train_split", "train")
+    gallery = Gallery(load_features(features_dir, split, stores))
+    warn_random([info.store_name for info in gallery.train.stores if info.header.weights == RANDOM])
+    about = {"features_dir": str(features_dir), "stores": stores, "split": split,
+             "head": str(classifier.path) if classifier else ""}
+    if images:
+        queries = image_queries(gallery, images, k, classifier, settings)
+        summary = f"{len(queries)} query images, {k} nearest of {len(gallery.train)} {split} images each"
+    else:
+        valid_split = valid_split or getattr(record, "valid_split", None)
+        if not valid_split:
+            raise SettingsError(f"{classifier.path}: trained without a validation split; give --valid-split or "
+                                "--image")
+        queries, scored = misclassified_queries(gallery, classifier, features_dir, valid_split, k)
+        summary = (f"{len(queries)} of {scored} {valid_split} images misclassified, worst first, each with its "
+                   f"{k} nearest {split} images")
+    return Search(queries, summary, about, gallery, stores)
+
+
+def write_sheet(found: Search, path: str | os.PathLike, worst: int = 16) -> Path:
+    """The contact sheet of ``found``'s first ``worst`` queries (:func:`contact_sheet`)."""
+    if worst < 1:
+        raise SettingsError(f"--worst must be at least 1 (got {worst})")
+    shown = found.queries[:worst]
+    title = f"{', '.join(found.stores)}: {found.summary}" + (f" (first {len(shown)})" if len(shown) < len(
+        found.queries) else "")
+    return contact_sheet(shown, Path(path), found.gallery.decode, title)
+
+
+def image_queries(gallery: Gallery, paths: Sequence[str | os.PathLike], k: int, classifier: Classifier | None = None,
+                  settings: RunSettings | None = None) -> list[Query]:
+    """Queries for image files and folders (the rule of :mod:`featurekit.predict.inputs`), with the
+    ``classifier``'s predictions when given. What the folders held and was left out, and each
+    undecodable file, are logged."""
+    classes = classifier.record.classes if classifier else gallery.train.classes
     inputs = collect_inputs(paths, classes)
-    source = gallery.train.stores[0].path
-    extracted, _ = recorded_features(source, metadata or store_records(gallery.train), inputs.files, settings,
-                                     label="neighbors")
+    source = classifier.path if classifier else gallery.train.stores[0].path
+    records = classifier.record.backbones if classifier else store_records(gallery.train)
+    extracted, _ = recorded_features(source, records, inputs.files, settings, label="neighbors")
     features = np.concatenate(list(extracted.features.values()), axis=1)
     queries = [Query(inputs.files[i][1], inputs.files[i][0], truth=inputs.truth[i]) for i in extracted.kept]
-    if head is not None and len(features):
-        _predict(queries, head.predict_proba(features), metadata["classes"])
+    if classifier is not None and len(features):
+        _predict(queries, classifier.head.predict_proba(features), classes)
     for query, neighbours in zip(queries, gallery.nearest(features, k)):
         query.neighbours = neighbours
-    return queries, inputs.notices + [f"skipped {name}: {reason}" for name, reason in extracted.errors]
+    for line in inputs.notices + [f"skipped {name}: {reason}" for name, reason in extracted.errors]:
+        logger.info(line)
+    return queries
 
 
-def misclassified_queries(gallery: Gallery, head: Head, metadata: dict, features_dir: Path, valid_split: str,
+def misclassified_queries(gallery: Gallery, classifier: Classifier, features_dir: Path, valid_split: str,
                           k: int) -> tuple[list[Query], int]:
-    """The validation images ``head`` gets wrong, worst first; returns (queries, validation rows scored)."""
-    valid = load_features(features_dir, valid_split, [b["store_name"] for b in metadata["backbones"]])
+    """The validation images ``classifier`` gets wrong, worst first; returns (queries, validation rows scored)."""
+    classes = classifier.record.classes
+    valid = load_features(features_dir, valid_split, classifier.record.store_names)
     check_same_extraction(gallery.train, valid)
     names = [valid.classes[label] for label in valid.labels]
-    scored = [i for i, name in enumerate(names) if name in metadata["classes"]]
+    scored = [i for i, name in enumerate(names) if name in classes]
     if not scored:
         raise SettingsError(f"split {valid_split!r}: no image of a class the head knows ({', '.join(valid.classes)})")
     valid_dir = Path(fs_path(valid.stores[0].header.data_root)) / fs_path(valid_split)
     queries = [Query(f"{valid_split}/{valid.paths[i]}", str(valid_dir / fs_path(valid.paths[i])), truth=names[i])
                for i in scored]
     features = valid.features[scored]
-    _predict(queries, head.predict_proba(features), metadata["classes"])
+    _predict(queries, classifier.head.predict_proba(features), classes)
     order = sorted((j for j, q in enumerate(queries) if q.predicted != q.truth),
                    key=lambda j: queries[j].truth_probability)
     wrong = [queries[j] for j in order]

@@ -5,17 +5,21 @@ from __future__ import annotations
 import csv
 import json
 import os
+import sys
+import time
 from pathlib import Path
-from typing import Sequence, TextIO
+from typing import Mapping, Sequence, TextIO
 
 import numpy as np
 
 from .. import __version__
+from ..backbones.settings import RunSettings
 from ..errors import SettingsError
 from ..files import atomic_output, atomic_write
-from .classify import Predictions
-
-FORMS = ("csv", "kaggle")
+from ..finetuning.artifact import Classifier, load_classifier
+from ..heads.report import labelled_metrics, write_prediction_report
+from .classify import Predictions, predict_files
+from .settings import FORMS, PredictOptions
 
 
 def check_output(classes: Sequence[str], form: str = "csv", topk: int | None = None,
@@ -111,3 +115,42 @@ def _kaggle_rows(predictions: Predictions) -> list[tuple[str, str]]:
     rows = [(Path(path).stem, f"{p:.6g}") for path, p in zip(predictions.paths, predictions.proba[:, 1])]
     numeric = all(stem.isdigit() for stem, _ in rows)
     return sorted(rows, key=lambda row: (int(row[0]) if numeric else 0, row[0]))
+
+
+def predict_to(head: str | os.PathLike | Classifier, paths: str | os.PathLike | Sequence[str | os.PathLike],
+               out: str | os.PathLike | TextIO = "predictions.csv", options: PredictOptions | None = None,
+               settings: RunSettings | None = None,
+               weights_paths: Mapping[str, str] | Sequence[str] | None = None) -> list[str]:
+    """Classify ``paths`` with ``head`` (loaded once) and write the table to ``out`` (a file, with its
+    ``.json`` record beside it, or a text stream: the table alone) and, for labelled folders, the
+    accuracy report beside it (:func:`~featurekit.heads.report.write_prediction_report`). The output
+    is checked before any image is read (:func:`check_output`). Returns the lines that tell what was
+    written: accuracy on labelled folders, the report files, the predictions and their rate."""
+    started = time.perf_counter()
+    classifier = head if isinstance(head, Classifier) else load_classifier(head)
+    options = options or PredictOptions()
+    form, topk = options.form, options.topk
+    names = read_class_names(options.class_names) if options.class_names else None
+    check_output(classifier.record.classes, form, topk, names)
+    predictions = predict_files(classifier, paths, settings, weights_paths, options.precision, options.tta)
+    if not predictions.paths:
+        raise SettingsError(f"none of the {len(predictions.errors)} files could be decoded")
+    to_file = isinstance(out, (str, os.PathLike))
+    written = write_predictions(predictions, out, classifier.path, form, topk, names)
+    lines = []
+    evaluation = labelled_metrics(predictions.truth, predictions.proba, predictions.classes)
+    if evaluation is not None:
+        lines.append(f"labelled images: accuracy {evaluation['accuracy']:.4f} over {evaluation['n']} images, "
+                     f"balanced accuracy {evaluation['balanced_accuracy']:.4f}")
+        if to_file:
+            about = {"head": str(classifier.path), "folders": predictions.labelled_folders,
+                     "rows": len(predictions.paths)}
+            files = write_prediction_report(Path(out), about, evaluation, predictions.classes, options.plots)
+            lines.append(f"per-class report: {', '.join(map(str, files))}")
+    elapsed, count = time.perf_counter() - started, len(predictions.paths)
+    stream = "stdout" if out is sys.stdout else str(getattr(out, "name", "a stream"))
+    lines.append(f"{count} predictions written to {', '.join(map(str, written)) if to_file else stream}"
+                 + (f" ({len(predictions.errors)} files skipped)" if predictions.errors else "")
+                 + f" ({predictions.settings.device}, {predictions.settings.precision}) in {elapsed:.1f} s, "
+                 f"{count / elapsed:.1f} images/s")
+    return lines

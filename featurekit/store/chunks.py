@@ -6,7 +6,7 @@ and renamed into the partial directory, whose ``manifest.json`` holds the store'
 fingerprint too. A run killed at any moment leaves only whole chunks, and a rerun continues from
 them. Chunks are keyed by global row ranges, so processes that each extract a contiguous range
 (torchrun ranks, ``--shard``) commit into one directory, and one of them joins them
-(:meth:`featurekit.store.StoreWriter.finish`).
+(:meth:`featurekit.store.writer.StoreWriter.finish`).
 
 Who may do what:
 

@@ -156,7 +156,7 @@ def load_features(features_dir: str | os.PathLike, split: str, store_names: Sequ
     ``verify``: check each store's content checksum first (one more read of each file).
     ``columns``: only these columns of the concatenation (a slice, or increasing indices):
     float32[N, len(columns)]; stores with none of them are not read. ``views``: view datasets
-    to read too (:mod:`featurekit.store_views`), into ``FeatureSet.views``, the same columns of
+    to read too (:mod:`featurekit.store.layout`), into ``FeatureSet.views``, the same columns of
     each view; the stores agree on which they hold (the run fields), and one without them is refused.
     """
     headers, full = _checked_stores(features_dir, split, store_names, verify)

@@ -8,9 +8,9 @@ Its attributes are the fields of :class:`StoreHeader` (dicts as JSON), ``format`
 refusals, a head's records and the checks across joined stores all derive from.
 
 A store may hold views of each image beside its plain row (``extract --augment``/``--tta``):
-``features_aug``, ``features_tta`` (:mod:`featurekit.store_views`); the identity's view fields say
+``features_aug``, ``features_tta`` (:mod:`featurekit.store.layout`); the identity's view fields say
 which, and are recorded only where there are views, so a store without any is what it was in
-format 2. :class:`~featurekit.store_writer.StoreWriter` writes stores.
+format 2. :class:`~featurekit.store.writer.StoreWriter` writes stores.
 """
 
 from __future__ import annotations
@@ -20,14 +20,15 @@ import dataclasses
 import hashlib
 import json
 import os
+import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import ClassVar, Iterator, Mapping, NamedTuple
+from typing import ClassVar, Iterator, Mapping, NamedTuple, Sequence
 
 import h5py
 import numpy as np
 
-from ..errors import StoreError, first_line, short
+from ..errors import FeaturekitWarning, StoreError, first_line, short
 from .layout import PLAIN, extra_datasets
 
 FORMAT = "featurekit.store"
@@ -40,6 +41,7 @@ READABLE_VERSIONS = (2, 3)  # a format 2 store reads as a store without views (i
 FEATURES_VERSION = 2
 
 STR = h5py.string_dtype("utf-8")
+RANDOM = "random"  # the weights name stores record for seeded random initialisation (backbones.weights)
 DIGEST_BLOCK_ROWS = 8192
 
 
@@ -57,7 +59,7 @@ class StoreIdentity:
     precision: str  # fp32 | bf16 | fp16
     dtype: str  # storage: float16 | float32
     features_version: int
-    # The views beside the plain row (featurekit.store_views), recorded only where a store has them.
+    # The views beside the plain row (featurekit.store.layout), recorded only where a store has them.
     augment_views: int = field(default=0, kw_only=True)
     augment_policy: dict | None = field(default=None, kw_only=True)  # augment.AugmentPolicy.to_dict()
     augment_seed: int = field(default=0, kw_only=True)
@@ -121,6 +123,32 @@ class Difference(NamedTuple):
 
 
 @dataclass(frozen=True)
+class BackboneRecord(StoreIdentity):
+    """What a consumer of a store's features (a head, a fine-tuned model) records of it, to rebuild
+    the trunk that made them (:mod:`featurekit.backbones.rebuild`): the identity, the weights' name
+    and source, the dimension; a head adds its ``columns`` [start, stop) in the concatenation and
+    the stores' ``fingerprints`` by split, a fine-tuned model its ``trunk_file`` and its sha256."""
+
+    store_name: str
+    weights: str
+    weights_source: str
+    feature_dim: int
+    columns: list[int] | None = None
+    fingerprints: dict | None = None
+    trunk_file: str | None = None
+    trunk_file_sha256: str | None = None
+
+    def to_dict(self) -> dict:
+        """JSON values: the identity as :meth:`StoreIdentity.to_dict` records it, then the set fields."""
+        own = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in self.identity_names()}
+        return {**self.identity.to_dict(), **{name: value for name, value in own.items() if value is not None}}
+
+    @staticmethod
+    def identity_names() -> set[str]:
+        return {f.name for f in fields(StoreIdentity)}
+
+
+@dataclass(frozen=True)
 class StoreHeader(StoreIdentity):
     """Every attribute of a store: its identity and where, from what and how it was made."""
 
@@ -138,10 +166,11 @@ class StoreHeader(StoreIdentity):
     versions: dict
     created: str = ""
 
-    def backbone_record(self) -> dict:
-        """What a consumer of these features (a head) records to rebuild the trunk that made them."""
-        return {**self.identity.to_dict(), "weights": self.weights, "weights_source": self.weights_source,
-                "feature_dim": self.feature_dim}
+    def backbone_record(self, store_name: str, **extra) -> BackboneRecord:
+        """What a consumer of these features records to rebuild the trunk that made them (``extra``:
+        its own fields of :class:`BackboneRecord`)."""
+        return BackboneRecord(**self.identity.to_dict(), store_name=store_name, weights=self.weights,
+                              weights_source=self.weights_source, feature_dim=self.feature_dim, **extra)
 
     def feature_shapes(self, rows: int) -> dict[str, tuple[int, ...]]:
         """Every features dataset of a store of ``rows`` rows: ``features`` [N, D], then the views [N, views, D]."""
@@ -286,3 +315,11 @@ def recorded_files(h5: h5py.File) -> dict[str, tuple[int, int]]:
 def strings(dataset: h5py.Dataset) -> list[str]:
     """A dataset of UTF-8 strings as ``str``."""
     return [value.decode("utf-8") for value in dataset[()]]
+
+
+def warn_random(names: Sequence[str]) -> None:
+    """A :class:`~featurekit.errors.FeaturekitWarning` where features of random weights are made or used
+    (``names``: the backbones or stores; nothing when empty)."""
+    if names:
+        warnings.warn(f"{', '.join(names)}: random weights (--weights random); their features are for testing the "
+                      "pipeline, meaningless for classifying images", FeaturekitWarning, stacklevel=2)

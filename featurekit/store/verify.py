@@ -41,6 +41,12 @@ class VerifyReport:
     def ok(self) -> bool:
         return not self.problems
 
+    def lines(self) -> list[str]:
+        """What ``featurekit verify`` prints of this store: OK with its rows, or one line per problem."""
+        if self.ok:
+            return [f"{self.path}: OK ({self.rows} rows, {self.skipped} skipped, matches its image folder)"]
+        return [f"{self.path}: {problem}" for problem in self.problems]
+
 
 def verify_stores(paths: Sequence[str | os.PathLike], data_root: str | os.PathLike | None = None) -> list[VerifyReport]:
     """Verify each store, then that stores of the same split of the same folder align row by row."""

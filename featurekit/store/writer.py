@@ -1,7 +1,7 @@
 """The life cycle of a store: :class:`StoreWriter` (reuse, refuse, lock, resume or start, commit, join).
 
 A store is reused only if it is this very extraction and whole; otherwise its chunks are
-committed (:mod:`featurekit.partial`) and joined into a file written under a temporary name and
+committed (:mod:`featurekit.store.chunks`) and joined into a file written under a temporary name and
 renamed into place: a file under a final name is complete. The format it writes: :mod:`featurekit.store`.
 """
 
@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
-import sys
 import time
 from pathlib import Path
-from typing import Callable
 
 import h5py
 import numpy as np
@@ -36,6 +35,8 @@ from .format import (
     strings,
 )
 
+logger = logging.getLogger(__name__)
+
 
 class StoreWriter:
     """The life cycle of one store of one run: reuse it, or lock, resume or start, commit, join.
@@ -47,14 +48,13 @@ class StoreWriter:
     """
 
     def __init__(self, out_dir: str | os.PathLike, listing: SplitListing, store_name: str, header: StoreHeader,
-                 overwrite: bool = False, log: Callable[[str], None] | None = None):
+                 overwrite: bool = False):
         self.final = store_path(out_dir, listing.split, store_name)
         self.store_name = store_name
         self.listing = listing
         self.header = header
         self.overwrite = overwrite
         self.partial = PartialStore(self.final, header.fingerprint)
-        self.log = log or (lambda message: print(message, file=sys.stderr))
 
     def is_current(self) -> bool:
         """Whether the final store is this very extraction, whole. Raises :class:`StoreError` when
@@ -153,7 +153,7 @@ class StoreWriter:
 
     def _report(self, state: str) -> None:
         if state:
-            self.log(f"{self.final}: {state}")
+            logger.info(f"{self.final}: {state}")
 
     def _check_chunks(self) -> None:
         """Refuse committed chunks of another run, unless ``overwrite``."""

@@ -53,16 +53,23 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from functools import lru_cache
 from types import MappingProxyType
-from typing import Iterator, Mapping
-
-import torch
-from PIL import Image
-from torchvision.transforms import InterpolationMode, v2
-from torchvision.transforms.v2 import functional as F
+from typing import TYPE_CHECKING, Iterator, Mapping
 
 from ..errors import AugmentError
-from ..store.layout import TTA_VIEWS, extra_datasets
-from .preprocessing import Preprocessing
+from ..options import setting
+
+if TYPE_CHECKING:  # torch and torchvision are imported where views are cut: building settings needs neither
+    import torch
+    from PIL import Image
+    from torchvision.transforms import v2
+
+    from .preprocessing import Preprocessing
+
+__all__ = ["AUGMENT_POLICIES", "AugmentPolicy", "CACHE_AUGMENT_POLICY", "DEFAULT_AUGMENT_POLICY", "TTA_VIEWS",
+           "ViewPlan", "augment_policy", "tta_views", "view_seed"]
+
+# Test-time mode -> views it makes per image, the plain view first (tta_views makes them).
+TTA_VIEWS: Mapping[str, int] = MappingProxyType({"none": 1, "flip": 2, "five-crop": 5})
 
 _JITTER = ("brightness", "contrast", "saturation", "hue")  # v2.ColorJitter's arguments, in its order
 _FACTORS = ("flip", "rotation", *_JITTER)
@@ -156,6 +163,8 @@ class AugmentPolicy:
     def views(self, image: Image.Image, preprocessing: Preprocessing, seed: int, image_index: int,
               count: int) -> torch.Tensor:
         """Views ``0 .. count-1`` of one decoded image: ``uint8[count, 3, crop, crop]``."""
+        import torch
+
         views = torch.empty((count, 3, preprocessing.crop_size, preprocessing.crop_size), dtype=torch.uint8)
         for view_index in range(count):
             views[view_index] = self.view(image, preprocessing, seed, image_index, view_index)
@@ -185,6 +194,7 @@ def augment_policy(name: str) -> AugmentPolicy:
 
 def view_seed(seed: int, image_index: int, view_index: int) -> int:
     """A stable 63-bit seed for view ``view_index`` of image ``image_index`` (same in every process)."""
+    # the text is part of every seed: it keeps its old module name so that views stay what they were
     digest = hashlib.blake2b(f"featurekit.augment:{int(seed)}:{int(image_index)}:{int(view_index)}".encode(),
                              digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
@@ -196,6 +206,9 @@ def tta_views(image: Image.Image, preprocessing: Preprocessing, mode: str) -> to
     The first is ``preprocessing.view(image)`` exactly; ``flip`` adds its mirror, ``five-crop`` the
     four corner crops of the resized image (top-left, top-right, bottom-left, bottom-right).
     """
+    import torch
+    from torchvision.transforms.v2 import functional as F
+
     if mode not in TTA_VIEWS:
         raise AugmentError(f"unknown test-time augmentation {mode!r} (known: {', '.join(TTA_VIEWS)})")
     if mode == "five-crop":
@@ -211,12 +224,16 @@ class ViewPlan:
     """The views a run cuts from each decoded image, per preprocessing: the plain view, then
     ``augment`` views of policy ``policy`` (view ``v`` of listing row ``i``: :meth:`AugmentPolicy.view`
     with ``(seed, i, v)``), then the test-time views of ``tta`` after the first (the plain view).
-    Where a store keeps them: :mod:`featurekit.store_views`; the default plan is the plain view alone."""
+    Where a store keeps them: :mod:`featurekit.store.layout`; the default plan is the plain view alone."""
 
-    augment: int = 0
-    policy: str = CACHE_AUGMENT_POLICY
-    seed: int = 0
-    tta: str = "none"
+    augment: int = setting(0, "also store K augmented views of each image (features_aug [N, K, D]), cut from the "
+                           "same decode; train-head uses them (docs/augment.md)", metavar="K")
+    policy: str = setting(CACHE_AUGMENT_POLICY, f"augmentation of --augment: {', '.join(AUGMENT_POLICIES)} "
+                          "(docs/augment.md)", flag="--augment-policy", metavar="NAME")
+    seed: int = setting(0, "seed of the augmented views (view v of image i depends on S, i, v only)",
+                        flag="--augment-seed", metavar="S")
+    tta: str = setting("none", "also store test-time views (features_tta), for train-head --tta on this split",
+                       choices=tuple(TTA_VIEWS))
 
     def __post_init__(self) -> None:
         if isinstance(self.augment, bool) or not isinstance(self.augment, int) or self.augment < 0:
@@ -230,14 +247,14 @@ class ViewPlan:
             raise AugmentError(f"unknown test-time augmentation {self.tta!r} (known: {', '.join(TTA_VIEWS)})")
 
     @property
-    def extra(self) -> dict[str, int]:
-        """The view datasets a store of this plan holds: name -> views per image, in the order of :meth:`views`."""
-        return extra_datasets(self.augment, self.tta)
+    def extra(self) -> tuple[int, int]:
+        """Views per image besides the plain one, in the order of :meth:`views`: (augmented, test-time)."""
+        return self.augment, TTA_VIEWS[self.tta] - 1
 
     @property
     def count(self) -> int:
         """Views per image, the plain one included."""
-        return 1 + sum(self.extra.values())
+        return 1 + sum(self.extra)
 
     def identity(self) -> dict:
         """The view fields of the identity of a store made under this plan (:class:`store.StoreIdentity`)."""
@@ -252,20 +269,25 @@ class ViewPlan:
 
     def views(self, image: Image.Image, preprocessing: Preprocessing, index: int) -> torch.Tensor:
         """The views of listing row ``index``: ``uint8[count, 3, crop, crop]``, the plain view first."""
+        import torch
+
         test_time = tta_views(image, preprocessing, self.tta)  # its first view is the plain one
         if not self.augment:
             return test_time
         augmented = augment_policy(self.policy).views(image, preprocessing, self.seed, index, self.augment)
         return torch.cat([test_time[:1], augmented, test_time[1:]])
 
-    def split(self, features: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Features ``[B, count, D]`` of :meth:`views` -> (plain ``[B, D]``, {view dataset: ``[B, views, D]``})."""
-        parts = torch.split(features, [1, *self.extra.values()], dim=1)
-        return parts[0][:, 0], dict(zip(self.extra, parts[1:]))
+    def split(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Features ``[B, count, D]`` of :meth:`views` -> plain ``[B, D]``, augmented ``[B, augment, D]``,
+        test-time ``[B, TTA_VIEWS[tta] - 1, D]`` (the last two possibly empty)."""
+        plain, augmented, test_time = features.split([1, *self.extra], dim=1)
+        return plain[:, 0], augmented, test_time
 
 
 @lru_cache(maxsize=64)
 def _pipeline(policy: AugmentPolicy, preprocessing: Preprocessing) -> v2.Compose:
+    from torchvision.transforms import InterpolationMode, v2
+
     crop = preprocessing.crop_size
     interpolation = InterpolationMode(preprocessing.interpolation)
     steps: list[v2.Transform] = [
@@ -288,6 +310,8 @@ _TORCH_RNG_LOCK = threading.Lock()
 @contextmanager
 def _seeded_torch_rng(seed: int) -> Iterator[None]:
     """torch's global CPU generator seeded with ``seed`` inside, the caller's state restored after."""
+    import torch
+
     with _TORCH_RNG_LOCK, torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(seed)
         yield

@@ -1,7 +1,7 @@
 """Stage 2 in motion: feed decoded, per-backbone views to the trunks in deterministic batches.
 
 Each image is decoded once (in a DataLoader worker) and cut into one uint8 view per distinct
-:class:`~featurekit.views.Preprocessing`; failures travel with the batch as reasons instead of
+:class:`~featurekit.views.preprocessing.Preprocessing`; failures travel with the batch as reasons instead of
 killing the worker, so the caller decides between failing and skipping.
 
 Batches never cross a chunk boundary, so a chunk's batches are the same on every run (resume

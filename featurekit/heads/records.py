@@ -1,0 +1,50 @@
+"""What a classifier records about the features it was trained on, as typed records (no torch here).
+
+A head file's metadata (train-head's ``head.h5``) and a fine-tuned model's ``model.json`` both hold
+a :class:`ClassifierRecord`: the head kind, the class names in probability-column order and one
+:class:`~featurekit.store.format.BackboneRecord` per backbone, from which predict, neighbors and
+finetune rebuild the trunks (:mod:`featurekit.backbones.rebuild`). They are read through
+:func:`featurekit.records.parse`, so a missing field or a value of the wrong type is one line
+naming the file and the field, never a ``KeyError`` deep inside.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..records import to_dict
+from ..store.format import BackboneRecord
+
+__all__ = ["ClassifierRecord", "HeadRecord"]
+
+
+@dataclass(frozen=True)
+class ClassifierRecord:
+    """``classes``: the probability columns, in order; ``backbones``: the stores joined, in column order."""
+
+    head: str
+    classes: list[str]
+    backbones: list[BackboneRecord]
+
+    @property
+    def store_names(self) -> list[str]:
+        return [record.store_name for record in self.backbones]
+
+    def to_dict(self) -> dict:
+        return {**to_dict(self), "backbones": [record.to_dict() for record in self.backbones]}
+
+
+@dataclass(frozen=True)
+class HeadRecord(ClassifierRecord):
+    """The metadata train-head writes into a head file: the classifier's record and how it was made."""
+
+    params: dict = field(default_factory=dict)
+    best_params: dict = field(default_factory=dict)
+    standardization: str = "none"
+    features_dir: str | None = None
+    train_split: str = "train"
+    valid_split: str | None = None
+    created: str = ""
+    versions: dict = field(default_factory=dict)
+    augmented: dict | None = None
+    valid_accuracy: float | None = None

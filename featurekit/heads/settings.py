@@ -1,0 +1,64 @@
+"""The head kinds and the head parameters train-head sets from its options (no torch imported here).
+
+:data:`HEAD_KINDS` names the heads in the order ``--head all`` fits them (:mod:`.registry` maps each
+to its estimator). :class:`HeadOptions` holds the parameters the command line sets; each head takes
+those its ``__init__`` has (:func:`~featurekit.heads.registry.make_heads`), and an option not given
+leaves each head its own default, which is the one written here (:data:`MLP`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..devices import AUTO
+from ..options import setting
+from ..views.augment import TTA_VIEWS
+
+__all__ = ["ALL", "HEAD_KINDS", "MLP", "TRAIN_HEAD", "HeadOptions", "TrainHeadSettings"]
+
+HEAD_KINDS = ("mlp", "logreg", "svm", "knn")  # --head all fits them in this order; ties keep the first fitted
+ALL = "all"
+
+
+def _batch_size(text: str) -> int | str:
+    return text if text == AUTO else int(text)
+
+
+@dataclass(frozen=True)
+class HeadOptions:
+    """Head parameters with their defaults; the MLP's are :class:`~featurekit.heads.mlp.MLPHead`'s."""
+
+    device: str = setting(AUTO, "training device of the mlp, logreg and svm heads: auto (cuda if available), cpu, "
+                          "cuda or cuda:N", given_only=True)
+    max_epochs: int = setting(50, "MLP: most epochs per candidate", flag="--epochs", given_only=True)
+    batch_size: int | str = setting(AUTO, "MLP batch size", parse=_batch_size, given_only=True,
+                                    help_default="256, 128 or 64: the largest with 16 steps per epoch")
+    hidden_sizes: tuple[int, ...] = setting((1000,), "MLP hidden layer sizes", flag="--hidden", given_only=True)
+    lr: float = setting(1e-3, "MLP Adam learning rate", given_only=True)
+    patience: int = setting(3, "MLP early stopping patience in epochs", given_only=True)
+    seed: int = setting(0, "MLP initialisation and batch order seed", given_only=True)
+
+
+MLP = HeadOptions()
+
+
+def _split_or_none(text: str) -> str | None:
+    return None if text.lower() == "none" else text
+
+
+@dataclass(frozen=True)
+class TrainHeadSettings:
+    """What train-head fits and on which splits (its Python form: :func:`~featurekit.heads.train.train_head`)."""
+
+    head: str = setting("mlp", "head kind; all: every kind, the best on validation kept", choices=(*HEAD_KINDS, ALL))
+    train_split: str = setting("train", "split to fit on")
+    valid_split: str | None = setting("valid", "split to choose hyper-parameters on and evaluate; none: no "
+                                      "validation, no selection", parse=_split_or_none)
+    augmented: bool = setting(True, "ignore the train stores' augmented views (extract --augment), to compare",
+                              flag="--no-augmented", negate=True)
+    tta: str = setting("none", "also report valid accuracy with test-time augmentation; the valid stores must hold "
+                       "those views (extract --split VALID --tta MODE)", choices=tuple(TTA_VIEWS))
+    plots: bool = setting(True, "write no PNG plots", flag="--no-plots", negate=True)
+
+
+TRAIN_HEAD = TrainHeadSettings()

@@ -1,0 +1,84 @@
+"""The package's layout is its data flow: each stage imports only from itself and the stages before it."""
+
+import ast
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+# images -> views -> store -> backbones -> extraction | heads -> finetuning -> predict -> cli
+LAYERS = {"images": 0, "views": 1, "store": 2, "backbones": 3, "extraction": 4, "heads": 4, "finetuning": 5,
+          "predict": 6, "cli": 7}
+PACKAGE = REPO / "featurekit"
+
+
+def imports(path):
+    """(line, imported featurekit module) of every import in ``path``, at the top or inside a function."""
+    module = ".".join(path.relative_to(REPO).with_suffix("").parts)
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[:len(package.split(".")) - node.level + 1]
+                base = ".".join(parts + ([node.module] if node.module else []))
+            yield node.lineno, base
+            for alias in node.names:  # `from .. import heads` imports a subpackage
+                yield node.lineno, f"{base}.{alias.name}"
+        elif isinstance(node, ast.Import):
+            yield from ((node.lineno, alias.name) for alias in node.names)
+
+
+def stage(module):
+    """The subpackage of a featurekit module, or None for the modules at the root (errors, files, ...)."""
+    parts = module.split(".")
+    return parts[1] if parts[0] == "featurekit" and len(parts) > 1 and parts[1] in LAYERS else None
+
+
+def test_no_module_imports_a_later_stage_or_a_sibling_stage():
+    wrong = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        mine = stage(".".join(path.relative_to(REPO).with_suffix("").parts))
+        for line, imported in imports(path):
+            theirs = stage(imported)
+            if not imported.startswith("featurekit") or theirs is None or theirs == mine:
+                continue
+            if mine is None and path.name not in ("__init__.py", "__main__.py"):
+                wrong.append(f"{path.relative_to(REPO)}:{line}: a root module imports {imported}")
+            elif mine is not None and LAYERS[theirs] >= LAYERS[mine]:
+                wrong.append(f"{path.relative_to(REPO)}:{line}: {mine} imports {imported}")
+    assert wrong == []
+
+
+def test_the_rule_catches_an_upward_import(tmp_path):
+    upward = PACKAGE / "store" / "_upward_probe.py"
+    upward.write_text("from ..heads import registry\n")
+    try:
+        with pytest.raises(AssertionError, match="store imports featurekit.heads"):
+            test_no_module_imports_a_later_stage_or_a_sibling_stage()
+    finally:
+        upward.unlink()
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["list-backbones"], ["info", "missing.h5"]])
+def test_the_command_line_imports_no_torch_for_help_listing_and_info(argv):
+    code = ("import sys\nfrom featurekit.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('torch', 'torchvision', 'sklearn') if m in sys.modules), file=sys.stderr)")
+    done = subprocess.run([sys.executable, "-c", code, *argv], cwd=REPO, capture_output=True, text=True)
+    assert done.stderr.strip().splitlines()[-1] == "[]", done.stderr
+
+
+def test_every_module_is_at_most_450_lines_and_the_command_line_450_in_all():
+    lengths = {path.relative_to(REPO): len(path.read_text().splitlines()) for path in PACKAGE.rglob("*.py")}
+    assert {path: n for path, n in lengths.items() if n > 450} == {}
+    assert sum(n for path, n in lengths.items() if path.parts[1] == "cli") < 450
+
+
+def test_the_library_does_not_print():
+    printing = [f"{path.relative_to(REPO)}:{node.lineno}" for path in PACKAGE.rglob("*.py")
+                if "cli" not in path.parts and path.name != "demo.py"
+                for node in ast.walk(ast.parse(path.read_text()))
+                if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "print"]
+    assert printing == []
