@@ -11,15 +11,13 @@ keeps its traceback. Options are built from the library's settings dataclasses
 from __future__ import annotations
 
 import argparse
-import contextlib
-import logging
 import os
 import sys
-import warnings
-from typing import Iterator, Sequence
+from typing import Sequence
 
 from .. import __version__
-from ..errors import FeaturekitError, FeaturekitWarning, describe_os_error, one_line
+from ..diagnostics import diagnostics
+from ..errors import FeaturekitError, describe_os_error, one_line
 from ._options import HelpFormatter
 from .extract import add_extract
 from .finetune import add_finetune
@@ -46,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        with diagnostics():
+        with diagnostics(sys.stderr):
             return args.run(args) or 0
     except KeyboardInterrupt:
         print("featurekit: interrupted; committed chunks are kept, rerun the same command to resume", file=sys.stderr)
@@ -60,50 +58,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
-@contextlib.contextmanager
-def diagnostics() -> Iterator[None]:
-    """The library's log lines and FeaturekitWarnings on stderr, one line each, while a command runs
-    (torchrun ranks other than 0 say only what is their own, ``extra={"every_rank": True}``: rank 0
-    speaks for the job)."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    logger, speaks = logging.getLogger("featurekit"), int(os.environ.get("RANK", "0")) == 0
-    handler.addFilter(lambda record: speaks or getattr(record, "every_rank", False))
-    level = logger.level
-    logger.setLevel(logging.INFO)
-    logger.addHandler(handler)
-    shown = warnings.showwarning
-
-    def show(message, category, *where, **options):
-        if not issubclass(category, FeaturekitWarning):
-            return shown(message, category, *where, **options)
-        if speaks:
-            logger.warning(f"warning: {message}")
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("always", FeaturekitWarning)
-            warnings.showwarning = show
-            yield
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="featurekit", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=HelpFormatter)
     parser.add_argument("--version", action="version", version=f"featurekit {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    add_extract(commands)
-    add_verify(commands)
-    add_info(commands)
-    add_list_backbones(commands)
-    add_train_head(commands)
-    add_convert_head(commands)
-    add_predict(commands)
-    add_neighbors(commands)
-    add_finetune(commands)
+    for add in (add_extract, add_verify, add_info, add_list_backbones, add_train_head, add_convert_head, add_predict,
+                add_neighbors, add_finetune):
+        add(commands)
     return parser
 
 

@@ -13,12 +13,9 @@ from ..views.augment import ViewPlan
 from ._options import add_backbones, command, say
 
 EPILOG = """\
-A store whose fingerprint (image files, backbone, node, weights sha256, preprocessing, decode policy,
-precision, dtype, features version) matches this run is left as it is ("up to date"). Rows are
-committed in chunks; a run killed at any moment continues from its last committed chunk when the same
-command runs again. A store or chunks made from other inputs stop the run, naming what changed, unless
---overwrite (the old store stays readable until the new one replaces it). Several machines without a
-rendezvous: --shard I/N on each (docs/scale-out.md); resume and locking: docs/reliability.md."""
+A store that matches this run (its fingerprint: files, backbone, weights, preprocessing, settings) is
+"up to date"; a killed run resumes from its last committed chunk when the same command runs again;
+stores or chunks of other inputs are refused unless --overwrite (docs/reliability.md, docs/scale-out.md)."""
 
 
 def add_extract(commands) -> None:

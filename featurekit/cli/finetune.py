@@ -9,12 +9,10 @@ from ..options import add_settings, from_args, weights_path_parent
 from ._options import command, say
 
 EPILOG = """\
-regimes (docs/finetune.md): --unfreeze none: the trunks stay as they are, the classifier trains on
-augmented images; --unfreeze layer4: every module from layer4 on trains too (_blocks.15, features.28,
-blocks.10, ...); --unfreeze all: the whole trunk; STORE=NODE sets one backbone of a multi-backbone head.
-outputs (--out, default: the head's folder/finetuned): model.json (+ model.pt, trunks/) for predict
---head OUT; trunks/<store>.pt for extract --weights-path; report.json, report.md and plots;
-checkpoint.pt after every epoch: the same command continues a killed run from its last epoch."""
+--unfreeze: none (the classifier trains on augmented images), a module (layer4, _blocks.15, blocks.10:
+it and what follows train too), all, or STORE=NODE for one backbone. Writes model.json (predict --head
+OUT), trunks/<store>.pt (extract --weights-path), reports, and checkpoint.pt after every epoch: the same
+command continues a killed run (docs/finetune.md)."""
 
 
 def add_finetune(commands) -> None:

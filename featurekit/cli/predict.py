@@ -10,18 +10,13 @@ from ..options import add_settings, from_args, parent, weights_path_parent
 from ..predict.settings import PredictOptions
 from ._options import add_backbones, command, say
 
-PREDICT_EPILOG = """\
-what PATH may be: an image file; a labelled folder <class>/<image> whose subfolders are all classes of
-the head (such as data/valid): listed as extract lists a split, accuracy printed and a report written
-beside --out (OUT.report.md, OUT.report.json, OUT.confusion_matrix.png); any other folder: the images
-directly in it (subfolders are not searched, and are named on stderr)."""
-
 
 def add_predict(commands) -> None:
     p = command(commands, "predict", "classify images with a trained head, re-extracting their features",
-                epilog=PREDICT_EPILOG, parents=[parent(RunSettings, "device", "batch_size", "num_workers", "progress"),
+                parents=[parent(RunSettings, "device", "batch_size", "num_workers", "progress"),
                                                 weights_path_parent()])
-    p.add_argument("paths", nargs="+", metavar="PATH", help="image files, or folders of them (see below)")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files; folders: the images directly in them, or "
+                   "a labelled folder <class>/<image> of the head's classes (accuracy and a report beside --out)")
     p.add_argument("--head", required=True, type=Path, help="head.h5 written by train-head, model.json written by "
                                                             "finetune, or the folder holding one of them")
     p.add_argument("--out", default="predictions.csv", help="CSV file (and OUT.json beside it: how the features "
@@ -41,12 +36,8 @@ def run_predict(args) -> int:
 
 
 NEIGHBORS_EPILOG = """\
-examples:
-  featurekit neighbors --head features/heads/logreg-efficientnet_lite0 --sheet worst.png
-      each validation image the head gets wrong, worst first, with its nearest training images
-  featurekit neighbors --features features --backbone efficientnet_lite0 --image photo.jpg
-      the training images nearest to photo.jpg
-nearness: cosine similarity of features standardised with the training split's mean and std."""
+e.g. neighbors --head HEAD --sheet worst.png: the head's mistakes, worst first, with their nearest
+training images; neighbors --features DIR --backbone NAME --image photo.jpg: the images nearest to it."""
 
 
 def add_neighbors(commands) -> None:
