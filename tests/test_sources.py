@@ -289,3 +289,39 @@ def test_a_wrong_hf_preprocessing_is_detected(hf_folders, images):
     rounded = inputs(dataclasses.replace(right, crop_mode="center"), images[1][photo:photo + 1])
     assert not torch.equal(rounded, x[photo:photo + 1])
     assert torch.equal(inputs(right, images[1][photo:photo + 1]), x[photo:photo + 1])
+
+
+# --------------------------------------------------------------------------- on CUDA
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_features_follow_the_cpu_ones(images, hf_folders, tiny_open_clip, tmp_path, capsys):
+    """The same backbones on CUDA, from JPEG files: PIL views + fp32 (kernels differ from the CPU's),
+    nvJPEG decoding with the views cut on the GPU (squashed, bordered, non-square, float views), bf16."""
+    from featurekit.images.decode import DecodePolicy
+
+    jpegs = []
+    for path, image in zip(*images):
+        jpegs.append(str(tmp_path / (path.rsplit("/", 1)[1][:-4] + ".jpg")))
+        image.save(jpegs[-1], quality=95)
+    runs = {"cuda fp32": {"precision": "fp32"}, "cuda nvjpeg fp32": {"precision": "fp32", "decode": "torchvision"},
+            "cuda bf16": {"precision": "bf16"}}
+    bounds = {"cuda fp32": 1e-2, "cuda nvjpeg fp32": 5e-2, "cuda bf16": 5e-2}
+    cases = {
+        "timm squash": load_backbone("timm:test_vit", "random", model_kwargs=TIMM_CASES["squash"][1]),
+        "timm border": load_backbone("timm:test_vit", "random", model_kwargs=TIMM_CASES["border"][1]),
+        "timm non-square": load_backbone("timm:test_vit", "random", model_kwargs=TIMM_CASES["non-square"][1]),
+        "open_clip siglip tag": load_backbone("open_clip:fk-tiny-ViT/webli", "random"),
+        "hf dinov2": load_backbone(f"hf:{hf_folders['dinov2']}"),
+        "hf dinov3 float views": load_backbone(f"hf:{hf_folders['dinov3']}"),
+    }
+    for name, backbone in cases.items():
+        cpu = embed(jpegs, backbone, settings=FP32)
+        for run, options in runs.items():
+            decode = DecodePolicy(backend=options.get("decode", "pil"))
+            settings = dataclasses.replace(FP32, device="cuda", precision=options["precision"], decode=decode)
+            error = relative_error(embed(jpegs, backbone, settings=settings), cpu)
+            with capsys.disabled():
+                print(f"{name:22s} {run:18s} relative error vs CPU fp32: {error:.2e}")
+            assert error < bounds[run], (name, run, error)

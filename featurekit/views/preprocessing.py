@@ -37,7 +37,7 @@ pipeline that rescales before it resizes (HF DINOv3: no uint8 view reproduces it
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 
 import torch
 from PIL import Image
@@ -239,10 +239,6 @@ class Preprocessing:
             return (pixels - mean * (1.0 / self.rescale)) / (std * (1.0 / self.rescale))
         scaled = pixels / 255.0 if self.rescale == 1 / 255 else pixels * self.rescale  # ToTensor's arithmetic
         return (scaled - mean) / std
-
-    def with_size(self, crop_size: Size, resize_size: Size) -> "Preprocessing":
-        """The same pipeline to other sizes (a model built for another input size)."""
-        return replace(self, crop_size=crop_size, resize_size=resize_size)
 
 
 # to_dict records every field up to this one, and the later ones only where they differ from their defaults
