@@ -138,7 +138,8 @@ class TrunkRunner:
         self.settings = settings = dataclasses.replace(settings, dtype=storage_dtype(settings.dtype, backbones))
         self.device = torch.device(settings.device)
         if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)  # events, streams and pinned copies follow the current device
+            if self.device.index is not None:  # "cuda" is the current device; torch 2.11 refuses it without an index
+                torch.cuda.set_device(self.device)  # events, streams and pinned copies follow the current device
             torch.backends.cudnn.benchmark = True  # fixed input shapes: autotune each conv once
         self.backbones = list(backbones)
         names = [b.store_name for b in self.backbones]
