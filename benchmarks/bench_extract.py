@@ -138,6 +138,7 @@ def phase_featurekit(args) -> dict:
 
     from featurekit.extraction.engine import extract
     from featurekit.extraction.settings import ExtractSettings
+    from featurekit.images.decode import DecodePolicy
 
     device = _device(args.device)
     started = time.perf_counter()
@@ -145,7 +146,7 @@ def phase_featurekit(args) -> dict:
     # float32 storage: random-weight ResNet152 activations overflow float16 (real weights do not)
     settings = ExtractSettings(device=str(device), precision=args.precision, batch_size=args.batch_size,
                                num_workers=args.workers, compile=args.compile, progress=False, dtype="float32",
-                               chunk_size=max(args.batch_size * 4, 512))
+                               chunk_size=max(args.batch_size * 4, 512), decode=DecodePolicy(backend=args.decoder))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     extract_started = time.perf_counter()
@@ -257,7 +258,7 @@ def run_phase(name: str, args, data: Path, scratch: Path) -> dict:
     command = [sys.executable, __file__, "--phase", name, "--data", str(data), "--scratch", str(scratch),
                "--device", args.device, "--batch-size", str(args.batch_size), "--workers", str(args.workers),
                "--precision", args.precision, "--bound-images", str(args.bound_images), "--backbones", *args.backbones,
-               "--model-kwargs", args.model_kwargs or ""]
+               "--model-kwargs", args.model_kwargs or "", "--decoder", args.decoder]
     if args.compile:
         command.append("--compile")
     scratch.mkdir(parents=True, exist_ok=True)
@@ -285,6 +286,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, help="default: 8 on CPU, 256 on CUDA")
     parser.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--decoder", default="auto", help="featurekit decoder: auto (nvJPEG on CUDA), pil, torchvision")
     parser.add_argument("--bound-images", type=int, default=0, help="images for the bound (default: --images)")
     parser.add_argument("--precision-images", type=int, default=0,
                         help="images for the bf16/fp32 check (default: min(512, images))")

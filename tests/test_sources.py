@@ -307,7 +307,9 @@ def test_cuda_features_follow_the_cpu_ones(images, hf_folders, tiny_open_clip, t
         image.save(jpegs[-1], quality=95)
     runs = {"cuda fp32": {"precision": "fp32"}, "cuda nvjpeg fp32": {"precision": "fp32", "decode": "torchvision"},
             "cuda bf16": {"precision": "bf16"}}
-    bounds = {"cuda fp32": 1e-2, "cuda nvjpeg fp32": 5e-2, "cuda bf16": 5e-2}
+    # nvJPEG decodes and the GPU resizes (float kernels, rounded): grey levels apart from PIL, up to ~20 on the
+    # strip squashed across its axes; these images are made to show such differences (measured on an H200: 5e-2)
+    bounds = {"cuda fp32": 1e-3, "cuda nvjpeg fp32": 0.25, "cuda bf16": 5e-2}
     cases = {
         "timm squash": load_backbone("timm:test_vit", "random", model_kwargs=TIMM_CASES["squash"][1]),
         "timm border": load_backbone("timm:test_vit", "random", model_kwargs=TIMM_CASES["border"][1]),
