@@ -224,3 +224,32 @@ def test_the_store_identity_of_a_torchvision_backbone_has_no_source(run):
         '{"backbone": "resnet18", "decode": {}, "dtype": "float32", "features_version": 2, "node": "flatten", '
         '"precision": "fp32", "preprocessing": {}, "weights_sha256": "ab"}')
     assert StoreIdentity.from_dict({**identity.to_dict(), "source": {"pool": "cls"}}).source == {"pool": "cls"}
+
+
+def test_a_graph_that_does_not_trace_is_one_line(monkeypatch):
+    import timm.models
+
+    def untraceable(model):
+        raise TypeError("symbolically traced variables cannot be used as inputs to control flow\nmore")
+
+    monkeypatch.setattr(timm.models, "get_graph_node_names", untraceable)
+    with pytest.raises(BackboneError, match=r"timm:test_resnet: --node needs the model's graph, which cannot be "
+                                            r"traced \(symbolically traced variables .*\); take --pool instead$"):
+        load_backbone("timm:test_resnet", "random", node="layer3")
+
+
+def test_hf_weights_from_a_save_pretrained_folder(tmp_path):
+    """--weights-path FOLDER: the model named as on the Hub, its config, processor and weights from the folder."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    T.Dinov2Model(T.Dinov2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                                 patch_size=16, image_size=32)).save_pretrained(tmp_path / "dino")
+    T.BitImageProcessor(size={"shortest_edge": 36}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        tmp_path / "dino")
+    named = load_backbone("hf:facebook/dinov2-small", weights_path=str(tmp_path / "dino"))
+    folder = load_backbone(f"hf:{tmp_path / 'dino'}")
+    assert (named.name, named.weights.name, named.weights.source) == (
+        "hf:facebook/dinov2-small", "file:dino", str(tmp_path / "dino"))
+    assert named.weights.sha256 == folder.weights.sha256 and named.preprocessing == folder.preprocessing
+    assert folder.name == f"hf:{tmp_path / 'dino'}" and folder.source["model"] == str(tmp_path / "dino")
