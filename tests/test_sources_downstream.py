@@ -113,7 +113,7 @@ def test_views_of_squashed_bordered_and_non_square_preprocessings(tmp_path):
     floats = dataclasses.replace(squash, resampler="torch", view_dtype="float32")
     assert "views are float32" in ViewPlan(augment=1).refusal(floats)
     torch_resized = dataclasses.replace(squash, resampler="torch")  # the GPU-decode path's view, on the CPU
-    assert torch.equal(torch_resized.view_tensor(torch.from_numpy(np.asarray(image)).permute(2, 0, 1)),
+    assert torch.equal(torch_resized.view_tensor(torch.from_numpy(np.array(image)).permute(2, 0, 1)),
                        torch_resized.view(image))
     from featurekit.views.loader import ViewDataset
 

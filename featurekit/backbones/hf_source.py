@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..errors import BackboneError, WeightsError
+from ..store.format import RANDOM
 from ..views.preprocessing import Preprocessing, pair
 from .registry import import_source
 from .sources import (
@@ -102,7 +103,7 @@ def build(name: str, spec: str, weights: str, weights_path: str | None, node: st
         model = seed_random(lambda: _from_config(transformers, config, attention))
         info = load_file(model, weights_path)
         missing = list(info.report.missing)
-    elif weights == "random" and not folder:
+    elif weights == RANDOM and not folder:
         model = seed_random(lambda: _from_config(transformers, config, attention))
         info, missing = random_info(model), []
     else:

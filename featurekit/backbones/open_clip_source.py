@@ -21,6 +21,7 @@ from torch import nn
 from torch.nn import functional as TF
 
 from ..errors import BackboneError
+from ..store.format import RANDOM
 from ..views.preprocessing import Preprocessing
 from .registry import import_source
 from .sources import (
@@ -117,14 +118,14 @@ def build(name: str, spec: str, weights: str, weights_path: str | None, node: st
         raise BackboneError(f"{name}: open_clip has no model {model_name!r}" + (
             f" (did you mean {', '.join(close)}?)" if close else "; list-backbones --source open_clip lists them"))
     tags = open_clip.list_pretrained_tags_by_model(model_name)
-    if (tag and tag not in tags) or (not tag and weights != "random" and not weights_path):
+    if (tag and tag not in tags) or (not tag and weights != RANDOM and not weights_path):
         problem = f"open_clip has no tag {tag!r} for {model_name}" if tag else "pretrained weights need a tag"
         raise BackboneError(f"{name}: {problem}: open_clip:{model_name}/<pretrained> (its tags: "
                             f"{', '.join(tags) or 'none'})")
     force_preprocess, quick_gelu = tag_preprocess(model_name, tag) if tag else ({}, False)
     # open_clip only warns when a tag trained with QuickGELU (openai) meets a config without it
     common = dict(force_quick_gelu=quick_gelu, force_preprocess_cfg=force_preprocess)
-    if weights_path or weights == "random":
+    if weights_path or weights == RANDOM:
         model = seed_random(lambda: open_clip.create_model(model_name, pretrained=None, **common))
         info = (load_file(model.visual, weights_path, unwrap_prefix("visual.")) if weights_path
                 else random_info(model.visual))

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from ..errors import BackboneError, WeightsError, first_line
+from ..store.format import RANDOM
 from ..views.preprocessing import Preprocessing
 from .registry import POOLS, BackboneSpec, split_source
 from .trunks import Backbone
@@ -68,7 +69,7 @@ def load_source(name: str, weights: str, weights_path: str | None, node: str | N
         raise BackboneError(f"{name}: give --node or --pool, not both")
     if model_kwargs and source != "timm":
         raise BackboneError(f"{name}: model arguments are taken by timm: backbones only")
-    if weights not in (*PRETRAINED_NAMES, "random") and not weights_path:
+    if weights not in (*PRETRAINED_NAMES, RANDOM) and not weights_path:
         raise WeightsError(f"{name}: unknown weights {weights!r} (DEFAULT: the library's pretrained ones, random, or "
                            "--weights-path; the model name chooses which pretrained ones)")
     builder = {"timm": timm_source.build, "open_clip": open_clip_source.build, "hf": hf_source.build}[source]
@@ -172,18 +173,21 @@ def from_cache_or_hub(name: str, load: Callable[[], object], host: str, where: s
     constants.HF_HUB_OFFLINE = True  # huggingface_hub reads this constant on every request
     try:
         return load()
-    except Exception as error:
+    except _MISSING as error:  # the Hub's and torch.hub's "not there" (OSError), open_clip's RuntimeError
         missed = first_line(error)
     finally:
         constants.HF_HUB_OFFLINE = forced
     if not forced and _answers(host):
         try:
             return load()
-        except Exception as error:
+        except _MISSING as error:
             missed = first_line(error)
     offline = "offline (HF_HUB_OFFLINE is set)" if forced else f"{host} cannot be reached"
     raise WeightsError(f"{name}: its pretrained weights are not in the local cache and {offline} ({missed[:120]}): "
                        f"{where}; or pass --weights-path FILE, or --weights random for a smoke run")
+
+
+_MISSING = (OSError, RuntimeError, ValueError)  # what the libraries raise for weights they cannot get
 
 
 def _answers(host: str) -> bool:

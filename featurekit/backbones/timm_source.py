@@ -21,6 +21,7 @@ import sys
 from torch import nn
 
 from ..errors import BackboneError
+from ..store.format import RANDOM
 from ..views.preprocessing import Preprocessing
 from .registry import import_source
 from .sources import (
@@ -80,7 +81,7 @@ def build(name: str, spec: str, weights: str, weights_path: str | None, node: st
         size = kwargs["img_size"]
         overlay = {"input_size": (3, *((size, size) if isinstance(size, int) else size))}
         kwargs["pretrained_cfg_overlay"] = {**overlay, **kwargs.get("pretrained_cfg_overlay", {})}
-    if weights_path or weights == "random":
+    if weights_path or weights == RANDOM:
         model = seed_random(lambda: timm.create_model(spec, pretrained=False, **kwargs))
         info = load_file(model, weights_path, _checkpoint_filter(model)) if weights_path else random_info(model)
     else:
