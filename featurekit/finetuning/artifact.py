@@ -33,7 +33,8 @@ import sklearn
 import torch
 from torch import nn
 
-from ..backbones.trunks import Backbone, load_backbone
+from ..backbones.rebuild import load_recorded
+from ..backbones.trunks import Backbone
 from ..errors import HeadFileError, first_line
 from ..files import atomic_output, atomic_write, file_sha256
 from ..heads.base import Head
@@ -108,7 +109,8 @@ def save_model(out_dir: Path, model: FinetuneModel, backbones: Sequence[Backbone
             with atomic_output(path) as temporary:
                 torch.save(model.trunk_state(index), temporary)
             written.append(path)
-            weights = load_backbone(backbone.name, "DEFAULT", str(path), backbone.node).weights  # as extract will
+            weights = load_recorded(backbone.name, backbone.node, backbone.source, "DEFAULT",
+                                    str(path)).weights  # as extract will
             record.update(weights=weights.name, weights_sha256=weights.sha256, weights_source=str(path.resolve()),
                           trunk_file=f"trunks/{path.name}", trunk_file_sha256=file_sha256(path))
         records.append(record)
