@@ -17,6 +17,8 @@ Phases, each in its own subprocess so peak memory is its own:
 (b) featurekit  ``featurekit.extract`` with its defaults for the device (bf16 + nvJPEG on CUDA).
 (c) bound    the same trunks prepared the same way (``prepare_trunk``), on device-resident
              tensors: forward only.
+(d) decode   (``--phases decode``) featurekit's loader and views alone, no trunk: what (b) waits
+             for when it is far below (c).
 
 Also: (b) again on half the images (peak memory must not grow with the data set), and (b) in
 fp32 on a subset to give the relative difference of bf16 features. All trunks use seeded random
@@ -194,6 +196,30 @@ def phase_bound(args) -> dict:
     return {"seconds": seconds, "images": steps * args.batch_size}
 
 
+def phase_decode(args) -> dict:
+    """Decoding and views alone: featurekit's loader and, on CUDA, nvJPEG and the views cut on the GPU,
+    no trunk. Where (b) is far below (c), this says whether decoding is what it waits for."""
+    from featurekit.backbones.runner import device_views
+    from featurekit.backbones.settings import RunSettings
+    from featurekit.images.decode import DecodePolicy
+    from featurekit.images.listing import list_split
+    from featurekit.views.loader import ViewDataset, iterate_views
+
+    device = _device(args.device)
+    settings = RunSettings(device=str(device), batch_size=args.batch_size, num_workers=args.workers,
+                           decode=DecodePolicy(backend=args.decoder)).resolved()
+    preprocessings = {b.preprocessing.key: b.preprocessing for b in (_load(name, args) for name in args.backbones)}
+    listing = list_split(args.data, "train")
+    dataset = ViewDataset(listing.files(), list(preprocessings.values()), settings.decode)
+    started, images = time.perf_counter(), 0
+    for batch in iterate_views(dataset, [(0, len(listing))], settings.batch_size, settings.num_workers,
+                               pin_memory=device.type == "cuda"):
+        device_views(batch, device, preprocessings, settings.decode)
+        images += len(batch.indices)
+    _sync(device)
+    return {"seconds": time.perf_counter() - started, "images": images}
+
+
 def phase_bare(args) -> dict:
     """A bare timm loop over the same images, decoded and transformed to tensors first (not timed)."""
     import timm
@@ -251,7 +277,7 @@ def phase_precision(args) -> dict:
 
 
 PHASES = {"recipe": phase_recipe, "featurekit": phase_featurekit, "bound": phase_bound, "bare": phase_bare,
-          "precision": phase_precision}
+          "precision": phase_precision, "decode": phase_decode}
 
 
 def run_phase(name: str, args, data: Path, scratch: Path) -> dict:
