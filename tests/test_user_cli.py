@@ -167,8 +167,9 @@ def test_images_directly_in_the_root(tmp_path, capsys):
 def test_class_folders_without_a_split_level(tmp_path, capsys):
     root = write_image_folder(tmp_path, {"hym": {"ants": 1, "bees": 1}}) / "hym"
     assert _extract_error(capsys, root).endswith(f"{root} has 2 folders holding images directly: ants, bees: class "
-                                                 f"folders without a split level; move them to {root}/<split>/, e.g. "
-                                                 f"{root}/train/<class>/<image> and {root}/valid/<class>/<image>")
+                                                 "folders without a split level; cut train and valid from them "
+                                                 f"(featurekit extract {root} --valid-fraction 0.2) or move them to "
+                                                 f"{root}/<split>/<class>/<image>")
     split_given = write_image_folder(tmp_path / "data", {"train": {"ants": 1}}) / "train"
     assert _extract_error(capsys, split_given).endswith(
         f"it is a split folder; give the folder above it (featurekit extract {tmp_path / 'data'} --split train)")
