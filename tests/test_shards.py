@@ -7,9 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import TINY_RUN, committed_chunks, error_lines, make_folder, run_cli
 
 from featurekit.errors import DataError
+from featurekit.images.decode import decode_image
 from featurekit.images.shards import is_shard_pattern, list_shards
 from featurekit.store.format import read_store
 
@@ -131,3 +133,33 @@ def test_bad_samples_follow_on_error(tmp_path, capsys):
     assert store.paths == ["s.tar/x", "s.tar/w"]
     assert store.skipped == [("s.tar/y", "no image member in sample y of s.tar"),
                              ("s.tar/z", "not an image PIL can identify")]
+
+
+def test_shards_that_fsspec_opens_read_alike(tmp_path):
+    fsspec = pytest.importorskip("fsspec")
+    data = make_folder(tmp_path / "d", per_class={"a": 2})
+    images = sorted((data / "train" / "a").glob("*.jpg"))
+    for index, image in enumerate(images):
+        local = write_shard(tmp_path / f"s-{index}.tar", [{f"k{index}.jpg": image.read_bytes(), f"k{index}.cls": b"a"}])
+        fsspec.filesystem("memory").pipe(f"/featurekit-test/s-{index}.tar", local.read_bytes())
+    remote = list_shards("memory://featurekit-test/s-{0..1}.tar", "s")
+    local = list_shards(f"file://{tmp_path}/s-{{0..1}}.tar", "s")
+    assert [r.path for r in remote.records] == [r.path for r in local.records] == ["s-0.tar/k0", "s-1.tar/k1"]
+    assert remote.data_root == "memory://featurekit-test" and remote.source["location"] == remote.data_root
+    for (member, _), image in zip(remote.files(), images):
+        assert np.array_equal(np.asarray(decode_image(member)), np.asarray(decode_image(image)))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("decoder", ["torchvision", "pil"])  # torchvision: tar members through batched nvJPEG
+def test_shards_and_a_folder_give_equal_rows_on_cuda(both, tmp_path, capsys, decoder):
+    data, pattern = both
+    on_cuda = ["--device", "cuda", "--decoder", decoder, "--precision", "fp32"]
+    for source, out in ((data, "folder"), (pattern, "shards")):
+        run = run_cli(capsys, "extract", source, "--split", "train", "--out", tmp_path / out, *TINY_RUN, *ONE_BATCH,
+                      *on_cuda)
+        assert run.code == 0, run.err
+    folder, shards = (read_store(tmp_path / out / "train" / "resnet18.h5") for out in ("folder", "shards"))
+    assert shards.header.decode["backend"] == folder.header.decode["backend"] == decoder
+    np.testing.assert_array_equal(shards.features, folder.features)

@@ -44,8 +44,9 @@ def test_predict_out_dash_writes_the_csv_to_stdout_with_progress_and_timing_on_s
 
 
 @pytest.mark.parametrize("option, message", [
-    (["--format", "kaggle"], "--format kaggle needs a two-class head; this one has 3 classes (ant, bee, wasp)"),
-    (["--topk", "4"], "--topk 4: the head has 3 classes (give 1 to 3)"),
+    (["--format", "kaggle-proba"], "--format kaggle-proba writes the probability of a two-class head's second class; "
+                                   "this one has 3 classes (ant, bee, wasp): use --format kaggle (class names)"),
+    (["--topk", "0"], "--topk 0: give 1 or more"),
 ])
 def test_an_output_the_head_cannot_fill_fails_before_any_image_is_read(head3, capsys, tmp_path, monkeypatch,
                                                                         option, message):

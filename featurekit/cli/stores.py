@@ -1,4 +1,4 @@
-"""``featurekit verify``, ``info``, ``du``, ``clean`` and ``list-backbones``."""
+"""``featurekit verify``, ``info``, ``du``, ``clean``, ``export`` and ``list-backbones``."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ from pathlib import Path
 
 from ..cache.settings import CleanSettings
 from ..options import add_settings, from_args
-from ._options import command, say
+from ..store.settings import ExportSettings
+from ._options import add_backbones, command, say
 
 PATHS = "stores (OUT/<split>/<backbone>.h5), head files, fine-tuned model folders, or folders holding them"
 
@@ -51,6 +52,24 @@ def add_housekeeping(commands) -> None:
                    "head files and model.json files to remove")
     add_settings(p, CleanSettings)
     p.set_defaults(run=lambda args: say(_cache().clean(args.paths, from_args(CleanSettings, args))))
+
+
+def add_export(commands) -> None:
+    p = command(commands, "export", "write a split's features as parquet or npy for other tools (pandas, polars, "
+                "HF datasets, Ray Data, clip-retrieval)")
+    p.add_argument("features_dir", metavar="FEATURES_DIR", type=Path, help="extract's --out folder")
+    p.add_argument("--split", required=True, help="the split to export")
+    add_backbones(p, "stores to concatenate, in this order (backbone, or backbone@node)")
+    p.add_argument("--out", required=True, type=Path, help="parquet file, or npy folder")
+    add_settings(p, ExportSettings)
+    p.set_defaults(run=run_export)
+
+
+def run_export(args) -> int:
+    from ..store.export import export
+
+    say(export(args.features_dir, args.split, args.backbone, args.out, from_args(ExportSettings, args)))
+    return 0
 
 
 def _cache():

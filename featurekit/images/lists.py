@@ -1,7 +1,7 @@
 """A list of image files as a split: a text file of paths, or a CSV with ``path[,label]`` columns.
 
 - text: one path per line; blank lines and lines starting with ``#`` are skipped;
-- CSV (a ``.csv`` file, or standard input whose first line is a header naming a ``path`` column):
+- CSV (a ``.csv`` file, or standard input whose first line is a CSV header, with a comma, naming ``path``):
   a header row with a ``path`` column and, optionally, a ``label`` column (class names: every row
   has one, or the list is unlabelled).
 
