@@ -75,6 +75,8 @@ def test_predict_refuses_a_store_of_other_features(cached, tmp_path, capsys):
         predict_store(head_file, tmp_path / "features", "test")
     run = run_cli(capsys, "predict", "--head", head_file, "--features", tmp_path / "features", "--out", tmp_path / "p")
     assert run.code == 1 and "--features needs --split" in error_lines(run.err)[0]
+    nothing = run_cli(capsys, "predict", "--head", head_file, "--out", tmp_path / "p")
+    assert nothing.code == 1 and "nothing to classify: give image files" in error_lines(nothing.err)[0]
 
 
 # --------------------------------------------------------------------------- predict's formats

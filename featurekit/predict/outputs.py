@@ -176,6 +176,9 @@ def predict_to(head: str | os.PathLike | Classifier, paths: str | os.PathLike | 
         if paths:
             raise SettingsError("give image files or --features FEATURES --split SPLIT (stores), not both")
         predictions = predict_store(classifier, options.features, options.split, options.precision, options.tta)
+    elif not paths:
+        raise SettingsError("nothing to classify: give image files or folders, @LIST or --list FILE, or the stores "
+                            "of a split: --features FEATURES --split SPLIT")
     else:
         predictions = predict_files(classifier, paths, settings, weights_paths, options.precision, options.tta)
     if not predictions.paths:
