@@ -86,6 +86,16 @@ def atomic_output(path: str | os.PathLike, what: str = "cannot write", hint: str
         raise
 
 
+def check_output_path(path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """``path`` as an output that may be written: the one check every output of export and predict passes
+    before any work (rules on what an output may replace belong here). An existing file is refused
+    unless ``overwrite``; it then stays whole until :func:`atomic_output` renames its successor over it."""
+    path = Path(path)
+    if (path.exists() or path.is_symlink()) and not overwrite:
+        raise WriteError(f"{path}: exists; pass --overwrite to replace it")
+    return path
+
+
 def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
     """Write ``data`` to ``path`` through :func:`atomic_output`."""
     with atomic_output(path) as temporary:
@@ -165,6 +175,23 @@ class FileLock:
             return False
         opened = os.fstat(descriptor)
         return (current.st_dev, current.st_ino) == (opened.st_dev, opened.st_ino)
+
+
+def lock_holder(path: str | os.PathLike) -> str | None:
+    """Who holds the :class:`FileLock` at ``path``: its pid as the holder wrote it, or None when no process
+    holds it (the file is a leftover, or absent). Only looks: the file is neither created nor removed."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(descriptor, fcntl.LOCK_UN)
+        return None
+    except BlockingIOError:
+        return os.read(descriptor, 64).decode(errors="replace").strip() or "?"
+    finally:
+        os.close(descriptor)
 
 
 def file_sha256(path: str | os.PathLike) -> str:

@@ -129,7 +129,11 @@ def search(head: str | os.PathLike | Classifier | None = None, features_dir: str
     features_dir = Path(features_dir)
     stores = list(backbones or record.store_names)
     split = split or getattr(record, "train_split", "train")
-    gallery = Gallery(load_features(features_dir, split, stores))
+    searched = load_features(features_dir, split, stores)
+    if searched.labels is None:
+        raise SettingsError(f"{searched.stores[0].path}: an unlabelled split; neighbours are shown with their classes: "
+                            "search a labelled split (--split)")
+    gallery = Gallery(searched)
     warn_random([info.store_name for info in gallery.train.stores if info.header.weights == RANDOM])
     about = {"features_dir": str(features_dir), "stores": stores, "split": split,
              "head": str(classifier.path) if classifier else ""}
@@ -183,6 +187,8 @@ def misclassified_queries(gallery: Gallery, classifier: Classifier, features_dir
     """The validation images ``classifier`` gets wrong, worst first; returns (queries, validation rows scored)."""
     classes = classifier.record.classes
     valid = load_features(features_dir, valid_split, classifier.record.store_names)
+    if valid.labels is None:
+        raise SettingsError(f"{valid.stores[0].path}: an unlabelled split has no mistakes to show; give --image")
     check_same_extraction(gallery.train, valid)
     names = [valid.classes[label] for label in valid.labels]
     scored = [i for i, name in enumerate(names) if name in classes]

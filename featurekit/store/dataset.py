@@ -59,15 +59,16 @@ class StoreInfo:
 class FeatureSet:
     """One split of several backbones' features, rows aligned.
 
-    ``features``: float32[N, C]; ``labels``: int64[N] indices into ``classes``; ``paths``: N paths
-    relative to ``<root>/<split>``; ``stores``: where each backbone's columns are in ``features``;
-    ``columns``: int64[C], which columns of the full concatenation (sum D) ``features`` holds;
+    ``features``: float32[N, C]; ``labels``: int64[N] indices into ``classes`` (None for an unlabelled
+    split: no classes); ``paths``: N paths relative to ``<root>/<split>``; ``stores``: where each
+    backbone's columns are in ``features``; ``columns``: int64[C], which columns of the full
+    concatenation (sum D) ``features`` holds;
     ``views``: the view datasets asked for (``features_aug``, ``features_tta``), float32[N, views, C].
     """
 
     split: str
     features: np.ndarray
-    labels: np.ndarray
+    labels: np.ndarray | None
     paths: list[str]
     classes: list[str]
     stores: list[StoreInfo]
@@ -75,7 +76,7 @@ class FeatureSet:
     views: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
     def __len__(self) -> int:
-        return len(self.labels)
+        return len(self.paths)
 
 
 def store_files(features_dir: str | os.PathLike, split: str, store_names: Sequence[str]) -> list[Path]:
@@ -125,7 +126,9 @@ def check_alignment(store_names: Sequence[str], contents: Sequence[StoreContents
             row = _first_difference(store.paths, reference.paths)
             raise AlignmentError(f"{where}: {len(store.paths)} vs {len(reference.paths)} rows, "
                                  f"first differing row {row}: {_at(store.paths, row)} vs {_at(reference.paths, row)}")
-        if not np.array_equal(store.labels, reference.labels):
+        if (store.labels is None) != (reference.labels is None):
+            raise AlignmentError(f"{where}: one is labelled, the other not (images without classes)")
+        if store.labels is not None and not np.array_equal(store.labels, reference.labels):
             row = int(np.flatnonzero(store.labels != reference.labels)[0])
             raise AlignmentError(f"{where}: {len(store.labels)} rows, first differing label at row {row} "
                                  f"({store.paths[row]}): {store.classes[store.labels[row]]!r} vs "
@@ -161,7 +164,7 @@ def load_features(features_dir: str | os.PathLike, split: str, store_names: Sequ
     """
     headers, full = _checked_stores(features_dir, split, store_names, verify)
     chosen = _columns(columns, full[-1].columns.stop)
-    held, n = headers[0].header.extra_datasets, len(headers[0].labels)
+    held, n = headers[0].header.extra_datasets, len(headers[0].paths)
     for name in views:
         if name not in held:
             raise StoreError(f"{full[0].path}: no {name} (held: {', '.join(held) or 'none'}); "
@@ -177,8 +180,8 @@ def load_features(features_dir: str | os.PathLike, split: str, store_names: Sequ
                 _read_columns(info.path, local, out[..., position:position + len(local)], name)
         position += len(local)
     first = headers[0]
-    return FeatureSet(split, features, first.labels.astype(np.int64), first.paths, first.classes, stores, chosen,
-                      loaded)
+    labels = first.labels.astype(np.int64) if first.labels is not None else None
+    return FeatureSet(split, features, labels, first.paths, first.classes, stores, chosen, loaded)
 
 
 def _columns(columns: slice | Sequence[int] | None, total: int) -> np.ndarray:
@@ -244,6 +247,9 @@ class FeatureDataset(Dataset):
 
     def __init__(self, features_dir: str | os.PathLike, split: str, store_names: Sequence[str], verify: bool = True):
         headers, self.stores = _checked_stores(features_dir, split, store_names, verify)
+        if headers[0].labels is None:
+            raise StoreError(f"{self.stores[0].path}: an unlabelled store (images without classes) has no labels to "
+                             "pair rows with; read its features with featurekit.load")
         self.split = split
         self.labels = headers[0].labels.astype(np.int64)
         self.paths = headers[0].paths

@@ -171,6 +171,9 @@ class StoreHeader(StoreIdentity):
     n_listed: int
     versions: dict
     created: str = ""
+    # The rule that listed the rows when they are not root/<split>/<class>/<image> (images.sources: a cut
+    # class folder, a file list, WebDataset shards); recorded only then, so a split folder's store is as before.
+    listing_rule: dict | None = None
 
     def backbone_record(self, store_name: str, **extra) -> BackboneRecord:
         """What a consumer of these features records to rebuild the trunk that made them (``extra``:
@@ -184,7 +187,8 @@ class StoreHeader(StoreIdentity):
         return {PLAIN: (rows, self.feature_dim), **views}
 
     def to_dict(self) -> dict:
-        return self._recorded(dataclasses.asdict(self))
+        values = self._recorded(dataclasses.asdict(self))
+        return values if self.listing_rule is not None else {k: v for k, v in values.items() if k != "listing_rule"}
 
     def to_attrs(self) -> dict:
         """HDF5 attributes: dict fields as JSON, the rest as they are."""
@@ -224,12 +228,13 @@ def fingerprint(identity: StoreIdentity, listing_digest: str) -> str:
 
 @dataclass
 class StoreContents:
-    """A whole store in memory. ``features``: float16|float32 [N, D]; ``labels``: int64[N]."""
+    """A whole store in memory. ``features``: float16|float32 [N, D]; ``labels``: int64[N], or None in an
+    unlabelled store (images without classes: no ``labels`` dataset, no classes)."""
 
     path: Path
     header: StoreHeader
     features: np.ndarray
-    labels: np.ndarray
+    labels: np.ndarray | None
     paths: list[str]
     classes: list[str]
     skipped: list[tuple[str, str]]
@@ -283,13 +288,18 @@ def read_store(path: str | os.PathLike, features: bool = True) -> StoreContents:
     ``classes`` are refused: they would index the wrong class, or none."""
     with reading(path) as h5:
         header = StoreHeader.from_attrs(h5.attrs, path)
-        classes, labels = strings(h5["classes"]), h5["labels"][()]
-        if labels.size and (labels.min() < 0 or labels.max() >= len(classes)):
+        classes, labels = strings(h5["classes"]), h5["labels"][()] if is_labelled(h5) else None
+        if labels is not None and labels.size and (labels.min() < 0 or labels.max() >= len(classes)):
             raise StoreError(f"{path}: labels outside 0-{len(classes) - 1} (the store is damaged)")
         return StoreContents(Path(path), header, h5["features"][()] if features else np.zeros((0, 0), np.float16),
                              labels, strings(h5["paths"]), classes,
                              list(zip(strings(h5["skipped_paths"]), strings(h5["skipped_reasons"]))),
                              {name: h5[name][()] for name in header.extra_datasets} if features else {})
+
+
+def is_labelled(h5: h5py.File) -> bool:
+    """Whether a store's rows have classes: an unlabelled store (images without classes) has no ``labels``."""
+    return "labels" in h5
 
 
 def content_sha256(h5: h5py.File) -> str:

@@ -18,13 +18,22 @@ from typing import Sequence
 import h5py
 import numpy as np
 
-from ..errors import DataError, StoreError, first_line
-from ..images.listing import list_split, listing_changes
-from ..images.names import fs_path
-from .format import DIGEST_BLOCK_ROWS, StoreHeader, content_sha256, fingerprint, open_h5, recorded_files, strings
+from ..errors import DataError, SettingsError, StoreError, first_line
+from ..images.listing import listing_changes
+from ..images.sources import relist
+from .format import (
+    DIGEST_BLOCK_ROWS,
+    StoreHeader,
+    content_sha256,
+    fingerprint,
+    is_labelled,
+    open_h5,
+    recorded_files,
+    strings,
+)
 
-DATASETS = ("features", "labels", "paths", "classes", "file_size", "file_mtime_ns", "skipped_paths", "skipped_reasons",
-            "skipped_file_size", "skipped_file_mtime_ns")
+DATASETS = ("features", "paths", "classes", "file_size", "file_mtime_ns", "skipped_paths", "skipped_reasons",
+            "skipped_file_size", "skipped_file_mtime_ns")  # and labels, in a labelled store
 
 
 @dataclass
@@ -63,7 +72,8 @@ def verify_stores(paths: Sequence[str | os.PathLike], data_root: str | os.PathLi
 
 
 def verify_store(path: str | os.PathLike, data_root: str | os.PathLike | None = None) -> VerifyReport:
-    """Check one store; ``data_root`` replaces the recorded folder (data moved to another place)."""
+    """Check one store; ``data_root`` replaces the recorded folder (data moved to another place). The images
+    are listed again by the rule the store recorded (a split folder, a cut class folder, a list, shards)."""
     report = VerifyReport(Path(path))
     try:
         with open_h5(path) as h5:
@@ -74,10 +84,9 @@ def verify_store(path: str | os.PathLike, data_root: str | os.PathLike | None = 
             report.rows, report.skipped = len(h5["paths"]), len(h5["skipped_paths"])
             report.problems = _value_problems(h5, header)
             report.alignment = (header.data_root, header.split, _rows_sha256(h5))
-            root = Path(data_root) if data_root is not None else Path(fs_path(header.data_root))
             try:
-                listing = list_split(root, header.split)
-            except DataError as error:
+                listing = relist(header.listing_rule, header.data_root, header.split, data_root)
+            except (DataError, SettingsError) as error:
                 report.problems.append(f"cannot check the image folder: {error}")
                 return report
             digest = listing.sha256()
@@ -100,6 +109,8 @@ def _structure_problems(h5: h5py.File, header: StoreHeader) -> list[str]:
     missing = [name for name in DATASETS if name not in h5]
     if missing:
         return [f"missing {', '.join(missing)}"]
+    if not is_labelled(h5) and len(h5["classes"]):
+        return [f"{len(h5['classes'])} classes but no labels"]
     n, problems = len(h5["paths"]), []
     for name, shape in header.feature_shapes(n).items():  # features [N, D], then the views [N, views, D]
         if name not in h5:
@@ -114,14 +125,15 @@ def _structure_problems(h5: h5py.File, header: StoreHeader) -> list[str]:
                             f"{header.dtype}{list(shape)}")
     k = len(h5["skipped_paths"])
     for prefix, rows in (("", n), ("skipped_", k)):
-        for name in (f"{prefix}file_size", f"{prefix}file_mtime_ns") + (("labels",) if not prefix else ()):
+        for name in (f"{prefix}file_size", f"{prefix}file_mtime_ns") + (("labels",) if not prefix and
+                                                                         is_labelled(h5) else ()):
             if h5[name].shape != (rows,) or h5[name].dtype != np.int64:
                 problems.append(f"{name} is {h5[name].dtype}{list(h5[name].shape)}, expected int64[{rows}]")
     if h5["skipped_reasons"].shape != (k,):
         problems.append(f"{k} skipped paths but {len(h5['skipped_reasons'])} reasons")
     if n + k != header.n_listed:
         problems.append(f"{n} rows + {k} skipped != {header.n_listed} images listed")
-    labels = h5["labels"][()]
+    labels = h5["labels"][()] if is_labelled(h5) else np.zeros(0, np.int64)
     if labels.size and not problems and (labels.min() < 0 or labels.max() >= len(h5["classes"])):
         problems.append(f"labels outside 0-{len(h5['classes']) - 1}")
     return problems
@@ -152,5 +164,6 @@ def _rows_sha256(h5: h5py.File) -> str:
     digest = hashlib.sha256()
     for start in range(0, len(h5["paths"]), DIGEST_BLOCK_ROWS):
         digest.update(b"\0".join(h5["paths"][start:start + DIGEST_BLOCK_ROWS].tolist()) + b"\0")
-    digest.update(h5["labels"][()].astype("<i8").tobytes())
+    if is_labelled(h5):
+        digest.update(h5["labels"][()].astype("<i8").tobytes())
     return digest.hexdigest()
