@@ -236,3 +236,33 @@ def two_backbone_features(tmp_path: Path):
         write_store(features_dir, listing, "a", blobs(labels, 6, seed=1) + np.arange(len(labels))[:, None] * 1e-3)
         write_store(features_dir, listing, "b", blobs(labels, 4, seed=2))
     return root, features_dir
+
+
+def real_like(classes: int, per_class: int, dim: int, *, separation: float = 0.7, seed: int = 0,
+              shots: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Features like a frozen backbone's pooled ones, standardised: (float32[N, dim], int64[N]).
+
+    Class means in a 96-dimensional latent space mixed into ``dim`` correlated channels of decaying
+    strength, shared nuisance directions, noise, a per-channel offset, then ReLU (a third of the
+    entries exactly 0), 3% dead channels (0 on every row: a 0 column after standardising, as
+    StandardScaler gives) and channel scales spread over two decades. ``shots``: that many rows of each
+    class (a seeded draw), standardised again on them. Many classes with D > N per class, as pooled
+    CNN features of a few dozen photos per class are (issue 21's solver tests).
+    """
+    rng = np.random.default_rng(seed)
+    rank = 96
+    means = rng.normal(0.0, separation, (classes, rank))
+    mixing = rng.normal(0.0, 1.0, (rank, dim)) * np.geomspace(1.0, 0.05, rank)[:, None] / np.sqrt(rank / 16)
+    offset, scale = rng.normal(-0.3, 0.5, dim), np.exp(rng.normal(0.0, 1.0, dim))
+    alive = rng.random(dim) >= 0.03
+    style = rng.normal(0.0, 1.0, (8, rank)) * 0.8
+    labels = np.repeat(np.arange(classes), per_class)
+    z = means[labels] + rng.normal(0.0, 0.9, (len(labels), rank)) + rng.normal(0, 1, (len(labels), 8)) @ style
+    X = np.maximum(z @ mixing + rng.normal(0.0, 0.7, (len(labels), dim)) + offset, 0.0) * scale * alive
+    order = rng.permutation(len(labels))
+    X, y = X[order], labels[order].astype(np.int64)
+    if shots is not None:
+        keep = np.sort(np.concatenate([rng.permutation(np.flatnonzero(y == k))[:shots] for k in range(classes)]))
+        X, y = X[keep], y[keep]
+    std = X.std(axis=0)
+    return ((X - X.mean(axis=0)) / np.where(std > 0, std, 1.0)).astype(np.float32), y

@@ -48,9 +48,9 @@ def test_the_mlp_trains_each_epoch_on_one_view_of_each_image_the_plain_one_among
     seen = []
     real_epoch = mlp.train_epoch
 
-    def recording_epoch(model, optimizer, X, t, batch_size, generator):
+    def recording_epoch(model, optimizer, X, *args):
         seen.append(X.numpy().copy())
-        return real_epoch(model, optimizer, X, t, batch_size, generator)
+        return real_epoch(model, optimizer, X, *args)
 
     monkeypatch.setattr(mlp, "train_epoch", recording_epoch)
     views = train.views["features_aug"]
@@ -105,9 +105,9 @@ def test_train_head_tta_scores_the_averaged_probabilities_and_selects_on_plain_r
     proba = (head.predict_proba(valid.features) + head.predict_proba(valid.views["features_tta"][:, 0])) / 2
     assert report["valid_tta"]["accuracy"] == pytest.approx((proba.argmax(1) == valid.labels).mean())
     assert report["valid_tta"]["log_loss"] == pytest.approx(-np.log(proba[np.arange(6), valid.labels]).mean())
-    assert report["valid"]["accuracy"] == pytest.approx((head.predict(valid.features) == valid.labels).mean())
-    chosen = [e for e in report["selection"] if e["C"] == report["chosen"]["C"]][0]
-    assert chosen["val_accuracy"] == report["valid"]["accuracy"]  # selection saw the plain rows
+    names = np.array(valid.classes)[valid.labels]
+    assert report["valid"]["accuracy"] == pytest.approx((head.predict(valid.features) == names).mean())
+    assert report["choice"]["heads"][0]["val_accuracy"] == report["valid"]["accuracy"]  # selection saw the plain rows
     written = (tmp_path / "head" / "report.md").read_text()
     assert "valid with flip test-time augmentation (probabilities averaged over 2 views)" in written
     assert json.loads((tmp_path / "head" / "report.json").read_text())["valid_tta"]["mode"] == "flip"

@@ -24,10 +24,10 @@ def test_api_snippets_run(tmp_path, monkeypatch):
     out = printed.getvalue()
     assert "features/digits/train/efficientnet_lite0.h5 30 written" in out
     assert "(30, 1280) float32" in out and "torch.Size([16, 1280]) torch.int64" in out
-    assert "(3, 1280) float32" in out and out.rstrip().endswith("True")
+    assert "(3, 1280) float32" in out and out.rstrip().endswith("True 1.0")
     assert namespace["probabilities"].shape == (20, 10)
     assert os.path.isfile("heads/digits/head.h5")
-    assert "20 20\n" in out and os.path.isfile("heads/digits/finetuned/trunks/efficientnet_lite0.pt")
+    assert "True 20\n" in out and os.path.isfile("heads/digits/finetuned/trunks/efficientnet_lite0.pt")
 
 
 def test_the_readme_tree_is_the_package():

@@ -34,7 +34,7 @@ def test_head_learns_separable_problem_and_reloads_identically(kind, separable, 
     proba = head.predict_proba(X_val)
     assert proba.shape == (90, 3) and np.allclose(proba.sum(axis=1), 1.0)
     np.testing.assert_array_equal(head.classes_, [10, 20, 30])
-    grid = list(getattr(head, f"{head.grid_param}_grid"))
+    grid = head._grid()
     tried = [entry[head.grid_param] for entry in head.selection_]
     assert tried == grid[:len(tried)]  # the linear heads' path stops C_patience values past the best
     assert head.best_params_[head.grid_param] in grid
@@ -79,7 +79,8 @@ def test_mlp_early_stopping_keeps_best_epoch(separable):
     X, y, X_val, y_val = separable
     misleading = {10: 20, 20: 30, 30: 10}  # validation disagrees with train: learning makes it worse
     y_bad = np.array([misleading[v] for v in y_val])
-    head = MLPHead(hidden_sizes=(16,), max_epochs=40, patience=3, weight_decay_grid=(0.0,), batch_size=16)
+    head = MLPHead(hidden_sizes=(16,), max_epochs=40, patience=3, weight_decay_grid=(0.0,), batch_size=16,
+                   select="accuracy", precision="fp32")  # fp32: the kept epoch's scores, exactly
     head.fit(X, y, X_val, y_bad)
     scores = [(r["val_accuracy"], -r["val_log_loss"]) for r in head.history_]
     best = scores.index(max(scores))
@@ -87,6 +88,19 @@ def test_mlp_early_stopping_keeps_best_epoch(separable):
     kept = head._scores(head.model_, (head._scale(X_val), np.searchsorted(head.classes_, y_bad)))
     assert kept["val_log_loss"] == pytest.approx(head.history_[best]["val_log_loss"])
     assert kept["val_log_loss"] < head.history_[-1]["val_log_loss"]
+
+
+def test_mlp_precision_is_bf16_where_the_device_computes_it_and_recorded(separable):
+    from featurekit.devices import auto_precision
+
+    X, y, X_val, y_val = separable
+    fitted = {precision: MLPHead(hidden_sizes=(32,), max_epochs=8, batch_size=16, precision=precision).fit(
+        X, y, X_val, y_val) for precision in ("auto", "fp32", "bf16")}
+    assert fitted["auto"].precision_ == auto_precision("cpu") and fitted["fp32"].precision_ == "fp32"
+    for head in fitted.values():  # the fitted module computes in float32 whatever trained it
+        assert all(p.dtype == torch.float32 for p in head.model_.parameters())
+        assert (head.predict(X_val) == y_val).mean() == 1.0
+    assert not torch.equal(fitted["bf16"].model_[1].weight, fitted["fp32"].model_[1].weight)
 
 
 def test_mlp_without_validation_trains_max_epochs_and_is_seeded(separable):
@@ -114,20 +128,55 @@ def test_wrong_feature_width_is_refused(separable):
 # scikit-learn's own estimator checks, every one of them. Two skip themselves here, by sklearn's
 # choice: check_array_api_input (SCIPY_ARRAY_API unset) and check_classifier_data_not_an_array
 # (pandas is not a featurekit dependency). The MLP is smaller than the default so 55 fits stay quick.
-@parametrize_with_checks([LogisticHead(), KNNHead(), LinearSVMHead(), MLPHead(hidden_sizes=(64,), max_epochs=30)])
+@parametrize_with_checks([LogisticHead(), KNNHead(), KNNHead(protocol="dino"), LinearSVMHead(),
+                          MLPHead(hidden_sizes=(64,), max_epochs=30)])
 def test_heads_pass_sklearn_check_estimator(estimator, check):
     check(estimator)
 
 
 @pytest.mark.parametrize("kind", sorted(HEADS))
-def test_after_a_sweep_get_params_holds_the_chosen_value_and_clone_refits_it(kind, separable):
+def test_fit_never_changes_its_parameters_and_the_chosen_value_is_a_fitted_attribute(kind, separable):
+    # scikit-learn's rule (issue 21): a sweep used to write the chosen C into C, so a later fit(X, y) trained there
     X, y, X_val, y_val = separable
-    params = FAST.get(kind, {})
-    head = make_head(kind, **params).fit(X, y, X_val, y_val)
+    head = make_head(kind, **FAST.get(kind, {}))
+    given = head.get_params()
+    head.fit(X, y, X_val, y_val)
+    assert head.get_params() == given
     chosen = head.best_params_[head.grid_param]
-    assert head.get_params()[head.grid_param] == chosen
-    again = clone(head).fit(X, y)  # no validation rows: the chosen value, no sweep
-    assert again.best_params_ == {head.grid_param: chosen} and len(again.selection_) == 1
+    assert getattr(head, f"{head.grid_param}_") == chosen
+    again = clone(head).fit(X, y)  # no validation rows: the parameter as given, no sweep
+    assert again.best_params_ == {head.grid_param: given[head.grid_param]} and len(again.selection_) == 1
+    chosen_model = clone(head).set_params(**head.best_params_).fit(X, y)
+    assert getattr(chosen_model, f"{head.grid_param}_") == chosen
+
+
+@pytest.mark.parametrize("kind", ["logreg", "svm"])
+@pytest.mark.parametrize("classes", [2, 3])
+def test_linear_heads_give_coef_and_intercept_in_the_callers_feature_space(kind, classes, separable):
+    X, y, X_val, y_val = separable
+    keep, keep_val = y <= [0, 20, 30][classes - 1], y_val <= [0, 20, 30][classes - 1]
+    X, y, X_val = X[keep] * 7.0 + 3.0, y[keep], X_val[keep_val] * 7.0 + 3.0  # far from standardised
+    head = make_head(kind).fit(X, y)
+    decision = head.decision_function(X_val)
+    assert head.coef_.shape == ((1 if classes == 2 else classes), X.shape[1]) and head.intercept_.shape == (
+        1 if classes == 2 else classes,)
+    np.testing.assert_allclose(decision, (X_val @ head.coef_.T + head.intercept_).squeeze(), rtol=1e-4, atol=1e-4)
+    predicted = head.classes_[(decision > 0).astype(int)] if classes == 2 else head.classes_[decision.argmax(1)]
+    np.testing.assert_array_equal(predicted, head.predict(X_val))
+
+
+@pytest.mark.parametrize("kind", sorted(HEADS))
+def test_balanced_class_weights_lift_the_rare_class(kind):
+    # 90 rows of class 0, 10 of class 1, overlapping: unweighted heads favour class 0; balanced ones recall class 1
+    rng = np.random.default_rng(3)
+    y = np.repeat([0, 1], [90, 10])
+    X = (rng.normal(size=(100, 6)) + 0.8 * y[:, None]).astype(np.float32)
+    y_val = np.repeat([0, 1], [200, 200])
+    X_val = (rng.normal(size=(400, 6)) + 0.8 * y_val[:, None]).astype(np.float32)
+    params = {**FAST.get(kind, {}), **({"n_neighbors": 30} if kind == "knn" else {})}
+    recall = {weight: (make_head(kind, class_weight=weight, **params).fit(X, y).predict(X_val)[200:] == 1).mean()
+              for weight in (None, "balanced")}
+    assert recall["balanced"] > recall[None] + 0.1
 
 
 def test_unknown_head_parameters_are_an_error():

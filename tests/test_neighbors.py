@@ -4,6 +4,7 @@ which validation images are misclassified, and their nearest training images, ar
 import json
 
 import numpy as np
+import pytest
 from conftest import blobs, make_image_folder, run_cli, write_store
 from PIL import Image
 
@@ -52,3 +53,33 @@ def test_misclassified_images_worst_first_with_their_neighbours_and_a_contact_sh
 def test_neighbors_says_what_to_give(tmp_path, capsys):
     run = run_cli(capsys, "neighbors", "--features", tmp_path)
     assert run.code == 1 and "give --head HEAD (its mistakes, or --image)" in run.err
+
+
+def test_neighbours_are_the_knn_heads_neighbours_with_its_similarities(tmp_path, capsys):
+    # issue 21: neighbors floored the std at 1e-6 where the heads use StandardScaler: a column constant on the
+    # training rows (digits: 182 of lite0's) then blew up on any query and the similarities read 0.002
+    root, features = tmp_path / "data", tmp_path / "features"
+    train = make_image_folder(root, "train", {"ant": 6, "bee": 6, "wasp": 6})
+    valid = make_image_folder(root, "valid", {"ant": 3, "bee": 3, "wasp": 3})
+    labels = np.array([r.label for r in train.records])
+    rows = np.concatenate([blobs(labels, 5, seed=1), np.full((18, 1), 0.25, np.float32)], axis=1)  # a dead column
+    valid_rows = np.concatenate([blobs(np.array([r.label for r in valid.records]), 5, seed=1),
+                                 np.linspace(0, 1, 9, dtype=np.float32)[:, None]], axis=1)  # ... not dead here
+    write_store(features, train, "a", rows)
+    write_store(features, valid, "a", valid_rows)
+    train_head(features, ["a"], "knn", tmp_path / "knn", plots=False, params={"select": "accuracy"})
+    from featurekit.heads.head_file import load_head
+    from featurekit.heads.knn import _nearest, unit_rows
+    from featurekit.predict.neighbors import Gallery, search
+    from featurekit.store.dataset import load_features
+
+    head, _ = load_head(tmp_path / "knn" / "head.h5")
+    found = search(tmp_path / "knn", k=3)  # the head's mistakes: its gallery is standardised by the head's scaler
+    np.testing.assert_array_equal(found.gallery.scaler.mean_, head.scaler_.mean_)
+    closeness, nearest = _nearest(head.model_.rows, unit_rows(head._scale(valid_rows)), 3)
+    for neighbours, similar, index in zip(found.gallery.nearest(valid_rows, 3), closeness, nearest):
+        assert [n.similarity for n in neighbours] == similar.tolist()
+        assert [n.name for n in neighbours] == [f"train/{train.records[i].path}" for i in index]
+    assert closeness.min() > 0.5  # with the 1e-6 floor: ~0, the dead column's query values / 1e-6 dominating
+    alone = Gallery(load_features(features, "train", ["a"]))  # no head: StandardScaler on the searched rows
+    assert [n.similarity for n in alone.nearest(valid_rows, 3)[0]] == pytest.approx(closeness[0].tolist())

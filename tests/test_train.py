@@ -43,7 +43,8 @@ def test_mlp_report_artifact_and_plots(two_backbone_features, tmp_path):
     assert metadata["backbones"][0]["fingerprints"] == {split: h.fingerprint for split, h in stores.items()}
     assert StoreIdentity.from_dict(metadata["backbones"][0]) == stores["train"].identity
     valid = load_features(features_dir, "valid", ["a", "b"])
-    assert (head.predict(valid.features) == valid.labels).all()
+    assert (head.predict(valid.features) == np.array(valid.classes)[valid.labels]).all()  # class names (issue 21)
+    assert head.classes_.tolist() == metadata["classes"]
 
 
 def test_valid_labels_are_mapped_by_name_and_unknown_classes_reported(tmp_path):
@@ -183,9 +184,10 @@ def test_all_heads_tied_at_100_percent_do_not_hand_the_win_to_knn_and_the_report
                                                                                           tmp_path):
     # issue 11's case: every head 100% on validation; a 1-NN's hard 0/1 votes had a log loss of exactly 0
     _, features_dir = two_backbone_features
-    report = train_head(features_dir, ["a", "b"], "all", tmp_path / "out", params=FAST_MLP, plots=False)
+    report = train_head(features_dir, ["a", "b"], "all", tmp_path / "out", params={**FAST_MLP, "select": "accuracy"},
+                        plots=False)
     compared = {entry["head"]: entry for entry in report["choice"]["heads"]}
-    assert list(compared) == ["mlp", "logreg", "svm", "knn"]
+    assert list(compared) == ["mlp", "logreg", "svm", "knn"] and report["choice"]["rule"] == "accuracy"
     assert all(entry["val_accuracy"] == 1.0 for entry in compared.values())
     k, classes = compared["knn"]["n_neighbors"], 3
     assert compared["knn"]["val_log_loss"] >= -np.log((k + 1 / classes) / (k + 1)) > 0  # smoothed votes: never 0
@@ -194,18 +196,28 @@ def test_all_heads_tied_at_100_percent_do_not_hand_the_win_to_knn_and_the_report
     assert compared[report["head"]]["val_log_loss"] == min(e["val_log_loss"] for e in compared.values())
     others = [kind for kind in compared if kind != report["head"]]
     reason = report["choice"]["reason"]
-    assert reason.startswith(f"{report['head']}: valid accuracy 1.0000, tied with {', '.join(others)}; lowest valid "
-                             f"log loss {compared[report['head']]['val_log_loss']:.4g} (")
+    assert reason.startswith(f"{report['head']}: valid accuracy 1.0000, log loss "
+                             f"{compared[report['head']]['val_log_loss']:.4g}; the highest valid accuracy 1.0000 of 4 "
+                             f"candidates, tied with {', '.join(others)}; the lowest log loss of those (rule accuracy)")
     markdown = (tmp_path / "out" / "report.md").read_text()
     assert f"- why: {reason}" in markdown and "## Heads compared" in markdown
 
 
-def test_the_reason_names_the_highest_accuracy_when_there_is_no_tie():
+def test_the_reason_names_the_rule_and_what_it_weighed():
     from featurekit.heads.report import choice_reason
 
     compared = [{"head": "mlp", "val_accuracy": 0.9478, "val_log_loss": 0.2, "candidates": 3},
-                {"head": "svm", "val_accuracy": 0.9568, "val_log_loss": 0.18, "candidates": 18},
-                {"head": "knn", "val_accuracy": 0.926, "val_log_loss": 0.4, "candidates": 6}]
-    assert choice_reason(compared, "svm") == "svm: highest valid accuracy 0.9568; mlp 0.9478, knn 0.9260"
-    assert choice_reason(compared[1:2], "svm") == ("svm: the only head tried; valid accuracy 0.9568, log loss 0.18, "
-                                                   "best of 18 candidates")
+                {"head": "svm", "C": 1.0, "val_accuracy": 0.9568, "val_log_loss": 0.18, "candidates": 18},
+                {"head": "knn", "val_accuracy": 0.926, "val_log_loss": 0.4, "candidates": 6},
+                {"head": "logreg", "val_accuracy": 0.9558, "val_log_loss": 0.15, "candidates": 20}]
+    assert choice_reason(compared[:3], "svm", "accuracy", 2893) == (
+        "svm: valid accuracy 0.9568, log loss 0.18; the highest valid accuracy 0.9568 of 3 candidates (rule accuracy) "
+        "(others, accuracy / log loss: mlp 0.9478 / 0.2; knn 0.9260 / 0.4)")
+    assert choice_reason(compared, "logreg", "accuracy-1se", 2893).startswith(
+        "logreg: valid accuracy 0.9558, log loss 0.15; the lowest log loss of the 2 of 4 candidates whose accuracy is "
+        "within one standard error (0.0038 on 2893 rows) of the best, 0.9568 (rule accuracy-1se)")
+    sweep = [{"C": 0.1, "val_accuracy": 0.95, "val_log_loss": 0.2}, {"C": 1.0, "val_accuracy": 0.9568,
+                                                                      "val_log_loss": 0.18}]
+    assert choice_reason(compared[1:2], "svm", "log-loss", 2893, sweep) == (
+        "svm: the only head tried; C=1: valid accuracy 0.9568, log loss 0.18; the lowest log loss of 2 candidates "
+        "(rule log-loss)")

@@ -4,14 +4,15 @@
 
     attributes  format "featurekit.head", format_version 2, kind (mlp | logreg | svm | knn),
                 params (JSON: get_params()), fitted (JSON: best_params_, selection_, history_,
-                fit_seconds_, n_iter_, n_features_in_), metadata (JSON: what the caller gave)
+                fit_seconds_, n_iter_, n_features_in_, precision_), metadata (JSON: what the caller gave)
     classes     the labels of the probability columns: int64[K] (or strings)
     scaler/     mean float64[D], scale float64[D], var float64[D]; attribute n_samples_seen
                 (absent when the head was fitted with standardize=False)
     model/      the fitted model as the head gives it (``Head._model_arrays``):
                 logreg, svm: coef float32[K, D], intercept float32[K]; attributes loss, C,
-                  inverse_temperature (svm: fitted; logreg: 1), iterations, passes, converged, objective
-                knn: rows float32[N, D] (standardised, unit norm), targets int64[N]; attribute k
+                  inverse_temperature (svm: fitted; logreg: 1), iterations, passes, converged, objective, tol
+                knn: rows float32[N, D] (standardised unless protocol dino, unit norm), targets int64[N],
+                  vote_weights float64[K] (class_weight balanced only); attribute k
                 mlp: its state dict, one dataset per tensor ("1.weight", ...); attributes
                   in_features, hidden_sizes, n_classes, dropout (the layers of heads.build_mlp)
 
@@ -45,7 +46,7 @@ from .solver import LinearFit
 
 OLD_HEAD_FILE = "head.joblib"  # what it wrote before head format 2: a pickle, never loaded by default
 HEAD_FORMAT_VERSION = 2  # 1: a joblib pickle of the head object
-FITTED = ("best_params_", "selection_", "history_", "fit_seconds_", "n_iter_", "n_features_in_")
+FITTED = ("best_params_", "selection_", "history_", "fit_seconds_", "n_iter_", "n_features_in_", "precision_")
 
 
 
@@ -136,6 +137,7 @@ def _read(path: Path, h5: h5py.File) -> tuple[Head, dict]:
     head = HEADS[kind](**params)
     for name, value in json.loads(h5.attrs["fitted"]).items():
         setattr(head, name, value)
+    setattr(head, f"{head.grid_param}_", head.best_params_[head.grid_param])  # C_, n_neighbors_, weight_decay_
     classes = h5["classes"]
     head.classes_ = classes.asstr()[()].astype(str) if h5py.check_string_dtype(classes.dtype) else classes[()]
     head.scaler_ = _scaler(h5["scaler"]) if "scaler" in h5 else None

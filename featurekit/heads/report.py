@@ -36,6 +36,7 @@ import numpy as np
 from sklearn import metrics
 
 from ..files import atomic_output, atomic_write
+from . import selection
 
 logger = logging.getLogger(__name__)
 
@@ -67,27 +68,50 @@ def tied_with(compared: Sequence[dict], chosen: str) -> list[dict]:
     return [entry for entry in compared if entry["head"] != chosen and entry["val_accuracy"] == accuracy]
 
 
-def choice_reason(compared: Sequence[dict], chosen: str) -> str:
+def choice_reason(compared: Sequence[dict], chosen: str, rule: str, rows: int, candidates: Sequence[dict] = ()) -> str:
     """Why head ``chosen`` won, in one line. ``compared``: per head kind tried, in the order fitted,
-    its kept candidate (``head``, ``val_accuracy``, ``val_log_loss``, ``candidates`` tried); the
-    winner has the highest validation accuracy, ties broken by the lowest validation log loss, then
-    by the order fitted."""
-    winner = next(entry for entry in compared if entry["head"] == chosen)
-    accuracy, loss = winner["val_accuracy"], winner["val_log_loss"]
-    if accuracy is None:
+    its kept candidate (``head``, ``val_accuracy``, ``val_balanced_accuracy``, ``val_log_loss``,
+    ``candidates`` tried), chosen by ``rule`` (:mod:`featurekit.heads.selection`) on ``rows``
+    validation rows; ``candidates``: the kept head's own candidates (``selection_``), for the one-head case."""
+    index = next(i for i, entry in enumerate(compared) if entry["head"] == chosen)
+    winner = compared[index]
+    if winner["val_accuracy"] is None:
         return f"{chosen}: no validation split, nothing compared"
-    others = [entry for entry in compared if entry is not winner]
-    if not others:
-        return (f"{chosen}: the only head tried; valid accuracy {accuracy:.4f}, log loss {loss:.4g}, best of "
-                f"{winner['candidates']} candidates")
-    tied = tied_with(compared, chosen)
-    below = ", ".join(f"{e['head']} {e['val_accuracy']:.4f}" for e in others if e not in tied)
-    if not tied:
-        return f"{chosen}: highest valid accuracy {accuracy:.4f}; {below}"
-    equal = " (equal: the first fitted is kept)" if any(e["val_log_loss"] == loss for e in tied) else ""
-    losses = ", ".join(f"{e['head']} {e['val_log_loss']:.4g}" for e in tied)
-    return (f"{chosen}: valid accuracy {accuracy:.4f}, tied with {', '.join(e['head'] for e in tied)}; lowest valid "
-            f"log loss {loss:.4g}{equal} ({losses})" + (f"; lower accuracy: {below}" if below else ""))
+    if len(compared) == 1:
+        value = next((k for k in candidates[0] if k not in CANDIDATE_SCORES), None) if candidates else None
+        kept = next((i for i, c in enumerate(candidates) if value and c[value] == winner.get(value)), 0)
+        why = rule_reason(candidates, kept, rule, rows, lambda c: f"{value}={c[value]:.3g}" if isinstance(
+            c[value], float) else f"{value}={c[value]}") if candidates else _scores(winner)
+        return f"{chosen}: the only head tried; {why}"
+    others = "; ".join(f"{e['head']} {e['val_accuracy']:.4f} / {e['val_log_loss']:.4g}" for e in compared
+                       if e is not winner)
+    return f"{rule_reason(compared, index, rule, rows, lambda e: e['head'])} (others, accuracy / log loss: {others})"
+
+
+def _scores(record: dict) -> str:
+    return f"valid accuracy {record['val_accuracy']:.4f}, log loss {record['val_log_loss']:.4g}"
+
+
+def rule_reason(records: Sequence[dict], chosen: int, rule: str, rows: int, name) -> str:
+    """Why ``rule`` kept ``records[chosen]`` (validation scores on ``rows`` rows) among ``records``, in
+    words; ``name(record)``: how a record is named."""
+    record = records[chosen]
+    if len(records) == 1:
+        return f"{name(record)}, the only candidate: {_scores(record)}"
+    if rule == "accuracy-1se":
+        best = max(r["val_accuracy"] for r in records)
+        among = selection.eligible(records, rule, rows)
+        return (f"{name(record)}: {_scores(record)}; the lowest log loss of the {len(among)} of {len(records)} "
+                f"candidates whose accuracy is within one standard error ({selection.standard_error(best, rows):.4f} "
+                f"on {rows} rows) of the best, {best:.4f} (rule accuracy-1se)")
+    if rule == "log-loss":
+        return f"{name(record)}: {_scores(record)}; the lowest log loss of {len(records)} candidates (rule log-loss)"
+    score = "val_balanced_accuracy" if rule == "balanced-accuracy" else "val_accuracy"
+    what = rule.replace("-", " ")
+    ties = [name(r) for r in records if r is not record and r.get(score) == record.get(score)]
+    tie = f", tied with {', '.join(ties)}; the lowest log loss of those" if ties else ""
+    return (f"{name(record)}: {_scores(record)}; the highest valid {what} {record.get(score) or 0.0:.4f} of "
+            f"{len(records)} candidates{tie} (rule {rule})")
 
 
 def classification_metrics(truth: np.ndarray, proba: np.ndarray, columns: np.ndarray,
@@ -211,8 +235,8 @@ def _heads_markdown(choice: dict | None) -> list[str]:
     return lines + [""]
 
 
-CANDIDATE_SCORES = ("head", "val_accuracy", "val_log_loss", "epochs", "iterations", "passes", "converged", "seconds",
-                    "candidates")
+CANDIDATE_SCORES = ("head", "val_accuracy", "val_balanced_accuracy", "val_log_loss", "epochs", "iterations", "passes",
+                    "converged", "seconds", "candidates")
 
 
 def _selection_markdown(report: dict) -> list[str]:

@@ -14,10 +14,15 @@ from ..devices import AUTO
 from ..options import setting
 from ..views.augment import TTA_VIEWS
 
-__all__ = ["ALL", "HEAD_KINDS", "MLP", "TRAIN_HEAD", "HeadOptions", "TrainHeadSettings"]
+__all__ = ["ALL", "CLASS_WEIGHTS", "HEAD_KINDS", "MLP", "SELECT", "SELECT_RULES", "TRAIN_HEAD", "HeadOptions",
+           "KNN_PROTOCOLS", "TrainHeadSettings"]
 
 HEAD_KINDS = ("mlp", "logreg", "svm", "knn")  # --head all fits them in this order; ties keep the first fitted
 ALL = "all"
+SELECT_RULES = ("accuracy-1se", "accuracy", "balanced-accuracy", "log-loss")  # heads.selection: what each means
+SELECT = "accuracy-1se"  # the default rule (docs/heads.md: the measurements that chose it)
+CLASS_WEIGHTS = ("none", "balanced")
+KNN_PROTOCOLS = ("featurekit", "dino")  # heads.knn.KNNHead's protocol
 
 
 def _batch_size(text: str) -> int | str:
@@ -37,6 +42,16 @@ class HeadOptions:
     lr: float = setting(1e-3, "MLP Adam learning rate", given_only=True)
     patience: int = setting(3, "MLP early stopping patience in epochs", given_only=True)
     seed: int = setting(0, "MLP initialisation and batch order seed", given_only=True)
+    select: str = setting(SELECT, "how every head keeps a candidate on validation, and --head all a head: "
+                          "accuracy-1se: the lowest log loss among those within one standard error of the best "
+                          "accuracy (usable probabilities); accuracy, balanced-accuracy (ties: lower log loss); "
+                          "log-loss", choices=SELECT_RULES, given_only=True, help_default=SELECT)
+    class_weight: str = setting("none", "balanced: weigh each row's loss (kNN: its vote) by N / (classes x its "
+                                "class's rows), for imbalanced sets", choices=CLASS_WEIGHTS, given_only=True,
+                                help_default="none")
+    protocol: str = setting("featurekit", "kNN: featurekit (standardised features, k 1..50) or dino (DINO/DINOv2's "
+                            "kNN: cosine of the features as extracted, k 10, 20, 100, 200, T 0.07)", flag="--knn",
+                            choices=KNN_PROTOCOLS, given_only=True, help_default="featurekit")
 
 
 MLP = HeadOptions()

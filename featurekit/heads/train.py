@@ -40,13 +40,13 @@ from ..store.dataset import FeatureSet, check_same_extraction, load_features, st
 from ..store.format import RANDOM, file_stem, read_header, read_store, warn_random
 from ..store.layout import AUGMENTED, TEST_TIME
 from ..views.augment import TTA_VIEWS
-from .base import Head, ProbabilityModel
+from .base import Head, ProbabilityModel, proba_scores
 from .head_file import HEAD_FILE, save_head
 from .records import HeadRecord
 from .registry import HEADS, make_heads
 from .report import Points, choice_reason, classification_metrics, describe, tied_with, write_reports
+from .selection import SELECT, choose
 from .settings import TRAIN_HEAD
-from .solver import selection_score
 
 logger = logging.getLogger(__name__)
 
@@ -81,35 +81,45 @@ def all_rows(features: np.ndarray, views: np.ndarray, labels: np.ndarray) -> tup
 
 def fit_heads(kinds: Sequence[str], params: dict, train: FeatureSet, valid: ValidationRows | None,
               views: np.ndarray | None = None) -> tuple[Head, list[dict], list[dict]]:
-    """Fit each head kind; keep the best by validation accuracy, then log loss (the first fitted of
-    equals). Returns ``(head, sweep, compared)``: every candidate of every kind, and per kind its
-    kept candidate (hyper-parameters, validation scores, seconds of the kind's whole fit, candidates tried).
+    """Fit each head kind on the class names; keep the one rule ``params["select"]`` chooses
+    (:mod:`featurekit.heads.selection`; the first fitted of equals). Returns ``(head, sweep,
+    compared)``: every candidate of every kind, and per kind its kept candidate (hyper-parameters,
+    validation scores of the fitted head, seconds of the kind's whole fit, candidates tried).
     ``views``: float32[N, K, D] augmented views of the training rows (the MLP draws one of the K + 1
     views of each row per epoch, the other heads train on all rows)."""
-    best, best_score, sweep, compared = None, None, [], []
-    validation = (valid.features, valid.labels) if valid else ()
+    heads, sweep, compared = [], [], []
+    names = np.asarray(train.classes)
+    validation = (valid.features, names[valid.labels]) if valid else ()
     for kind, head in zip(kinds, make_heads(list(kinds), params)):
         if views is None:
-            head.fit(train.features, train.labels, *validation)
+            head.fit(train.features, names[train.labels], *validation)
         elif draws_one_view(kind):
-            head.fit(train.features, train.labels, *validation, views=views)
+            head.fit(train.features, names[train.labels], *validation, views=views)
         else:
-            head.fit(*all_rows(train.features, views, train.labels), *validation)
-        chosen = next(e for e in head.selection_ if e[head.grid_param] == head.best_params_[head.grid_param])
+            head.fit(*all_rows(train.features, views, names[train.labels]), *validation)
         sweep += [{"head": kind, **entry} for entry in head.selection_]
-        logger.info(f"{kind}: {describe(chosen)} ({head.fit_seconds_:.1f} s)")
-        compared.append({"head": kind, **head.best_params_, "val_accuracy": chosen.get("val_accuracy"),
-                         "val_log_loss": chosen.get("val_log_loss"), "seconds": head.fit_seconds_,
+        scores = proba_scores(head.predict_proba(valid.features), np.searchsorted(head.classes_, validation[1])) \
+            if valid else {"val_accuracy": None, "val_balanced_accuracy": None, "val_log_loss": None}
+        logger.info(f"{kind}: {describe({**head.best_params_, **scores})} ({head.fit_seconds_:.1f} s)")
+        compared.append({"head": kind, **head.best_params_, **scores, "seconds": head.fit_seconds_,
                          "candidates": len(head.selection_)})
-        score = selection_score(chosen)
-        if best_score is None or score > best_score:
-            best, best_score = head, score
-    return best, sweep, compared
+        heads.append(head)
+    rule = params.get("select", SELECT)
+    return heads[choose(compared, rule, len(valid.labels) if valid else 0)], sweep, compared
+
+
+def columns(head: Head, class_names: Sequence[str]) -> np.ndarray:
+    """int64[len(head.classes_)]: the index in ``class_names`` of each probability column's class
+    (a head fitted on class names; one fitted on indices: those)."""
+    if head.classes_.dtype.kind in "US" or head.classes_.dtype == object:
+        return np.array([list(class_names).index(str(c)) for c in head.classes_], dtype=np.int64)
+    return head.classes_.astype(np.int64)
 
 
 def evaluate(head: Head, rows: ValidationRows, class_names: Sequence[str]) -> dict:
     """Metrics of ``head`` on ``rows``; per-class entries and the confusion matrix follow ``head.classes_``."""
-    return classification_metrics(rows.labels, head.predict_proba(rows.features), head.classes_, class_names)
+    return classification_metrics(rows.labels, head.predict_proba(rows.features), columns(head, class_names),
+                                  class_names)
 
 
 def test_time_proba(head: ProbabilityModel, views: np.ndarray) -> np.ndarray:
@@ -126,7 +136,7 @@ def test_time_metrics(head: Head, rows: ValidationRows, views: np.ndarray, class
     the test-time views after the plain one of every valid row (``rows.kept`` picks those of ``rows``)."""
     kept = views[rows.kept] if rows.kept is not None else views
     proba = test_time_proba(head, np.concatenate([rows.features[:, None], kept], axis=1))
-    return classification_metrics(rows.labels, proba, head.classes_, class_names)
+    return classification_metrics(rows.labels, proba, columns(head, class_names), class_names)
 
 
 def head_record(head: Head, train: FeatureSet, valid: FeatureSet | None, features_dir: Path, **extra) -> HeadRecord:
@@ -139,7 +149,7 @@ def head_record(head: Head, train: FeatureSet, valid: FeatureSet | None, feature
         for index, info in enumerate(train.stores)]
     scaled = f"per-feature mean and std of split {train.split!r} ({len(train)} rows), in head.scaler_"
     return HeadRecord(
-        head=head.kind, classes=[train.classes[c] for c in head.classes_], backbones=backbones,  # columns in order
+        head=head.kind, classes=[train.classes[c] for c in columns(head, train.classes)], backbones=backbones,
         params=head.get_params(), best_params=head.best_params_,
         standardization=scaled if head.scaler_ is not None else "none", features_dir=str(features_dir),
         train_split=train.split, valid_split=valid.split if valid else None,
@@ -262,9 +272,10 @@ def train_head(features_dir: str | Path, store_names: Sequence[str], head_kind: 
     head, sweep, compared = fit_heads(list(HEADS) if head_kind == "all" else [head_kind], params or {}, train, rows,
                                       views)
     seconds = time.perf_counter() - started
-    reason = choice_reason(compared, head.kind)
+    rule = (params or {}).get("select", SELECT)
+    reason = choice_reason(compared, head.kind, rule, len(rows.labels) if rows else 0, head.selection_)
     logger.info(f"chosen: {reason}")
-    if rows is not None and tied_with(compared, head.kind):
+    if rows is not None and rule in ("accuracy", "balanced-accuracy") and tied_with(compared, head.kind):
         warnings.warn(f"the heads tied on valid accuracy; {reason}", FeaturekitWarning, stacklevel=2)
     valid_metrics = ({"split": valid_split, **evaluate(head, rows, train.classes), "excluded_classes": rows.excluded}
                      if rows else None)
@@ -275,13 +286,14 @@ def train_head(features_dir: str | Path, store_names: Sequence[str], head_kind: 
         "train": {"split": train_split, "n": len(train),
                   "rows_fitted": len(train) * (1 + held) if views is not None and not draws_one_view(head.kind)
                   else len(train),
-                  "accuracy": float((head.predict(train.features) == train.labels).mean())},
+                  "accuracy": float((head.predict(train.features) == np.asarray(train.classes)[train.labels]).mean())},
         "valid": valid_metrics,
         "valid_tta": ({"split": valid_split, "mode": tta, "views": TTA_VIEWS[tta],
                        **test_time_metrics(head, rows, valid.views[TEST_TIME], train.classes)} if tta != "none"
                       else None),
         "augmented": record.augmented,
-        "chosen": {"head": head.kind, **head.best_params_}, "choice": {"reason": reason, "heads": compared},
+        "chosen": {"head": head.kind, **head.best_params_},
+        "choice": {"rule": rule, "reason": reason, "heads": compared},
         "params": head.get_params(), "selection": sweep,
         "timing": timing(head, seconds), "history": head.history_,
     }

@@ -20,12 +20,14 @@ from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
+from sklearn.preprocessing import StandardScaler
 
 from ..backbones.rebuild import recorded_features
 from ..backbones.settings import RunSettings
 from ..errors import ImageDecodeError, SettingsError
 from ..files import atomic_output
 from ..finetuning.artifact import Classifier, load_classifier
+from ..heads.knn import _nearest, similarity_rows
 from ..images.decode import DecodePolicy, decode_image
 from ..images.names import fs_path
 from ..store.dataset import FeatureSet, check_same_extraction, load_features
@@ -64,30 +66,26 @@ class Query:
 
 
 class Gallery:
-    """The training rows searched: ``train.features`` float32[N, D] standardised and scaled to unit rows."""
+    """The training rows searched, as the kNN head compares them: ``train.features`` float32[N, D]
+    standardised with ``scaler`` (the head's, or one fitted on these rows; None: as extracted), unit rows."""
 
-    def __init__(self, train: FeatureSet):
+    def __init__(self, train: FeatureSet, scaler: StandardScaler | None | str = "fit"):
         self.train = train
-        self.mean = train.features.mean(axis=0)
-        self.std = np.maximum(train.features.std(axis=0), 1e-6)
-        self.rows = self._unit(train.features)
+        self.scaler = StandardScaler().fit(train.features) if isinstance(scaler, str) else scaler
+        self.rows = similarity_rows(train.features, self.scaler)
         header = train.stores[0].header
         self.split_dir = Path(fs_path(header.data_root)) / fs_path(train.split)
         self.decode = DecodePolicy.from_dict(header.decode)
 
-    def _unit(self, features: np.ndarray) -> np.ndarray:
-        scaled = (features - self.mean) / self.std
-        return scaled / np.maximum(np.linalg.norm(scaled, axis=1, keepdims=True), 1e-12)
-
     def nearest(self, features: np.ndarray, k: int) -> list[list[Neighbour]]:
         """The ``k`` training images nearest to each row of ``features`` float32[Q, D], nearest first."""
-        similarity = self._unit(features) @ self.rows.T  # [Q, N]
-        k = min(k, similarity.shape[1])
-        best = np.argsort(-similarity, axis=1, kind="stable")[:, :k]
+        if not len(features):
+            return []
+        similarity, best = _nearest(self.rows, similarity_rows(features, self.scaler), min(k, len(self.rows)))
         train = self.train
         return [[Neighbour(f"{train.split}/{train.paths[i]}", str(self.split_dir / fs_path(train.paths[i])),
-                           train.classes[train.labels[i]], float(similarity[q, i])) for i in row]
-                for q, row in enumerate(best)]
+                           train.classes[train.labels[i]], float(closeness)) for i, closeness in zip(row, near)]
+                for row, near in zip(best, similarity)]
 
 
 def store_records(train: FeatureSet) -> list[BackboneRecord]:
@@ -133,7 +131,7 @@ def search(head: str | os.PathLike | Classifier | None = None, features_dir: str
     if searched.labels is None:
         raise SettingsError(f"{searched.stores[0].path}: an unlabelled split; neighbours are shown with their classes: "
                             "search a labelled split (--split)")
-    gallery = Gallery(searched)
+    gallery = Gallery(searched, getattr(classifier.head, "scaler_", "fit") if classifier else "fit")
     warn_random([info.store_name for info in gallery.train.stores if info.header.weights == RANDOM])
     about = {"features_dir": str(features_dir), "stores": stores, "split": split,
              "head": str(classifier.path) if classifier else ""}
