@@ -6,6 +6,7 @@ import pytest
 from conftest import blobs, make_image_folder, run_cli, write_store
 
 from featurekit.heads.head_file import load_head
+from featurekit.heads.report import classification_metrics, scores_line
 from featurekit.heads.train import train_head
 from featurekit.store.dataset import load_features
 from featurekit.store.format import StoreIdentity, read_header, store_path
@@ -221,3 +222,20 @@ def test_the_reason_names_the_rule_and_what_it_weighed():
     assert choice_reason(compared[1:2], "svm", "log-loss", 2893, sweep) == (
         "svm: the only head tried; C=1: valid accuracy 0.9568, log loss 0.18; the lowest log loss of 2 candidates "
         "(rule log-loss)")
+
+
+def test_the_probe_protocol_figures_top_1_top_5_mean_per_class():
+    # the linear-probe papers' figures, counted here by hand on 7 classes of unequal size
+    rng = np.random.default_rng(0)
+    truth = np.repeat(np.arange(7), [30, 5, 5, 5, 5, 5, 5])
+    proba = rng.dirichlet(np.ones(7), len(truth))
+    found = classification_metrics(truth, proba, np.arange(7), [f"c{i}" for i in range(7)])
+    ranks = (proba > proba[np.arange(len(truth)), truth][:, None]).sum(axis=1)  # 0: the true class is first
+    assert found["accuracy"] == pytest.approx(np.mean(ranks == 0))
+    assert found["top5_accuracy"] == pytest.approx(np.mean(ranks < 5)) and found["top5_accuracy"] > found["accuracy"]
+    per_class = [np.mean(ranks[truth == c] == 0) for c in range(7)]
+    assert found["balanced_accuracy"] == pytest.approx(np.mean(per_class))
+    assert f"top-5 {found['top5_accuracy']:.4f}, mean per-class (balanced) accuracy" in scores_line(found)
+    two = classification_metrics(truth % 2, proba[:, :2] / proba[:, :2].sum(axis=1, keepdims=True), np.arange(2),
+                                 ["a", "b"])
+    assert two["top5_accuracy"] is None and "top-5" not in scores_line(two)  # every row is in a top 5 of 2

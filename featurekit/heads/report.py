@@ -44,6 +44,7 @@ REPORT_VERSION = 3
 TSNE_MAX_ROWS = 1000  # t-SNE of 1,000 rows takes a few seconds on two cores; PCA above
 PLOTS_MISSING = "matplotlib is not installed, so no PNG plots were written (pip install 'featurekit[plots]')"
 CLASSES_IN_TABLES = 20  # more classes: the confusion matrix is in report.json and the PNG only
+TOP_K = 5  # the protocol's top-5 accuracy (ImageNet-style), reported where there are more classes than that
 
 
 @dataclass(frozen=True)
@@ -124,9 +125,12 @@ def classification_metrics(truth: np.ndarray, proba: np.ndarray, columns: np.nda
     predicted = columns[proba.argmax(axis=1)]
     precision, recall, _, support = metrics.precision_recall_fscore_support(
         truth, predicted, labels=columns, zero_division=0)
+    top5 = (float(metrics.top_k_accuracy_score(truth, proba, k=TOP_K, labels=columns)) if len(columns) > TOP_K
+            else None)  # with 5 classes or fewer every row is in its top 5: no figure
     return {
         "n": int(len(truth)),
         "accuracy": float(metrics.accuracy_score(truth, predicted)),
+        "top5_accuracy": top5,
         "balanced_accuracy": float(metrics.balanced_accuracy_score(truth, predicted)),
         "log_loss": float(metrics.log_loss(truth, proba, labels=columns)),
         "per_class": [{"class": class_names[c], "precision": float(p), "recall": float(r), "support": int(s)}
@@ -173,8 +177,7 @@ def markdown_report(report: dict, plots_missing: str | None = None) -> str:
               + (f" ({train['note']})" if train.get("note") else "")]
     valid, time_ = report["valid"], report["timing"]
     if valid:
-        lines += [f"- valid: split `{valid['split']}`, {valid['n']} rows: accuracy **{valid['accuracy']:.4f}**, "
-                  f"balanced accuracy {valid['balanced_accuracy']:.4f}, log loss {valid['log_loss']:.4f}"]
+        lines += [f"- valid: split `{valid['split']}`, {valid['n']} rows: {scores_line(valid)}"]
         if valid["excluded_classes"]:
             lines += [f"- **left out** (classes without training rows): {describe(valid['excluded_classes'])}"]
     per_epoch = (f", {time_['seconds_per_epoch']:.3f} s per epoch over {time_['epochs']} epochs"
@@ -191,6 +194,14 @@ def markdown_report(report: dict, plots_missing: str | None = None) -> str:
     lines += _selection_markdown(report)
     lines += _images_markdown(report["files"])
     return "\n".join(lines) + "\n"
+
+
+def scores_line(evaluation: dict) -> str:
+    """The linear-probe protocol's figures of :func:`classification_metrics`' result, in one line: top-1,
+    top-5 (more than 5 classes), mean per-class (balanced) accuracy, log loss."""
+    top5 = f", top-5 {evaluation['top5_accuracy']:.4f}" if evaluation.get("top5_accuracy") is not None else ""
+    return (f"accuracy **{evaluation['accuracy']:.4f}**{top5}, mean per-class (balanced) accuracy "
+            f"{evaluation['balanced_accuracy']:.4f}, log loss {evaluation['log_loss']:.4f}")
 
 
 def evaluation_markdown(evaluation: dict, classes: list[str]) -> list[str]:
@@ -289,8 +300,7 @@ def write_prediction_report(out: Path, about: dict, evaluation: dict, classes: l
     report = {"report_version": REPORT_VERSION, "kind": "predict", **about, "classes": classes,
               "evaluation": evaluation, "files": [p.name for p in [*files, md, js]]}
     lines = [f"# Predictions of {about['head']} on {', '.join(about['folders'])}", "",
-             f"- {evaluation['n']} images of known class: accuracy **{evaluation['accuracy']:.4f}**, balanced "
-             f"accuracy {evaluation['balanced_accuracy']:.4f}, log loss {evaluation['log_loss']:.4f}"]
+             f"- {evaluation['n']} images of known class: {scores_line(evaluation)}"]
     lines += [f"- plots: none; {missing}"] if missing else []
     lines += ["", *evaluation_markdown(evaluation, classes), *_images_markdown(report["files"])]
     atomic_write(md, "\n".join(lines) + "\n")
