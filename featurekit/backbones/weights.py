@@ -16,6 +16,8 @@ from __future__ import annotations
 import difflib
 import hashlib
 import os
+import pickle
+import re
 import urllib.error
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -25,7 +27,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from ..errors import SettingsError, WeightsError, first_line
+from ..errors import FeaturekitError, SettingsError, WeightsError, first_line
 
 RANDOM_SEED = 0
 
@@ -100,15 +102,29 @@ def load_matching(model: nn.Module, state: dict[str, torch.Tensor]) -> LoadRepor
     )
 
 
+def read_tensors(path: str | os.PathLike, error: type[FeaturekitError] = WeightsError) -> object:
+    """What a torch file holds, read with ``torch.load(weights_only=True)``: tensors, numbers, strings
+    and containers of them, never an object whose unpickling would run code. A file that is not
+    such a file is one line of ``error``, featurekit's own: torch's advice to load it with
+    ``weights_only=False`` (which runs any code the file holds) is not passed on."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as failure:
+        found = re.search(r"WeightsUnpickler error:\s*([^\n]*?)(?: was not an allowed|\.?\s*Please|\n|$)",
+                          str(failure))
+        what = f" ({found.group(1).strip()})" if found and found.group(1).strip() else ""
+        raise error(f"{path}: not a file of tensors only{what}; refused without unpickling it, which would run "
+                    "any code it holds") from None
+    except Exception as failure:
+        raise error(f"{path}: not a readable torch file ({first_line(failure)})") from None
+
+
 def load_file(model: nn.Module, path: str | os.PathLike) -> WeightsInfo:
     """Load a local state-dict file into ``model`` by names and shapes."""
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{path}: weights file not found")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise WeightsError(f"{path}: cannot read a state dict ({first_line(error)})") from None
+    obj = read_tensors(path)
     report = load_matching(model, unwrap_state_dict(obj, path))
     if not report.loaded:
         raise WeightsError(f"{path}: no tensor matches the architecture by name and shape ({report.summary()})")
