@@ -35,6 +35,7 @@ from ..backbones.runner import TrunkRunner, storage_dtype
 from ..backbones.trunks import Backbone, load_backbone
 from ..backbones.weights import weights_files
 from ..errors import DataError, ImageDecodeError
+from ..files import check_output
 from ..images.listing import SplitListing, list_split
 from ..images.names import printable_path
 from ..store.chunks import Chunk, uncovered
@@ -153,8 +154,10 @@ def extract_listings(listings: Sequence[SplitListing], backbones: Sequence[Backb
     if unreadable and settings.on_error == "fail":
         raise DataError(f"{unreadable.display_dir}: {unreadable.unreadable_text()} (--on-error skip extracts the rest)")
     plans = [(listing, [_writer(listing, b, settings, out_dir) for b in backbones]) for listing in listings]
-    for _, writers in plans:  # refuse stale stores of any split before extracting the first
+    images = [listing.split_dir for listing in listings]
+    for _, writers in plans:  # refuse stale stores, or stores in the image folders, of any split before any work
         for writer in writers:
+            check_output(writer.final, images, hdf5=True)
             writer.check_reusable()
     runner = TrunkRunner(backbones, settings)
     try:

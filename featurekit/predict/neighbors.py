@@ -24,12 +24,12 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 from ..backbones.rebuild import recorded_features
 from ..backbones.settings import RunSettings
 from ..errors import ImageDecodeError, SettingsError
-from ..files import atomic_output
+from ..files import atomic_output, check_output
 from ..finetuning.artifact import Classifier, load_classifier
 from ..images.decode import DecodePolicy, decode_image
 from ..images.names import fs_path
-from ..store.dataset import FeatureSet, check_same_extraction, load_features
-from ..store.format import RANDOM, BackboneRecord, warn_random
+from ..store.dataset import FeatureSet, check_recorded, check_same_extraction, load_features
+from ..store.format import RANDOM, BackboneRecord, read_header, store_path, warn_random
 from .inputs import collect_inputs
 
 logger = logging.getLogger(__name__)
@@ -105,18 +105,23 @@ class Search:
     about: dict
     gallery: Gallery
     stores: list[str]
+    inputs: list[Path] = field(default_factory=list)  # what the search read: no output may replace it
 
 
 def search(head: str | os.PathLike | Classifier | None = None, features_dir: str | os.PathLike | None = None,
            backbones: Sequence[str] | None = None, images: Sequence[str | os.PathLike] | None = None,
            split: str | None = None, valid_split: str | None = None, k: int = 5,
-           settings: RunSettings | None = None) -> Search:
+           settings: RunSettings | None = None, trust_paths: bool = False) -> Search:
     """The training images nearest to ``images`` (files or folders), or without ``images`` to the
     validation images ``head`` misclassifies, worst first. Searched: the stores ``head`` was trained
-    on (``features_dir``, its ``split``), or without a head the ``backbones`` in ``features_dir``."""
+    on (``features_dir``, its ``split``), or without a head the ``backbones`` in ``features_dir``; a
+    head's stores must hold the features it records (:func:`~featurekit.store.dataset.check_recorded`).
+    ``trust_paths``: a fine-tuned model may name files outside its folder."""
     if k < 1:
         raise SettingsError(f"-k must be at least 1 (got {k})")
-    classifier = head if isinstance(head, Classifier) or head is None else load_classifier(head)
+    if settings is not None:
+        settings.resolved()  # a device that cannot work is refused before any work, whether or not images run
+    classifier = head if isinstance(head, Classifier) or head is None else load_classifier(head, trust_paths)
     if classifier is None and not (features_dir and backbones and images):
         raise SettingsError("give --head HEAD (its mistakes, or --image), or --features DIR --backbone NAME --image "
                             "PATH")
@@ -130,6 +135,8 @@ def search(head: str | os.PathLike | Classifier | None = None, features_dir: str
     stores = list(backbones or record.store_names)
     split = split or getattr(record, "train_split", "train")
     gallery = Gallery(load_features(features_dir, split, stores))
+    if classifier is not None:
+        check_recorded(gallery.train, classifier.record.backbones, classifier.path)
     warn_random([info.store_name for info in gallery.train.stores if info.header.weights == RANDOM])
     about = {"features_dir": str(features_dir), "stores": stores, "split": split,
              "head": str(classifier.path) if classifier else ""}
@@ -144,13 +151,18 @@ def search(head: str | os.PathLike | Classifier | None = None, features_dir: str
         queries, scored = misclassified_queries(gallery, classifier, features_dir, valid_split, k)
         summary = (f"{len(queries)} of {scored} {valid_split} images misclassified, worst first, each with its "
                    f"{k} nearest {split} images")
-    return Search(queries, summary, about, gallery, stores)
+    searched = [info.path for info in gallery.train.stores] + [
+        store_path(features_dir, valid_split, name) for name in stores if not images]
+    inputs = [*(classifier.inputs() if classifier else []), *searched, *(images or []),
+              *{Path(fs_path(read_header(path).data_root)) / fs_path(read_header(path).split) for path in searched}]
+    return Search(queries, summary, about, gallery, stores, inputs)
 
 
 def write_sheet(found: Search, path: str | os.PathLike, worst: int = 16) -> Path:
     """The contact sheet of ``found``'s first ``worst`` queries (:func:`contact_sheet`)."""
     if worst < 1:
         raise SettingsError(f"--worst must be at least 1 (got {worst})")
+    check_output(path, found.inputs, flag="--sheet")
     shown = found.queries[:worst]
     title = f"{', '.join(found.stores)}: {found.summary}" + (f" (first {len(shown)})" if len(shown) < len(
         found.queries) else "")
@@ -184,6 +196,7 @@ def misclassified_queries(gallery: Gallery, classifier: Classifier, features_dir
     classes = classifier.record.classes
     valid = load_features(features_dir, valid_split, classifier.record.store_names)
     check_same_extraction(gallery.train, valid)
+    check_recorded(valid, classifier.record.backbones, classifier.path)
     names = [valid.classes[label] for label in valid.labels]
     scored = [i for i, name in enumerate(names) if name in classes]
     if not scored:

@@ -1,4 +1,10 @@
-"""What predict writes: the table of predictions (csv, kaggle), and the run's record beside it."""
+"""What predict writes: the table of predictions (csv, kaggle), and the run's record beside it.
+
+The output and the files beside it (:data:`RECORD`, and for labelled folders the report's) are
+checked before anything is written, the table and its record before any image is read
+(:func:`featurekit.files.check_output`): never one of the run's inputs (the head and its files and
+stores, the images, the class names), inside a folder of images given, a folder, a device or a FIFO.
+"""
 
 from __future__ import annotations
 
@@ -16,10 +22,13 @@ from .. import __version__
 from ..backbones.settings import RunSettings
 from ..errors import SettingsError
 from ..files import atomic_output, atomic_write
+from ..files import check_output as check_path
 from ..finetuning.artifact import Classifier, load_classifier
-from ..heads.report import labelled_metrics, write_prediction_report
+from ..heads.report import PREDICTION_REPORT, labelled_metrics, write_prediction_report
 from .classify import Predictions, predict_files
 from .settings import FORMS, PredictOptions
+
+RECORD = ".json"  # the run's record, beside the table; a labelled folder's report: PREDICTION_REPORT
 
 
 def check_output(classes: Sequence[str], form: str = "csv", topk: int | None = None,
@@ -83,7 +92,7 @@ def write_predictions(predictions: Predictions, out: Path | TextIO, head_path: P
              "device": settings.device, "precision": settings.precision, "dtype": settings.dtype,
              "decode": settings.decode.to_dict(), "skipped": [{"path": p, "reason": r} for p, r in predictions.errors],
              "featurekit": __version__}
-    meta = atomic_write(out.with_name(out.name + ".json"), json.dumps(about, indent=2) + "\n")
+    meta = atomic_write(out.with_name(out.name + RECORD), json.dumps(about, indent=2) + "\n")
     return [out, meta]
 
 
@@ -127,18 +136,24 @@ def predict_to(head: str | os.PathLike | Classifier, paths: str | os.PathLike | 
     is checked before any image is read (:func:`check_output`). Returns the lines that tell what was
     written: accuracy on labelled folders, the report files, the predictions and their rate."""
     started = time.perf_counter()
-    classifier = head if isinstance(head, Classifier) else load_classifier(head)
     options = options or PredictOptions()
+    classifier = head if isinstance(head, Classifier) else load_classifier(head, options.trust_paths)
     form, topk = options.form, options.topk
     names = read_class_names(options.class_names) if options.class_names else None
     check_output(classifier.record.classes, form, topk, names)
+    to_file = isinstance(out, (str, os.PathLike))
+    given = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    inputs = [*classifier.inputs(), *given, *([options.class_names] if options.class_names else [])]
+    if to_file:
+        check_path(out, inputs, side_suffixes=(RECORD,))
     predictions = predict_files(classifier, paths, settings, weights_paths, options.precision, options.tta)
     if not predictions.paths:
         raise SettingsError(f"none of the {len(predictions.errors)} files could be decoded")
-    to_file = isinstance(out, (str, os.PathLike))
+    evaluation = labelled_metrics(predictions.truth, predictions.proba, predictions.classes)
+    if to_file and evaluation is not None:
+        check_path(out, inputs, side_suffixes=PREDICTION_REPORT)
     written = write_predictions(predictions, out, classifier.path, form, topk, names)
     lines = []
-    evaluation = labelled_metrics(predictions.truth, predictions.proba, predictions.classes)
     if evaluation is not None:
         lines.append(f"labelled images: accuracy {evaluation['accuracy']:.4f} over {evaluation['n']} images, "
                      f"balanced accuracy {evaluation['balanced_accuracy']:.4f}")

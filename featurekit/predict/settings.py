@@ -30,3 +30,4 @@ class PredictOptions:
     tta: str = setting("none", "average each image's class probabilities over test-time views: flip (and mirror), "
                        "five-crop (centre and corners)", choices=tuple(TTA_VIEWS))
     plots: bool = setting(True, "labelled folders: no confusion-matrix PNG", flag="--no-plots", negate=True)
+    trust_paths: bool = setting(False, "load a fine-tuned model whose model.json names files outside its folder")
