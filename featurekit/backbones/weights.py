@@ -143,16 +143,21 @@ def seed_random(model_builder):
 
 @contextmanager
 def torchvision_download(weights):
-    """torchvision's own download and cache (``$TORCH_HOME/hub/checkpoints``); offline -> one clear line."""
+    """torchvision's own download and cache (``$TORCH_HOME/hub/checkpoints``); offline, or a cached
+    file that is not those weights -> one clear line."""
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
     try:
         yield
     except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as error:
-        cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
         reason = getattr(error, "reason", None) or first_line(error)
         raise WeightsError(
             f"cannot download {weights} from {weights.url} ({reason}): put that file at {cached}, "
             "or pass --weights-path FILE (a local state dict), or --weights random for a smoke run"
         ) from None
+    except (RuntimeError, pickle.UnpicklingError, EOFError) as error:  # torch.load, load_state_dict(strict=True)
+        reason = "not a file of tensors only" if isinstance(error, pickle.UnpicklingError) else first_line(error)
+        raise WeightsError(f"{cached}: not the weights {weights} ({reason}); put the file of {weights.url} there, "
+                           "or pass --weights-path FILE (a local state dict)") from None
 
 
 def weights_files(given: Mapping[str, str] | str | Sequence[str] | None, store_names: Sequence[str]) -> dict[str, str]:

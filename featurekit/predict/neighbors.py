@@ -130,7 +130,9 @@ def search(head: str | os.PathLike | Classifier | None = None, features_dir: str
     record = classifier.record if classifier else None
     features_dir = features_dir or getattr(record, "features_dir", None)
     if not features_dir:
-        raise SettingsError(f"{classifier.path}: records no features folder (a fine-tuned model); give --features")
+        raise SettingsError(f"{classifier.path}: records no features folder (a fine-tuned model); give --features: "
+                            "a folder of stores extracted with its trunks (extract --weights-path "
+                            "STORE=MODEL/trunks/STORE.pt)")
     features_dir = Path(features_dir)
     stores = list(backbones or record.store_names)
     split = split or getattr(record, "train_split", "train")
