@@ -130,4 +130,24 @@ def test_a_test_time_view_that_overflows_is_skipped_by_predict_and_refused_by_ex
     refused = run_cli(capsys, "extract", data, "--split", "valid", "--out", tmp_path / "tta", "--weights-path",
                       weights, "--dtype", "float16", "--tta", "flip", *EXTRACT)
     [line] = error_lines(refused.err)
-    assert refused.code == 1 and "non-finite features_tta features for row" in line and "overflow of float16" in line
+    assert refused.code == 1 and "non-finite features_tta features for row" in line
+    assert line.endswith("(overflow of float16: use --dtype float32)")
+    followed = run_cli(capsys, "extract", data, "--split", "valid", "--out", tmp_path / "tta", "--weights-path",
+                       weights, "--dtype", "float32", "--tta", "flip", *EXTRACT)
+    assert followed.code == 0 and (tmp_path / "tta" / "valid" / "resnet18.h5").is_file()
+
+
+def test_stores_with_other_augmented_views_join_on_their_plain_rows(tiny, tmp_path, capsys):
+    features, head = tmp_path / "features", tmp_path / "head"
+    shutil.copytree(tiny.features, features)
+    common = [tiny.data, "--out", features, "--weights", "random", "--dtype", "float32", *EXTRACT]
+    assert run_cli(capsys, "extract", *common, "--split", "train", "--augment", "2", "--overwrite").code == 0
+    assert run_cli(capsys, "extract", *common, "--split", "train", "valid", "--node", "layer4",
+                   "--augment", "3").code == 0
+    train = ["train-head", features, "--backbone", "resnet18", "resnet18@layer4", "--head", "logreg", "--out", head,
+             "--no-plots"]
+    refused = run_cli(capsys, *train)
+    assert refused.code == 1 and "extracted with other augment views (3 != 2)" in error_lines(refused.err)[0]
+    assert run_cli(capsys, *train, "--no-augmented").code == 0  # the plain rows line up
+    out = tmp_path / "p.csv"
+    assert run_cli(capsys, "predict", "--head", head, tiny.data / "valid", "--out", out, *RUN).code == 0
