@@ -210,7 +210,7 @@ def heads_phase(work: Path, results: dict) -> None:
                 out = work / "heads" / key
                 start = time.perf_counter()
                 report = train_head(features_dir, BACKBONES, head_kind, out, params={} if seed is None else
-                                    {"seed": seed}, plots=False, log=lambda line: None, tta="flip")
+                                    {"seed": seed}, plots=False, tta="flip")
                 head, _ = load_head(out / HEAD_FILE)
                 five = test_time_metrics(head, map_by_name(valid, train), valid.views[TEST_TIME], train.classes)
                 runs[key] = {"valid": report["valid"]["accuracy"], "flip": report["valid_tta"]["accuracy"],

@@ -2,6 +2,13 @@
 
     python benchmarks/bench_extract.py              # 48 images, batch 8 on CPU; 8000, batch 256 on CUDA
     python benchmarks/bench_extract.py --compile    # one GPU, compiled trunks (the issue's bound)
+    python benchmarks/bench_extract.py --backbone timm:vit_small_patch14_dinov2   # featurekit vs a bare timm loop
+
+For a ``timm:`` backbone the phases are (b) and (d) bare: ``timm.create_model`` and timm's own eval
+transform, every image decoded and transformed to a tensor in memory first (not timed), then a
+plain loop of ``model(x)`` per batch under the same precision (autocast), timed: what featurekit
+costs on top of the model, decoding and store writing included. ``--model-kwargs '{"img_size": 224}'``
+builds both smaller (DINOv2's 518 px is slow on a CPU).
 
 Phases, each in its own subprocess so peak memory is its own:
 
@@ -10,6 +17,8 @@ Phases, each in its own subprocess so peak memory is its own:
 (b) featurekit  ``featurekit.extract`` with its defaults for the device (bf16 + nvJPEG on CUDA).
 (c) bound    the same trunks prepared the same way (``prepare_trunk``), on device-resident
              tensors: forward only.
+(d) decode   (``--phases decode``) featurekit's loader and views alone, no trunk: what (b) waits
+             for when it is far below (c).
 
 Also: (b) again on half the images (peak memory must not grow with the data set), and (b) in
 fp32 on a subset to give the relative difference of bf16 features. All trunks use seeded random
@@ -118,20 +127,28 @@ def _recipe_transform(preprocessing):
     ])
 
 
+def _load(name: str, args):
+    from featurekit.backbones.registry import split_source
+    from featurekit.backbones.trunks import load_backbone
+
+    kwargs = json.loads(args.model_kwargs) if args.model_kwargs and split_source(name) else None
+    return load_backbone(name, weights="random", model_kwargs=kwargs)
+
+
 def phase_featurekit(args) -> dict:
     import torch
 
-    from featurekit.backbones.trunks import load_backbone
     from featurekit.extraction.engine import extract
     from featurekit.extraction.settings import ExtractSettings
+    from featurekit.images.decode import DecodePolicy
 
     device = _device(args.device)
     started = time.perf_counter()
-    backbones = [load_backbone(name, weights="random") for name in args.backbones]
+    backbones = [_load(name, args) for name in args.backbones]
     # float32 storage: random-weight ResNet152 activations overflow float16 (real weights do not)
     settings = ExtractSettings(device=str(device), precision=args.precision, batch_size=args.batch_size,
                                num_workers=args.workers, compile=args.compile, progress=False, dtype="float32",
-                               chunk_size=max(args.batch_size * 4, 512))
+                               chunk_size=max(args.batch_size * 4, 512), decode=DecodePolicy(backend=args.decoder))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     extract_started = time.perf_counter()
@@ -151,18 +168,16 @@ def phase_bound(args) -> dict:
 
     from featurekit.backbones.runner import prepare_trunk
     from featurekit.backbones.settings import RunSettings
-    from featurekit.backbones.trunks import load_backbone
-    from featurekit.devices import PRECISIONS
+    from featurekit.devices import torch_dtype
 
     device = _device(args.device)
     settings = RunSettings(device=str(device), precision=args.precision, compile=args.compile).resolved()
-    dtype = PRECISIONS[settings.precision]
+    dtype = torch_dtype(settings.precision)
     trunks, inputs = [], []
     for name in args.backbones:
-        backbone = load_backbone(name, weights="random")
+        backbone = _load(name, args)
         trunks.append(prepare_trunk(backbone, settings))
-        size = backbone.preprocessing.crop_size
-        batch = torch.randn(args.batch_size, 3, size, size, device=device)
+        batch = torch.randn(args.batch_size, 3, *backbone.preprocessing.size, device=device)
         inputs.append(batch.contiguous(memory_format=torch.channels_last))
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -181,15 +196,71 @@ def phase_bound(args) -> dict:
     return {"seconds": seconds, "images": steps * args.batch_size}
 
 
+def phase_decode(args) -> dict:
+    """Decoding and views alone: featurekit's loader and, on CUDA, nvJPEG and the views cut on the GPU,
+    no trunk. Where (b) is far below (c), this says whether decoding is what it waits for."""
+    from featurekit.backbones.runner import device_views
+    from featurekit.backbones.settings import RunSettings
+    from featurekit.images.decode import DecodePolicy
+    from featurekit.images.listing import list_split
+    from featurekit.views.loader import ViewDataset, iterate_views
+
+    device = _device(args.device)
+    settings = RunSettings(device=str(device), batch_size=args.batch_size, num_workers=args.workers,
+                           decode=DecodePolicy(backend=args.decoder)).resolved()
+    preprocessings = {b.preprocessing.key: b.preprocessing for b in (_load(name, args) for name in args.backbones)}
+    listing = list_split(args.data, "train")
+    dataset = ViewDataset(listing.files(), list(preprocessings.values()), settings.decode)
+    started, images = time.perf_counter(), 0
+    for batch in iterate_views(dataset, [(0, len(listing))], settings.batch_size, settings.num_workers,
+                               pin_memory=device.type == "cuda"):
+        device_views(batch, device, preprocessings, settings.decode)
+        images += len(batch.indices)
+    _sync(device)
+    return {"seconds": time.perf_counter() - started, "images": images}
+
+
+def phase_bare(args) -> dict:
+    """A bare timm loop over the same images, decoded and transformed to tensors first (not timed)."""
+    import timm
+    import torch
+    from PIL import Image
+
+    from featurekit.backbones.settings import RunSettings
+    from featurekit.devices import torch_dtype
+
+    device = _device(args.device)
+    precision = RunSettings(device=str(device), precision=args.precision).resolved().precision
+    dtype = torch_dtype(precision)
+    [name] = args.backbones
+    kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
+    if "img_size" in kwargs:  # as featurekit does: timm's data config keeps its own input size otherwise
+        size = kwargs["img_size"]
+        kwargs["pretrained_cfg_overlay"] = {"input_size": (3, *((size, size) if isinstance(size, int) else size))}
+    started = time.perf_counter()
+    model = timm.create_model(name.split(":", 1)[1], pretrained=False, num_classes=0, **kwargs).eval().to(device)
+    transform = timm.data.create_transform(**timm.data.resolve_model_data_config(model))
+    files = sorted(Path(args.data, "train").rglob("*.jpg"))
+    tensors = [transform(Image.open(path).convert("RGB")) for path in files]
+    batches = [torch.stack(tensors[i:i + args.batch_size]) for i in range(0, len(tensors), args.batch_size)]
+    built = time.perf_counter() - started
+    started = time.perf_counter()  # no warm-up batch: featurekit's first batch is timed too
+    with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        for batch in batches:
+            model(batch.to(device))
+    _sync(device)
+    return {"seconds": time.perf_counter() - started, "images": len(files), "precision": precision,
+            "build_and_decode_seconds": built}
+
+
 def phase_precision(args) -> dict:
     """Relative difference of the default-precision features against fp32, on the same images."""
-    from featurekit.backbones.trunks import load_backbone
     from featurekit.extraction.engine import extract
     from featurekit.extraction.settings import ExtractSettings
     from featurekit.store.format import read_store
 
     device = _device(args.device)
-    backbones = [load_backbone(name, weights="random") for name in args.backbones]
+    backbones = [_load(name, args) for name in args.backbones]
     out = {}
     for precision in (args.precision, "fp32"):
         settings = ExtractSettings(device=str(device), precision=precision, batch_size=args.batch_size,
@@ -205,13 +276,15 @@ def phase_precision(args) -> dict:
     return {"relative_difference": differences, "precision": resolved.precision}
 
 
-PHASES = {"recipe": phase_recipe, "featurekit": phase_featurekit, "bound": phase_bound, "precision": phase_precision}
+PHASES = {"recipe": phase_recipe, "featurekit": phase_featurekit, "bound": phase_bound, "bare": phase_bare,
+          "precision": phase_precision, "decode": phase_decode}
 
 
 def run_phase(name: str, args, data: Path, scratch: Path) -> dict:
     command = [sys.executable, __file__, "--phase", name, "--data", str(data), "--scratch", str(scratch),
                "--device", args.device, "--batch-size", str(args.batch_size), "--workers", str(args.workers),
-               "--precision", args.precision, "--bound-images", str(args.bound_images), "--backbones", *args.backbones]
+               "--precision", args.precision, "--bound-images", str(args.bound_images), "--backbones", *args.backbones,
+               "--model-kwargs", args.model_kwargs or "", "--decoder", args.decoder]
     if args.compile:
         command.append("--compile")
     scratch.mkdir(parents=True, exist_ok=True)
@@ -232,16 +305,19 @@ def main() -> None:
     parser.add_argument("--images", type=int, help="default: 48 on CPU, 8000 on CUDA")
     parser.add_argument("--size", default="400x300", help="mean JPEG size WxH of generated images")
     parser.add_argument("--data", type=Path, help="an image folder with train/ (default: generate JPEGs)")
-    parser.add_argument("--backbones", nargs="+", default=["vgg19", "inception_v3", "resnet152"])
+    parser.add_argument("--backbones", "--backbone", nargs="+", default=["vgg19", "inception_v3", "resnet152"])
+    parser.add_argument("--model-kwargs", help="JSON: timm.create_model arguments of a timm: backbone (both phases)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--batch-size", type=int, help="default: 8 on CPU, 256 on CUDA")
     parser.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--decoder", default="auto", help="featurekit decoder: auto (nvJPEG on CUDA), pil, torchvision")
     parser.add_argument("--bound-images", type=int, default=0, help="images for the bound (default: --images)")
     parser.add_argument("--precision-images", type=int, default=0,
                         help="images for the bf16/fp32 check (default: min(512, images))")
-    parser.add_argument("--phases", nargs="+", default=["recipe", "featurekit", "half", "bound", "precision"])
+    parser.add_argument("--phases", nargs="+", help="default: recipe featurekit half bound precision; for a "
+                        "timm: backbone featurekit bare")
     parser.add_argument("--report", type=Path)
     parser.add_argument("--phase", choices=PHASES, help=argparse.SUPPRESS)
     parser.add_argument("--scratch", type=Path, help=argparse.SUPPRESS)
@@ -251,6 +327,9 @@ def main() -> None:
         args.images = args.images or (8000 if on_gpu else 48)
         args.batch_size = args.batch_size or (256 if on_gpu else 8)
     args.bound_images = args.bound_images or args.images
+    timm_backbone = len(args.backbones) == 1 and args.backbones[0].startswith("timm:")
+    args.phases = args.phases or (["featurekit", "bare"] if timm_backbone else
+                                  ["recipe", "featurekit", "half", "bound", "precision"])
 
     if args.phase:  # child process: one phase, one JSON line
         result = PHASES[args.phase](args)
@@ -294,6 +373,11 @@ def report(results: dict, args) -> None:
     rate = {phase: r.get("images_per_s") for phase, r in results.items()}
     if rate.get("recipe") and rate.get("featurekit"):
         print(f"\nfeaturekit / recipe = {rate['featurekit'] / rate['recipe']:.2f}x")
+    if rate.get("bare") and rate.get("featurekit"):
+        fk = results["featurekit"]
+        print(f"featurekit / bare timm loop = {fk['images'] / fk['extract_seconds'] / rate['bare']:.2f} once the "
+              f"models are built ({results['bare']['precision']}; end to end, builds included: "
+              f"{rate['featurekit'] / rate['bare']:.2f})")
     if rate.get("bound") and rate.get("featurekit"):
         fk = results["featurekit"]
         print(f"featurekit / model-only bound = {rate['featurekit'] / rate['bound']:.0%} end to end, "

@@ -125,8 +125,7 @@ def many_classes(device: str, limit: float, plots: bool) -> None:
         print(f"\nmany classes: {n} train / {len(X_val)} valid x {dim} float16 features, {classes} classes, "
               f"{device}, {torch.get_num_threads()} threads", flush=True)
         start = time.perf_counter()
-        report = train_head(features, [STORE], "all", Path(base) / "head", params={"device": device}, plots=plots,
-                            log=lambda _: None)
+        report = train_head(features, [STORE], "all", Path(base) / "head", params={"device": device}, plots=plots)
         total = time.perf_counter() - start
     ours = {entry["head"]: entry for entry in report["choice"]["heads"]}
     fits = sum(entry["seconds"] for entry in ours.values())

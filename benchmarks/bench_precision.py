@@ -51,7 +51,7 @@ def main() -> None:
             for head, seeds in (("logreg", [0]), ("mlp", range(args.seeds))):
                 for seed in seeds:
                     report = train_head(Path(tmp) / precision, names, head, Path(tmp) / f"{precision}-{head}-{seed}",
-                                        params={"seed": seed} if head == "mlp" else {}, plots=False, log=lambda _: None)
+                                        params={"seed": seed} if head == "mlp" else {}, plots=False)
                     accuracy.setdefault((head, precision), []).append(100 * report["valid"]["accuracy"])
 
     print(f"\nvalidation accuracy (%), {' + '.join(names)}, {args.data}")

@@ -156,7 +156,7 @@ def run_size(n: int, base: Path, repeats: int) -> tuple[dict[str, Measured], flo
     make_folder(root, n)
     with Measured("listing") as listing_memory:
         listing = list_split(root, "train")
-    writer = StoreWriter(features_dir, listing, STORE, header_for(listing), log=lambda _: None)
+    writer = StoreWriter(features_dir, listing, STORE, header_for(listing))
     results = {}
     with Measured("commit") as results["commit chunks"]:
         commit_chunks(writer, n)

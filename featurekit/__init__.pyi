@@ -1,6 +1,7 @@
 __version__: str
 
 from .backbones.runner import embed as embed
+from .backbones.settings import BackboneChoice as BackboneChoice
 from .backbones.settings import RunSettings as RunSettings
 from .backbones.trunks import load_backbone as load_backbone
 from .errors import FeaturekitError as FeaturekitError

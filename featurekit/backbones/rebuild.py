@@ -30,7 +30,8 @@ from .weights import weights_files
 def store_identity(backbone: Backbone, settings: RunSettings) -> StoreIdentity:
     """The identity of the features ``backbone`` makes under resolved ``settings``."""
     return StoreIdentity(backbone.name, backbone.node, backbone.weights.sha256, backbone.preprocessing.to_dict(),
-                         settings.decode.to_dict(), settings.precision, settings.dtype, FEATURES_VERSION)
+                         settings.decode.to_dict(), settings.precision, settings.dtype, FEATURES_VERSION,
+                         source=backbone.source)
 
 
 def recorded_settings(source: Path, records: Sequence[BackboneRecord], base: RunSettings,
@@ -67,6 +68,14 @@ def check_backbone(source: Path, record: BackboneRecord, backbone: Backbone, set
                                 f"{short(found.theirs)}; refusing to {purpose}")
 
 
+def load_recorded(name: str, node: str, source: dict | None, weights: str, weights_path: str | None) -> Backbone:
+    """The backbone a store's identity names (``name``, ``node``, ``source``), built again with
+    ``weights`` or the file ``weights_path``; another library's keeps its pool and model arguments."""
+    source = source or {}
+    pool = source.get("pool", "default")  # such a backbone's node is its pool, unless --node was given
+    return load_backbone(name, weights, weights_path, None if node == pool else node, pool, source.get("kwargs"))
+
+
 def recorded_backbones(source: Path, records: Sequence[BackboneRecord], settings: RunSettings,
                        weights_paths: Mapping[str, str] | Sequence[str] | None = None,
                        purpose: str = "predict") -> list[Backbone]:
@@ -80,7 +89,8 @@ def recorded_backbones(source: Path, records: Sequence[BackboneRecord], settings
     for record in records:
         from_file = files.get(record.store_name) or (record.weights_source if record.weights.startswith("file:")
                                                       else None)
-        backbone = load_backbone(record.backbone, "DEFAULT" if from_file else record.weights, from_file, record.node)
+        backbone = load_recorded(record.backbone, record.node, record.source, "DEFAULT" if from_file else
+                                 record.weights, from_file)
         check_backbone(source, record, backbone, settings, purpose)
         backbones.append(backbone)
     return backbones

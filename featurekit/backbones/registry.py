@@ -1,7 +1,9 @@
-"""The backbone registry's entries, and the names of torchvision's classifiers, without importing torch.
+"""The backbone registry's entries, the names of torchvision's classifiers and of the other
+libraries' backbones (``timm:``, ``open_clip:``, ``hf:``), without importing torch.
 
 ``featurekit list-backbones`` and ``--help`` answer from here in a fraction of a second; building a
-backbone (:mod:`featurekit.backbones`) imports torch and torchvision.
+backbone (:mod:`featurekit.backbones`) imports torch and torchvision. ``list-backbones --source
+timm`` (or ``open_clip``) imports that library to ask it for its names, and downloads nothing.
 
 torchvision registers each classification model with ``@register_model()`` on its builder in a
 module directly under ``torchvision/models/`` (detection, segmentation, video, ... live in
@@ -13,10 +15,22 @@ installed version's, never a copy; a test keeps it equal to ``torchvision.models
 from __future__ import annotations
 
 import ast
+import fnmatch
 import functools
+import importlib
 import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
+
+from ..errors import BackboneError
+
+# Backbones of other libraries, named "<source>:<model>": source -> (the module it imports, the extra
+# that installs it: pip install 'featurekit[<extra>]').
+SOURCES = {"timm": ("timm", "timm"), "open_clip": ("open_clip", "clip"), "hf": ("transformers", "hf")}
+# Representations of a source backbone (--pool): the library's pooled output, the class token, the mean of
+# the patch tokens, both concatenated, the pooled vector before a CLIP projection (docs/backbones.md).
+POOLS = ("default", "cls", "mean", "cls+mean", "pre-proj")
 
 
 @dataclass(frozen=True)
@@ -97,10 +111,76 @@ def _registered(source: Path) -> list[str]:
 
 
 
-def describe_registry() -> list[str]:
-    """What ``featurekit list-backbones`` prints: the registry's entries, then torchvision's other classifiers."""
+def split_source(name: str) -> tuple[str, str] | None:
+    """``(source, model)`` of another library's backbone name (``timm:convnext_tiny.fb_in22k`` ->
+    ``("timm", "convnext_tiny.fb_in22k")``), None for a registry or torchvision name."""
+    source, colon, model = name.partition(":")
+    if not colon or source not in SOURCES:
+        return None
+    if not model:
+        raise BackboneError(f"{name!r}: no model after {source}: ({_FORMS[source]})")
+    return source, model
+
+
+_FORMS = {"timm": "timm:<model>[.<tag>], e.g. timm:vit_small_patch14_dinov2.lvd142m",
+          "open_clip": "open_clip:<model>/<pretrained>, e.g. open_clip:ViT-B-32/laion2b_s34b_b79k",
+          "hf": "hf:<repo id or local folder>, e.g. hf:facebook/dinov2-small"}
+
+
+def source_hint(name: str) -> str:
+    """For an unknown backbone name written another library's way, how featurekit names it ("" if none)."""
+    if name.startswith(("hf-hub:timm/", "timm/")):
+        return f"; a timm model is timm:{name.rsplit('/', 1)[1]}"
+    if name.startswith("hf-hub:") or (name.count("/") == 1 and ":" not in name):
+        return f"; a Hugging Face model is hf:{name.removeprefix('hf-hub:')}"
+    return ""
+
+
+def import_source(source: str, name: str) -> ModuleType:
+    """The library behind ``source`` (``name``: the backbone, for the message), or one line naming the extra."""
+    module, extra = SOURCES[source]
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise BackboneError(f"{name}: needs the {module} package: pip install 'featurekit[{extra}]'") from None
+
+
+def source_names(source: str, pattern: str | None = None) -> list[str]:
+    """The backbone names the library behind ``source`` lists, without downloading anything, those
+    matching ``pattern`` (shell-style; a bare word matches anywhere in the name)."""
+    library = import_source(source, f"list-backbones --source {source}")
+    if source == "timm":  # architecture.tag with pretrained weights, then architectures without any
+        tagged = library.list_pretrained()
+        names = tagged + sorted(set(library.list_models()) - {name.split(".")[0] for name in tagged})
+    elif source == "open_clip":
+        names = [f"{model}/{tag}" for model, tag in library.list_pretrained()]
+    else:  # the Hugging Face Hub has no list offline: the models already in the local cache
+        from huggingface_hub import scan_cache_dir
+
+        try:
+            names = sorted(repo.repo_id for repo in scan_cache_dir().repos if repo.repo_type == "model")
+        except Exception:  # no cache folder yet
+            names = []
+    if pattern:
+        pattern = pattern if any(c in pattern for c in "*?[") else f"*{pattern}*"
+        names = [name for name in names if fnmatch.fnmatch(name.lower(), pattern.lower())]
+    return [f"{source}:{name}" for name in names]
+
+
+def describe_registry(source: str | None = None, pattern: str | None = None) -> list[str]:
+    """What ``featurekit list-backbones`` prints: the registry's entries, torchvision's other
+    classifiers and how to name other libraries' models; with ``source``, that library's names."""
+    if source:
+        if source not in SOURCES:
+            raise BackboneError(f"unknown source {source!r} (choose from {', '.join(SOURCES)})")
+        names = source_names(source, pattern)
+        more = ["(any Hub repo id, hf:org/name, or a save_pretrained folder, hf:/path/to/folder; above: the models "
+                "in the local Hugging Face cache)"] if source == "hf" else []
+        return names + more + [f"{len(names)} {source} names" + (f" matching {pattern!r}" if pattern else "")]
     lines = [f"{spec.name:20s} {spec.feature_dim or '?':>5} features  node {spec.feature_node or 'last linear in':14s} "
              f"weights {spec.default_weights:14s} {spec.description}" for spec in REGISTRY.values()]
     others = [name for name in torchvision_model_names() if name not in REGISTRY]
     return lines + ["", "any other torchvision classification model (DEFAULT weights, input of the final classifier "
-                        "layer):\n  " + ", ".join(others)]
+                        "layer):\n  " + ", ".join(others), "",
+                    "other libraries' models (list-backbones --source timm|open_clip|hf [PATTERN] lists them):",
+                    *(f"  {form} (pip install 'featurekit[{SOURCES[source][1]}]')" for source, form in _FORMS.items())]

@@ -34,7 +34,7 @@ from ..views.augment import ViewPlan
 from ..views.gpu_decode import decode_batch
 from ..views.loader import Source, ViewBatch, ViewDataset, iterate_views
 from ..views.preprocessing import Preprocessing
-from .settings import AUTO_DTYPE, RunSettings
+from .settings import AUTO_DTYPE, BackboneChoice, RunSettings
 from .trunks import Backbone, load_backbone
 
 FOLDABLE = [(nn.Conv1d, nn.BatchNorm1d), (nn.Conv2d, nn.BatchNorm2d), (nn.Conv3d, nn.BatchNorm3d),
@@ -61,17 +61,39 @@ def prepare_trunk(backbone: Backbone, settings: RunSettings) -> torch.nn.Module:
     return torch.compile(trunk) if settings.compile else trunk
 
 
-def fold_and_cast(body: fx.GraphModule, dtype: torch.dtype, trainable_modules: Collection[str] = (),
-                  trainable_parameters: Collection[str] = ()) -> fx.GraphModule:
-    """``body``'s current graph as a plain graph module, prepared to run in eval mode: each BatchNorm
-    folded into the convolution or linear layer before it (one pass less over each activation, ~10%
-    on CPU), tensors cast once to ``dtype`` (autocast would cast them again on every batch: 0.5 GB
-    per VGG19 forward). Extraction prepares whole trunks so; fine-tuning leaves its trainable part
-    (``trainable_modules``: module names in ``body``; ``trainable_parameters``) unfolded, in fp32,
-    with gradients on, so a frozen part computes what extraction computes. The result takes over
-    ``body``'s modules: use only the result afterwards."""
+def fold_and_cast(body: nn.Module, dtype: torch.dtype, trainable_modules: Collection[str] = (),
+                  trainable_parameters: Collection[str] = ()) -> nn.Module:
+    """``body`` prepared to run in eval mode: an FX graph (torchvision's and timm's ``--node`` trunks)
+    as a plain graph module with each BatchNorm folded into the convolution or linear layer before
+    it (one pass less over each activation, ~10% on CPU); any body with its tensors cast once to
+    ``dtype`` (autocast would cast them again on every batch: 0.5 GB per VGG19 forward). Extraction
+    prepares whole trunks so; fine-tuning leaves its trainable part (``trainable_modules``: module
+    names in ``body``; ``trainable_parameters``) unfolded, in fp32, with gradients on, so a frozen
+    part computes what extraction computes. The result takes over ``body``'s modules: use only the
+    result afterwards."""
+    if isinstance(body, fx.GraphModule):
+        prepared = _folded(body, set(trainable_modules))
+    else:  # another library's model, run by its own forward: nothing to fold
+        prepared = body
+    trainable_modules = set(trainable_modules)
+    for name, param in list(prepared.named_parameters()):
+        owner, _, leaf = name.rpartition(".")
+        if name in trainable_parameters:
+            param.requires_grad_(True)
+        else:
+            prepared.get_submodule(owner)._parameters[leaf] = nn.Parameter(param.detach().to(dtype),
+                                                                           requires_grad=False)
+    for name, buffer in list(prepared.named_buffers()):
+        owner, _, leaf = name.rpartition(".")
+        if owner not in trainable_modules and buffer.is_floating_point():
+            prepared.get_submodule(owner)._buffers[leaf] = buffer.to(dtype)
+    return prepared
+
+
+def _folded(body: fx.GraphModule, trainable_modules: set[str]) -> fx.GraphModule:
+    """``body``'s graph with each BatchNorm outside ``trainable_modules`` folded into the layer before it."""
     prepared = fx.GraphModule(body, copy.deepcopy(body.graph))
-    modules, trainable_modules = dict(prepared.named_modules()), set(trainable_modules)
+    modules = dict(prepared.named_modules())
     for pattern in FOLDABLE:
         for node in list(prepared.graph.nodes):
             if not matches_module_pattern(pattern, node, modules) or len(node.args[0].users) > 1:
@@ -85,17 +107,6 @@ def fold_and_cast(body: fx.GraphModule, dtype: torch.dtype, trainable_modules: C
             prepared.graph.erase_node(node)
     prepared.delete_all_unused_submodules()
     prepared.recompile()
-    for name, param in list(prepared.named_parameters()):
-        owner, _, leaf = name.rpartition(".")
-        if name in trainable_parameters:
-            param.requires_grad_(True)
-        else:
-            prepared.get_submodule(owner)._parameters[leaf] = nn.Parameter(param.detach().to(dtype),
-                                                                           requires_grad=False)
-    for name, buffer in list(prepared.named_buffers()):
-        owner, _, leaf = name.rpartition(".")
-        if owner not in trainable_modules and buffer.is_floating_point():
-            prepared.get_submodule(owner)._buffers[leaf] = buffer.to(dtype)
     return prepared
 
 
@@ -127,7 +138,8 @@ class TrunkRunner:
         self.settings = settings = dataclasses.replace(settings, dtype=storage_dtype(settings.dtype, backbones))
         self.device = torch.device(settings.device)
         if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)  # events, streams and pinned copies follow the current device
+            if self.device.index is not None:  # "cuda" is the current device; torch 2.11 refuses it without an index
+                torch.cuda.set_device(self.device)  # events, streams and pinned copies follow the current device
             torch.backends.cudnn.benchmark = True  # fixed input shapes: autotune each conv once
         self.backbones = list(backbones)
         names = [b.store_name for b in self.backbones]
@@ -179,7 +191,7 @@ class TrunkRunner:
 
     def forward(self, batch: ViewBatch, count: int = 1) -> dict[str, torch.Tensor]:
         """Every trunk on the batch: ``{store_name: float16|float32 [B, D]}`` on the device; for
-        ``count`` views per image (``uint8[B, count, 3, crop, crop]``), ``[B, count, D]``, each view
+        ``count`` views per image (``uint8[B, count, 3, H, W]``), ``[B, count, D]``, each view
         index run as one batch of the B images, so the plain views run as without other views.
 
         GPU-decoded images that fail are moved to ``batch.errors`` first, so ``batch.indices``
@@ -264,7 +276,7 @@ class TrunkRunner:
 
 def device_views(batch: ViewBatch, device: torch.device, preprocessings: dict[str, Preprocessing],
                  decode: DecodePolicy) -> dict[str, torch.Tensor]:
-    """``{preprocessing key: uint8[B, 3, crop, crop]}`` on ``device``, in ``batch.indices`` order.
+    """``{preprocessing key: uint8[B, 3, H, W]}`` on ``device``, in ``batch.indices`` order.
 
     JPEGs left for the GPU are decoded there; those that fail move to ``batch.errors`` and out of
     ``batch.indices``, so the rows returned are exactly ``batch.indices``.
@@ -283,18 +295,19 @@ def device_views(batch: ViewBatch, device: torch.device, preprocessings: dict[st
     return {key: torch.stack([rows[row][key] for row in order]) for key in preprocessings} if order else {}
 
 
-def embed(images: Sequence[str | Path | Image.Image], backbone: str | Backbone, weights: str = "DEFAULT", *,
-          node: str | None = None, settings: RunSettings | None = None) -> np.ndarray:
+def embed(images: Sequence[str | Path | Image.Image], backbone: str | Backbone, weights: str = BackboneChoice.weights,
+          *, node: str | None = BackboneChoice.node, pool: str = BackboneChoice.pool,
+          settings: RunSettings | None = None) -> np.ndarray:
     """Features of a few images, in memory, without writing a store: float32[len(images), D].
 
     ``images``: file paths (decoded under ``settings.decode``, EXIF orientation included) or PIL
-    images (converted to RGB as they are). ``backbone``: a registry name (built with ``weights``
-    and ``node``) or a :class:`~featurekit.backbones.Backbone` already built. The features are
+    images (converted to RGB as they are). ``backbone``: a backbone name (built with ``weights``,
+    ``node`` and ``pool``) or a :class:`~featurekit.backbones.Backbone` already built. The features are
     those extract would store for the same files under the same settings (default: ``auto``
     precision, float32 here). A file that cannot be decoded raises :class:`ImageDecodeError`.
     """
     if not isinstance(backbone, Backbone):
-        backbone = load_backbone(backbone, weights, node=node)
+        backbone = load_backbone(backbone, weights, node=node, pool=pool)
     settings = settings or RunSettings(dtype="float32", num_workers=0, progress=False)
     runner = TrunkRunner([backbone], dataclasses.replace(settings, on_error="fail").resolved())
     sources = [(image, f"image #{i}") if isinstance(image, Image.Image) else (str(image), str(image))

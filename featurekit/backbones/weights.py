@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import logging
 import os
 import pickle
 import re
@@ -22,7 +23,7 @@ import urllib.error
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -30,7 +31,7 @@ from torch import nn
 from ..errors import FeaturekitError, SettingsError, WeightsError, first_line
 
 RANDOM_SEED = 0
-
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -119,13 +120,29 @@ def read_tensors(path: str | os.PathLike, error: type[FeaturekitError] = Weights
         raise error(f"{path}: not a readable torch file ({first_line(failure)})") from None
 
 
-def load_file(model: nn.Module, path: str | os.PathLike) -> WeightsInfo:
-    """Load a local state-dict file into ``model`` by names and shapes."""
+def load_file(model: nn.Module, path: str | os.PathLike,
+              convert: Callable[[dict], dict] | None = None) -> WeightsInfo:
+    """Load a local state-dict file (``torch.save``'d, or ``.safetensors``) into ``model`` by names and
+    shapes; ``convert`` maps the file's names to the model's first (a library's checkpoint filter)."""
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{path}: weights file not found")
-    obj = read_tensors(path)
-    report = load_matching(model, unwrap_state_dict(obj, path))
+    if path.suffix == ".safetensors":
+        try:
+            from safetensors.torch import load_file as load_safetensors
+
+            obj = load_safetensors(path, device="cpu")
+        except Exception as error:
+            raise WeightsError(f"{path}: cannot read a state dict ({first_line(error)})") from None
+    else:
+        obj = read_tensors(path)
+    state = unwrap_state_dict(obj, path)
+    if convert is not None:
+        try:
+            state = convert(state)
+        except Exception as error:  # the conversion expects another layout: match the names as they are
+            logger.info(f"{path}: the model's checkpoint conversion did not apply ({first_line(error)})")
+    report = load_matching(model, state)
     if not report.loaded:
         raise WeightsError(f"{path}: no tensor matches the architecture by name and shape ({report.summary()})")
     return WeightsInfo(f"file:{path.name}", state_sha256(model), str(path.resolve()), report)

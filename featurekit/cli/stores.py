@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..backbones.registry import SOURCES, describe_registry
 from ._options import command, say
 
 
@@ -43,12 +44,9 @@ def describe(path: Path, as_json: bool) -> list[str]:
 
 
 def add_list_backbones(commands) -> None:
-    p = command(commands, "list-backbones", "list the backbones extract knows: the registry and torchvision's models")
-    p.set_defaults(run=run_list_backbones)
-
-
-def run_list_backbones(args) -> int:
-    from ..backbones.registry import describe_registry
-
-    say(describe_registry())
-    return 0
+    p = command(commands, "list-backbones", "list the backbones extract knows: the registry, torchvision's models, "
+                "and with --source another library's")
+    p.add_argument("--source", choices=SOURCES, help="list that library's model names, without downloading anything "
+                   "(default: none: the registry and torchvision)")
+    p.add_argument("pattern", nargs="?", help="only names matching it (shell-style; a word matches anywhere)")
+    p.set_defaults(run=lambda args: say(describe_registry(args.source, args.pattern)))

@@ -32,6 +32,7 @@ import torchvision
 from .. import __version__
 from ..backbones.rebuild import store_identity
 from ..backbones.runner import TrunkRunner, storage_dtype
+from ..backbones.settings import BackboneChoice
 from ..backbones.trunks import Backbone, load_backbone
 from ..backbones.weights import weights_files
 from ..errors import DataError, ImageDecodeError
@@ -104,11 +105,12 @@ class Extraction(list):
 
 
 def extract(root: str | Path, splits: Sequence[str], backbones: Sequence[str | Backbone],
-            out_dir: str | Path = "features", settings: ExtractSettings | None = None, *, weights: str = "DEFAULT",
-            weights_paths: Mapping[str, str] | str | None = None, node: str | None = None) -> Extraction:
+            out_dir: str | Path = "features", settings: ExtractSettings | None = None, *,
+            weights: str = BackboneChoice.weights, weights_paths: Mapping[str, str] | str | None = None,
+            node: str | None = BackboneChoice.node, pool: str = BackboneChoice.pool) -> Extraction:
     """Extract the store of every (split, backbone) of ``root`` into ``out_dir``; one result per store.
 
-    ``backbones``: registry names (built with ``weights``, ``weights_paths`` and ``node``, see
+    ``backbones``: backbone names (built with ``weights``, ``weights_paths``, ``node`` and ``pool``, see
     :func:`build_backbones`) or :class:`~featurekit.backbones.trunks.Backbone` objects. Every split is
     listed, and every store checked for staleness, before any model runs. What is found is logged
     (:mod:`logging`, logger ``featurekit``); features of random weights are a ``FeaturekitWarning``.
@@ -120,18 +122,19 @@ def extract(root: str | Path, splits: Sequence[str], backbones: Sequence[str | B
         logger.info(f"{listing.display_dir}: {len(listing)} images in {len(listing.classes)} classes")
         for line in listing.notices():
             logger.info(line)
-    built = build_backbones(backbones, weights, weights_paths, node)
+    built = build_backbones(backbones, weights, weights_paths, node, pool)
     return extract_listings(listings, built, out_dir, settings, started)
 
 
-def build_backbones(backbones: Sequence[str | Backbone], weights: str = "DEFAULT",
-                    weights_paths: Mapping[str, str] | str | None = None, node: str | None = None) -> list[Backbone]:
+def build_backbones(backbones: Sequence[str | Backbone], weights: str = BackboneChoice.weights,
+                    weights_paths: Mapping[str, str] | str | None = None, node: str | None = BackboneChoice.node,
+                    pool: str = BackboneChoice.pool) -> list[Backbone]:
     """The backbones of a run: names built with ``weights`` (``weights_paths``: a state-dict file per
-    backbone name, or one file when there is one backbone) and ``node``; built ones as they are.
-    Each is logged; random weights are warned of (:func:`~featurekit.store.format.warn_random`)."""
+    backbone name, or one file when there is one backbone), ``node`` and ``pool``; built ones as they
+    are. Each is logged; random weights are warned of (:func:`~featurekit.store.format.warn_random`)."""
     names = [b if isinstance(b, str) else b.store_name for b in backbones]
     files = weights_files(weights_paths, names)
-    built = [b if isinstance(b, Backbone) else load_backbone(b, weights, files.get(b), node) for b in backbones]
+    built = [b if isinstance(b, Backbone) else load_backbone(b, weights, files.get(b), node, pool) for b in backbones]
     for backbone in built:
         logger.info(f"{backbone.store_name}: node {backbone.node}, {backbone.feature_dim} features, weights "
                     f"{backbone.weights.name} (sha256 {backbone.weights.sha256[:12]})")

@@ -38,7 +38,8 @@ import sklearn
 import torch
 from torch import nn
 
-from ..backbones.trunks import Backbone, load_backbone
+from ..backbones.rebuild import load_recorded
+from ..backbones.trunks import Backbone
 from ..backbones.weights import read_tensors
 from ..errors import HeadFileError, first_line
 from ..files import atomic_output, atomic_write, file_sha256, output_handle
@@ -135,7 +136,8 @@ def save_model(out_dir: Path, model: FinetuneModel, backbones: Sequence[Backbone
         if model.parts[index].parameters:
             path = save_tensors(out_dir / "trunks" / f"{backbone.store_name}.pt", model.trunk_state(index))
             written.append(path)
-            weights = load_backbone(backbone.name, "DEFAULT", str(path), backbone.node).weights  # as extract will
+            weights = load_recorded(backbone.name, backbone.node, backbone.source, "DEFAULT",
+                                    str(path)).weights  # as extract will
             record.update(weights=weights.name, weights_sha256=weights.sha256, weights_source=str(path.resolve()),
                           trunk_file=f"trunks/{path.name}", trunk_file_sha256=file_sha256(path))
         records.append(record)

@@ -29,7 +29,7 @@ from ..backbones.runner import device_views
 from ..errors import FinetuneError, ImageDecodeError
 from ..images.listing import SplitListing, list_split
 from ..images.names import printable_path
-from ..views.augment import AugmentPolicy, augment_policy, view_seed
+from ..views.augment import AugmentPolicy, augment_policy, view_seed, views_refusal
 from ..views.loader import ViewBatch, ViewDataset, collate_views, iterate_views
 from .model import FinetuneModel
 from .settings import FinetuneSettings
@@ -43,6 +43,9 @@ class AugmentedViews(ViewDataset):
     def __init__(self, sources, preprocessings, decode, policy: AugmentPolicy, seed: int, epoch: int):
         super().__init__(sources, preprocessings, decode)
         self.augment, self.seed, self.epoch = policy, seed, epoch  # self.policy is the decode policy
+        refusal = next(filter(None, (views_refusal(p, f"{policy.name} views") for p in preprocessings)), None)
+        if policy.is_random and refusal:
+            raise FinetuneError(f"{refusal}: fine-tune with --augment none")
 
     def _views(self, image, index: int) -> dict[str, torch.Tensor]:
         return {key: self.augment.view(image, preprocessing, self.seed, index, self.epoch)

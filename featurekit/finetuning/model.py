@@ -105,14 +105,17 @@ class TrunkPart:
     unfreeze: str
     modules: set[str]
     parameters: set[str]
+    recursive: bool = True  # train()/eval() of a listed module reaches its children (graph leaves) or not
 
     def trains(self, name: str) -> bool:
         """Whether state entry ``name`` of the trunk (a parameter, or a buffer of a module) is trained."""
         return name in self.parameters or name.rpartition(".")[0] in self.modules
 
 
-def unfrozen_part(body: fx.GraphModule, unfreeze: str, store_name: str) -> TrunkPart:
+def unfrozen_part(body: nn.Module, unfreeze: str, store_name: str) -> TrunkPart:
     """What trains when ``unfreeze`` (none, all, or a module path) is the first trainable module of ``body``."""
+    if not isinstance(body, fx.GraphModule):
+        return _module_part(body, unfreeze, store_name)
     uses = [node for node in body.graph.nodes if node.op in ("call_module", "get_attr")]
     if unfreeze == "none":
         start = len(uses)
@@ -138,6 +141,23 @@ def unfrozen_part(body: fx.GraphModule, unfreeze: str, store_name: str) -> Trunk
     return TrunkPart(unfreeze, modules, parameters)
 
 
+def _module_part(body: nn.Module, unfreeze: str, store_name: str) -> TrunkPart:
+    """The same for another library's model, run by its own forward (no graph): its modules in the
+    order they are registered, which is the order the supported families run them (timm ``blocks.N``,
+    ``stages.N``; transformers ``encoder.layer.N``, ``layers.N``; open_clip ``transformer.resblocks.N``).
+    The model's own parameters (class token, position embeddings, open_clip's ``proj``) train with
+    ``all`` only."""
+    names = [name for name, _ in body.named_modules() if name]
+    start = {"none": len(names), "all": 0}.get(unfreeze, names.index(unfreeze) if unfreeze in names else None)
+    if start is None:
+        close = difflib.get_close_matches(unfreeze, names, n=5)
+        raise FinetuneError(f"{store_name}: no module {unfreeze!r}; close: {', '.join(close) or 'none'} (or none, all)")
+    modules = set(names[start:]) | ({""} if unfreeze == "all" else set())
+    parameters = {f"{module}.{name}".lstrip(".") for module in modules
+                  for name, _ in body.get_submodule(module).named_parameters(recurse=False)}
+    return TrunkPart(unfreeze, modules, parameters, recursive=False)
+
+
 def _is_parameter(module: nn.Module, name: str) -> bool:
     owner, _, leaf = name.rpartition(".")
     return leaf in module.get_submodule(owner)._parameters
@@ -147,7 +167,7 @@ def _is_parameter(module: nn.Module, name: str) -> bool:
 
 
 class FinetuneModel(nn.Module):
-    """uint8 views ``{preprocessing key: uint8[B, 3, crop, crop]}`` -> log-probabilities float32[B, C].
+    """uint8 views ``{preprocessing key: uint8[B, 3, H, W]}`` -> log-probabilities float32[B, C].
 
     ``backbones`` are the head's, in its column order (their trunks are taken over, not copied);
     ``unfreeze[store_name]``: none, all or a module path; ``precision``: the compute precision of
@@ -199,8 +219,12 @@ class FinetuneModel(nn.Module):
             trunk.eval()
             for name in part.modules:
                 module = trunk.body.get_submodule(name)
-                if not isinstance(module, _BatchNorm) or self.batchnorm_train:
+                if isinstance(module, _BatchNorm) and not self.batchnorm_train:
+                    continue
+                if part.recursive:
                     module.train(mode)
+                else:  # every module of the part is listed: each follows mode alone
+                    module.training = mode
         return self
 
     def trunk_parameters(self) -> list[nn.Parameter]:

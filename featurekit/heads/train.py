@@ -38,7 +38,7 @@ import torch
 from ..errors import FeaturekitWarning, SettingsError
 from ..files import check_output, check_output_folder, folder_lock
 from ..store.dataset import FeatureSet, check_same_extraction, load_features, store_files
-from ..store.format import RANDOM, read_header, warn_random
+from ..store.format import RANDOM, file_stem, read_header, warn_random
 from ..store.layout import AUGMENTED, TEST_TIME
 from ..views.augment import TTA_VIEWS
 from .base import Head, ProbabilityModel
@@ -205,7 +205,7 @@ def view_notes(report: dict) -> list[str]:
 
 
 def default_out_dir(features_dir: str | Path, head_kind: str, store_names: Sequence[str]) -> Path:
-    return Path(features_dir) / "heads" / f"{head_kind}-{'+'.join(store_names)}"
+    return Path(features_dir) / "heads" / f"{head_kind}-{'+'.join(map(file_stem, store_names))}"
 
 
 def summary(report: dict) -> str:

@@ -67,15 +67,19 @@ class StoreIdentity:
     augment_policy: dict | None = field(default=None, kw_only=True)  # augment.AugmentPolicy.to_dict()
     augment_seed: int = field(default=0, kw_only=True)
     tta: str = field(default="none", kw_only=True)  # test-time views: none | flip | five-crop
+    # A backbone of another library (timm, open_clip, transformers): which library and version, model,
+    # tag, config sha256, pool (featurekit.backbones.sources); recorded only for those backbones.
+    source: dict | None = field(default=None, kw_only=True)
 
     VIEW_FIELDS: ClassVar[tuple[str, ...]] = ("augment_views", "augment_policy", "augment_seed", "tta")
+    OPTIONAL_FIELDS: ClassVar[tuple[str, ...]] = (*VIEW_FIELDS, "source")  # absent from older records
     # What one run shares among its stores: stores joined for a head (rebuilt together by predict) agree on it;
     # PLAIN_RUN_FIELDS: the part that decides the plain rows (stores read without their views agree on that).
     PLAIN_RUN_FIELDS: ClassVar[tuple[str, ...]] = ("decode", "precision", "dtype", "features_version")
     RUN_FIELDS: ClassVar[tuple[str, ...]] = (*PLAIN_RUN_FIELDS, *VIEW_FIELDS)
 
     def __post_init__(self) -> None:
-        for name in ("preprocessing", "decode", "augment_policy"):  # tuples -> lists, as JSON gives them back
+        for name in ("preprocessing", "decode", "augment_policy", "source"):  # tuples -> lists, as JSON gives them back
             object.__setattr__(self, name, json.loads(json.dumps(getattr(self, name), sort_keys=True)))
 
     @property
@@ -97,16 +101,18 @@ class StoreIdentity:
 
     def _recorded(self, values: dict) -> dict:
         """``values`` with the augment fields only where there are augmented views, ``tta`` only where
-        there are test-time views: a store without views keeps format 2's identity and fingerprint."""
+        there are test-time views, ``source`` only for another library's backbone: a torchvision store
+        without views keeps format 2's identity and fingerprint."""
         augment, tta = self.VIEW_FIELDS[:3], self.VIEW_FIELDS[3:]
-        unused = set((augment if not self.augment_views else ()) + (tta if self.tta == "none" else ()))
+        unused = set((augment if not self.augment_views else ()) + (tta if self.tta == "none" else ())
+                     + (("source",) if self.source is None else ()))
         return {name: value for name, value in values.items() if name not in unused}
 
     @classmethod
     def from_dict(cls, values: Mapping) -> "StoreIdentity":
         """The identity fields of ``values`` (a header's, a head's record); extra keys are ignored."""
         return StoreIdentity(**{f.name: values[f.name] for f in fields(StoreIdentity)
-                                if f.name in values or f.name not in cls.VIEW_FIELDS})
+                                if f.name in values or f.name not in cls.OPTIONAL_FIELDS})
 
     def difference(self, other: "StoreIdentity", names: tuple[str, ...] | None = None) -> "Difference | None":
         """The first field (of ``names``, default all) that differs from ``other``'s, or None."""
@@ -206,13 +212,21 @@ class StoreHeader(StoreIdentity):
 
 
 def store_path(out_dir: str | os.PathLike, split: str, store_name: str) -> Path:
-    """``<out_dir>/<split>/<store_name>.h5``. A split that would lead outside ``out_dir`` (an absolute
-    path, ``..``) is refused: stores never land elsewhere, such as in the image folders."""
+    """``<out_dir>/<split>/<file_stem(store_name)>.h5``. A split that would lead outside ``out_dir`` (an
+    absolute path, ``..``) is refused: stores never land elsewhere, such as in the image folders."""
     if os.path.isabs(split) or os.path.normpath(split).split(os.sep)[0] == "..":
         raise SettingsError(f"--split {split}: stores go to {Path(out_dir) / '<split>'}/ and must stay inside "
                             f"{out_dir}; give the split's folder name under the data root (e.g. --split "
                             f"{Path(split).name})")
-    return Path(out_dir) / split / f"{store_name}.h5"
+    return Path(out_dir) / split / f"{file_stem(store_name)}.h5"
+
+
+def file_stem(store_name: str) -> str:
+    """A store name as a file name: ``timm:vit_small_patch14_dinov2`` -> ``timm-vit_small_patch14_dinov2``,
+    ``hf:facebook/dinov2-small`` -> ``hf-facebook--dinov2-small`` (the Hugging Face cache's own form).
+    Registry names are their own stems; no two backbone names share one (no registry name holds a dash
+    after a source's name, no Hub repo id a double dash)."""
+    return store_name.replace("/", "--").replace(":", "-")
 
 
 def fingerprint(identity: StoreIdentity, listing_digest: str) -> str:

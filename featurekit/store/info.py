@@ -25,6 +25,13 @@ def describe_store(path: str | os.PathLike, as_json: bool = False) -> list[str]:
     lines = [f"{path}", f"  split {header.split} of {header.data_root}",
              f"  backbone {header.backbone} node {header.node}: features {header.dtype}[{len(contents.paths)}, "
              f"{header.feature_dim}]"]
+    if header.source:  # another library's backbone
+        source = header.source
+        lines.append(f"  from {source.get('library')} {source.get('version')}: model {source.get('model')} tag "
+                     f"{source.get('tag')}, pool {source.get('pool')}"
+                     + (f" ({source.get('output')})" if source.get("output") != source.get("pool") else "")
+                     + ", config sha256 "
+                     f"{str(source.get('config_sha256'))[:16]}")
     if header.extra_datasets:
         shapes = header.feature_shapes(len(contents.paths))
         about = {"features_aug": f"{header.augment_views} augmented views, policy "

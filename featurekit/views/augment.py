@@ -1,6 +1,6 @@
 """Augmented and test-time views of a decoded image, reproducible to the bit.
 
-A view here has the plain view's form (:meth:`Preprocessing.view`): ``uint8[3, crop, crop]`` made on
+A view here has the plain view's form (:meth:`Preprocessing.view`): ``uint8[3, H, W]`` made on
 CPU workers from a decoded RGB PIL image, with the weights' own :meth:`Preprocessing.normalize`
 still run afterwards, on the device, unchanged. Only the pixels chosen differ.
 
@@ -148,13 +148,13 @@ class AugmentPolicy:
         return self.crop_scale is not None or any(getattr(self, name) for name in _FACTORS)
 
     def transforms(self, preprocessing: Preprocessing) -> v2.Compose:
-        """The v2 pipeline: RGB PIL image -> ``uint8[3, crop, crop]``, drawing from torch's global
+        """The v2 pipeline: RGB PIL image -> ``uint8[3, H, W]``, drawing from torch's global
         generator (:meth:`view` seeds it per view)."""
         return _pipeline(self, preprocessing)
 
     def view(self, image: Image.Image, preprocessing: Preprocessing, seed: int, image_index: int,
              view_index: int) -> torch.Tensor:
-        """View ``view_index`` of image ``image_index``: ``uint8[3, crop, crop]``, the same on every call."""
+        """View ``view_index`` of image ``image_index``: ``uint8[3, H, W]``, the same on every call."""
         if not self.is_random:
             return preprocessing.view(image)
         with _seeded_torch_rng(view_seed(seed, image_index, view_index)):
@@ -162,10 +162,10 @@ class AugmentPolicy:
 
     def views(self, image: Image.Image, preprocessing: Preprocessing, seed: int, image_index: int,
               count: int) -> torch.Tensor:
-        """Views ``0 .. count-1`` of one decoded image: ``uint8[count, 3, crop, crop]``."""
+        """Views ``0 .. count-1`` of one decoded image: ``uint8[count, 3, H, W]``."""
         import torch
 
-        views = torch.empty((count, 3, preprocessing.crop_size, preprocessing.crop_size), dtype=torch.uint8)
+        views = torch.empty((count, 3, *preprocessing.size), dtype=torch.uint8)
         for view_index in range(count):
             views[view_index] = self.view(image, preprocessing, seed, image_index, view_index)
         return views
@@ -201,7 +201,7 @@ def view_seed(seed: int, image_index: int, view_index: int) -> int:
 
 
 def tta_views(image: Image.Image, preprocessing: Preprocessing, mode: str) -> torch.Tensor:
-    """Test-time views of one decoded image: ``uint8[TTA_VIEWS[mode], 3, crop, crop]``.
+    """Test-time views of one decoded image: ``uint8[TTA_VIEWS[mode], 3, H, W]``.
 
     The first is ``preprocessing.view(image)`` exactly; ``flip`` adds its mirror, ``five-crop`` the
     four corner crops of the resized image (top-left, top-right, bottom-left, bottom-right).
@@ -213,10 +213,29 @@ def tta_views(image: Image.Image, preprocessing: Preprocessing, mode: str) -> to
         raise AugmentError(f"unknown test-time augmentation {mode!r} (known: {', '.join(TTA_VIEWS)})")
     if mode == "five-crop":
         top_left, top_right, bottom_left, bottom_right, centre = F.five_crop(
-            F.pil_to_tensor(preprocessing.resize(image)), [preprocessing.crop_size])
+            F.pil_to_tensor(preprocessing.resize(image)), list(preprocessing.size))
         return torch.stack([centre, top_left, top_right, bottom_left, bottom_right])
     plain = preprocessing.view(image)
     return torch.stack([plain, F.horizontal_flip(plain)]) if mode == "flip" else plain.unsqueeze(0)
+
+
+def views_refusal(preprocessing: Preprocessing, augmented: str = "", tta: str = "none") -> str | None:
+    """Why ``augmented`` views (their description; "" for none) or ``tta`` test-time views cannot be
+    cut for ``preprocessing`` (None where they can): they are PIL transforms of uint8 images, and
+    five crops need a resized image that covers the crop."""
+    from .preprocessing import pair
+
+    wanted = " and ".join(part for part in (augmented, f"{tta} test-time views" if tta != "none" else "") if part)
+    if wanted and preprocessing.view_dtype != "uint8":
+        return (f"{wanted} are cut from uint8 images, and this preprocessing's views are {preprocessing.view_dtype} "
+                "(its library rescales before it resizes)")
+    resized, crop = preprocessing.resize_size, preprocessing.size
+    covers = preprocessing.resize_mode in ("shorter", "shorter_round", "squash") and preprocessing.crop_mode != "none"
+    if tta == "five-crop" and not (covers and all(r >= c for r, c in zip(pair(resized), crop))):
+        return (f"five-crop test-time views need a resize that covers the {crop[0]}x{crop[1]} crop; this "
+                f"preprocessing resizes {preprocessing.resize_mode} to {resized} (crop {preprocessing.crop_mode}): "
+                "use flip")
+    return None
 
 
 @dataclass(frozen=True)
@@ -268,7 +287,7 @@ class ViewPlan:
         return " and ".join(parts) or "plain views"
 
     def views(self, image: Image.Image, preprocessing: Preprocessing, index: int) -> torch.Tensor:
-        """The views of listing row ``index``: ``uint8[count, 3, crop, crop]``, the plain view first."""
+        """The views of listing row ``index``: ``uint8[count, 3, H, W]``, the plain view first."""
         import torch
 
         test_time = tta_views(image, preprocessing, self.tta)  # its first view is the plain one
@@ -276,6 +295,10 @@ class ViewPlan:
             return test_time
         augmented = augment_policy(self.policy).views(image, preprocessing, self.seed, index, self.augment)
         return torch.cat([test_time[:1], augmented, test_time[1:]])
+
+    def refusal(self, preprocessing: Preprocessing) -> str | None:
+        """Why this plan's views cannot be cut for ``preprocessing`` (None where they can)."""
+        return views_refusal(preprocessing, self.describe() if self.augment else "", self.tta)
 
     def split(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Features ``[B, count, D]`` of :meth:`views` -> plain ``[B, D]``, augmented ``[B, augment, D]``,
@@ -288,7 +311,7 @@ class ViewPlan:
 def _pipeline(policy: AugmentPolicy, preprocessing: Preprocessing) -> v2.Compose:
     from torchvision.transforms import InterpolationMode, v2
 
-    crop = preprocessing.crop_size
+    crop = list(preprocessing.size)
     interpolation = InterpolationMode(preprocessing.interpolation)
     steps: list[v2.Transform] = [
         v2.RandomResizedCrop(crop, policy.crop_scale, policy.crop_ratio, interpolation, preprocessing.antialias)

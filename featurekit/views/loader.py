@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from ..errors import ImageDecodeError, SettingsError
+from ..errors import AugmentError, ImageDecodeError, SettingsError
 from ..images.decode import DecodePolicy, decode_image, to_rgb
 from .augment import ViewPlan
 from .gpu_decode import RawJpeg, read_for_gpu
@@ -31,7 +31,7 @@ Source = tuple[Union[str, Image.Image], str]
 class ViewBatch:
     """The images ``indices`` of one batch, in order, and those that failed.
 
-    ``views[key]``: uint8[len(cpu_rows), 3, crop, crop], the PIL-decoded images at positions
+    ``views[key]``: uint8[len(cpu_rows), 3, H, W], the PIL-decoded images at positions
     ``cpu_rows`` of ``indices``; ``raw``: the JPEGs left for the GPU, at positions ``raw_rows``.
     """
 
@@ -50,7 +50,7 @@ class ViewDataset(Dataset):
 
     The payload is ``{key: uint8 view}`` after a PIL decode, a :class:`RawJpeg` for the GPU
     (``policy.backend == "torchvision"``), or ``(name, reason)`` when the image cannot be decoded.
-    With a ``plan`` of several views, each view is ``uint8[plan.count, 3, crop, crop]`` (the plain
+    With a ``plan`` of several views, each view is ``uint8[plan.count, 3, H, W]`` (the plain
     view first), all cut from one PIL decode of image ``i`` (``i``: its listing index, which seeds them).
     """
 
@@ -63,6 +63,9 @@ class ViewDataset(Dataset):
         if self.plan is not None and policy.backend == "torchvision":
             raise SettingsError(f"{self.plan.describe()} are cut from PIL-decoded images, not with the torchvision "
                                 "(nvJPEG) decoder: decode with --decoder pil")
+        refusal = next(filter(None, (self.plan.refusal(p) for p in preprocessings)), None) if self.plan else None
+        if refusal:
+            raise AugmentError(refusal)
 
     def __len__(self) -> int:
         return len(self.sources)
