@@ -9,6 +9,7 @@ reads the library's source for advice (an imperative such as "pass --X", "give -
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
 import os
 import re
@@ -48,6 +49,7 @@ from featurekit.heads.train import train_head
 from featurekit.images.listing import list_split
 from featurekit.store import chunks
 from featurekit.store.format import read_store
+from featurekit.views.augment import ViewPlan
 
 LIBRARY = REPO / "featurekit"
 RUN = ["--device", "cpu", "--workers", "0", "--quiet"]
@@ -103,8 +105,19 @@ FOLLOWED = {  # a part of the message (its {} are the values) -> "file::test" th
     "same file names, but other files": "test_advice.py::test_alignment_advice_works",
     "; re-extract one of them alike": "test_advice.py::test_alignment_advice_works",
     "were extracted with other {}; re-extract one of them": "test_advice.py::test_alignment_advice_works",
+    "give --node or --pool, not both": "test_advice.py::test_sources_advice_works",
+    "give img_size and pretrained_cfg_overlay alike": "test_advice.py::test_sources_advice_works",
+    "(crop {}): use flip": "test_advice.py::test_sources_advice_works",
+    "put the files of {} in the Hugging Face cache":
+        "test_sources_downstream.py::test_pretrained_weights_offline_name_the_cache_then_load_from_it",
+    "its pretrained weights are not in the local cache and {} ({}): {}; or pass --weights-path FILE":
+        "test_sources_downstream.py::test_pretrained_weights_offline_name_the_cache_then_load_from_it",
 }
-NOT_FOLLOWABLE = {"upgrade featurekit": "needs a newer featurekit than the one under test"}
+NOT_FOLLOWABLE = {  # advice whose scenario needs what tests cannot have here
+    "upgrade featurekit": "a newer featurekit than the one under test",
+    "put {} in {} (TORCH_HOME decides where)": "timm's pretrained file itself (no network, no copy here)",
+    "put {} in ~/.cache/clip": "OpenAI's CLIP file itself (no network, no copy here)",
+}
 
 ADVICE = re.compile(r"(?:^|[;:(,]\s*|\bor\s+)(pass|give|use|rerun|run|put|upgrade|re-extract|convert it with|"
                     r"fine-tune again)\b|--[a-z][a-z-]+(?: [a-z]+)?\)? (?:starts over|to start over|leaves|extracts)"
@@ -162,6 +175,14 @@ def test_every_advice_in_the_library_is_followed():
         assert re.search(rf"^def {name}\(", (REPO / "tests" / module).read_text(), re.M), f"{test} does not exist"
 
 
+def test_every_test_docs_reliability_names_exists():
+    named = set(re.findall(r"`(test_\w+\.py)::(test_\w+)`", (REPO / "docs" / "reliability.md").read_text()))
+    assert len(named) > 40
+    missing = [f"{module}::{name}" for module, name in sorted(named)
+               if not re.search(rf"^def {name}\(", (REPO / "tests" / module).read_text(), re.M)]
+    assert not missing, f"docs/reliability.md names tests that do not exist: {missing}"
+
+
 # --------------------------------------------------------------------------- the scenarios
 
 
@@ -179,6 +200,21 @@ def test_backbone_and_weights_advice_works(tmp_path):
     with pytest.raises(SettingsError, match=r"no backbone 'resnet81' in this run \(resnet18\); did you mean resnet18"):
         weights_files(["resnet81=w.pt"], ["resnet18"])
     assert weights_files(["resnet18=w.pt"], ["resnet18"]) == {"resnet18": "w.pt"}
+
+
+def test_sources_advice_works():
+    with pytest.raises(BackboneError, match="timm:test_vit: give --node or --pool, not both"):
+        load_backbone("timm:test_vit", "random", node="blocks.0", pool="cls")
+    assert load_backbone("timm:test_vit", "random", pool="cls").store_name == "timm:test_vit@cls"
+    sized = {"img_size": 96, "pretrained_cfg_overlay": {"input_size": (3, 128, 128)}}
+    with pytest.raises(BackboneError, match=r"takes \(96, 96\) images but its data config says input size \(128, "
+                                            r"128\) \(give img_size and pretrained_cfg_overlay alike\)"):
+        load_backbone("timm:vit_tiny_patch16_224", "random", model_kwargs=sized)
+    alike = {"img_size": 96, "pretrained_cfg_overlay": {"input_size": (3, 96, 96)}}
+    assert load_backbone("timm:vit_tiny_patch16_224", "random", model_kwargs=alike).preprocessing.size == (96, 96)
+    bordered = dataclasses.replace(load_backbone("timm:test_vit", "random").preprocessing, resize_mode="longer_round")
+    assert ViewPlan(tta="five-crop").refusal(bordered).endswith("use flip")
+    assert ViewPlan(tta="flip").refusal(bordered) is None
 
 
 def test_offline_weights_advice_works(tiny, tmp_path, capsys, monkeypatch):
