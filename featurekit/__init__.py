@@ -5,17 +5,17 @@
 
 One subpackage per stage, in that order: :mod:`~featurekit.images`, :mod:`~featurekit.views`,
 :mod:`~featurekit.backbones`, :mod:`~featurekit.extraction`, :mod:`~featurekit.store`,
-:mod:`~featurekit.heads`, :mod:`~featurekit.finetuning`, :mod:`~featurekit.predict`, and the
-command line, :mod:`~featurekit.cli`. A module imports only from its own stage and the ones before
-it (tests/test_layout.py); :mod:`~featurekit.errors`, :mod:`~featurekit.files` and
-:mod:`~featurekit.devices` serve all of them.
+:mod:`~featurekit.heads`, :mod:`~featurekit.finetuning`, :mod:`~featurekit.predict` (beside it,
+:mod:`~featurekit.cache`: what a features folder holds), and the command line, :mod:`~featurekit.cli`.
+A module imports only from its own stage and the ones before it (tests/test_layout.py);
+:mod:`~featurekit.errors`, :mod:`~featurekit.files` and :mod:`~featurekit.devices` serve all of them.
 
 The public Python API (docs/api.md) is listed in ``__init__.pyi`` and imported on first use, so
 that ``import featurekit`` and the command line's ``--help`` stay fast: :func:`extract`,
 :func:`load` (a split of several stores, aligned, in memory), :class:`FeatureDataset` (the same
-rows, read lazily, for a DataLoader), :func:`embed` (features of a few images, no store),
-:func:`train_head`, :func:`load_head`, :func:`predict_files`, :func:`finetune`, their settings,
-:func:`load_backbone` and :class:`FeaturekitError`.
+rows, read lazily, for a DataLoader), :func:`export` (a split as parquet or npy), :func:`embed`
+(features of a few images, no store), :func:`train_head`, :func:`load_head`, :func:`predict_files`,
+:func:`predict_store`, :func:`finetune`, their settings, :func:`load_backbone` and :class:`FeaturekitError`.
 """
 
 import os

@@ -12,7 +12,11 @@ from .finetuning.run import finetune as finetune
 from .finetuning.settings import FinetuneSettings as FinetuneSettings
 from .heads.head_file import load_head as load_head
 from .heads.train import train_head as train_head
+from .images.sources import SourceSettings as SourceSettings
 from .predict.classify import predict_files as predict_files
+from .predict.classify import predict_store as predict_store
 from .store.dataset import FeatureDataset as FeatureDataset
 from .store.dataset import FeatureSet as FeatureSet
 from .store.dataset import load_features as load
+from .store.export import export as export
+from .store.settings import ExportSettings as ExportSettings

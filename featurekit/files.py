@@ -201,15 +201,18 @@ def fsync_dir(path: Path) -> None:
 
 
 def check_output(path: str | os.PathLike, inputs: Iterable[str | os.PathLike] = (), *, flag: str = "--out",
-                 side_suffixes: Sequence[str] = (), hdf5: bool = False) -> Path:
-    """``path`` as a file a run may write (replace), or a one-line :class:`SettingsError` naming ``flag``.
+                 side_suffixes: Sequence[str] = (), hdf5: bool = False, overwrite: bool = True) -> Path:
+    """``path`` as a file a run may write (replace), or a one-line error naming ``flag``: the one rule
+    of what an output may be, which every command that writes passes before any work.
 
-    Refused: an empty name, a name over :data:`NAME_MAX` bytes, an existing folder, device, FIFO or
-    socket (anything but a regular file: the output replaces it by a new file), any of ``inputs``
-    (the run's input files, also under another name or link; its input folders, such as image
-    folders: anything inside them), and, unless the output is itself HDF5 (``hdf5``), an existing
-    HDF5 file (a store or a head). ``side_suffixes``: the files written beside it, named
-    ``<name><suffix>`` (``predictions.csv.json``), checked alike. Returns ``Path(path)``.
+    Refused (:class:`SettingsError`): an empty name, a name over :data:`NAME_MAX` bytes, an existing
+    folder, device, FIFO or socket (anything but a regular file: the output replaces it by a new
+    file), any of ``inputs`` (the run's input files, also under another name or link; its input
+    folders, such as image folders: anything inside them), and, unless the output is itself HDF5
+    (``hdf5``), an existing HDF5 file (a store or a head). ``overwrite=False``: an existing ``path`` is
+    refused too (:class:`WriteError`, "pass --overwrite"); it otherwise stays whole until
+    :func:`atomic_output` renames its successor over it. ``side_suffixes``: the files written beside
+    it, named ``<name><suffix>`` (``predictions.csv.json``), checked alike. Returns ``Path(path)``.
     """
     if not os.fspath(path):
         raise SettingsError(f"{flag} is empty: give a file name")
@@ -219,6 +222,8 @@ def check_output(path: str | os.PathLike, inputs: Iterable[str | os.PathLike] = 
         problem = _output_problem(target, files, folders, hdf5)
         if problem:
             raise SettingsError(f"{target}: {problem}; give another {flag}")
+        if not overwrite and target == path and (target.exists() or target.is_symlink()):
+            raise WriteError(f"{target}: exists; pass --overwrite to replace it")
     return path
 
 
@@ -368,6 +373,23 @@ class FileLock:
             return False
         opened = os.fstat(descriptor)
         return (current.st_dev, current.st_ino) == (opened.st_dev, opened.st_ino)
+
+
+def lock_holder(path: str | os.PathLike) -> str | None:
+    """Who holds the :class:`FileLock` at ``path``: its pid as the holder wrote it, or None when no process
+    holds it (the file is a leftover, or absent). Only looks: the file is neither created nor removed."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(descriptor, fcntl.LOCK_UN)
+        return None
+    except BlockingIOError:
+        return os.read(descriptor, 64).decode(errors="replace").strip() or "?"
+    finally:
+        os.close(descriptor)
 
 
 def file_sha256(path: str | os.PathLike) -> str:

@@ -35,6 +35,7 @@ from conftest import (
     extract_args,
     make_image_folder,
     run_cli,
+    run_subprocess,
     spawn,
     write_jpeg,
     write_store,
@@ -71,9 +72,10 @@ FOLLOWED = {  # a part of the message (its {} are the values) -> "file::test" th
     "is empty: give a file name": "test_advice.py::test_output_advice_works",
     "is empty: give a folder": "test_advice.py::test_output_advice_works",
     "; give another {}": "test_advice.py::test_output_advice_works",
-    "give the split's folder name under the data root": "test_outputs.py::test_extract_writes_stores_only_inside_out",
+    "give the split's folder name under the data root":
+        "test_output_rules.py::test_extract_writes_stores_only_inside_out",
     "give another --out (default: {}), or pass --overwrite":
-        "test_outputs.py::test_finetune_refuses_a_folder_holding_another_artifact_and_a_second_writer",
+        "test_output_rules.py::test_finetune_refuses_a_folder_holding_another_artifact_and_a_second_writer",
     "fine-tune again from an svm head trained by this version": "test_advice.py::test_finetune_advice_works",
     "give the file meant": "test_advice.py::test_finetune_advice_works",
     "rerun that command to continue it, or --overwrite to start over": "test_advice.py::test_finetune_advice_works",
@@ -89,7 +91,6 @@ FOLLOWED = {  # a part of the message (its {} are the values) -> "file::test" th
     "run extract again to finish": "test_advice.py::test_train_head_advice_works",
     "run extract for this backbone and split": "test_advice.py::test_train_head_advice_works",
     "give a subfolder as a PATH": "test_advice.py::test_predict_advice_works",
-    "(give 1 to {})": "test_advice.py::test_predict_advice_works",
     "give --head HEAD": "test_advice.py::test_neighbors_advice_works",
     "give --features: a folder of stores extracted with its trunks": "test_advice.py::test_neighbors_advice_works",
     "give --valid-split or --image": "test_advice.py::test_neighbors_advice_works",
@@ -112,6 +113,20 @@ FOLLOWED = {  # a part of the message (its {} are the values) -> "file::test" th
         "test_sources_downstream.py::test_pretrained_weights_offline_name_the_cache_then_load_from_it",
     "its pretrained weights are not in the local cache and {} ({}): {}; or pass --weights-path FILE":
         "test_sources_downstream.py::test_pretrained_weights_offline_name_the_cache_then_load_from_it",
+    "exists; pass --overwrite to replace it": "test_outputs.py::test_formats_topk_clamp_and_existing_outputs",
+    "is one split: give it one --split name and no DATA_ROOT": "test_advice.py::test_sources_and_lists_advice_works",
+    "shards are one split; give one --split name": "test_advice.py::test_sources_and_lists_advice_works",
+    "both choose the valid images; give one of them": "test_advice.py::test_sources_and_lists_advice_works",
+    "look like splits, not classes; a class folder without splits is cut": (
+        "test_advice.py::test_sources_and_lists_advice_works"),
+    "an unlabelled split has no mistakes to show; give --image": "test_advice.py::test_sources_and_lists_advice_works",
+    "use --format kaggle (class names)": "test_advice.py::test_predict_formats_advice_works",
+    "--topk {}: give 1 or more": "test_advice.py::test_predict_formats_advice_works",
+    "--format parquet writes a file: give --out FILE": "test_advice.py::test_predict_formats_advice_works",
+    "--split SPLIT (stores), not both": "test_advice.py::test_predict_formats_advice_works",
+    "nothing to classify: give image files or folders": "test_advice.py::test_predict_formats_advice_works",
+    "an unfinished run: rerun it, or clean --older-than": "test_advice.py::test_housekeeping_advice_works",
+    "give --older-than to remove it": "test_advice.py::test_housekeeping_advice_works",
 }
 NOT_FOLLOWABLE = {  # advice whose scenario needs what tests cannot have here
     "upgrade featurekit": "a newer featurekit than the one under test",
@@ -312,7 +327,7 @@ def test_finetune_advice_works(tiny, tmp_path, capsys):
     both = tmp_path / "both"
     shutil.copytree(tiny.model, both)
     shutil.copy(tiny.logreg, both / "head.h5")
-    predict = ["predict", tiny.data / "valid", "--out", tmp_path / "p.csv", *RUN]
+    predict = ["predict", tiny.data / "valid", "--out", tmp_path / "p.csv", "--overwrite", *RUN]
     assert "give the file meant" in run_cli(capsys, *predict, "--head", both).err
     assert run_cli(capsys, *predict, "--head", both / "model.json").code == 0
     old = tmp_path / "old"
@@ -376,9 +391,6 @@ def test_train_head_advice_works(tiny, tmp_path, capsys):
 
 def test_predict_advice_works(tiny, tmp_path, capsys):
     predict = ["predict", "--head", tiny.logreg, "--out", tmp_path / "p.csv", *RUN]
-    refused = run_cli(capsys, *predict, tiny.data / "valid", "--topk", "5")
-    advised = re.search(r"\(give 1 to (\d+)\)", error_lines(refused.err)[0])
-    assert advised and run_cli(capsys, *predict, tiny.data / "valid", "--topk", advised[1]).code == 0
     folder = tmp_path / "photos"
     shutil.copytree(tiny.data / "valid" / "cat", folder / "holiday")
     noticed = run_cli(capsys, *predict, folder, "--out", tmp_path / "q.csv")  # no image directly in it
@@ -490,3 +502,79 @@ def test_shards_of_other_batch_sizes_join_where_their_chunks_overlap(reference, 
     assert store.paths == reference_store.paths
     np.testing.assert_allclose(store.features, reference_store.features, rtol=1e-4, atol=1e-5)
     assert run_cli(capsys, "verify", out / "train" / "resnet18.h5").code == 0
+
+
+def test_sources_and_lists_advice_works(tiny, tmp_path, capsys):
+    from tests.test_shards import shards_of
+
+    images = sorted((tiny.data / "train").rglob("*.jpg"))
+    listed = tmp_path / "list.txt"
+    listed.write_text("\n".join(map(str, images)) + "\n")
+    out = ["--out", tmp_path / "f", *TINY_EXTRACT]
+    two = run_cli(capsys, "extract", "--list", listed, "--split", "a", "b", *out)
+    assert "is one split: give it one --split name and no DATA_ROOT" in error_lines(two.err)[0]
+    assert run_cli(capsys, "extract", "--list", listed, "--split", "listed", *out).code == 0
+    pattern = shards_of(tiny.data / "train", tmp_path / "shards")
+    shards = run_cli(capsys, "extract", pattern, "--split", "a", "b", *out)
+    assert "shards are one split; give one --split name" in error_lines(shards.err)[0]
+    assert run_cli(capsys, "extract", pattern, "--split", "sharded", *out).code == 0
+    classes = tiny.data / "train"  # a class folder without splits: cut into train and valid
+    both = run_cli(capsys, "extract", classes, "--valid-fraction", "0.5", "--folds", "2", *out)
+    assert "--valid-fraction and --folds both choose the valid images; give one of them" in both.err
+    assert run_cli(capsys, "extract", classes, "--valid-fraction", "0.5", "--split", "train", "valid", "--out",
+                   tmp_path / "cut", *TINY_EXTRACT).code == 0
+    looks = run_cli(capsys, "extract", tiny.data, "--valid-fraction", "0.5", *out)
+    assert "its folders train, valid look like splits, not classes" in looks.err and "give --split instead" in looks.err
+    assert run_cli(capsys, "extract", tiny.data, "--split", "valid", *out).code == 0
+    unlabelled = run_cli(capsys, "neighbors", "--head", tiny.logreg, "--features", tmp_path / "f", "--split",
+                         "valid", "--valid-split", "listed", "--device", "cpu")
+    assert "an unlabelled split has no mistakes to show; give --image" in unlabelled.err
+    assert run_cli(capsys, "neighbors", "--head", tiny.logreg, "--features", tmp_path / "f", "--split", "valid",
+                   "--image", images[0], "--device", "cpu").code == 0
+
+
+def test_predict_formats_advice_works(tiny, tmp_path, capsys):
+    predict = ["predict", "--head", tiny.logreg, *RUN]
+    valid = tiny.data / "valid"
+    assert "--topk 0: give 1 or more" in run_cli(capsys, *predict, valid, "--topk", "0", "--out", "-").err
+    assert run_cli(capsys, *predict, valid, "--topk", "1", "--out", tmp_path / "t.csv").code == 0
+    assert "--format parquet writes a file: give --out FILE" in run_cli(
+        capsys, *predict, valid, "--format", "parquet", "--out", "-").err
+    assert run_cli(capsys, *predict, valid, "--format", "parquet", "--out", tmp_path / "p.parquet").code == 0
+    stores = ["--features", tiny.features, "--split", "valid"]
+    assert "not both" in run_cli(capsys, *predict, valid, *stores, "--out", tmp_path / "s.csv").err
+    assert run_cli(capsys, *predict, *stores, "--out", tmp_path / "s.csv").code == 0
+    assert "nothing to classify: give image files or folders" in run_cli(capsys, *predict, "--out",
+                                                                          tmp_path / "n.csv").err
+    assert run_cli(capsys, *predict, valid, "--out", tmp_path / "n.csv").code == 0
+    three = tmp_path / "three"
+    train_data = tmp_path / "data"
+    shutil.copytree(tiny.data, train_data)
+    for split in ("train", "valid"):
+        shutil.copytree(train_data / split / "cat", train_data / split / "cow")
+    assert run_cli(capsys, "extract", train_data, "--split", "train", "valid", "--out", tmp_path / "f3",
+                   *TINY_EXTRACT).code == 0
+    assert run_cli(capsys, "train-head", tmp_path / "f3", "--backbone", "resnet18", "--head", "logreg", "--out",
+                   three, "--no-plots").code == 0
+    proba = run_cli(capsys, "predict", "--head", three, valid, "--format", "kaggle-proba", "--out",
+                    tmp_path / "k.csv", *RUN)
+    assert "use --format kaggle (class names)" in proba.err
+    assert run_cli(capsys, "predict", "--head", three, valid, "--format", "kaggle", "--out", tmp_path / "k.csv",
+                   *RUN).code == 0
+
+
+def test_housekeeping_advice_works(reference, tmp_path, capsys):
+    data, _ = reference
+    out = tmp_path / "out"
+    killed = run_subprocess(*extract_args(data, out), env={files.CRASH_ENV: "chunk-committed:1"})
+    assert killed.returncode == -signal.SIGKILL
+    du = run_cli(capsys, "du", out)
+    assert "an unfinished run: rerun it, or clean --older-than" in du.out + du.err
+    kept = run_cli(capsys, "clean", out)
+    assert "give --older-than to remove it" in kept.out + kept.err
+    partial = chunks.PartialStore(out / "train" / "resnet18.h5").dir
+    assert partial.is_dir()
+    assert run_cli(capsys, "clean", out, "--older-than", "0").code == 0 and not partial.exists()
+    assert run_subprocess(*extract_args(data, out), env={files.CRASH_ENV: "chunk-committed:1"}).returncode < 0
+    assert run_cli(capsys, *extract_args(data, out)).code == 0  # rerun it: the other way out
+    assert (out / "train" / "resnet18.h5").is_file() and not partial.exists()

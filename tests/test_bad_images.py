@@ -25,7 +25,7 @@ import pytest
 from PIL import Image
 
 from featurekit.errors import DataError, ImageDecodeError
-from featurekit.extraction import engine as extract_module
+from featurekit.images import sources as sources_module
 from featurekit.images.decode import DecodePolicy, decode_image
 from featurekit.images.listing import list_split
 from featurekit.store.format import read_store
@@ -325,14 +325,15 @@ def corpus(tmp_path: Path) -> Path:
 
 
 def delete_after_listing(monkeypatch, victim: Path) -> None:
-    real = extract_module.list_split
+    real = sources_module.list_split
 
     def list_then_delete(root, split):
         listing = real(root, split)
         victim.unlink()
+        monkeypatch.setattr(sources_module, "list_split", real)  # once: verify lists again
         return listing
 
-    monkeypatch.setattr(extract_module, "list_split", list_then_delete)
+    monkeypatch.setattr(sources_module, "list_split", list_then_delete)
 
 
 @pytest.mark.parametrize("decoder", ["pil", "torchvision"])  # torchvision: the nvJPEG path's code, on the CPU

@@ -205,9 +205,10 @@ def test_predict_runs_the_model_folder_on_image_files(tuned, tmp_path, capsys):
                for row in rows[1:])
 
     (tmp_path / "eels.json").write_text(json.dumps({"eel": "moray"}))
-    for extra, message in [(["--topk", "3"], "--topk 3: the head has 2 classes (give 1 to 2)"),
+    for extra, message in [(["--topk", "0"], "--topk 0: give 1 or more"),
                            (["--class-names", tmp_path / "eels.json"], "name none of the head's classes (cat, dog)"),
-                           (["--format", "kaggle", "--class-names", names], "--format kaggle has none")]:
+                           (["--format", "kaggle-proba", "--class-names", names],
+                            "--format kaggle-proba writes probabilities")]:
         refused = run_cli(capsys, *common, "--out", tmp_path / "refused.csv", *extra)  # before any image is read
         assert refused.code == 1 and message in refused.err, refused.err
     assert not list(tmp_path.glob("refused*"))

@@ -8,9 +8,9 @@ import pytest
 
 from tests.conftest import REPO
 
-# images -> views -> store -> backbones -> extraction | heads -> finetuning -> predict -> cli
+# images -> views -> store -> backbones -> extraction | heads -> finetuning -> predict | cache -> cli
 LAYERS = {"images": 0, "views": 1, "store": 2, "backbones": 3, "extraction": 4, "heads": 4, "finetuning": 5,
-          "predict": 6, "cli": 7}
+          "predict": 6, "cache": 6, "cli": 7}
 PACKAGE = REPO / "featurekit"
 
 

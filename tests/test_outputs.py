@@ -1,185 +1,208 @@
-"""Outputs never land on inputs or on what is not a regular file; one writer per output folder.
+"""Features and predictions out to other tools: export (parquet, npy), predict's formats, predict on stores,
+embed of several backbones. Real stores (resnet18, random weights), a real head, real files read back."""
 
-The rule is one function, :func:`featurekit.files.check_output` (and ``check_output_folder``);
-these tests follow it through every command that writes: predict, neighbors, extract,
-train-head and finetune.
-"""
+import csv
+import json
+import warnings
 
-from __future__ import annotations
-
-import os
-import shutil
-import socket
-import subprocess
-import sys
-from pathlib import Path
-
+import numpy as np
 import pytest
-from conftest import REPO, TUNE_ARGS, error_lines, run_cli
+import torch
+import torchvision
+from conftest import error_lines, run_cli, write_image_folder, write_jpeg
 
-from featurekit import files
-from featurekit.errors import SettingsError
+import featurekit
+import featurekit.store.export as export_module
+from featurekit.backbones.trunks import load_backbone
+from featurekit.errors import FeaturekitWarning, HeadMismatchError, WriteError
+from featurekit.extraction.engine import extract
+from featurekit.extraction.settings import ExtractSettings
+from featurekit.heads.head_file import load_head
+from featurekit.heads.train import train_head
+from featurekit.predict.classify import predict_files, predict_store
+from featurekit.store.export import export, read_export_record
+from featurekit.store.format import read_store
+from featurekit.store.settings import ExportSettings
 
+SETTINGS = ExtractSettings(device="cpu", precision="fp32", batch_size=4, num_workers=0, dtype="float32", progress=False)
 RUN = ["--device", "cpu", "--workers", "0", "--quiet"]
 
 
-def predict(capsys, tiny, out, *extra):
-    return run_cli(capsys, "predict", "--head", tiny.logreg, tiny.data / "valid", "--out", out, *RUN, *extra)
+@pytest.fixture(scope="module")
+def cached(tmp_path_factory):
+    """(data root, features dir, head file): train/valid class folders and a test/ of images without classes."""
+    tmp = tmp_path_factory.mktemp("outputs")
+    root = write_image_folder(tmp / "data", {"train": {"cat": 3, "dog": 3}, "valid": {"cat": 2, "dog": 2}})
+    for i in range(3):
+        write_jpeg(root / "test" / f"{i + 1}.jpg", seed=70 + i)
+    extract(root, ["train", "valid", "test"], [load_backbone("resnet18", weights="random")], tmp / "features",
+            SETTINGS)
+    train_head(tmp / "features", ["resnet18"], "logreg", tmp / "head", plots=False)
+    return root, tmp / "features", tmp / "head" / "head.h5"
 
 
-@pytest.fixture
-def fifo(tmp_path) -> Path:
-    path = tmp_path / "reader"
-    os.mkfifo(path)
-    return path
+# --------------------------------------------------------------------------- predict on stores
 
 
-def test_predict_never_replaces_an_input_or_what_is_not_a_regular_file(tiny, tmp_path, fifo, capsys):
-    image = sorted((tiny.data / "valid" / "cat").iterdir())[0]
-    store = tiny.features / "train" / "resnet18.h5"
-    other_store = tmp_path / "copy.h5"
-    shutil.copy(store, other_store)
-    kept = {path: path.read_bytes() for path in (tiny.logreg, image, store, other_store)}
-    cases = {
-        tiny.logreg: f"an input of this run ({tiny.logreg}), which the output would replace",
-        image: f"inside {(tiny.data / 'valid').resolve()}, an input folder of this run",
-        store: f"an input of this run ({store}), which the output would replace",
-        other_store: "an HDF5 file (a feature store or a head?), which the output would replace",
-        fifo: "not a regular file (a FIFO); the output would replace it by a new file",
-        Path("/dev/null"): "not a regular file (a character device); the output would replace it by a new file",
-        tmp_path: "a folder, not a file",
-        Path("."): "a folder, not a file",
-    }
-    for out, reason in cases.items():
-        result = predict(capsys, tiny, out)
-        assert result.code == 1
-        assert error_lines(result.err) == [f"featurekit: error: {out}: {reason}; give another --out"]
-        assert not Path(f"{out}.json").exists()
-    empty = predict(capsys, tiny, "")
-    assert empty.code == 1 and error_lines(empty.err) == ["featurekit: error: --out is empty: give a file name"]
-    assert {path: path.read_bytes() for path in kept} == kept
-    assert fifo.is_fifo() and Path("/dev/null").is_char_device()
+def test_predict_scores_a_store_without_reextracting(cached, tmp_path, capsys, monkeypatch):
+    root, features_dir, head_file = cached
+    head, _ = load_head(head_file)
+    store = read_store(features_dir / "test" / "resnet18.h5")
+    predictions = predict_store(head_file, features_dir, "test")
+    np.testing.assert_allclose(predictions.proba, head.predict_proba(store.features))
+    assert predictions.paths == ["1.jpg", "2.jpg", "3.jpg"] and predictions.truth == [None] * 3
+    from_images = predict_files(head_file, root / "test", SETTINGS)  # one path, as a str or Path
+    np.testing.assert_allclose(predictions.proba, from_images.proba, atol=1e-5)
+    monkeypatch.setattr(featurekit.backbones.runner.TrunkRunner, "__init__", None)  # no trunk may run
+    run = run_cli(capsys, "predict", "--head", head_file, "--features", features_dir, "--split", "valid",
+                  "--out", tmp_path / "v.json", "--format", "json", "--no-plots")
+    assert run.code == 0, run.err
+    assert "labelled images: accuracy" in run.out  # a labelled store's rows carry their class
+    rows = json.loads((tmp_path / "v.json").read_text())
+    assert [row["path"] for row in rows] == read_store(features_dir / "valid" / "resnet18.h5").paths
+    assert isinstance(rows[0]["prob_cat"], float) and rows[0]["predicted"] in ("cat", "dog")
+    assert json.loads((tmp_path / "v.json.json").read_text())["stores"][0]["path"].endswith("valid/resnet18.h5")
 
 
-def test_a_long_output_name_works_and_its_temporary_stays_within_the_limit(tiny, tmp_path, capsys):
-    folder = tmp_path / "plain"  # a plain folder: no report beside the CSV, only OUT.json
-    shutil.copytree(tiny.data / "valid" / "cat", folder)
-    out = tmp_path / ("p" * 245 + ".csv")  # 249 bytes, OUT.json 254: legal names
-    assert run_cli(capsys, "predict", "--head", tiny.logreg, folder, "--out", out, *RUN).code == 0
-    assert out.is_file() and Path(f"{out}.json").is_file()
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["plain", out.name, f"{out.name}.json"])
-    assert len(files.temporary_name(out).name.encode()) <= files.NAME_MAX
-    too_long = tmp_path / ("q" * 250 + ".csv")
-    refused = run_cli(capsys, "predict", "--head", tiny.logreg, folder, "--out", too_long, *RUN)
-    assert error_lines(refused.err) == [f"featurekit: error: {too_long}.json: file name too long (259 bytes; at "
-                                        "most 255); give another --out"]
+def test_predict_refuses_a_store_of_other_features(cached, tmp_path, capsys):
+    root, _, head_file = cached
+    torch.manual_seed(1)
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "other.pt")
+    other = load_backbone("resnet18", weights_path=str(tmp_path / "other.pt"))
+    extract(root, ["test"], [other], tmp_path / "features", SETTINGS)
+    with pytest.raises(HeadMismatchError, match=r"resnet18 was trained on weights random \(sha256 \w+\) but "
+                                                r".*test/resnet18.h5 \(weights file:other.pt\) has sha256 .*refusing"):
+        predict_store(head_file, tmp_path / "features", "test")
+    run = run_cli(capsys, "predict", "--head", head_file, "--features", tmp_path / "features", "--out", tmp_path / "p")
+    assert run.code == 1 and "--features needs --split" in error_lines(run.err)[0]
+    nothing = run_cli(capsys, "predict", "--head", head_file, "--out", tmp_path / "p")
+    assert nothing.code == 1 and "nothing to classify: give image files" in error_lines(nothing.err)[0]
 
 
-def test_temporaries_of_killed_writers_are_removed_by_the_next_write(tmp_path):
-    target = tmp_path / "head.h5"
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    host = socket.gethostname()
-    prefix = files.temporary_prefix(target)
-    stale, live, remote = (tmp_path / f"{prefix}{who}" for who in (f"{host}-{dead.stdout.strip()}",
-                                                                     f"{host}-{os.getppid()}", "other-host-1"))
-    for leftover in (stale, live, remote):
-        leftover.write_bytes(b"half")
-    files.atomic_write(target, b"whole")
-    assert not stale.exists() and live.exists() and remote.exists()  # only a dead process of this host's
+# --------------------------------------------------------------------------- predict's formats
 
 
-def test_check_output_refuses_a_side_file_that_cannot_be_written(tmp_path):
-    (tmp_path / "p.csv.json").mkdir()
-    with pytest.raises(SettingsError, match=r"p\.csv\.json: a folder, not a file; give another --out"):
-        files.check_output(tmp_path / "p.csv", side_suffixes=(".json",))
-    link = tmp_path / "link.csv"
-    link.symlink_to(tmp_path / "p.csv.json")
-    with pytest.raises(SettingsError, match="a folder, not a file"):
-        files.check_output(link)
+def test_formats_topk_clamp_and_existing_outputs(cached, tmp_path, capsys):
+    root, _, head_file = cached
+    common = ["predict", "--head", head_file, *RUN, root / "test"]
+    clamped = run_cli(capsys, *common, "--topk", "5", "--out", tmp_path / "t.csv")
+    assert clamped.code == 0 and "warning: --topk 5: the head has 2 classes; writing all 2" in clamped.err
+    assert next(csv.reader(open(tmp_path / "t.csv"))) == ["path", "predicted", "top1", "top1_prob", "top2",
+                                                           "top2_prob"]
+    assert run_cli(capsys, *common, "--format", "parquet", "--out", tmp_path / "p.parquet").code == 0
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(tmp_path / "p.parquet")
+    assert table.column_names == ["path", "predicted", "prob_cat", "prob_dog"]
+    assert str(table.schema.field("prob_cat").type) == "double" and table.num_rows == 3
+    assert run_cli(capsys, *common, "--format", "kaggle", "--out", tmp_path / "k.csv").code == 0
+    kaggle = list(csv.reader(open(tmp_path / "k.csv")))
+    assert [row[0] for row in kaggle] == ["id", "1", "2", "3"] and {row[1] for row in kaggle[1:]} <= {"cat", "dog"}
+    before = (tmp_path / "k.csv").read_bytes()
+    again = run_cli(capsys, *common, "--format", "kaggle", "--out", tmp_path / "k.csv")
+    assert again.code == 1 and error_lines(again.err) == [
+        f"featurekit: error: {tmp_path / 'k.csv'}: exists; pass --overwrite to replace it"]
+    assert (tmp_path / "k.csv").read_bytes() == before
+    assert run_cli(capsys, *common, "--format", "csv", "--out", tmp_path / "k.csv", "--overwrite").code == 0
+    assert next(csv.reader(open(tmp_path / "k.csv")))[:2] == ["path", "predicted"]
 
 
-def test_neighbors_sheet_is_checked_like_any_output(tiny, tmp_path, capsys):
-    image_folder = (tiny.data / "valid").resolve()
-    cases = {Path("."): "a folder, not a file", tiny.logreg: f"an input of this run ({tiny.logreg})",
-             tiny.data / "valid" / "sheet.png": f"inside {image_folder}, an input folder of this run"}
-    for sheet, reason in cases.items():
-        result = run_cli(capsys, "neighbors", "--head", tiny.logreg, "--sheet", sheet, "--device", "cpu")
-        [line] = error_lines(result.err)
-        assert result.code == 1 and line.startswith(f"featurekit: error: {sheet}: {reason}") and \
-            line.endswith("; give another --sheet"), line
-    written = run_cli(capsys, "neighbors", "--head", tiny.logreg, "--sheet", tmp_path / "s.png", "--device", "cpu")
-    assert written.code == 0 and (tmp_path / "s.png").is_file()
+def test_lists_as_predict_inputs(cached, tmp_path, capsys):
+    root, _, head_file = cached
+    (tmp_path / "l.csv").write_text(f"path,label\n{root}/valid/cat/img_00.jpg,cat\n{root}/valid/dog/img_01.jpg,dog\n"
+                                    f"{root}/valid/dog/gone.jpg,dog\n")
+    run = run_cli(capsys, "predict", "--head", head_file, *RUN, "--list", tmp_path / "l.csv", "--out",
+                  tmp_path / "p.csv", "--no-plots")
+    assert run.code == 0, run.err
+    assert "labelled images: accuracy" in run.out and "over 2 images" in run.out
+    assert f"skipped {root}/valid/dog/gone.jpg: no such file ({tmp_path / 'l.csv'} line 4)" in run.err
+    (tmp_path / "l.txt").write_text(f"{root}/test/1.jpg\n")
+    assert run_cli(capsys, "predict", "--head", head_file, *RUN, f"@{tmp_path / 'l.txt'}", "--out", "-").code == 0
+    refused = run_cli(capsys, "predict", "--head", head_file, *RUN, head_file, "--out", tmp_path / "h.csv")
+    assert "an HDF5 file (a feature store?), not an image" in error_lines(refused.err)[0]
 
 
-def test_extract_writes_stores_only_inside_out(tiny, tmp_path, capsys):
-    data = tmp_path / "data"
-    shutil.copytree(tiny.data, data)
-    before = sorted(p.relative_to(data) for p in data.rglob("*"))
-    absolute = run_cli(capsys, "extract", data, "--split", (data / "valid").resolve(), "--out", tmp_path / "f",
-                       "--backbone", "resnet18", "--weights", "random", *RUN)
-    assert absolute.code == 1 and error_lines(absolute.err) == [
-        f"featurekit: error: --split {(data / 'valid').resolve()}: stores go to {tmp_path / 'f' / '<split>'}/ and "
-        f"must stay inside {tmp_path / 'f'}; give the split's folder name under the data root (e.g. --split valid)"]
-    inside = run_cli(capsys, "extract", data, "--split", "valid", "--out", data / "valid" / "features",
-                     "--backbone", "resnet18", "--weights", "random", *RUN)
-    [line] = error_lines(inside.err)
-    assert inside.code == 1 and f"inside {(data / 'valid').resolve()}, an input folder of this run" in line
-    assert sorted(p.relative_to(data) for p in data.rglob("*")) == before
-    followed = run_cli(capsys, "extract", data, "--split", "valid", "--out", tmp_path / "f", "--backbone", "resnet18",
-                       "--weights", "random", *RUN)
-    assert followed.code == 0 and (tmp_path / "f" / "valid" / "resnet18.h5").is_file()
+# --------------------------------------------------------------------------- export
 
 
-def holding(lock_of: Path) -> subprocess.Popen:
-    """A process that holds ``files.folder_lock(lock_of)`` until its stdin closes."""
-    child = subprocess.Popen([sys.executable, "-c", "import sys\nfrom featurekit.files import folder_lock\n"
-                              "with folder_lock(sys.argv[1]):\n    print('locked', flush=True); sys.stdin.read()",
-                              str(lock_of)], cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                             env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert child.stdout.readline().strip() == "locked"
-    return child
+def test_parquet_export_holds_the_store_in_row_groups(cached, tmp_path, capsys):
+    _, features_dir, _ = cached
+    pq = pytest.importorskip("pyarrow.parquet")
+    run = run_cli(capsys, "export", features_dir, "--split", "train", "--backbone", "resnet18", "--out",
+                  tmp_path / "train.parquet", "--block-rows", "4")
+    assert run.code == 0, run.err
+    store = read_store(features_dir / "train" / "resnet18.h5")
+    table = pq.read_table(tmp_path / "train.parquet")
+    assert table.column_names == ["path", "label", "class", "features"]
+    assert str(table.schema.field("features").type) == "fixed_size_list<element: float>[512]"
+    assert pq.ParquetFile(tmp_path / "train.parquet").num_row_groups == 2  # 6 rows, 4 a group
+    np.testing.assert_array_equal(np.stack(table.column("features").to_numpy(zero_copy_only=False)), store.features)
+    assert table.column("path").to_pylist() == store.paths and table.column("label").to_pylist() == [0, 0, 0, 1, 1, 1]
+    assert table.column("class").to_pylist() == ["cat"] * 3 + ["dog"] * 3
+    record = read_export_record(tmp_path / "train.parquet")
+    assert record["stores"][0]["fingerprint"] == store.header.fingerprint and record["rows"] == 6
 
 
-def test_one_train_head_writes_a_folder_at_a_time(tiny, tmp_path, capsys):
-    out = tmp_path / "head"
-    args = ["train-head", tiny.features, "--backbone", "resnet18", "--head", "logreg", "--out", out, "--no-plots"]
-    child = holding(out)
-    try:
-        refused = run_cli(capsys, *args)
-    finally:
-        child.stdin.close()
-        child.wait()
-    assert refused.code == 1 and error_lines(refused.err) == [
-        f"featurekit: error: {out}: another featurekit process (pid {child.pid}) is writing it"]
-    assert not out.exists()
-    assert run_cli(capsys, *args).code == 0 and (out / "head.h5").is_file()
-    assert not list(tmp_path.glob(".*.lock"))
-    not_a_folder = tmp_path / "file"
-    not_a_folder.write_text("mine")
-    result = run_cli(capsys, *args[:-3], "--out", not_a_folder, "--no-plots")
-    assert result.code == 1 and error_lines(result.err) == [
-        f"featurekit: error: {not_a_folder}: not a folder (a file); give another --out"]
-    assert not_a_folder.read_text() == "mine"
+@pytest.mark.parametrize("reader", ["pandas", "polars", "datasets", "ray"])
+def test_other_tools_read_the_parquet_export(cached, tmp_path, reader):
+    _, features_dir, _ = cached
+    module = pytest.importorskip(reader)
+    export(features_dir, "valid", ["resnet18"], tmp_path / "v.parquet")
+    path, expected = str(tmp_path / "v.parquet"), read_store(features_dir / "valid" / "resnet18.h5").features
+    if reader == "pandas":
+        rows = np.stack(module.read_parquet(path)["features"].to_numpy())
+    elif reader == "polars":
+        rows = module.read_parquet(path)["features"].to_numpy()
+    elif reader == "datasets":
+        rows = np.array(module.Dataset.from_parquet(path)["features"])
+    else:
+        rows = np.stack(module.data.read_parquet(path).to_pandas()["features"].to_numpy())
+    np.testing.assert_array_equal(np.asarray(rows, dtype=np.float32), expected)
 
 
-def test_finetune_refuses_a_folder_holding_another_artifact_and_a_second_writer(tiny, tmp_path, capsys):
-    head_folder = tmp_path / "head"
-    shutil.copytree(tiny.logreg.parent, head_folder)
-    report = (head_folder / "report.json").read_bytes()
-    args = ["finetune", tiny.data, "--head", head_folder, "--unfreeze", "none", *TUNE_ARGS]
-    refused = run_cli(capsys, *args, "--out", head_folder)
-    assert refused.code == 1 and error_lines(refused.err) == [
-        f"featurekit: error: {head_folder}: holds another artifact (head.h5), which finetune's files would join or "
-        f"replace; give another --out (default: {head_folder / 'finetuned'}), or pass --overwrite"]
-    assert (head_folder / "report.json").read_bytes() == report and not (head_folder / "model.json").exists()
-    default = head_folder / "finetuned"
-    child = holding(default)
-    try:
-        locked = run_cli(capsys, *args)
-    finally:
-        child.stdin.close()
-        child.wait()
-    assert locked.code == 1 and f"{default}: another featurekit process (pid {child.pid}) is writing it" in locked.err
-    assert run_cli(capsys, *args).code == 0 and (default / "model.json").is_file()  # the default: a folder of its own
-    assert run_cli(capsys, *args, "--out", head_folder, "--overwrite").code == 0  # the other way out, followed
-    assert (head_folder / "model.json").is_file()
+def test_npy_export_in_clip_retrievals_layout_and_unlabelled_rows(cached, tmp_path):
+    _, features_dir, _ = cached
+    export(features_dir, "test", ["resnet18"], tmp_path / "emb", ExportSettings(form="npy", block_rows=2))
+    store = read_store(features_dir / "test" / "resnet18.h5")
+    np.testing.assert_array_equal(np.load(tmp_path / "emb" / "img_emb" / "img_emb_0.npy"), store.features)
+    rows = list(csv.reader(open(tmp_path / "emb" / "metadata" / "metadata_0.csv")))
+    assert rows == [["path", "label", "class"], ["1.jpg", "", ""], ["2.jpg", "", ""], ["3.jpg", "", ""]]
+    assert read_export_record(tmp_path / "emb")["labelled"] is False
+    pq = pytest.importorskip("pyarrow.parquet")
+    export(features_dir, "test", ["resnet18"], tmp_path / "t.parquet", ExportSettings(dtype="float16"))
+    table = pq.read_table(tmp_path / "t.parquet")
+    assert table.column("label").null_count == 3
+    assert str(table.schema.field("features").type).endswith("halffloat>[512]")
+
+
+def test_export_onto_an_existing_file_keeps_it_whole(cached, tmp_path, monkeypatch):
+    _, features_dir, _ = cached
+    out = tmp_path / "v.parquet"
+    export(features_dir, "valid", ["resnet18"], out)
+    before = out.read_bytes()
+    with pytest.raises(WriteError, match="v.parquet: exists; pass --overwrite to replace it"):
+        export(features_dir, "valid", ["resnet18"], out)
+    real = export_module._blocks
+
+    def failing(*args):
+        yield next(real(*args))
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(export_module, "_blocks", failing)
+    with pytest.raises(WriteError, match="v.parquet: cannot write the export \\(no space left on device\\)"):
+        export(features_dir, "train", ["resnet18"], out, ExportSettings(overwrite=True, block_rows=2))
+    assert out.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["v.parquet"]
+
+
+# --------------------------------------------------------------------------- embed
+
+
+def test_embed_of_several_backbones_is_a_dict(cached):
+    root, _, _ = cached
+    paths = sorted((root / "test").glob("*.jpg"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FeaturekitWarning)
+        both = featurekit.embed(paths, ["resnet18", "mobilenet_v3_small"], weights="random")
+        alone = featurekit.embed(paths, "resnet18", weights="random")
+    assert set(both) == {"resnet18", "mobilenet_v3_small"} and both["mobilenet_v3_small"].shape == (3, 1024)
+    np.testing.assert_array_equal(both["resnet18"], alone)

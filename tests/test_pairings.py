@@ -34,9 +34,10 @@ def test_neighbors_refuses_stores_made_with_other_weights_than_the_heads(tiny, t
     for extra in ([], ["--image", tiny.data / "valid"]):
         refused = run_cli(capsys, "neighbors", "--head", tiny.logreg, "--features", other, "--device", "cpu", *extra)
         [line] = error_lines(refused.err)
-        assert refused.code == 1 and line.startswith(f"featurekit: error: {other / 'train' / 'resnet18.h5'}: made "
-                                                     "with other weights sha256 (")
-        assert line.endswith(f"than {tiny.logreg} records for resnet18; refusing to search them")
+        assert refused.code == 1 and line.startswith(f"featurekit: error: {tiny.logreg}: resnet18 was trained on "
+                                                     "weights random (sha256 ")
+        assert line.endswith(f"but {other / 'train' / 'resnet18.h5'} (weights file:other.pt) has sha256 "
+                             f"{line.rsplit('has sha256 ', 1)[1].split(';')[0]}; refusing to search it")
     assert run_cli(capsys, "neighbors", "--head", tiny.logreg, "--device", "cpu").code == 0  # its own stores
 
 

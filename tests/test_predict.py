@@ -54,15 +54,18 @@ def test_cli_csv_and_kaggle_forms_and_undecodable_files(trained, tmp_path, capsy
     (folder / "3.jpg").write_bytes(b"")
     common = ["predict", "--head", str(head_file), "--device", "cpu", "--workers", "0", str(folder)]
     assert cli.main([*common, "--out", str(tmp_path / "p.csv")]) == 0
-    assert cli.main([*common, "--out", str(tmp_path / "k.csv"), "--format", "kaggle"]) == 0
+    assert cli.main([*common, "--out", str(tmp_path / "k.csv"), "--format", "kaggle-proba"]) == 0
+    assert cli.main([*common, "--out", str(tmp_path / "n.csv"), "--format", "kaggle"]) == 0
     assert "skipped " + str(folder / "3.jpg") + ": empty file" in capsys.readouterr().err
     rows = list(csv.DictReader(open(tmp_path / "p.csv")))
     assert list(rows[0]) == ["path", "predicted", "prob_cat", "prob_dog"] and len(rows) == 3
     for row in rows:
         assert row["predicted"] == ("dog" if float(row["prob_dog"]) > float(row["prob_cat"]) else "cat")
     kaggle = list(csv.reader(open(tmp_path / "k.csv")))
-    by_stem = {r["path"].rsplit("/", 1)[1][:-4]: r["prob_dog"] for r in rows}
-    assert kaggle == [["id", "label"], ["1", by_stem["1"]], ["2", by_stem["2"]], ["10", by_stem["10"]]]
+    by_stem = {r["path"].rsplit("/", 1)[1][:-4]: r for r in rows}
+    assert kaggle == [["id", "label"], *([stem, by_stem[stem]["prob_dog"]] for stem in ("1", "2", "10"))]
+    names = list(csv.reader(open(tmp_path / "n.csv")))  # any number of classes: the predicted class names
+    assert names == [["id", "label"], *([stem, by_stem[stem]["predicted"]] for stem in ("1", "2", "10"))]
 
 
 def test_refuses_a_head_trained_on_other_weights(trained, tmp_path, capsys):

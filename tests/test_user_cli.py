@@ -44,8 +44,9 @@ def test_predict_out_dash_writes_the_csv_to_stdout_with_progress_and_timing_on_s
 
 
 @pytest.mark.parametrize("option, message", [
-    (["--format", "kaggle"], "--format kaggle needs a two-class head; this one has 3 classes (ant, bee, wasp)"),
-    (["--topk", "4"], "--topk 4: the head has 3 classes (give 1 to 3)"),
+    (["--format", "kaggle-proba"], "--format kaggle-proba writes the probability of a two-class head's second class; "
+                                   "this one has 3 classes (ant, bee, wasp): use --format kaggle (class names)"),
+    (["--topk", "0"], "--topk 0: give 1 or more"),
 ])
 def test_an_output_the_head_cannot_fill_fails_before_any_image_is_read(head3, capsys, tmp_path, monkeypatch,
                                                                         option, message):
@@ -167,8 +168,9 @@ def test_images_directly_in_the_root(tmp_path, capsys):
 def test_class_folders_without_a_split_level(tmp_path, capsys):
     root = write_image_folder(tmp_path, {"hym": {"ants": 1, "bees": 1}}) / "hym"
     assert _extract_error(capsys, root).endswith(f"{root} has 2 folders holding images directly: ants, bees: class "
-                                                 f"folders without a split level; move them to {root}/<split>/, e.g. "
-                                                 f"{root}/train/<class>/<image> and {root}/valid/<class>/<image>")
+                                                 "folders without a split level; cut train and valid from them "
+                                                 f"(featurekit extract {root} --valid-fraction 0.2) or move them to "
+                                                 f"{root}/<split>/<class>/<image>")
     split_given = write_image_folder(tmp_path / "data", {"train": {"ants": 1}}) / "train"
     assert _extract_error(capsys, split_given).endswith(
         f"it is a split folder; give the folder above it (featurekit extract {tmp_path / 'data'} --split train)")

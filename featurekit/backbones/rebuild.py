@@ -54,18 +54,26 @@ def check_backbone(source: Path, record: BackboneRecord, backbone: Backbone, set
     """Raise :class:`HeadMismatchError` unless ``backbone`` under ``settings`` makes the features
     ``record`` describes (its precision aside: :func:`recorded_settings` decided it); the message
     ends "refusing to ``purpose``"."""
+    check_identity(source, record, store_identity(backbone, settings), "this run makes",
+                   f"{backbone.weights.name} from {backbone.weights.source}", purpose, ignore=("precision",))
+
+
+def check_identity(source: Path, record: BackboneRecord, found: StoreIdentity, maker: str, weights_of: str,
+                   purpose: str = "predict", ignore: tuple[str, ...] = ()) -> None:
+    """Raise :class:`HeadMismatchError` unless the features of identity ``found`` (a rebuilt trunk's, or a
+    store's) are those ``record`` describes, fields ``ignore`` aside. Messages: "<field> X but ``maker`` Y",
+    "weights ... but ``weights_of`` has sha256 ...", ending "refusing to ``purpose``"."""
     # the plain rows' identity: views stored beside them (augmented, test-time) do not change them
-    expected = dataclasses.replace(record.identity.without_views(), precision=settings.precision)
-    found = expected.difference(store_identity(backbone, settings))
-    if found and found.field == "weights_sha256":
+    expected = dataclasses.replace(record.identity.without_views(), **{name: getattr(found, name) for name in ignore})
+    change = expected.difference(found.without_views())
+    if change and change.field == "weights_sha256":
         raise HeadMismatchError(
             f"{source}: {record.store_name} was trained on weights {record.weights} (sha256 "
-            f"{found.mine[:16]}) but {backbone.weights.name} from {backbone.weights.source} has sha256 "
-            f"{found.theirs[:16]}; refusing to {purpose}")
-    if found:
+            f"{change.mine[:16]}) but {weights_of} has sha256 {change.theirs[:16]}; refusing to {purpose}")
+    if change:
         raise HeadMismatchError(f"{source}: {record.store_name} was trained with "
-                                f"{found.field.replace('_', ' ')} {short(found.mine)} but this run makes "
-                                f"{short(found.theirs)}; refusing to {purpose}")
+                                f"{change.field.replace('_', ' ')} {short(change.mine)} but {maker} "
+                                f"{short(change.theirs)}; refusing to {purpose}")
 
 
 def load_recorded(name: str, node: str, source: dict | None, weights: str, weights_path: str | None) -> Backbone:

@@ -295,21 +295,24 @@ def device_views(batch: ViewBatch, device: torch.device, preprocessings: dict[st
     return {key: torch.stack([rows[row][key] for row in order]) for key in preprocessings} if order else {}
 
 
-def embed(images: Sequence[str | Path | Image.Image], backbone: str | Backbone, weights: str = BackboneChoice.weights,
-          *, node: str | None = BackboneChoice.node, pool: str = BackboneChoice.pool,
-          settings: RunSettings | None = None) -> np.ndarray:
+def embed(images: Sequence[str | Path | Image.Image], backbone: str | Backbone | Sequence[str | Backbone],
+          weights: str = BackboneChoice.weights, *, node: str | None = BackboneChoice.node,
+          pool: str = BackboneChoice.pool, settings: RunSettings | None = None) -> np.ndarray | dict[str, np.ndarray]:
     """Features of a few images, in memory, without writing a store: float32[len(images), D].
 
     ``images``: file paths (decoded under ``settings.decode``, EXIF orientation included) or PIL
     images (converted to RGB as they are). ``backbone``: a backbone name (built with ``weights``,
-    ``node`` and ``pool``) or a :class:`~featurekit.backbones.Backbone` already built. The features are
-    those extract would store for the same files under the same settings (default: ``auto``
-    precision, float32 here). A file that cannot be decoded raises :class:`ImageDecodeError`.
+    ``node`` and ``pool``) or a :class:`~featurekit.backbones.Backbone` already built; a list or
+    tuple of them gives ``{store_name: float32[len(images), D]}``, every image decoded once for all
+    of them. The features are those extract would store for the same files under the same settings
+    (default: ``auto`` precision, float32 here). A file that cannot be decoded raises :class:`ImageDecodeError`.
     """
-    if not isinstance(backbone, Backbone):
-        backbone = load_backbone(backbone, weights, node=node, pool=pool)
+    several = isinstance(backbone, (list, tuple))
+    built = [b if isinstance(b, Backbone) else load_backbone(b, weights, node=node, pool=pool)
+             for b in (backbone if several else [backbone])]
     settings = settings or RunSettings(dtype="float32", num_workers=0, progress=False)
-    runner = TrunkRunner([backbone], dataclasses.replace(settings, on_error="fail").resolved())
+    runner = TrunkRunner(built, dataclasses.replace(settings, on_error="fail").resolved())
     sources = [(image, f"image #{i}") if isinstance(image, Image.Image) else (str(image), str(image))
                for i, image in enumerate(images)]
-    return runner.embed(sources).features[backbone.store_name]
+    features = runner.embed(sources).features
+    return features if several else features[built[0].store_name]

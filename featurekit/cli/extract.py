@@ -8,6 +8,7 @@ from pathlib import Path
 from ..backbones.settings import BackboneChoice, RunSettings
 from ..extraction.settings import ExtractSettings
 from ..images.decode import DecodePolicy
+from ..images.sources import SourceSettings
 from ..options import add_settings, from_args, given, parent, weights_path_parent
 from ..views.augment import ViewPlan
 from ._options import add_backbones, command, say
@@ -22,7 +23,8 @@ def add_extract(commands) -> None:
     p = command(commands, "extract", "run frozen backbones over an image folder and write HDF5 feature stores",
                 epilog=EPILOG, parents=[parent(RunSettings, "device", "precision", "batch_size", "num_workers",
                                                "on_error", "progress"), weights_path_parent()])
-    p.add_argument("data_root", type=Path, help="folder holding <split>/<class>/<image>")
+    p.add_argument("data_root", nargs="?", help="folder holding <split>/<class>/<image> (<split>/<image>: unlabelled), "
+                   "a class folder with --valid-fraction, or WebDataset shards 'dir/train-{000000..000099}.tar'")
     p.add_argument("--split", nargs="+", default=["train", "valid"], help="splits to extract")
     add_backbones(p, "registry names, torchvision models, timm:MODEL, open_clip:MODEL/TAG, hf:REPO (featurekit "
                      "list-backbones)")
@@ -30,6 +32,7 @@ def add_extract(commands) -> None:
     add_settings(p, BackboneChoice)
     p.add_argument("--resume", dest="overwrite", action="store_false", default=argparse.SUPPRESS,
                    help="(default) reuse stores and committed chunks of this very run; refuse ones from other inputs")
+    add_settings(p, SourceSettings)
     add_settings(p, ExtractSettings, "dtype", "chunk_size", "overwrite", "compile", "shard")
     add_settings(p, DecodePolicy)
     p.add_argument("--full-decode", action="store_true", help="decode JPEGs at full size (no reduced-size draft)")
@@ -47,7 +50,8 @@ def run_extract(args) -> int:
         settings = from_args(ExtractSettings, args, decode=decode, views=from_args(ViewPlan, args), launch=launch,
                              progress=args.progress and launch.rank == 0)
         results = extract(args.data_root, args.split, args.backbone, args.out, settings,
-                          weights_paths=args.weights_path, **given(BackboneChoice, args))
+                          weights_paths=args.weights_path, source=from_args(SourceSettings, args),
+                          **given(BackboneChoice, args))
         if launch.rank == 0:
             say(results.lines())
         return 0

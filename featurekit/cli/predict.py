@@ -6,21 +6,22 @@ import sys
 from pathlib import Path
 
 from ..backbones.settings import RunSettings
+from ..images.sources import SourceSettings
 from ..options import add_settings, from_args, parent, weights_path_parent
 from ..predict.settings import PredictOptions
 from ._options import add_backbones, command, say
 
 
 def add_predict(commands) -> None:
-    p = command(commands, "predict", "classify images with a trained head, re-extracting their features",
-                parents=[parent(RunSettings, "device", "batch_size", "num_workers", "progress"),
-                                                weights_path_parent()])
-    p.add_argument("paths", nargs="+", metavar="PATH", help="image files; folders: the images directly in them, or "
+    p = command(commands, "predict", "classify images with a trained head, re-extracting their features (or "
+                "scoring stored ones)", parents=[parent(RunSettings, "device", "batch_size", "num_workers", "progress"),
+                                                 weights_path_parent(), parent(SourceSettings, "list_file")])
+    p.add_argument("paths", nargs="*", metavar="PATH", help="image files, @LIST files; folders: the images in them, or "
                    "a labelled folder <class>/<image> of the head's classes (accuracy and a report beside --out)")
     p.add_argument("--head", required=True, type=Path, help="head.h5 written by train-head, model.json written by "
                                                             "finetune, or the folder holding one of them")
-    p.add_argument("--out", default="predictions.csv", help="CSV file (and OUT.json beside it: how the features "
-                                                            "were made); - writes the CSV to stdout and no .json")
+    p.add_argument("--out", default="predictions.csv", help="the table (and OUT.json beside it: how the features were "
+                                                            "made); - writes it to stdout and no .json")
     add_settings(p, PredictOptions)
     p.set_defaults(run=run_predict)
 
@@ -29,7 +30,8 @@ def run_predict(args) -> int:
     from ..predict.outputs import predict_to
 
     to_stdout = args.out == "-"
-    lines = predict_to(args.head, args.paths, sys.stdout if to_stdout else args.out, from_args(PredictOptions, args),
+    paths = args.paths + ([f"@{args.list_file}"] if args.list_file else [])
+    lines = predict_to(args.head, paths, sys.stdout if to_stdout else args.out, from_args(PredictOptions, args),
                        from_args(RunSettings, args), args.weights_path)
     say(lines, error=to_stdout)
     return 0

@@ -1,46 +1,82 @@
-"""``featurekit verify``, ``info`` and ``list-backbones``."""
+"""``featurekit verify``, ``info``, ``du``, ``clean``, ``export`` and ``list-backbones``."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from ..backbones.registry import SOURCES, describe_registry
-from ._options import command, say
+from ..cache.settings import CleanSettings
+from ..options import add_settings, from_args
+from ..store.settings import ExportSettings
+from ._options import add_backbones, command, say
+
+PATHS = "stores (OUT/<split>/<backbone>.h5), head files, fine-tuned model folders, or folders holding them"
 
 
 def add_verify(commands) -> None:
-    p = command(commands, "verify", "check stores: complete, sound, unedited, and current with their image folder",
-                description="Check feature stores. Exit status 1 if any store is incomplete or damaged, has wrong "
-                            "shapes or dtypes, NaN/Inf features, was edited, or no longer matches its image folder "
-                            "(images added, removed or modified are named), or if stores of one split do not align.")
-    p.add_argument("store", type=Path, nargs="+", help="store files (OUT/<split>/<backbone>.h5)")
+    p = command(commands, "verify", "check stores, heads and models: complete, sound, unedited, current",
+                description="Check feature stores, heads and fine-tuned models. Exit status 1 if any store is "
+                            "incomplete or damaged, has wrong shapes or dtypes, NaN/Inf features, was edited, or no "
+                            "longer matches its images (added, removed or modified images are named), if stores of "
+                            "one split do not align, or if a head or model does not load or its stores changed.")
+    p.add_argument("store", type=Path, nargs="+", help=PATHS)
     p.add_argument("--data-root", type=Path, help="check against this folder (default: the data root recorded in "
                                                   "each store)")
     p.set_defaults(run=run_verify)
 
 
 def run_verify(args) -> int:
-    from ..store.verify import verify_stores
+    from ..cache.artifacts import verify_paths
 
-    reports = verify_stores(args.store, args.data_root)
-    say(line for report in reports for line in report.lines())
-    failed = sum(not report.ok for report in reports)
-    if failed:
-        say(f"featurekit: verify: {failed} of {len(reports)} stores have problems", error=True)
-    return 1 if failed else 0
+    checked = verify_paths(args.store, args.data_root)
+    say(checked.lines)
+    if checked.failed:
+        say(checked.summary, error=True)
+    return 1 if checked.failed else 0
 
 
 def add_info(commands) -> None:
-    p = command(commands, "info", "describe feature stores: rows, classes, backbone, weights, how they were made")
-    p.add_argument("store", type=Path, nargs="+", help="store files (OUT/<split>/<backbone>.h5)")
-    p.add_argument("--json", action="store_true", help="print each store's attributes as one line of JSON")
-    p.set_defaults(run=lambda args: say(line for path in args.store for line in describe(path, args.json)))
+    p = command(commands, "info", "describe stores, heads and models: rows, classes, backbone, how they were made")
+    p.add_argument("store", type=Path, nargs="+", help=PATHS)
+    p.add_argument("--json", action="store_true", help="print each one's attributes as one line of JSON")
+    p.set_defaults(run=lambda args: say(_cache().info_paths(args.store, args.json)))
 
 
-def describe(path: Path, as_json: bool) -> list[str]:
-    from ..store.info import describe_store
+def add_housekeeping(commands) -> None:
+    p = command(commands, "du", "list the stores, heads, partial chunks, locks and temporaries of a features folder, "
+                "with sizes and ages")
+    p.add_argument("paths", type=Path, nargs="+", metavar="FEATURES", help="extract's --out folders")
+    p.set_defaults(run=lambda args: say(_cache().disk_usage(args.paths)))
+    p = command(commands, "clean", "remove the leftovers of runs (chunks of finished or stale runs, free locks) under "
+                "each store's lock; a store, head or model only when named", epilog="docs/reliability.md")
+    p.add_argument("paths", type=Path, nargs="+", metavar="PATH", help="features folders (leftovers only), or stores, "
+                   "head files and model.json files to remove")
+    add_settings(p, CleanSettings)
+    p.set_defaults(run=lambda args: say(_cache().clean(args.paths, from_args(CleanSettings, args))))
 
-    return describe_store(path, as_json)
+
+def add_export(commands) -> None:
+    p = command(commands, "export", "write a split's features as parquet or npy for other tools (pandas, polars, "
+                "HF datasets, Ray Data, clip-retrieval)")
+    p.add_argument("features_dir", metavar="FEATURES_DIR", type=Path, help="extract's --out folder")
+    p.add_argument("--split", required=True, help="the split to export")
+    add_backbones(p, "stores to concatenate, in this order (backbone, or backbone@node)")
+    p.add_argument("--out", required=True, type=Path, help="parquet file, or npy folder")
+    add_settings(p, ExportSettings)
+    p.set_defaults(run=run_export)
+
+
+def run_export(args) -> int:
+    from ..store.export import export
+
+    say(export(args.features_dir, args.split, args.backbone, args.out, from_args(ExportSettings, args)))
+    return 0
+
+
+def _cache():
+    from .. import cache
+
+    return cache
 
 
 def add_list_backbones(commands) -> None:

@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import logging
 import time
+from bisect import bisect_right
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,8 +38,8 @@ from ..backbones.trunks import Backbone, load_backbone
 from ..backbones.weights import weights_files
 from ..errors import DataError, ImageDecodeError
 from ..files import check_output
-from ..images.listing import SplitListing, list_split
-from ..images.names import printable_path
+from ..images.listing import SplitListing
+from ..images.sources import SourceSettings, list_sources
 from ..store.chunks import Chunk, uncovered
 from ..store.format import RANDOM, StoreHeader, fingerprint, read_store, warn_random
 from ..store.layout import view_datasets
@@ -104,22 +105,30 @@ class Extraction(list):
         return [line for result in self for line in result.lines()] + [self.summary()]
 
 
-def extract(root: str | Path, splits: Sequence[str], backbones: Sequence[str | Backbone],
+def extract(root: str | Path | None, splits: Sequence[str], backbones: Sequence[str | Backbone],
             out_dir: str | Path = "features", settings: ExtractSettings | None = None, *,
             weights: str = BackboneChoice.weights, weights_paths: Mapping[str, str] | str | None = None,
-            node: str | None = BackboneChoice.node, pool: str = BackboneChoice.pool) -> Extraction:
+            node: str | None = BackboneChoice.node, pool: str = BackboneChoice.pool,
+            source: SourceSettings | None = None, **source_options) -> Extraction:
     """Extract the store of every (split, backbone) of ``root`` into ``out_dir``; one result per store.
 
-    ``backbones``: backbone names (built with ``weights``, ``weights_paths``, ``node`` and ``pool``, see
-    :func:`build_backbones`) or :class:`~featurekit.backbones.trunks.Backbone` objects. Every split is
-    listed, and every store checked for staleness, before any model runs. What is found is logged
-    (:mod:`logging`, logger ``featurekit``); features of random weights are a ``FeaturekitWarning``.
+    ``root``: a folder ``<split>/<class>/<image>`` (a split of images without classes makes an
+    unlabelled store), a class folder ``<class>/<image>`` cut by ``valid_fraction=F`` (or
+    ``folds=K, fold=I``, ``split_seed``), a WebDataset shard pattern (``label_key``), or None with
+    ``list_file=`` a list of files: the fields of :class:`~featurekit.images.sources.SourceSettings`,
+    given as ``source`` or as keywords. ``backbones``: backbone names (built with ``weights``,
+    ``weights_paths``, ``node`` and ``pool``, see :func:`build_backbones`) or
+    :class:`~featurekit.backbones.trunks.Backbone` objects. Every split is listed, and every store
+    checked for staleness, before any model runs. What is found is logged (:mod:`logging`, logger
+    ``featurekit``); features of random weights are a ``FeaturekitWarning``.
     """
     started = time.perf_counter()
     settings = (settings or ExtractSettings()).resolved()  # a setting that cannot work is refused before any work
-    listings = [list_split(root, split) for split in splits]
+    source = dataclasses.replace(source or SourceSettings(), **source_options)
+    listings = list_sources(root, splits, source)
     for listing in listings:
-        logger.info(f"{listing.display_dir}: {len(listing)} images in {len(listing.classes)} classes")
+        kinds = f"in {len(listing.classes)} classes" if listing.labelled else "without classes (an unlabelled split)"
+        logger.info(f"{listing.display}: {len(listing)} images {kinds}")
         for line in listing.notices():
             logger.info(line)
     built = build_backbones(backbones, weights, weights_paths, node, pool)
@@ -153,11 +162,11 @@ def extract_listings(listings: Sequence[SplitListing], backbones: Sequence[Backb
     settings = settings or ExtractSettings()
     settings = dataclasses.replace(settings, dtype=storage_dtype(settings.dtype, backbones)).resolved()
     check_group(settings.launch.world_size)
-    unreadable = next((listing for listing in listings if listing.unreadable), None)
+    unreadable = next((listing for listing in listings if listing.unreadable_text()), None)
     if unreadable and settings.on_error == "fail":
-        raise DataError(f"{unreadable.display_dir}: {unreadable.unreadable_text()} (--on-error skip extracts the rest)")
+        raise DataError(f"{unreadable.display}: {unreadable.unreadable_text()} (--on-error skip extracts the rest)")
     plans = [(listing, [_writer(listing, b, settings, out_dir) for b in backbones]) for listing in listings]
-    images = [listing.split_dir for listing in listings]
+    images = [listing.split_dir for listing in listings if listing.source is None]  # split folders of images
     for _, writers in plans:  # refuse stale stores, or stores in the image folders, of any split before any work
         for writer in writers:
             check_output(writer.final, images, hdf5=True)
@@ -177,8 +186,10 @@ def shard(chunks: Sequence[tuple[int, int]], rank: int, world_size: int) -> list
     return list(chunks[block(len(chunks), rank, world_size)])
 
 
-def missing_chunks(committed: Sequence[Sequence[tuple[int, int]]], n: int, chunk_size: int) -> list[tuple[int, int]]:
-    """Chunks of the rows that some store has not committed, cut on the ``chunk_size`` grid.
+def missing_chunks(committed: Sequence[Sequence[tuple[int, int]]], n: int, chunk_size: int,
+                   bounds: Sequence[int] | None = None) -> list[tuple[int, int]]:
+    """Chunks of the rows that some store has not committed, cut on the ``chunk_size`` grid (or at
+    ``bounds``: the chunk starts, then ``n``, of a listing of units such as tar shards).
 
     ``committed`` holds each store's committed ranges. On the grid, an unchanged command
     recomputes exactly the chunks (and so the batches) an uninterrupted run would have.
@@ -192,7 +203,8 @@ def missing_chunks(committed: Sequence[Sequence[tuple[int, int]]], n: int, chunk
     todo = []
     for start, stop in merged:
         while start < stop:
-            cut = min(stop, (start // chunk_size + 1) * chunk_size)
+            grid = (start // chunk_size + 1) * chunk_size if bounds is None else bounds[bisect_right(bounds, start)]
+            cut = min(stop, grid)
             todo.append((start, cut))
             start = cut
     return todo
@@ -202,8 +214,8 @@ def _writer(listing: SplitListing, backbone: Backbone, settings: ExtractSettings
     identity = dataclasses.replace(store_identity(backbone, settings), **settings.views.identity())
     digest = listing.sha256()
     header = StoreHeader(
-        **identity.to_dict(), split=listing.split, data_root=printable_path(str(listing.root.resolve())),
-        listing_sha256=digest,
+        **identity.to_dict(), split=listing.split, data_root=listing.data_root, listing_sha256=digest,
+        listing_rule=listing.source,
         weights=backbone.weights.name, weights_source=backbone.weights.source,
         weights_report=backbone.weights.report.summary(), device=torch.device(settings.device).type,
         on_error=settings.on_error, fingerprint=fingerprint(identity, digest), feature_dim=backbone.feature_dim,
@@ -246,9 +258,10 @@ def _compute(runner: TrunkRunner, listing: SplitListing, writers: list[StoreWrit
     launch, part = settings.launch, settings.shard
     todo = None
     if launch.rank == 0:
-        todo = missing_chunks([w.committed() for w in writers], len(listing), settings.chunk_size)
+        bounds = listing.chunk_bounds(settings.chunk_size)
+        todo = missing_chunks([w.committed() for w in writers], len(listing), settings.chunk_size, bounds)
         if part is not None:
-            first, last = part.rows(len(listing), settings.chunk_size)
+            first, last = part.rows(len(listing), settings.chunk_size, bounds)
             todo = [(start, stop) for start, stop in todo if first <= start and stop <= last]
     todo = broadcast(todo, launch.world_size)  # read before anyone wrote
     computed, todo = sum(b - a for a, b in todo), shard(todo, launch.rank, launch.world_size)

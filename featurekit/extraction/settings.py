@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Sequence
 
 from ..backbones.settings import AUTO_DTYPE, DTYPES, RunSettings
 from ..errors import SettingsError
@@ -50,8 +51,12 @@ class Shard:
             raise SettingsError(f"--shard {text!r}: expected {SHARD_HELP}")
         return cls(int(index), int(count))
 
-    def rows(self, n: int, chunk_size: int) -> tuple[int, int]:
-        """The rows ``[start, stop)`` of this shard's block of ``n`` rows cut into ``chunk_size`` chunks."""
+    def rows(self, n: int, chunk_size: int, bounds: Sequence[int] | None = None) -> tuple[int, int]:
+        """The rows ``[start, stop)`` of this shard's block of ``n`` rows cut into ``chunk_size`` chunks, or
+        into the chunks whose starts (then ``n``) are ``bounds`` (a listing's units: tar shards)."""
+        if bounds is not None:
+            chunks = block(len(bounds) - 1, self.index, self.count)
+            return bounds[chunks.start], bounds[chunks.stop]
         chunks = block(-(-n // chunk_size), self.index, self.count)
         return min(chunks.start * chunk_size, n), min(chunks.stop * chunk_size, n)
 

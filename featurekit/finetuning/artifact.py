@@ -45,14 +45,12 @@ from ..errors import HeadFileError, first_line
 from ..files import atomic_output, atomic_write, file_sha256, output_handle
 from ..heads.base import Head
 from ..heads.head_file import HEAD_FILE, OLD_HEAD_FILE, load_head
-from ..heads.records import ClassifierRecord, HeadRecord
+from ..heads.records import MODEL_FILE, MODEL_FORMAT, ClassifierRecord, HeadRecord
 from ..records import missing, parse
 from ..store.format import BackboneRecord, store_path
 from .model import FinetuneModel, build_head_layers
 
-MODEL_FILE = "model.json"
 MODEL_PT = "model.pt"  # the classifier's state dict
-MODEL_FORMAT = "featurekit.finetuned"
 MODEL_FORMAT_VERSION = 2  # 2: an svm classifier is a Linear with its temperature folded in (1: Platt sigmoids)
 
 

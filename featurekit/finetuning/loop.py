@@ -67,6 +67,9 @@ class Split:
 def head_split(root: str | Path, split: str, classes: Sequence[str], head_path: Path, exact: bool) -> Split:
     """List ``root/split``; its classes with images must be the head's (``exact``) or among them."""
     listing = list_split(root, split)
+    if not listing.labelled:
+        raise FinetuneError(f"{listing.display}: images without classes (no class folders): nothing to train or "
+                            "score a fine-tuned model on")
     names = [printable_path(name) for name in listing.classes]  # as stores, and so heads, record them
     present = [names[label] for label in sorted({r.label for r in listing.records})]
     differences = [f"{kind}: {', '.join(names)}" for kind, names in (

@@ -45,13 +45,12 @@ from ..records import parse
 from .base import Head
 from .knn import Neighbours
 from .mlp import build_mlp
+from .records import HEAD_FILE, HEAD_FORMAT
 from .registry import HEADS
 from .report import json_default
 from .solver import LinearFit
 
-HEAD_FILE = "head.h5"  # what train-head writes into its --out folder
 OLD_HEAD_FILE = "head.joblib"  # what it wrote before head format 2: a pickle, never loaded by default
-HEAD_FORMAT = "featurekit.head"
 HEAD_FORMAT_VERSION = 2  # 1: a joblib pickle of the head object
 FITTED = ("best_params_", "selection_", "history_", "fit_seconds_", "n_iter_", "n_features_in_")
 

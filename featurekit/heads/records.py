@@ -16,7 +16,13 @@ from ..errors import HeadFileError
 from ..records import to_dict
 from ..store.format import BackboneRecord
 
-__all__ = ["ClassifierRecord", "HeadRecord"]
+__all__ = ["HEAD_FILE", "HEAD_FORMAT", "MODEL_FILE", "MODEL_FORMAT", "ClassifierRecord", "HeadRecord"]
+
+# The files classifiers are written to, named here (no torch) so that looking at a folder needs no model code.
+HEAD_FILE = "head.h5"  # what train-head writes into its --out folder (heads.head_file)
+HEAD_FORMAT = "featurekit.head"  # its format attribute
+MODEL_FILE = "model.json"  # what finetune writes into its --out folder (finetuning.artifact)
+MODEL_FORMAT = "featurekit.finetuned"  # its format field
 
 
 @dataclass(frozen=True)

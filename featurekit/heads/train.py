@@ -35,10 +35,10 @@ import numpy as np
 import sklearn
 import torch
 
-from ..errors import FeaturekitWarning, SettingsError
+from ..errors import FeaturekitWarning, HeadError, SettingsError
 from ..files import check_output, check_output_folder, folder_lock
 from ..store.dataset import FeatureSet, check_same_extraction, load_features, store_files
-from ..store.format import RANDOM, file_stem, read_header, warn_random
+from ..store.format import RANDOM, file_stem, read_header, read_store, warn_random
 from ..store.layout import AUGMENTED, TEST_TIME
 from ..views.augment import TTA_VIEWS
 from .base import Head, ProbabilityModel
@@ -204,6 +204,13 @@ def view_notes(report: dict) -> list[str]:
     return notes
 
 
+def refuse_unlabelled(path: Path, role: str) -> None:
+    """A one-line :class:`HeadError` if the store at ``path`` is unlabelled (images without classes)."""
+    if read_store(path, features=False).labels is None:
+        raise HeadError(f"{path}: an unlabelled store (images without classes) cannot be the {role}; score it with "
+                        "predict --features instead")
+
+
 def default_out_dir(features_dir: str | Path, head_kind: str, store_names: Sequence[str]) -> Path:
     return Path(features_dir) / "heads" / f"{head_kind}-{'+'.join(map(file_stem, store_names))}"
 
@@ -236,7 +243,11 @@ def _train_head(features_dir: Path, store_names: Sequence[str], head_kind: str, 
                 valid_split: str | None, params: dict | None, plots: bool, augmented: bool, tta: str) -> dict:
     if tta != "none" and not valid_split:
         raise SettingsError("--tta scores the validation split with test-time views; give --valid-split")
-    held = read_header(store_files(features_dir, train_split, store_names)[0]).augment_views
+    first_train = store_files(features_dir, train_split, store_names)[0]
+    refuse_unlabelled(first_train, "training split")
+    held = read_header(first_train).augment_views
+    if valid_split:
+        refuse_unlabelled(store_files(features_dir, valid_split, store_names)[0], "validation split")
     train = load_features(features_dir, train_split, store_names, views=[AUGMENTED] if augmented and held else [])
     valid = valid_features(features_dir, valid_split, store_names, tta) if valid_split else None
     rows = None

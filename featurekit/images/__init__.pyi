@@ -2,5 +2,10 @@ from .decode import DecodePolicy as DecodePolicy
 from .decode import decode_image as decode_image
 from .listing import SplitListing as SplitListing
 from .listing import list_split as list_split
+from .lists import read_list as read_list
 from .names import fs_path as fs_path
 from .names import printable_path as printable_path
+from .shards import list_shards as list_shards
+from .sources import SourceSettings as SourceSettings
+from .sources import list_sources as list_sources
+from .splits import cut_class_folder as cut_class_folder

@@ -4,16 +4,18 @@ Decoding turns any file PIL understands into an 8-bit RGB ``PIL.Image`` under a 
 :class:`DecodePolicy`. Every limit is checked on the size that will be decoded, before decoding.
 Every failure is a :class:`~featurekit.errors.ImageDecodeError` whose message is one line naming
 the file and the reason. What is not a regular file is refused without being opened (a FIFO would
-block forever).
+block forever). A source is a file path, the bytes of an image, or an object that reads them
+(:class:`ImageBytes`: a tar member of a WebDataset shard); all of them decode alike.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import stat
 import warnings
 from dataclasses import asdict, dataclass
-from typing import BinaryIO, ClassVar
+from typing import BinaryIO, ClassVar, Protocol, Union
 
 import numpy as np
 import simplejpeg
@@ -147,20 +149,50 @@ def _refuse_special(mode: int) -> None:
         raise _Refused(f"not a regular file ({kind})")
 
 
-def decode_image(path: str | os.PathLike, policy: DecodePolicy | None = None,
-                 display: str | None = None) -> Image.Image:
-    """Decode one file into an 8-bit RGB image. Raises :class:`ImageDecodeError`.
+class ImageBytes(Protocol):
+    """An image that is not a file of its own (a tar member): ``read_bytes()`` gives its bytes, or
+    raises OSError."""
 
-    ``display`` is the name used in error messages (defaults to ``path`` in printable form).
+    def read_bytes(self) -> bytes: ...
+
+
+@dataclass(frozen=True)
+class Unavailable:
+    """A listed image known to be unreadable before decoding (a list naming a missing file, a shard
+    sample without an image): decoding it fails with ``reason``, so ``--on-error`` decides."""
+
+    reason: str
+
+    def read_bytes(self) -> bytes:
+        raise _Refused(self.reason)
+
+
+ImageSource = Union[str, os.PathLike, bytes, ImageBytes]  # what decode_image and the loader read
+
+
+def open_image(source: ImageSource) -> BinaryIO:
+    """A binary handle on ``source``'s bytes: a regular file opened (:func:`open_regular_file`), bytes
+    as they are, an :class:`ImageBytes` read."""
+    if isinstance(source, (str, os.PathLike)):
+        return open_regular_file(source)
+    return io.BytesIO(source if isinstance(source, (bytes, bytearray)) else source.read_bytes())
+
+
+def decode_image(source: ImageSource, policy: DecodePolicy | None = None, display: str | None = None) -> Image.Image:
+    """Decode one file (or image bytes, or a tar member) into an 8-bit RGB image. Raises
+    :class:`ImageDecodeError`.
+
+    ``display`` is the name used in error messages (defaults to ``source`` in printable form).
     """
-    display = display or printable_path(str(path))
+    display = display or printable_path(str(source))
     try:
-        with open_regular_file(path) as handle:
+        with open_image(source) as handle:
             return _decode_open_file(handle, policy or DecodePolicy())
     except _Refused as refusal:
         raise ImageDecodeError(display, str(refusal)) from None
     except FileNotFoundError:
-        reason = "broken symbolic link" if os.path.islink(path) else "file disappeared after listing"
+        linked = isinstance(source, (str, os.PathLike)) and os.path.islink(source)
+        reason = "broken symbolic link" if linked else "file disappeared after listing"
         raise ImageDecodeError(display, reason) from None
     except PermissionError:
         raise ImageDecodeError(display, "permission denied") from None
@@ -185,8 +217,9 @@ class _Refused(Exception):
 
 
 def _decode_open_file(handle: BinaryIO, policy: DecodePolicy) -> Image.Image:
-    if os.fstat(handle.fileno()).st_size == 0:
+    if handle.seek(0, os.SEEK_END) == 0:
         raise _Refused("empty file (0 bytes)")
+    handle.seek(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:

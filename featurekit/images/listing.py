@@ -1,6 +1,9 @@
 """Stage 1: list an image folder, deterministically, opening nothing but folders.
 
-An image-folder data set is ``root/<split>/<class>/<image>``. Listing is deterministic: class
+An image-folder data set is ``root/<split>/<class>/<image>``; a split folder holding images
+directly, without class folders, is an unlabelled split (a Kaggle ``test/``: no classes, no labels).
+Other sources (a class folder cut into train and valid, file lists, WebDataset shards:
+:mod:`featurekit.images.sources`) make the same :class:`SplitListing`. Listing is deterministic: class
 folders in string order (``ImageFolder`` order: "1", "10", "100", "2", ...; class *names* are
 stored, so nobody has to rely on indices), images in string order of their relative POSIX path.
 
@@ -21,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import DataError, os_reason
+from .decode import ImageBytes, ImageSource
 from .names import counted, printable_path
 
 IMAGE_EXTENSIONS = frozenset(
@@ -36,14 +40,14 @@ class ImageRecord:
     (:func:`printable_path` gives the stored form)."""
 
     path: str
-    label: int
+    label: int  # index into the listing's classes; -1 in an unlabelled listing (stores then hold no labels)
     size: int
     mtime_ns: int
 
 
 @dataclass(frozen=True)
 class SplitListing:
-    """The sorted content of ``root/split``: class names and one record per image file.
+    """The rows of one split: class names and one record per image, in order.
 
     Class names and records are in OS form (:func:`printable_path` gives the stored form). What
     was not listed is kept, in printable form relative to the split folder, by kind: ``ignored``
@@ -51,6 +55,15 @@ class SplitListing:
     (names starting with ``.``: image files and folders), ``unreadable`` ((folder, reason)),
     ``links_not_followed`` ((link, the folder it leads to, listed already)); ``empty_classes``
     are class folders read and found without images. :meth:`notices` words them.
+
+    Beyond ``root/<split>/<class>/<image>`` (:mod:`featurekit.images.sources`): ``source`` records
+    the rule that chose the rows (stores record it; None for a split folder, whose stores keep
+    their fingerprints); ``folder``: where record paths are relative to (default ``root/split``);
+    ``labelled``: False for images without classes; ``readers``: per record, what to read when the
+    row is not the file ``folder/path`` (a tar member, a listed file known to be missing);
+    ``units``: row positions where a unit of work begins (a tar shard), which chunks never cross;
+    ``missing``: listed entries that cannot be read, (name, reason); ``notes``: what the rule
+    decided that a user should hear; ``name``: what messages call the listing.
     """
 
     root: Path
@@ -63,15 +76,35 @@ class SplitListing:
     hidden: tuple[str, ...] = ()
     unreadable: tuple[tuple[str, str], ...] = ()
     links_not_followed: tuple[tuple[str, str], ...] = ()
+    source: dict | None = None
+    folder: Path | None = None
+    labelled: bool = True
+    readers: tuple[ImageBytes | None, ...] | None = None
+    units: tuple[int, ...] = ()
+    missing: tuple[tuple[str, str], ...] = ()
+    notes: tuple[str, ...] = ()
+    name: str | None = None
 
     @property
     def split_dir(self) -> Path:
-        return self.root / self.split
+        """The folder record paths are relative to."""
+        return self.folder if self.folder is not None else self.root / self.split
 
     @property
     def display_dir(self) -> str:
         """The split folder as messages name it."""
         return printable_path(str(self.split_dir))
+
+    @property
+    def data_root(self) -> str:
+        """Where the rows are, as stores record it (printable): the resolved folder, or remote shards' URL folder."""
+        location = (self.source or {}).get("location")
+        return location if location is not None else printable_path(str(self.root.resolve()))
+
+    @property
+    def display(self) -> str:
+        """The listing as messages name it: the split folder, or the list, shards or rule it came from."""
+        return self.name or self.display_dir
 
     def __len__(self) -> int:
         return len(self.records)
@@ -80,34 +113,49 @@ class SplitListing:
         return self.split_dir / self.records[index].path
 
     def sha256(self) -> str:
-        """sha256 of the class names and every file's path, label, size and mtime, in order: equal
-        digests mean the same files (a store records it to tell two folders of equal names apart)."""
+        """sha256 of the class names, the listing rule (if any) and every file's path, label, size and
+        mtime, in order: equal digests mean the same files chosen alike (a store records it to tell two
+        folders of equal names apart). A split folder's digest is what it was before other sources."""
         digest = hashlib.sha256(json.dumps([printable_path(c) for c in self.classes]).encode())
+        if self.source is not None:
+            digest.update(json.dumps(self.source, sort_keys=True).encode())
         for record in self.records:
             digest.update(f"{printable_path(record.path)}\0{record.label}\0{record.size}\0{record.mtime_ns}\n".encode())
         return digest.hexdigest()
 
-    def files(self) -> list[tuple[str, str]]:
-        """(OS path to open, name for messages) of every record, in order."""
-        split_dir, display_dir = self.split_dir, self.display_dir
-        return [(str(split_dir / r.path), f"{display_dir}/{printable_path(r.path)}") for r in self.records]
+    def files(self) -> list[tuple[ImageSource, str]]:
+        """(what to read: an OS path or a reader, name for messages) of every record, in order."""
+        split_dir = self.split_dir
+        readers = self.readers or (None,) * len(self.records)
+        return [(str(split_dir / r.path) if reader is None else reader,
+                 printable_path(os.path.normpath(split_dir / r.path)))  # a list's ../ resolved, for the eye only
+                for r, reader in zip(self.records, readers)]
+
+    def chunk_bounds(self, chunk_size: int) -> list[int]:
+        """Where the chunks of the rows begin, then ``len(self)``: every ``chunk_size`` rows, or at each
+        unit (a tar shard is the unit of resume and of ``--shard``)."""
+        starts = sorted(set(self.units) - {len(self)}) if self.units else list(range(0, len(self), chunk_size))
+        return starts + [len(self)]
 
     def notices(self) -> list[str]:
-        """One line per kind of entry that was not listed, and one for class folders without images."""
-        lines = [f"{self.display_dir}: {counted(*kind)}" for kind in self._not_listed() if kind[0]]
+        """One line per kind of entry that was not listed, one for class folders without images, and the notes."""
+        lines = [f"{self.display}: {counted(*kind)}" for kind in self._not_listed() if kind[0]]
         if self.empty_classes:
-            lines.append(f"{self.display_dir}: empty class folders (kept as classes, no rows): "
+            lines.append(f"{self.display}: empty class folders (kept as classes, no rows): "
                          f"{', '.join(printable_path(name) for name in self.empty_classes)}")
-        return lines
+        return lines + [f"{self.display}: {note}" for note in self.notes]
 
     def unreadable_text(self) -> str:
-        """``"2 folders cannot be read: a (permission denied), b (...)"``, or ``""``."""
-        return counted(*self._not_listed()[0]) if self.unreadable else ""
+        """``"2 folders cannot be read: a (permission denied), b (...)"`` (and the listed files that cannot
+        be read), or ``""``."""
+        return "; ".join(counted(*kind) for kind in self._not_listed()[:2] if kind[0])
 
     def _not_listed(self) -> list[tuple]:
         """(names, singular, plural, predicate) per kind, as :func:`counted` takes them."""
         return [
             ([f"{folder} ({reason})" for folder, reason in self.unreadable], "folder", "folders", "cannot be read"),
+            ([f"{entry} ({reason})" for entry, reason in self.missing], "listed file", "listed files",
+             "cannot be read"),
             ([f"{link} -> {target}" for link, target in self.links_not_followed], "directory link", "directory links",
              "not followed (it leads to a folder listed already)"),
             (self.outside_classes, "image", "images", "outside the class folders ignored"),
@@ -117,10 +165,11 @@ class SplitListing:
 
 
 def list_split(root: str | os.PathLike, split: str) -> SplitListing:
-    """List ``root/split/<class>/*`` deterministically.
+    """List ``root/split/<class>/*`` deterministically; a split folder holding images directly and no
+    class folder is listed as an unlabelled split (``labelled`` False, no classes).
 
     Raises :class:`DataError` when the split folder is missing or unreadable, has no class
-    folders, or holds no image at all. Class folders without images are kept as classes and
+    folders and no images, or holds no image at all. Class folders without images are kept as classes and
     reported in ``empty_classes``; those that cannot be read are kept too, reported in ``unreadable``.
     """
     root = Path(root)
@@ -135,9 +184,12 @@ def list_split(root: str | os.PathLike, split: str) -> SplitListing:
         raise DataError(f"{display}: cannot read the split folder ({walk.unreadable[0][1]})")
     walk.enter("", split_dir)
     classes = sorted(walk.sort_top(entries))
+    if not classes and walk.loose:  # images without classes: an unlabelled split (a Kaggle test/ folder)
+        return SplitListing(root, split, (), tuple(_record(e.name, e, -1) for e in walk.loose),
+                            tuple(sorted(walk.ignored)), hidden=tuple(walk.hidden), labelled=False)
     if not classes:
-        loose = f"; its {len(walk.outside)} images go into class folders {display}/<class>/" if walk.outside else ""
-        raise DataError(f"{display}: no class folders (expected {printable_path(split)}/<class>/<image>){loose}")
+        raise DataError(f"{display}: no class folders and no images (expected {printable_path(split)}/<class>/<image>, "
+                        f"or {printable_path(split)}/<image> for images without classes)")
     records: list[ImageRecord] = []
     empty: list[str] = []
     for label, class_name in enumerate(classes):
@@ -174,8 +226,8 @@ def layout_hint(root: Path, split: str) -> str:
         if name in (split, *SPLIT_NAMES):  # the split folder itself was given
             return (f"; {shown} has {names}: it is a split folder; give the folder above it "
                     f"(featurekit extract {printable_path(str(root.parent))} --split {printable_path(name)})")
-        return (f"; {shown} has {names}: class folders without a split level; move them to {shown}/<split>/, "
-                f"e.g. {shown}/train/<class>/<image> and {shown}/valid/<class>/<image>")
+        return (f"; {shown} has {names}: class folders without a split level; cut train and valid from them "
+                f"(featurekit extract {shown} --valid-fraction 0.2) or move them to {shown}/<split>/<class>/<image>")
     if folders:
         return f"; splits in {shown}: {', '.join(printable_path(name) for name in folders)} (choose with --split)"
     if loose:
@@ -213,6 +265,7 @@ class _Walk:
         self.listed: dict[tuple[int, int], str] = {}  # (st_dev, st_ino) -> relative folder, printable
         self.ignored: list[str] = []
         self.outside: list[str] = []
+        self.loose: list[os.DirEntry] = []  # the images of self.outside
         self.hidden: list[str] = []
         self.unreadable: list[tuple[str, str]] = []
         self.links: list[tuple[str, str]] = []
@@ -252,8 +305,11 @@ class _Walk:
                 self._hidden(entry, entry.name)
             elif _is_dir(entry):
                 classes.append(entry.name)
+            elif _is_image_name(entry.name):
+                self.outside.append(printable_path(entry.name))
+                self.loose.append(entry)
             else:
-                (self.outside if _is_image_name(entry.name) else self.ignored).append(printable_path(entry.name))
+                self.ignored.append(printable_path(entry.name))
         return classes
 
     def images_in(self, relative: str, label: int) -> list[ImageRecord] | None:

@@ -34,11 +34,16 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from ..backbones.rebuild import recorded_features
+from ..backbones.rebuild import check_identity, recorded_features
 from ..backbones.runner import FileFeatures
 from ..backbones.settings import RunSettings
+from ..errors import HeadMismatchError, SettingsError
 from ..finetuning.artifact import Classifier, load_classifier
-from ..heads.train import test_time_proba
+from ..heads.train import test_time_proba, valid_features
+from ..images.decode import DecodePolicy
+from ..store.dataset import store_files
+from ..store.format import read_header
+from ..store.layout import TEST_TIME
 from ..views.augment import ViewPlan
 from .inputs import Inputs, collect_inputs
 
@@ -61,6 +66,7 @@ class Predictions:
     notices: list[str] = dataclasses.field(default_factory=list)  # what the given folders held and was left out
     labelled_folders: list[str] = dataclasses.field(default_factory=list)  # printable
     tta: str = "none"  # test-time augmentation the probabilities are averaged over
+    stores: list[dict] = dataclasses.field(default_factory=list)  # the stores scored (path, fingerprint), if any
 
     @property
     def predicted(self) -> list[str]:
@@ -97,7 +103,8 @@ def head_features(head: str | os.PathLike | Classifier, paths: str | os.PathLike
     inputs = collect_inputs([paths] if isinstance(paths, (str, os.PathLike)) else paths, classifier.record.classes)
     extracted, settings = recorded_features(classifier.path, classifier.record.backbones, inputs.files, settings,
                                             weights_paths, precision, plan=plan)
-    return HeadFeatures(classifier, [Path(path) for path, _ in inputs.files], extracted, settings, inputs)
+    files = [Path(path) if isinstance(path, str) else Path(name) for path, name in inputs.files]
+    return HeadFeatures(classifier, files, extracted, settings, inputs)
 
 
 def predict_files(head: str | os.PathLike | Classifier, paths: str | os.PathLike | Sequence[str | os.PathLike],
@@ -123,3 +130,39 @@ def predict_files(head: str | os.PathLike | Classifier, paths: str | os.PathLike
         logger.info(f"skipped {path}: {reason}")
     return Predictions([names[i] for i in kept], classes, proba, errors, made.settings,
                        [made.inputs.truth[i] for i in kept], made.inputs.notices, made.inputs.labelled, tta)
+
+
+def predict_store(head: str | os.PathLike | Classifier, features_dir: str | os.PathLike, split: str | None,
+                  precision: str | None = None, tta: str = "none") -> Predictions:
+    """Classify the rows of the stores of ``split`` in ``features_dir`` (extract's ``--out``) with ``head``:
+    nothing is re-extracted. Each backbone's store must hold the features the head was trained on, the
+    checks of re-extraction (:func:`~featurekit.backbones.rebuild.check_identity`: weights, node,
+    preprocessing, decode policy, precision, dtype, features version); ``precision``: the stores' one,
+    if not the head's. ``tta``: average over the stores' test-time views of that mode (``extract --tta``).
+    Rows of a labelled store give each row's true class, as a labelled folder does."""
+    if not split:
+        raise SettingsError("--features needs --split: the split of FEATURES to score (e.g. --split test)")
+    classifier = head if isinstance(head, Classifier) else load_classifier(head)
+    names = classifier.record.store_names
+    for record, path in zip(classifier.record.backbones, store_files(features_dir, split, names)):
+        header = read_header(path)
+        if precision is not None and header.precision != precision:
+            raise HeadMismatchError(f"{path}: its features were computed in {header.precision}, not {precision}")
+        check_identity(classifier.path, record, header.identity, f"{path} holds", f"{path} (weights {header.weights})",
+                       ignore=("precision",) if precision is not None else ())
+    rows = valid_features(Path(features_dir), split, names, tta)
+    if tta != "none":
+        proba = test_time_proba(classifier.head, np.concatenate([rows.features[:, None], rows.views[TEST_TIME]], 1))
+    else:
+        proba = classifier.head.predict_proba(rows.features)
+    truth = [rows.classes[label] for label in rows.labels] if rows.labels is not None else [None] * len(rows)
+    known = set(classifier.record.classes)
+    notices = [f"{sum(t is not None and t not in known for t in truth)} rows of classes the head does not have are "
+               "not scored"] if any(t is not None and t not in known for t in truth) else []
+    header = rows.stores[0].header
+    settings = RunSettings(device=header.device, precision=header.precision, dtype=header.dtype,
+                           decode=DecodePolicy.from_dict(header.decode), progress=False)
+    return Predictions(list(rows.paths), list(classifier.record.classes), proba, [], settings,
+                       [t if t in known else None for t in truth], notices,
+                       [f"{features_dir}/{split}"] if rows.labels is not None else [], tta,
+                       [{"path": str(info.path), "fingerprint": info.header.fingerprint} for info in rows.stores])

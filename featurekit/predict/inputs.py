@@ -10,7 +10,12 @@ The rule, for each PATH given:
   folder, so predict can report accuracy;
 - any other folder: only the images directly in it. A folder is never searched recursively: its
   subfolders, files without an image extension and hidden entries are left out, each kind in one
-  notice line, and a subfolder given as a PATH of its own is classified.
+  notice line, and a subfolder given as a PATH of its own is classified;
+- ``@FILE`` (``predict --list FILE``; ``@-``: standard input): the files a list names
+  (:func:`featurekit.images.lists.read_list`: paths, or a CSV ``path[,label]`` whose labels are the
+  true classes); a listed file that does not exist is reported as skipped, with its line number.
+
+An HDF5 file (a feature store) is refused: ``predict --features FEATURES --split SPLIT`` scores stores.
 """
 
 from __future__ import annotations
@@ -22,12 +27,14 @@ from typing import Sequence
 
 from ..errors import DataError
 from ..images.listing import _is_dir, _is_image_name, list_split
+from ..images.lists import is_list_reference, read_list
 from ..images.names import NAMES_SHOWN, counted, printable_path
 
 
 @dataclass
 class Inputs:
-    """The files to classify, in order: ``files`` (OS path, printable name); ``truth``: the true
+    """The files to classify, in order: ``files`` (what to read: an OS path, or for a listed file that
+    does not exist an :class:`~featurekit.images.decode.Unavailable`; printable name); ``truth``: the true
     class name of each file from a labelled folder, else None; ``notices``: one line per kind of
     entry left out; ``labelled``: the labelled folders, printable."""
 
@@ -41,7 +48,14 @@ def collect_inputs(paths: Sequence[str | os.PathLike], classes: Sequence[str]) -
     """The files ``paths`` stand for, under the rule above; ``classes``: the head's class names.
     Raises :class:`DataError` for a path that does not exist, or when no image is found at all."""
     found = Inputs()
-    for path in map(Path, paths):
+    for given in paths:
+        if is_list_reference(given):
+            _add_list(found, str(given)[1:], classes)
+            continue
+        path = Path(given)
+        if path.suffix.lower() in (".h5", ".hdf5") and path.is_file():
+            raise DataError(f"{printable_path(str(path))}: an HDF5 file (a feature store?), not an image; score the "
+                            "stores of a split with --features FEATURES --split SPLIT")
         if path.is_dir():
             _add_folder(found, path, classes)
         elif path.exists():
@@ -79,6 +93,19 @@ def _add_folder(found: Inputs, folder: Path, classes: Sequence[str]) -> None:
     hidden = [printable_path(e.name) for e in entries if e.name.startswith(".") and e.name != ".DS_Store"]
     if hidden:
         found.notices.append(f"{shown}: {counted(hidden, 'hidden entry', 'hidden entries', 'ignored')}")
+
+
+def _add_list(found: Inputs, list_file: str, classes: Sequence[str]) -> None:
+    listing = read_list(list_file)
+    found.files += listing.files()
+    truth = [listing.classes[record.label] if listing.labelled else None for record in listing.records]
+    strangers = [name for name in truth if name is not None and name not in classes]
+    found.truth += [name if name in classes else None for name in truth]
+    found.notices += listing.notices() + ([f"{listing.display}: {len(strangers)} rows of classes the head does not "
+                                          f"have are not scored ({', '.join(sorted(set(strangers))[:NAMES_SHOWN])})"]
+                                          if strangers else [])
+    if listing.labelled:
+        found.labelled.append(listing.display)
 
 
 def _add_labelled(found: Inputs, folder: Path) -> None:

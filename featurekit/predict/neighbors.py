@@ -21,14 +21,14 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from ..backbones.rebuild import recorded_features
+from ..backbones.rebuild import check_identity, recorded_features
 from ..backbones.settings import RunSettings
 from ..errors import ImageDecodeError, SettingsError
 from ..files import atomic_output, check_output
 from ..finetuning.artifact import Classifier, load_classifier
 from ..images.decode import DecodePolicy, decode_image
 from ..images.names import fs_path
-from ..store.dataset import FeatureSet, check_recorded, check_same_extraction, load_features
+from ..store.dataset import FeatureSet, check_same_extraction, load_features
 from ..store.format import RANDOM, BackboneRecord, read_header, store_path, warn_random
 from .inputs import collect_inputs
 
@@ -90,6 +90,14 @@ class Gallery:
                 for q, row in enumerate(best)]
 
 
+def check_stores(classifier: Classifier, features: FeatureSet) -> None:
+    """Refuse stores whose features are not those ``classifier`` records (:func:`check_identity`, as
+    predict checks them): neighbours in another feature space mean nothing."""
+    for record, info in zip(classifier.record.backbones, features.stores):
+        check_identity(classifier.path, record, info.header.identity, f"{info.path} holds",
+                       f"{info.path} (weights {info.header.weights})", "search it")
+
+
 def store_records(train: FeatureSet) -> list[BackboneRecord]:
     """What a head would record about ``train``'s stores: enough to make their rows for new images."""
     return [info.header.backbone_record(info.store_name) for info in train.stores]
@@ -115,7 +123,7 @@ def search(head: str | os.PathLike | Classifier | None = None, features_dir: str
     """The training images nearest to ``images`` (files or folders), or without ``images`` to the
     validation images ``head`` misclassifies, worst first. Searched: the stores ``head`` was trained
     on (``features_dir``, its ``split``), or without a head the ``backbones`` in ``features_dir``; a
-    head's stores must hold the features it records (:func:`~featurekit.store.dataset.check_recorded`).
+    head's stores must hold the features it records (:func:`check_stores`).
     ``trust_paths``: a fine-tuned model may name files outside its folder."""
     if k < 1:
         raise SettingsError(f"-k must be at least 1 (got {k})")
@@ -136,9 +144,13 @@ def search(head: str | os.PathLike | Classifier | None = None, features_dir: str
     features_dir = Path(features_dir)
     stores = list(backbones or record.store_names)
     split = split or getattr(record, "train_split", "train")
-    gallery = Gallery(load_features(features_dir, split, stores))
+    searched = load_features(features_dir, split, stores)
+    if searched.labels is None:
+        raise SettingsError(f"{searched.stores[0].path}: an unlabelled split; neighbours are shown with their classes: "
+                            "search a labelled split (--split)")
     if classifier is not None:
-        check_recorded(gallery.train, classifier.record.backbones, classifier.path)
+        check_stores(classifier, searched)
+    gallery = Gallery(searched)
     warn_random([info.store_name for info in gallery.train.stores if info.header.weights == RANDOM])
     about = {"features_dir": str(features_dir), "stores": stores, "split": split,
              "head": str(classifier.path) if classifier else ""}
@@ -197,8 +209,10 @@ def misclassified_queries(gallery: Gallery, classifier: Classifier, features_dir
     """The validation images ``classifier`` gets wrong, worst first; returns (queries, validation rows scored)."""
     classes = classifier.record.classes
     valid = load_features(features_dir, valid_split, classifier.record.store_names)
+    if valid.labels is None:
+        raise SettingsError(f"{valid.stores[0].path}: an unlabelled split has no mistakes to show; give --image")
     check_same_extraction(gallery.train, valid)
-    check_recorded(valid, classifier.record.backbones, classifier.path)
+    check_stores(classifier, valid)
     names = [valid.classes[label] for label in valid.labels]
     scored = [i for i, name in enumerate(names) if name in classes]
     if not scored:

@@ -4,7 +4,8 @@
 - :mod:`.layout`: where a store keeps the views of each image beside its plain row;
 - :mod:`.chunks`: the chunk commit protocol a store is written through (crash-safe, resumable);
 - :mod:`.writer`: a store's life cycle (:class:`StoreWriter`): reuse, refuse, lock, resume, join;
-- :mod:`.verify`: integrity and freshness checks; :mod:`.dataset`: stores of several backbones, aligned.
+- :mod:`.verify`: integrity and freshness checks; :mod:`.dataset`: stores of several backbones, aligned;
+- :mod:`.export`: a split's features as parquet or npy (:class:`~featurekit.store.settings.ExportSettings`).
 """
 
 from .._lazy import attach

@@ -5,5 +5,6 @@ from .format import StoreHeader as StoreHeader
 from .format import StoreIdentity as StoreIdentity
 from .format import read_header as read_header
 from .format import read_store as read_store
+from .settings import ExportSettings as ExportSettings
 from .verify import verify_stores as verify_stores
 from .writer import StoreWriter as StoreWriter

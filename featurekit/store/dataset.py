@@ -11,8 +11,7 @@ stores and what differs:
 - every store was made alike (:attr:`StoreIdentity.RUN_FIELDS`: decode policy, precision, dtype,
   features version, and the views read with the plain rows), as one run would make them, so predict
   can rebuild them together;
-- :func:`check_same_extraction`: a backbone's stores of two splits have equal identities;
-- :func:`check_recorded`: stores are those a head (or fine-tuned model) records, identity for identity.
+- :func:`check_same_extraction`: a backbone's stores of two splits have equal identities.
 
 Two ways in:
 
@@ -38,10 +37,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..errors import AlignmentError, HeadMismatchError, SettingsError, StoreError
+from ..errors import AlignmentError, SettingsError, StoreError
 from .chunks import PartialStore
 from .format import (
-    BackboneRecord,
     StoreContents,
     StoreHeader,
     StoreIdentity,
@@ -71,15 +69,16 @@ class StoreInfo:
 class FeatureSet:
     """One split of several backbones' features, rows aligned.
 
-    ``features``: float32[N, C]; ``labels``: int64[N] indices into ``classes``; ``paths``: N paths
-    relative to ``<root>/<split>``; ``stores``: where each backbone's columns are in ``features``;
-    ``columns``: int64[C], which columns of the full concatenation (sum D) ``features`` holds;
+    ``features``: float32[N, C]; ``labels``: int64[N] indices into ``classes`` (None for an unlabelled
+    split: no classes); ``paths``: N paths relative to ``<root>/<split>``; ``stores``: where each
+    backbone's columns are in ``features``; ``columns``: int64[C], which columns of the full
+    concatenation (sum D) ``features`` holds;
     ``views``: the view datasets asked for (``features_aug``, ``features_tta``), float32[N, views, C].
     """
 
     split: str
     features: np.ndarray
-    labels: np.ndarray
+    labels: np.ndarray | None
     paths: list[str]
     classes: list[str]
     stores: list[StoreInfo]
@@ -87,7 +86,7 @@ class FeatureSet:
     views: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
     def __len__(self) -> int:
-        return len(self.labels)
+        return len(self.paths)
 
 
 def store_files(features_dir: str | os.PathLike, split: str, store_names: Sequence[str]) -> list[Path]:
@@ -141,7 +140,9 @@ def check_alignment(store_names: Sequence[str], contents: Sequence[StoreContents
             row = _first_difference(store.paths, reference.paths)
             raise AlignmentError(f"{where}: {len(store.paths)} vs {len(reference.paths)} rows, "
                                  f"first differing row {row}: {_at(store.paths, row)} vs {_at(reference.paths, row)}")
-        if not np.array_equal(store.labels, reference.labels):
+        if (store.labels is None) != (reference.labels is None):
+            raise AlignmentError(f"{where}: one is labelled, the other not (images without classes)")
+        if store.labels is not None and not np.array_equal(store.labels, reference.labels):
             row = int(np.flatnonzero(store.labels != reference.labels)[0])
             raise AlignmentError(f"{where}: {len(store.labels)} rows, first differing label at row {row} "
                                  f"({store.paths[row]}): {store.classes[store.labels[row]]!r} vs "
@@ -164,18 +165,6 @@ def check_same_extraction(train: FeatureSet, other: FeatureSet) -> None:
                                  f"({theirs.path}) were extracted with other {change}; re-extract one of them")
 
 
-def check_recorded(features: FeatureSet, records: Sequence[BackboneRecord], source: str | os.PathLike,
-                   purpose: str = "search them") -> None:
-    """Raise :class:`HeadMismatchError` unless each store of ``features`` holds the plain features its
-    record describes (``records``: a head's or fine-tuned model's, in its column order; ``source``: that
-    file): features of other weights, preprocessing, node, ... look like features and answer wrongly."""
-    for info, record in zip(features.stores, records):
-        change = record.identity.without_views().difference(info.header.identity.without_views())
-        if change:
-            raise HeadMismatchError(f"{info.path}: made with other {change} than {source} records for "
-                                    f"{record.store_name}; refusing to {purpose}")
-
-
 def load_features(features_dir: str | os.PathLike, split: str, store_names: Sequence[str],
                   verify: bool = True, columns: slice | Sequence[int] | None = None,
                   views: Sequence[str] = ()) -> FeatureSet:
@@ -189,7 +178,7 @@ def load_features(features_dir: str | os.PathLike, split: str, store_names: Sequ
     """
     headers, full = _checked_stores(features_dir, split, store_names, verify, views)
     chosen = _columns(columns, full[-1].columns.stop)
-    held, n = headers[0].header.extra_datasets, len(headers[0].labels)
+    held, n = headers[0].header.extra_datasets, len(headers[0].paths)
     for name in views:
         if name not in held:
             raise StoreError(f"{full[0].path}: no {name} (held: {', '.join(held) or 'none'}); "
@@ -205,8 +194,8 @@ def load_features(features_dir: str | os.PathLike, split: str, store_names: Sequ
                 _read_columns(info.path, local, out[..., position:position + len(local)], name)
         position += len(local)
     first = headers[0]
-    return FeatureSet(split, features, first.labels.astype(np.int64), first.paths, first.classes, stores, chosen,
-                      loaded)
+    labels = first.labels.astype(np.int64) if first.labels is not None else None
+    return FeatureSet(split, features, labels, first.paths, first.classes, stores, chosen, loaded)
 
 
 def _columns(columns: slice | Sequence[int] | None, total: int) -> np.ndarray:
@@ -272,6 +261,9 @@ class FeatureDataset(Dataset):
 
     def __init__(self, features_dir: str | os.PathLike, split: str, store_names: Sequence[str], verify: bool = True):
         headers, self.stores = _checked_stores(features_dir, split, store_names, verify)
+        if headers[0].labels is None:
+            raise StoreError(f"{self.stores[0].path}: an unlabelled store (images without classes) has no labels to "
+                             "pair rows with; read its features with featurekit.load")
         self.split = split
         self.labels = headers[0].labels.astype(np.int64)
         self.paths = headers[0].paths

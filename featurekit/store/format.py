@@ -44,8 +44,8 @@ FEATURES_VERSION = 2
 STR = h5py.string_dtype("utf-8")
 RANDOM = "random"  # the weights name stores record for seeded random initialisation (backbones.weights)
 DIGEST_BLOCK_ROWS = 8192
-DATASETS = ("features", "labels", "paths", "classes", "file_size", "file_mtime_ns", "skipped_paths", "skipped_reasons",
-            "skipped_file_size", "skipped_file_mtime_ns")
+DATASETS = ("features", "paths", "classes", "file_size", "file_mtime_ns", "skipped_paths", "skipped_reasons",
+            "skipped_file_size", "skipped_file_mtime_ns")  # and labels, in a labelled store
 
 
 @dataclass(frozen=True)
@@ -176,6 +176,9 @@ class StoreHeader(StoreIdentity):
     n_listed: int
     versions: dict
     created: str = ""
+    # The rule that listed the rows when they are not root/<split>/<class>/<image> (images.sources: a cut
+    # class folder, a file list, WebDataset shards); recorded only then, so a split folder's store is as before.
+    listing_rule: dict | None = None
 
     def backbone_record(self, store_name: str, **extra) -> BackboneRecord:
         """What a consumer of these features records to rebuild the trunk that made them (``extra``:
@@ -189,7 +192,8 @@ class StoreHeader(StoreIdentity):
         return {PLAIN: (rows, self.feature_dim), **views}
 
     def to_dict(self) -> dict:
-        return self._recorded(dataclasses.asdict(self))
+        values = self._recorded(dataclasses.asdict(self))
+        return values if self.listing_rule is not None else {k: v for k, v in values.items() if k != "listing_rule"}
 
     def to_attrs(self) -> dict:
         """HDF5 attributes: dict fields as JSON, the rest as they are."""
@@ -236,12 +240,13 @@ def fingerprint(identity: StoreIdentity, listing_digest: str) -> str:
 
 @dataclass
 class StoreContents:
-    """A whole store in memory. ``features``: float16|float32 [N, D]; ``labels``: int64[N]."""
+    """A whole store in memory. ``features``: float16|float32 [N, D]; ``labels``: int64[N], or None in an
+    unlabelled store (images without classes: no ``labels`` dataset, no classes)."""
 
     path: Path
     header: StoreHeader
     features: np.ndarray
-    labels: np.ndarray
+    labels: np.ndarray | None
     paths: list[str]
     classes: list[str]
     skipped: list[tuple[str, str]]
@@ -299,7 +304,7 @@ def read_store(path: str | os.PathLike, features: bool = True) -> StoreContents:
         problems = structure_problems(h5, header)
         if problems:
             raise StoreError(f"{path}: {problems[0]} (the store is damaged)")
-        classes, labels = strings(h5["classes"]), h5["labels"][()]
+        classes, labels = strings(h5["classes"]), h5["labels"][()] if is_labelled(h5) else None
         return StoreContents(Path(path), header, h5["features"][()] if features else np.zeros((0, 0), np.float16),
                              labels, strings(h5["paths"]), classes,
                              list(zip(strings(h5["skipped_paths"]), strings(h5["skipped_reasons"]))),
@@ -318,6 +323,8 @@ def structure_problems(h5: h5py.File, header: StoreHeader) -> list[str]:
     missing = [name for name in DATASETS if name not in h5]
     if missing:
         return [f"missing {', '.join(missing)}"]
+    if not is_labelled(h5) and len(h5["classes"]):
+        return [f"{len(h5['classes'])} classes but no labels"]
     n, problems = len(h5["paths"]), []
     for name, shape in header.feature_shapes(n).items():  # features [N, D], then the views [N, views, D]
         if name not in h5:
@@ -332,17 +339,24 @@ def structure_problems(h5: h5py.File, header: StoreHeader) -> list[str]:
                             f"{header.dtype}{list(shape)}")
     k = len(h5["skipped_paths"])
     for prefix, rows in (("", n), ("skipped_", k)):
-        for name in (f"{prefix}file_size", f"{prefix}file_mtime_ns") + (("labels",) if not prefix else ()):
+        for name in (f"{prefix}file_size", f"{prefix}file_mtime_ns") + (("labels",) if not prefix and
+                                                                         is_labelled(h5) else ()):
             if h5[name].shape != (rows,) or h5[name].dtype != np.int64:
                 problems.append(f"{name} is {h5[name].dtype}{list(h5[name].shape)}, expected int64[{rows}]")
     if h5["skipped_reasons"].shape != (k,):
         problems.append(f"{k} skipped paths but {len(h5['skipped_reasons'])} reasons")
     if n + k != header.n_listed:
         problems.append(f"{n} rows + {k} skipped != {header.n_listed} images listed")
-    labels = h5["labels"][()]
+    labels = h5["labels"][()] if is_labelled(h5) else np.zeros(0, np.int64)
     if labels.size and not problems and (labels.min() < 0 or labels.max() >= len(h5["classes"])):
         problems.append(f"labels outside 0-{len(h5['classes']) - 1}")
     return problems
+
+
+
+def is_labelled(h5: h5py.File) -> bool:
+    """Whether a store's rows have classes: an unlabelled store (images without classes) has no ``labels``."""
+    return "labels" in h5
 
 
 def content_sha256(h5: h5py.File) -> str:

@@ -21,8 +21,9 @@ def describe_store(path: str | os.PathLike, as_json: bool = False) -> list[str]:
     if as_json:
         return [json.dumps({"path": str(path), **header.to_dict(), "rows": len(contents.paths),
                             "classes": contents.classes})]
-    counts = Counter(contents.classes[label] for label in contents.labels)
-    lines = [f"{path}", f"  split {header.split} of {header.data_root}",
+    counts = Counter(contents.classes[label] for label in contents.labels) if contents.labels is not None else None
+    listed = f", listed by {json.dumps(header.listing_rule, sort_keys=True)}" if header.listing_rule else ""
+    lines = [f"{path}", f"  split {header.split} of {header.data_root}{listed}",
              f"  backbone {header.backbone} node {header.node}: features {header.dtype}[{len(contents.paths)}, "
              f"{header.feature_dim}]"]
     if header.source:  # another library's backbone
@@ -42,8 +43,8 @@ def describe_store(path: str | os.PathLike, as_json: bool = False) -> list[str]:
     lines += [f"  weights {header.weights} sha256 {header.weights_sha256} ({header.weights_source})",
               f"  preprocessing {json.dumps(header.preprocessing)}",
               f"  decode {json.dumps(header.decode)}, precision {header.precision} on {header.device}",
-              f"  classes ({len(contents.classes)}): "
-              + ", ".join(f"{name} {counts[name]}" for name in contents.classes),
+              f"  classes ({len(contents.classes)}): " + ", ".join(f"{c} {counts[c]}" for c in contents.classes)
+              if counts is not None else "  unlabelled: no classes, no labels (images without classes)",
               f"  skipped {len(contents.skipped)} of {header.n_listed} listed"
               + "".join(f"\n    {p}: {r}" for p, r in contents.skipped),
               f"  fingerprint {header.fingerprint}, created {header.created}, versions {json.dumps(header.versions)}"]

@@ -18,14 +18,15 @@ from typing import Sequence
 import h5py
 import numpy as np
 
-from ..errors import DataError, StoreError, first_line
-from ..images.listing import list_split, listing_changes
-from ..images.names import fs_path
+from ..errors import DataError, SettingsError, StoreError, first_line
+from ..images.listing import listing_changes
+from ..images.sources import relist
 from .format import (
     DIGEST_BLOCK_ROWS,
     StoreHeader,
     content_sha256,
     fingerprint,
+    is_labelled,
     open_h5,
     recorded_files,
     strings,
@@ -69,7 +70,8 @@ def verify_stores(paths: Sequence[str | os.PathLike], data_root: str | os.PathLi
 
 
 def verify_store(path: str | os.PathLike, data_root: str | os.PathLike | None = None) -> VerifyReport:
-    """Check one store; ``data_root`` replaces the recorded folder (data moved to another place)."""
+    """Check one store; ``data_root`` replaces the recorded folder (data moved to another place). The images
+    are listed again by the rule the store recorded (a split folder, a cut class folder, a list, shards)."""
     report = VerifyReport(Path(path))
     try:
         with open_h5(path) as h5:
@@ -80,10 +82,9 @@ def verify_store(path: str | os.PathLike, data_root: str | os.PathLike | None = 
             report.rows, report.skipped = len(h5["paths"]), len(h5["skipped_paths"])
             report.problems = _value_problems(h5, header)
             report.alignment = (header.data_root, header.split, _rows_sha256(h5))
-            root = Path(data_root) if data_root is not None else Path(fs_path(header.data_root))
             try:
-                listing = list_split(root, header.split)
-            except DataError as error:
+                listing = relist(header.listing_rule, header.data_root, header.split, data_root)
+            except (DataError, SettingsError) as error:
                 report.problems.append(f"cannot check the image folder: {error}")
                 return report
             digest = listing.sha256()
@@ -127,5 +128,6 @@ def _rows_sha256(h5: h5py.File) -> str:
     digest = hashlib.sha256()
     for start in range(0, len(h5["paths"]), DIGEST_BLOCK_ROWS):
         digest.update(b"\0".join(h5["paths"][start:start + DIGEST_BLOCK_ROWS].tolist()) + b"\0")
-    digest.update(h5["labels"][()].astype("<i8").tobytes())
+    if is_labelled(h5):
+        digest.update(h5["labels"][()].astype("<i8").tobytes())
     return digest.hexdigest()

@@ -17,7 +17,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from ..errors import StoreError
+from ..errors import StoreError, short
 from ..files import crash_point, hdf5_output
 from ..images.listing import SplitListing, listing_changes
 from ..images.names import printable_path
@@ -128,7 +128,7 @@ class StoreWriter:
         """Lock holder: join the chunks into the final store (whole, or not there), one chunk in memory at a time."""
         rows = self.partial.rows(len(self.listing))
         if not rows.kept.size:
-            raise StoreError(f"{self.final}: every image of {self.listing.split_dir} was skipped; nothing to store")
+            raise StoreError(f"{self.final}: every image of {self.listing.display} was skipped; nothing to store")
         kept, skipped = ([self.listing.records[i] for i in rows_of] for rows_of in (rows.kept, rows.skipped))
         reasons = [printable_path(reason) for reason in rows.reasons]
         header = dataclasses.replace(self.header, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
@@ -137,7 +137,8 @@ class StoreWriter:
                          "finalize-tmp-written") as h5:
             self.partial.copy_features(rows, {name: h5.create_dataset(name, shape, self.header.dtype)
                                               for name, shape in self.header.feature_shapes(len(kept)).items()})
-            h5.create_dataset("labels", data=np.array([r.label for r in kept], dtype=np.int64))
+            if self.listing.labelled:  # an unlabelled store has no labels, not -1 pretending to be a class
+                h5.create_dataset("labels", data=np.array([r.label for r in kept], dtype=np.int64))
             _write_records(h5, "", kept)
             h5.create_dataset("classes", data=[printable_path(c) for c in self.listing.classes], dtype=STR)
             h5.create_dataset("skipped_reasons", data=reasons, dtype=STR)
@@ -160,13 +161,16 @@ class StoreWriter:
             self.partial.refuse_foreign(lambda recorded: StoreIdentity.from_dict(recorded).difference(self.header))
 
     def _what_changed(self) -> str:
-        change = read_header(self.final).identity.difference(self.header.identity)
+        header = read_header(self.final)
+        change = header.identity.difference(self.header.identity)
         if change:
             return f"was made with other {change}"
+        if header.listing_rule != self.header.listing_rule:
+            return f"was listed by another rule ({short(header.listing_rule)} != {short(self.header.listing_rule)})"
         with reading(self.final) as h5:
             changes = listing_changes(recorded_files(h5), strings(h5["classes"]), self.listing)
         changes = changes or ["same files, other recorded fingerprint"]
-        return f"was made from another state of {self.listing.split_dir} ({'; '.join(changes)})"
+        return f"was made from another state of {self.listing.display} ({'; '.join(changes)})"
 
 
 def _write_records(h5: h5py.File, prefix: str, records: list) -> None:

@@ -23,7 +23,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import functional as F
 
 from ..errors import ImageDecodeError
-from ..images.decode import DecodePolicy, decode_image, jpeg_damage, open_regular_file, size_refusal
+from ..images.decode import DecodePolicy, ImageSource, decode_image, jpeg_damage, open_image, size_refusal
 
 # torchvision 0.29 deprecates its decoders in favour of TorchCodec; decode_jpeg still works, and
 # featurekit keeps it until TorchCodec's batched nvJPEG decoding is a drop-in replacement.
@@ -48,7 +48,7 @@ class RawJpeg:
 
     data: torch.Tensor
     orientation: int
-    path: str  # os path
+    path: ImageSource  # what was read: an os path, or a tar member
     display: str  # for messages
 
 
@@ -57,7 +57,7 @@ def apply_orientation(image: torch.Tensor, orientation: int) -> torch.Tensor:
     return _ORIENT[orientation](image) if orientation in _ORIENT else image
 
 
-def read_for_gpu(path: str, display: str, policy: DecodePolicy) -> RawJpeg | None:
+def read_for_gpu(path: ImageSource, display: str, policy: DecodePolicy) -> RawJpeg | None:
     """The bytes of a JPEG nvJPEG can decode, or ``None`` to decode it with PIL instead.
 
     nvJPEG decodes at full size, so the policy's refusals are checked on the full size: a JPEG
@@ -65,7 +65,7 @@ def read_for_gpu(path: str, display: str, policy: DecodePolicy) -> RawJpeg | Non
     damaged JPEGs and files that are not regular (never opened).
     """
     try:
-        with open_regular_file(path) as handle, warnings.catch_warnings():
+        with open_image(path) as handle, warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # size_refusal decides
             with Image.open(handle) as header:
                 if header.format != "JPEG" or header.mode not in ("RGB", "L") or size_refusal(header, policy):

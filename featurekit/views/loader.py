@@ -18,13 +18,14 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import AugmentError, ImageDecodeError, SettingsError
-from ..images.decode import DecodePolicy, decode_image, to_rgb
+from ..images.decode import DecodePolicy, ImageSource, decode_image, to_rgb
 from .augment import ViewPlan
 from .gpu_decode import RawJpeg, read_for_gpu
 from .preprocessing import Preprocessing
 
-# An image to decode: (os path, name in messages), or (PIL image, name) for pixels already in memory.
-Source = tuple[Union[str, Image.Image], str]
+# An image to decode and its name in messages: an os path, a tar member or bytes (images.decode.ImageSource),
+# or a PIL image for pixels already in memory.
+Source = tuple[Union[ImageSource, Image.Image], str]
 
 
 @dataclass
