@@ -183,3 +183,17 @@ def test_finetune_refuses_a_folder_holding_another_artifact_and_a_second_writer(
     assert run_cli(capsys, *args).code == 0 and (default / "model.json").is_file()  # the default: a folder of its own
     assert run_cli(capsys, *args, "--out", head_folder, "--overwrite").code == 0  # the other way out, followed
     assert (head_folder / "model.json").is_file()
+
+
+def test_export_never_replaces_the_stores_it_exports(tiny, tmp_path, capsys, fifo):
+    store = tiny.features / "valid" / "resnet18.h5"
+    before = store.read_bytes()
+    export = ["export", tiny.features, "--split", "valid", "--backbone", "resnet18", "--overwrite"]
+    pytest.importorskip("pyarrow")
+    for out, reason in {store: f"an input of this run ({store}), which the output would replace",
+                        fifo: "not a regular file (a FIFO); the output would replace it by a new file"}.items():
+        refused = run_cli(capsys, *export, "--out", out)
+        assert refused.code == 1 and error_lines(refused.err) == [f"featurekit: error: {out}: {reason}; give another "
+                                                                  "--out"]
+    assert store.read_bytes() == before and fifo.is_fifo()
+    assert run_cli(capsys, *export, "--out", tmp_path / "v.parquet").code == 0
