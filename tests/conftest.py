@@ -266,3 +266,38 @@ def real_like(classes: int, per_class: int, dim: int, *, separation: float = 0.7
         X, y = X[keep], y[keep]
     std = X.std(axis=0)
     return ((X - X.mean(axis=0)) / np.where(std > 0, std, 1.0)).astype(np.float32), y
+
+
+# --------------------------------------------------------------------------- one tiny run's artifacts, shared
+
+
+@dataclass(frozen=True)
+class TinyArtifacts:
+    """A real run's files: ``data`` (train 3+3, valid 2+2 images), ``features`` (resnet18, random weights,
+    fp32, float32), ``logreg`` and ``mlp`` head files, and ``model``: a folder finetune wrote from the
+    logreg head with a trunk file (``trunks/resnet18.pt``)."""
+
+    data: Path
+    features: Path
+    logreg: Path
+    mlp: Path
+    model: Path
+
+
+TUNE_ARGS = ["--device", "cpu", "--precision", "fp32", "--batch-size", "4", "--workers", "0", "--quiet",
+             "--no-plots", "--epochs", "1"]
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> TinyArtifacts:
+    base = tmp_path_factory.mktemp("tiny")
+    data = write_image_folder(base / "data", {"train": {"cat": 3, "dog": 3}, "valid": {"cat": 2, "dog": 2}})
+    features = base / "features"
+    assert main(["extract", str(data), "--split", "train", "valid", "--out", str(features), *TINY_RUN[:-5],
+                 "--precision", "fp32", "--batch-size", "4", "--workers", "0", "--quiet"]) == 0
+    for kind, extra in (("logreg", []), ("mlp", ["--epochs", "2"])):
+        assert main(["train-head", str(features), "--backbone", "resnet18", "--head", kind, "--out",
+                     str(base / kind), "--no-plots", *extra]) == 0
+    assert main(["finetune", str(data), "--head", str(base / "logreg"), "--out", str(base / "model"),
+                 "--unfreeze", "layer4.1.bn2", *TUNE_ARGS]) == 0
+    return TinyArtifacts(data, features, base / "logreg" / "head.h5", base / "mlp" / "head.h5", base / "model")

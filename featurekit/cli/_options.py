@@ -8,6 +8,8 @@ import sys
 import textwrap
 from typing import Iterable
 
+from ..errors import one_line
+
 __all__ = ["HelpFormatter", "add_backbones", "command", "say"]
 
 
@@ -41,6 +43,8 @@ def add_backbones(parser: argparse.ArgumentParser, help: str, required: bool = T
 
 
 def say(lines: str | Iterable[str], error: bool = False) -> None:
-    """Print a result (stdout) or, with ``error``, a line beside the results (stderr)."""
+    """Print a result (stdout) or, with ``error``, a line beside the results (stderr), each as one line
+    of printable text (:func:`featurekit.errors.one_line`: names from files cannot hold terminal escapes)."""
     for line in [lines] if isinstance(lines, str) else lines:
-        print(line, file=sys.stderr if error else sys.stdout)
+        for part in line.split("\n"):  # line breaks the library wrote; names in it hold none (printable_path)
+            print(one_line(part), file=sys.stderr if error else sys.stdout)
