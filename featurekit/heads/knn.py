@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .base import Head, proba_scores
+from .nearest import top_k, unit_rows
 
 
 @dataclass(frozen=True)
@@ -44,17 +45,17 @@ class KNNHead(Head):
 
     def _candidates(self, train, validation, grid):
         X, t = train
-        rows, targets = _unit_rows(X), t.astype(np.int64)
+        rows, targets = unit_rows(X), t.astype(np.int64)
         ks = [int(min(value, len(X))) for value in grid]
         if validation is not None:
-            closeness, nearest = _nearest(rows, _unit_rows(validation[0]), max(ks))
+            closeness, nearest = _nearest(rows, unit_rows(validation[0]), max(ks))
         for value, k in zip(grid, ks):
             scores = {} if validation is None else \
                 proba_scores(self._vote_proba(closeness[:, :k], targets[nearest[:, :k]]), validation[1])
             yield value, Neighbours(rows, targets, k), [], scores
 
     def _model_proba(self, model: Neighbours, X: np.ndarray) -> np.ndarray:
-        closeness, nearest = _nearest(model.rows, _unit_rows(X), model.k)
+        closeness, nearest = _nearest(model.rows, unit_rows(X), model.k)
         return self._vote_proba(closeness, model.targets[nearest])
 
     def _vote_proba(self, closeness: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -73,23 +74,13 @@ class KNNHead(Head):
         return Neighbours(arrays["rows"], arrays["targets"], int(values["k"]))
 
 
-def _unit_rows(X: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(X, axis=1, keepdims=True)
-    return (X / np.maximum(norms, 1e-12)).astype(np.float32)
-
-
 def _nearest(rows: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """``(similarity float64[M, k], index int64[M, k])`` of each unit-norm query's k most similar unit-norm
-    rows, most similar first; similarities of 1024 queries at a time (bounded memory), in float64: a float32
-    product's last bits depend on how many queries share it, and a query's answer must not."""
-    closeness, nearest = np.empty((len(queries), k)), np.empty((len(queries), k), dtype=np.int64)
-    rows = rows.astype(np.float64)
-    for start in range(0, len(queries), 1024):
-        similarity = queries[start:start + 1024].astype(np.float64) @ rows.T
-        top = np.argpartition(-similarity, k - 1, axis=1)[:, :k] if k < similarity.shape[1] else \
-            np.broadcast_to(np.arange(similarity.shape[1]), similarity.shape)
-        values = np.take_along_axis(similarity, top, axis=1)
-        order = np.argsort(-values, axis=1, kind="stable")
-        closeness[start:start + 1024] = np.take_along_axis(values, order, axis=1)
-        nearest[start:start + 1024] = np.take_along_axis(top, order, axis=1)
-    return closeness, nearest
+    rows, most similar first, by the one search (:func:`~featurekit.heads.nearest.top_k`) in float64: a
+    float32 product's last bits depend on how many queries share it, and a query's answer must not."""
+    found = top_k(queries, rows, k, _as_is, precision="fp64")
+    return found.sim, found.idx
+
+
+def _as_is(block: np.ndarray) -> np.ndarray:
+    return block

@@ -26,6 +26,7 @@ from ..backbones.settings import RunSettings
 from ..errors import ImageDecodeError, SettingsError
 from ..files import atomic_output
 from ..finetuning.artifact import Classifier, load_classifier
+from ..heads.nearest import top_k, unit_rows
 from ..images.decode import DecodePolicy, decode_image
 from ..images.names import fs_path
 from ..store.dataset import FeatureSet, check_same_extraction, load_features
@@ -70,24 +71,21 @@ class Gallery:
         self.train = train
         self.mean = train.features.mean(axis=0)
         self.std = np.maximum(train.features.std(axis=0), 1e-6)
-        self.rows = self._unit(train.features)
         header = train.stores[0].header
         self.split_dir = Path(fs_path(header.data_root)) / fs_path(train.split)
         self.decode = DecodePolicy.from_dict(header.decode)
 
     def _unit(self, features: np.ndarray) -> np.ndarray:
-        scaled = (features - self.mean) / self.std
-        return scaled / np.maximum(np.linalg.norm(scaled, axis=1, keepdims=True), 1e-12)
+        return unit_rows((features - self.mean) / self.std)
 
     def nearest(self, features: np.ndarray, k: int) -> list[list[Neighbour]]:
-        """The ``k`` training images nearest to each row of ``features`` float32[Q, D], nearest first."""
-        similarity = self._unit(features) @ self.rows.T  # [Q, N]
-        k = min(k, similarity.shape[1])
-        best = np.argsort(-similarity, axis=1, kind="stable")[:, :k]
+        """The ``k`` training images nearest to each row of ``features`` float32[Q, D], nearest first
+        (the one search of the kNN head and the audit, :func:`~featurekit.heads.nearest.top_k`)."""
+        found = top_k(features, self.train.features, k, self._unit)
         train = self.train
         return [[Neighbour(f"{train.split}/{train.paths[i]}", str(self.split_dir / fs_path(train.paths[i])),
-                           train.classes[train.labels[i]], float(similarity[q, i])) for i in row]
-                for q, row in enumerate(best)]
+                           train.classes[train.labels[i]], float(s)) for i, s in zip(row, sims) if i >= 0]
+                for row, sims in zip(found.idx, found.sim)]
 
 
 def store_records(train: FeatureSet) -> list[BackboneRecord]:

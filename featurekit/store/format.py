@@ -41,6 +41,7 @@ READABLE_VERSIONS = (2, 3)  # a format 2 store reads as a store without views (i
 FEATURES_VERSION = 2
 
 STR = h5py.string_dtype("utf-8")
+SHA256_DTYPE = "S64"  # file_sha256, skipped_file_sha256: each file's sha256 in hex ASCII, b"" where unread
 RANDOM = "random"  # the weights name stores record for seeded random initialisation (backbones.weights)
 DIGEST_BLOCK_ROWS = 8192
 
@@ -239,6 +240,10 @@ class StoreContents:
     classes: list[str]
     skipped: list[tuple[str, str]]
     views: dict[str, np.ndarray] = field(default_factory=dict)  # view dataset -> float16|float32 [N, views, D]
+    # each kept and skipped file's sha256 in hex (S64[N], S64[K]; b"" where unread); None in a store made
+    # before featurekit recorded them (provenance, not identity: such a store stays current)
+    file_sha256: np.ndarray | None = None
+    skipped_file_sha256: np.ndarray | None = None
 
 
 def open_h5(path: str | os.PathLike) -> h5py.File:
@@ -294,7 +299,16 @@ def read_store(path: str | os.PathLike, features: bool = True) -> StoreContents:
         return StoreContents(Path(path), header, h5["features"][()] if features else np.zeros((0, 0), np.float16),
                              labels, strings(h5["paths"]), classes,
                              list(zip(strings(h5["skipped_paths"]), strings(h5["skipped_reasons"]))),
-                             {name: h5[name][()] for name in header.extra_datasets} if features else {})
+                             {name: h5[name][()] for name in header.extra_datasets} if features else {},
+                             *file_digests(h5))
+
+
+def file_digests(h5: h5py.File) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The files' sha256 (S64[N], S64[K] of kept and skipped rows), or (None, None) in a store made
+    before featurekit recorded them at extraction."""
+    if "file_sha256" not in h5:
+        return None, None
+    return h5["file_sha256"][()], h5["skipped_file_sha256"][()]
 
 
 def is_labelled(h5: h5py.File) -> bool:

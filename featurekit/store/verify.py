@@ -23,6 +23,7 @@ from ..images.listing import listing_changes
 from ..images.sources import relist
 from .format import (
     DIGEST_BLOCK_ROWS,
+    SHA256_DTYPE,
     StoreHeader,
     content_sha256,
     fingerprint,
@@ -129,6 +130,11 @@ def _structure_problems(h5: h5py.File, header: StoreHeader) -> list[str]:
                                                                          is_labelled(h5) else ()):
             if h5[name].shape != (rows,) or h5[name].dtype != np.int64:
                 problems.append(f"{name} is {h5[name].dtype}{list(h5[name].shape)}, expected int64[{rows}]")
+        digests = f"{prefix}file_sha256"  # only in stores made since featurekit records them
+        if "file_sha256" in h5 and (digests not in h5 or h5[digests].shape != (rows,)
+                                    or h5[digests].dtype != np.dtype(SHA256_DTYPE)):
+            found = f"{h5[digests].dtype}{list(h5[digests].shape)}" if digests in h5 else "missing"
+            problems.append(f"{digests} is {found}, expected {SHA256_DTYPE}[{rows}]")
     if h5["skipped_reasons"].shape != (k,):
         problems.append(f"{k} skipped paths but {len(h5['skipped_reasons'])} reasons")
     if n + k != header.n_listed:
