@@ -8,9 +8,9 @@ import pytest
 
 from tests.conftest import REPO
 
-# images -> views -> store -> backbones -> extraction | heads -> finetuning -> predict | cache -> cli
+# images -> views -> store -> backbones -> extraction | heads -> finetuning -> audit -> predict | cache -> cli
 LAYERS = {"images": 0, "views": 1, "store": 2, "backbones": 3, "extraction": 4, "heads": 4, "finetuning": 5,
-          "predict": 6, "cache": 6, "cli": 7}
+          "audit": 6, "predict": 7, "cache": 7, "cli": 8}
 PACKAGE = REPO / "featurekit"
 
 

@@ -27,7 +27,8 @@ def run_train_head(args) -> int:
 
     chosen = from_args(TrainHeadSettings, args)
     report = train_head(args.features_dir, args.backbone, chosen.head, args.out, chosen.train_split,
-                        chosen.valid_split, given(HeadOptions, args), chosen.plots, chosen.augmented, chosen.tta)
+                        chosen.valid_split, given(HeadOptions, args), chosen.plots, chosen.augmented, chosen.tta,
+                        chosen.exclude)
     say(summary(report))
     return 0
 

@@ -32,7 +32,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-__all__ = ["MARGINS", "Neighbours", "Rows", "TopK", "all_pairs", "rescore", "top_k", "unit_rows"]
+__all__ = ["MARGINS", "Neighbours", "Normalise", "Rows", "TopK", "all_pairs", "rescore", "top_k", "unit_rows"]
 
 Normalise = Callable[[np.ndarray], np.ndarray]  # float32 block [b, D] -> the rows compared [b, D']
 PRECISIONS = {"fp64": torch.float64, "fp32": torch.float32, "bf16": torch.bfloat16}

@@ -19,24 +19,23 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from ..backbones.rebuild import recorded_features
 from ..backbones.settings import RunSettings
-from ..errors import ImageDecodeError, SettingsError
-from ..files import atomic_output
+from ..errors import SettingsError
 from ..finetuning.artifact import Classifier, load_classifier
 from ..heads.nearest import top_k, unit_rows
-from ..images.decode import DecodePolicy, decode_image
+from ..images import sheets
+from ..images.decode import DecodePolicy
 from ..images.names import fs_path
+from ..images.sheets import Cell, SheetRow
 from ..store.dataset import FeatureSet, check_same_extraction, load_features
 from ..store.format import RANDOM, BackboneRecord, warn_random
 from .inputs import collect_inputs
 
 logger = logging.getLogger(__name__)
 
-THUMB = 112  # thumbnail side, pixels
-CAPTION = 28  # two caption lines under each thumbnail
+CAPTION = 2 * sheets.LINE  # two caption lines under each thumbnail (of THUMB pixels)
 
 
 @dataclass(frozen=True)
@@ -234,46 +233,15 @@ def queries_json(queries: Sequence[Query], about: dict) -> str:
 
 def contact_sheet(queries: Sequence[Query], path: Path, policy: DecodePolicy, title: str) -> Path:
     """A PNG: one query per row (red frame: misclassified), then its neighbours (green frame: the
-    query's class, red: another), with captions. Written atomically."""
-    font = ImageFont.load_default()
-    columns = 1 + max(len(q.neighbours) for q in queries)
-    cell_w, cell_h, top, gap = THUMB + 10, THUMB + CAPTION + 10, 26, 14
-    sheet = Image.new("RGB", (columns * cell_w + gap, top + len(queries) * cell_h), "white")
-    draw = ImageDraw.Draw(sheet)
-    draw.text((6, 6), _fit(draw, title, font, sheet.width - 12), fill="black", font=font)
-    for row, query in enumerate(queries):
-        y = top + row * cell_h
+    query's class, red: another), with captions. Written atomically (:mod:`featurekit.images.sheets`)."""
+    rows = []
+    for query in queries:
         wrong = query.truth is not None and query.predicted is not None and query.predicted != query.truth
         said = (f"{query.truth}->{query.predicted}" if wrong else query.truth or query.predicted or "")
-        _cell(sheet, draw, font, (0, y), query.file, policy, "red" if wrong else "grey",
-              [Path(query.name).name, f"{said} {query.probability:.2f}" if query.probability is not None else said])
+        cells = [Cell(query.file, [Path(query.name).name, f"{said} {query.probability:.2f}"
+                                   if query.probability is not None else said], "red" if wrong else "grey")]
         expected = query.truth or query.predicted
-        for column, neighbour in enumerate(query.neighbours, 1):
-            frame = "green" if neighbour.label == expected else "red"
-            _cell(sheet, draw, font, (column * cell_w + gap, y), neighbour.file, policy, frame,
-                  [Path(neighbour.name).name, f"{neighbour.label} {neighbour.similarity:.2f}"])
-    with atomic_output(path) as temporary:
-        sheet.save(temporary, format="PNG")
-    return path
-
-
-def _cell(sheet: Image.Image, draw: ImageDraw.ImageDraw, font, corner: tuple[int, int], file: str,
-          policy: DecodePolicy, frame: str, captions: list[str]) -> None:
-    x, y = corner
-    draw.rectangle([x + 1, y + 1, x + THUMB + 8, y + THUMB + 8], outline=frame, width=3)
-    try:
-        thumb = ImageOps.contain(decode_image(file, policy), (THUMB, THUMB))
-        sheet.paste(thumb, (x + 5 + (THUMB - thumb.width) // 2, y + 5 + (THUMB - thumb.height) // 2))
-    except ImageDecodeError as error:
-        draw.text((x + 8, y + THUMB // 2), _fit(draw, error.reason, font, THUMB - 6), fill="grey", font=font)
-    for line, text in enumerate(captions):
-        draw.text((x + 4, y + THUMB + 11 + 13 * line), _fit(draw, text, font, THUMB + 4), fill="black", font=font)
-
-
-def _fit(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
-    """``text``, cut with an ellipsis to fit ``width`` pixels."""
-    if draw.textlength(text, font=font) <= width:
-        return text
-    while text and draw.textlength(text + "...", font=font) > width:
-        text = text[:-1]
-    return text + "..."
+        cells += [Cell(n.file, [Path(n.name).name, f"{n.label} {n.similarity:.2f}"],
+                       "green" if n.label == expected else "red") for n in query.neighbours]
+        rows.append(SheetRow(cells))
+    return sheets.contact_sheet(rows, path, title, policy)

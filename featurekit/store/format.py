@@ -244,6 +244,7 @@ class StoreContents:
     # before featurekit recorded them (provenance, not identity: such a store stays current)
     file_sha256: np.ndarray | None = None
     skipped_file_sha256: np.ndarray | None = None
+    file_size: np.ndarray | None = None  # int64[N]: each file's size when extracted
 
 
 def open_h5(path: str | os.PathLike) -> h5py.File:
@@ -300,7 +301,7 @@ def read_store(path: str | os.PathLike, features: bool = True) -> StoreContents:
                              labels, strings(h5["paths"]), classes,
                              list(zip(strings(h5["skipped_paths"]), strings(h5["skipped_reasons"]))),
                              {name: h5[name][()] for name in header.extra_datasets} if features else {},
-                             *file_digests(h5))
+                             *file_digests(h5), h5["file_size"][()])
 
 
 def file_digests(h5: h5py.File) -> tuple[np.ndarray | None, np.ndarray | None]:
