@@ -22,7 +22,8 @@ __all__ = ["AUDIT_VERSION", "Findings", "write_outputs"]
 
 logger = logging.getLogger(__name__)
 AUDIT_VERSION = 1
-PAGE_ROWS = 12  # findings per contact-sheet page
+PAGE_ROWS = 12  # rows of a contact-sheet page
+PAIRS_PER_ROW = 3  # near-duplicate pairs side by side in one row
 SHOWN = 20  # findings of each kind listed in audit.md (audit.json lists all)
 
 
@@ -195,17 +196,23 @@ def write_outputs(findings: Findings, out_dir: Path, per_kind: int) -> dict:
 
 
 def _write_sheets(findings: Findings, out_dir: Path, per_kind: int) -> list[str]:
+    """Pages of :data:`PAGE_ROWS` rows: one finding per row, or pairs three to a row (leakage, near)."""
     sources, written = findings.sources(), []
     for kind, entries in findings.sheets.items():
-        entries = entries[:per_kind]
-        for page, start in enumerate(range(0, len(entries), PAGE_ROWS), 1):
-            rows = [SheetRow([Cell(sources[r], [findings.name(r).rsplit("/", 1)[-1], _label(findings, r), caption],
-                                   _frame(findings, kind, rows[0], r))
-                              for r, caption in zip(rows, captions)], note)
-                    for note, rows, captions in entries[start:start + PAGE_ROWS]]
+        entries, per_row = entries[:per_kind], PAIRS_PER_ROW if kind in ("leakage", "near") else 1
+        rows = []
+        for start in range(0, len(entries), per_row):
+            shown = entries[start:start + per_row]
+            rows.append(SheetRow([Cell(sources[r], [findings.name(r).rsplit("/", 1)[-1], _label(findings, r),
+                                                    caption], _frame(findings, kind, members[0], r))
+                                  for _, members, captions in shown for r, caption in zip(members, captions)],
+                                 shown[0][0]))
+        gaps = (2, 4) if per_row > 1 else (1,) if kind in ("labels", "outliers") else ()
+        for page, start in enumerate(range(0, len(rows), PAGE_ROWS), 1):
             name = f"sheet_{kind}_p{page}.png"
-            title = f"audit: {kind}, findings {start + 1}-{start + len(rows)} of {len(findings.sheets[kind])}"
-            contact_sheet(rows, out_dir / name, title, findings.policy, separate_first=kind in ("labels", "outliers"))
+            first, last = start * per_row + 1, min(len(entries), (start + PAGE_ROWS) * per_row)
+            title = f"audit: {kind}, findings {first}-{last} of {len(findings.sheets[kind])}"
+            contact_sheet(rows[start:start + PAGE_ROWS], out_dir / name, title, findings.policy, gaps)
             written.append(name)
     return written
 

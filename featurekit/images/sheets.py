@@ -25,7 +25,7 @@ THUMB = 112  # thumbnail side, pixels
 LINE = 14  # one caption line, pixels
 TOP = 26  # the title's band
 MIN_WIDTH = 360  # room for the title
-GAP = 14  # between a row's first cell (the query, the finding) and the rest, where asked
+GAP = 14  # between groups of cells: a query and its neighbours, one pair and the next
 
 
 @dataclass
@@ -46,15 +46,16 @@ class SheetRow:
 
 
 def contact_sheet(rows: Sequence[SheetRow], path: str | os.PathLike, title: str, policy: DecodePolicy | None = None,
-                  separate_first: bool = True) -> Path:
-    """Write the PNG (atomically): ``title``, then each row's note and cells; ``separate_first`` leaves
-    a gap after each row's first cell. Returns ``path``."""
+                  gaps: Sequence[int] = (1,)) -> Path:
+    """Write the PNG (atomically): ``title``, then each row's note and cells, with a gap after the cells
+    counted in ``gaps`` (default: after the first, the query or the finding). Returns ``path``."""
     font = ImageFont.load_default()
     lines = max((len(cell.captions) for row in rows for cell in row.cells), default=0)
     columns = max((len(row.cells) for row in rows), default=1)
-    cell_w, cell_h, gap = THUMB + 10, THUMB + LINE * lines + 10, GAP if separate_first else 0
+    cell_w, cell_h = THUMB + 10, THUMB + LINE * lines + 10
     height = TOP + sum(cell_h + (LINE if row.note else 0) for row in rows)
-    sheet = Image.new("RGB", (max(columns * cell_w + gap, MIN_WIDTH), height), "white")
+    width = columns * cell_w + GAP * sum(0 < gap < columns for gap in gaps)
+    sheet = Image.new("RGB", (max(width, MIN_WIDTH), height), "white")
     draw = ImageDraw.Draw(sheet)
     draw.text((6, 6), _fit(draw, title, font, sheet.width - 12), fill="black", font=font)
     y = TOP
@@ -63,7 +64,8 @@ def contact_sheet(rows: Sequence[SheetRow], path: str | os.PathLike, title: str,
             draw.text((6, y), _fit(draw, row.note, font, sheet.width - 12), fill="navy", font=font)
             y += LINE
         for column, cell in enumerate(row.cells):
-            _cell(sheet, draw, font, (column * cell_w + (gap if column else 0), y), cell, policy or DecodePolicy())
+            x = column * cell_w + GAP * sum(gap <= column for gap in gaps)
+            _cell(sheet, draw, font, (x, y), cell, policy or DecodePolicy())
         y += cell_h
     path = Path(path)
     with atomic_output(path) as temporary:
