@@ -11,8 +11,9 @@ import pytest
 from conftest import TINY_RUN, error_lines, run_cli, write_image_folder, write_store
 from PIL import Image
 
-from featurekit.audit import AuditSettings, audit
-from featurekit.errors import AlignmentError, AuditError, FeaturekitWarning
+from featurekit.audit import AuditSettings, audit, audit_dir
+from featurekit.errors import AlignmentError, AuditError, FeaturekitWarning, LockError
+from featurekit.files import FileLock
 from featurekit.heads.head_file import load_head
 from featurekit.heads.train import train_head
 from featurekit.images.listing import list_split
@@ -66,6 +67,7 @@ def test_audit_finds_the_planted_copies_and_odd_files_and_writes_its_files(plant
     assert report["balance"]["train"]["counts"] == {"ants": 7, "bees": 7}
     assert set(report["files"]) == {p.name for p in out.iterdir() if not p.name.startswith(".")}
     assert "sheet_exact_p1.png" in report["files"] and "exact duplicates: 1 groups (1 across splits)" in run.out
+    assert "rows flagged (train-head --exclude): exact train 1; leakage train 2, valid 1" in run.out
     with Image.open(out / "sheet_exact_p1.png") as sheet:
         assert sheet.width >= 3 * 112
     assert "## Exact duplicates" in (out / "audit.md").read_text()
@@ -178,6 +180,10 @@ def test_bad_input_refused_as_train_head_refuses_it_and_one_class_said_once(tmp_
         train_head(tmp_path / "f", ["a"], "logreg", tmp_path / "h", valid_split=None,
                    exclude=str(tmp_path / "edited.json"))
     assert not (tmp_path / "h").exists()
+
+    with FileLock(audit_dir(tmp_path / "f", ["a"]) / ".audit.lock", "another audit"):  # two audits never interleave
+        with pytest.raises(LockError, match="another featurekit process"):
+            audit(tmp_path / "f", ["a"], AuditSettings(splits=("train",), checks=("exact",)))
 
     one = list_split(write_image_folder(tmp_path / "one", {"train": {"ants": 8}}), "train")
     write_store(tmp_path / "g", one, "a", np.random.default_rng(2).standard_normal((8, 4)).astype(np.float32))

@@ -2,7 +2,7 @@
 
 The exact search (:func:`~featurekit.heads.nearest.all_pairs`) costs N^2 / 2 products: 10^6 rows x
 1,280 is about 2.5 hours on 2 loaded CPU cores (docs/audit.md). With faiss installed
-(``pip install faiss-cpu``), an inverted-file index (``IndexIVFScalarQuantizer``, float16 codes)
+(``pip install 'featurekit[faiss]'``), an inverted-file index (``IndexIVFScalarQuantizer``, float16 codes)
 trained by k-means on a sample puts each row in one of ``nlist`` cells (about 4 sqrt(N)); each row
 is then compared with the rows of the ``nprobe`` cells nearest to it. A pair is found only if they
 share a probed cell, so recall is below 1 (measured: every planted copy at 10^4..10^6 rows, the top

@@ -177,6 +177,9 @@ def summary_lines(report: dict) -> list[str]:
         ratio = f", largest/smallest class {counts['ratio']:.1f}" if counts["ratio"] else ""
         lines.append(f"balance {split}: {counts['rows']} rows in {sum(n > 0 for n in counts['counts'].values())} "
                      f"classes{ratio}" + (f", missing {', '.join(counts['missing'])}" if counts["missing"] else ""))
+    flagged = [f"{kind} " + ", ".join(f"{split} {n}" for split, n in by_split.items())
+               for kind, by_split in report.get("rows_flagged", {}).items() if by_split]
+    lines.append(f"rows flagged (train-head --exclude): {'; '.join(flagged) or 'none'}")
     return lines + [f"note: {note}" for note in report["notes"]]
 
 
@@ -229,7 +232,8 @@ def _frame(findings: Findings, kind: str, first: int, row: int) -> str:
         return "red"
     if kind == "labels":
         return "green" if findings.label_of[row] == findings.label_of[first] else "orange"
-    return "red" if kind != "outliers" and findings.split_of[row] != findings.split_of[first] else "grey"
+    copies = kind in ("exact", "near", "leakage")
+    return "red" if copies and findings.split_of[row] != findings.split_of[first] else "grey"
 
 
 def markdown(report: dict) -> str:

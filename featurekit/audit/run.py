@@ -169,7 +169,7 @@ class Checks:
         else:
             if settings.search == "auto" and n > settings.exact_limit:
                 self.findings.note(f"{n} rows searched exactly (faiss is not installed: the approximate search "
-                                   "needs pip install faiss-cpu)")
+                                   "needs pip install 'featurekit[faiss]')")
             found = all_pairs(self.rows, k, self.normalise, precision=self.precision, block=settings.block,
                               device=self.device)
         self.findings.report["search"] = {"search": "ivf" if approximate else "exact", "k": k, **found.stats}
