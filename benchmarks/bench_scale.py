@@ -234,12 +234,12 @@ def audit_store(n: int, base: Path) -> tuple[Path, int]:
 
 def run_audit_size(n: int, base: Path, full_max: int, slice_blocks: int, ivf_max: int) -> dict[str, tuple]:
     """Each stage of the audit on n rows: (Measured, note); the search extrapolated above ``full_max``."""
-    from featurekit.audit import labels
-    from featurekit.audit.approximate import faiss_available, ivf_pairs
-    from featurekit.audit.exact import equal_groups, row_digests
-    from featurekit.audit.near import NearRule, near_duplicates
-    from featurekit.audit.outliers import knn_outliers
-    from featurekit.audit.rows import audited_rows, open_splits
+    from featurekit.auditing import labels
+    from featurekit.auditing.approximate import faiss_available, ivf_pairs
+    from featurekit.auditing.exact import equal_groups, row_digests
+    from featurekit.auditing.near import NearRule, near_duplicates
+    from featurekit.auditing.outliers import knn_outliers
+    from featurekit.auditing.rows import audited_rows, open_splits
     from featurekit.heads.nearest import all_pairs
 
     features_dir, planted = audit_store(n, base)

@@ -1,7 +1,7 @@
 __version__: str
 
-from .audit.run import audit as audit
-from .audit.settings import AuditSettings as AuditSettings
+from .auditing.run import audit as audit
+from .auditing.settings import AuditSettings as AuditSettings
 from .backbones.runner import embed as embed
 from .backbones.settings import BackboneChoice as BackboneChoice
 from .backbones.settings import RunSettings as RunSettings

@@ -18,9 +18,17 @@ import os
 import warnings
 from typing import Iterator, TextIO
 
-from .errors import FeaturekitWarning
+from .errors import FeaturekitWarning, one_line
 
 __all__ = ["diagnostics"]
+
+
+class OneLine(logging.Formatter):
+    """Each record as one line of printable text (:func:`featurekit.errors.one_line`): names and
+    values from files cannot split it or send a terminal escape sequences."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return one_line(super().format(record))
 
 
 @contextlib.contextmanager
@@ -30,7 +38,7 @@ def diagnostics(stream: TextIO) -> Iterator[None]:
     runs). Under torchrun, ranks other than 0 say only what is their own (``extra={"every_rank": True}``):
     rank 0 speaks for the job."""
     handler = logging.StreamHandler(stream)
-    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.setFormatter(OneLine("%(message)s"))
     logger, speaks = logging.getLogger("featurekit"), int(os.environ.get("RANK", "0")) == 0
     handler.addFilter(lambda record: speaks or getattr(record, "every_rank", False))
     level = logger.level

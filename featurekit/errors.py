@@ -117,8 +117,23 @@ def first_line(error: BaseException) -> str:
 
 
 def one_line(text: str) -> str:
-    """``text`` with line breaks escaped, so a file name holding one cannot split a message."""
-    return text.replace("\r", "\\r").replace("\n", "\\n")
+    """``text`` as one line of printable characters: line breaks escaped (``\\n``), so a file name
+    holding one cannot split a message, and every other unprintable character (a terminal's escape
+    sequences in a file's content, an undecodable byte of a name) as ``\\xNN`` or ``\\uNNNN``."""
+    if text.isprintable():
+        return text
+    return "".join(_printable(char) for char in text)
+
+
+def _printable(char: str) -> str:
+    if char in "\r\n":
+        return "\\r" if char == "\r" else "\\n"
+    if char.isprintable():
+        return char
+    code = ord(char)
+    if 0xDC80 <= code <= 0xDCFF:  # an undecodable byte, as os.fsdecode holds it
+        code -= 0xDC00
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
 
 
 def os_reason(error: OSError) -> str:

@@ -236,3 +236,38 @@ def two_backbone_features(tmp_path: Path):
         write_store(features_dir, listing, "a", blobs(labels, 6, seed=1) + np.arange(len(labels))[:, None] * 1e-3)
         write_store(features_dir, listing, "b", blobs(labels, 4, seed=2))
     return root, features_dir
+
+
+# --------------------------------------------------------------------------- one tiny run's artifacts, shared
+
+
+@dataclass(frozen=True)
+class TinyArtifacts:
+    """A real run's files: ``data`` (train 3+3, valid 2+2 images), ``features`` (resnet18, random weights,
+    fp32, float32), ``logreg`` and ``mlp`` head files, and ``model``: a folder finetune wrote from the
+    logreg head with a trunk file (``trunks/resnet18.pt``)."""
+
+    data: Path
+    features: Path
+    logreg: Path
+    mlp: Path
+    model: Path
+
+
+TUNE_ARGS = ["--device", "cpu", "--precision", "fp32", "--batch-size", "4", "--workers", "0", "--quiet",
+             "--no-plots", "--epochs", "1"]
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> TinyArtifacts:
+    base = tmp_path_factory.mktemp("tiny")
+    data = write_image_folder(base / "data", {"train": {"cat": 3, "dog": 3}, "valid": {"cat": 2, "dog": 2}})
+    features = base / "features"
+    assert main(["extract", str(data), "--split", "train", "valid", "--out", str(features), *TINY_RUN[:-5],
+                 "--precision", "fp32", "--batch-size", "4", "--workers", "0", "--quiet"]) == 0
+    for kind, extra in (("logreg", []), ("mlp", ["--epochs", "2"])):
+        assert main(["train-head", str(features), "--backbone", "resnet18", "--head", kind, "--out",
+                     str(base / kind), "--no-plots", *extra]) == 0
+    assert main(["finetune", str(data), "--head", str(base / "logreg"), "--out", str(base / "model"),
+                 "--unfreeze", "layer4.1.bn2", *TUNE_ARGS]) == 0
+    return TinyArtifacts(data, features, base / "logreg" / "head.h5", base / "mlp" / "head.h5", base / "model")

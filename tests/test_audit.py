@@ -11,8 +11,8 @@ import pytest
 from conftest import TINY_RUN, error_lines, run_cli, write_image_folder, write_store
 from PIL import Image
 
-from featurekit.audit import AuditSettings, audit, audit_dir
-from featurekit.errors import AlignmentError, AuditError, FeaturekitWarning, LockError
+from featurekit.auditing import AuditSettings, audit, audit_dir
+from featurekit.errors import AlignmentError, AuditError, FeaturekitWarning, LockError, SettingsError
 from featurekit.files import FileLock
 from featurekit.heads.head_file import load_head
 from featurekit.heads.train import train_head
@@ -117,6 +117,10 @@ def test_an_audit_of_stores_extracted_again_since_trains_nothing(planted, capsys
         f"featurekit: error: {old}: audited another extraction of split 'train' (resnet18: re-extracted since the "
         "audit?); run the audit again on these stores"]
     assert not (tmp_path / "h").exists()
+    assert run_cli(capsys, "audit", copy, "--backbone", "resnet18", "--checks", "exact").code == 0
+    again = run_cli(capsys, "train-head", copy, "--backbone", "resnet18", "--head", "logreg", "--out", tmp_path / "h",
+                    "--exclude", copy / "audit" / "resnet18" / "audit.json")
+    assert again.code == 0, again.err  # the advice followed: audited again, the head trains
 
 
 # --------------------------------------------------------------------------- generated rows in real stores
@@ -171,7 +175,9 @@ def test_bad_input_refused_as_train_head_refuses_it_and_one_class_said_once(tmp_
         train_head(tmp_path / "f", ["a", "b"], "logreg", tmp_path / "h", valid_split=None)
     assert str(by_audit.value) == str(by_train_head.value) and "other files" in str(by_audit.value)
 
-    audit(tmp_path / "f", ["a"], AuditSettings(splits=("train",), checks=("exact",)))
+    with pytest.raises(SettingsError, match="give at least one --split"):
+        AuditSettings(splits=())
+    audit(tmp_path / "f", ["a"], AuditSettings(splits=("train",), checks=("exact",)))  # the advice followed
     flagged = json.loads((tmp_path / "f" / "audit" / "a" / "audit.json").read_text())
     flagged["flagged"]["rows"]["outliers"] = {"train": ["ants/gone.jpg"]}
     (tmp_path / "edited.json").write_text(json.dumps(flagged))

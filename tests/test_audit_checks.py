@@ -1,15 +1,15 @@
-"""The audit's checks on generated feature rows with planted faults (featurekit.audit: near, labels,
+"""The audit's checks on generated feature rows with planted faults (featurekit.auditing: near, labels,
 outliers, exact): every planted copy found and nothing else, flipped labels ranked first, a foreign
 row the top outlier, and clean sets within the documented false-positive rates (docs/audit.md)."""
 
 import numpy as np
 import pytest
 
-from featurekit.audit.exact import equal_groups, row_digests
-from featurekit.audit.labels import class_thresholds, confident_flags, out_of_fold_proba, stratified_folds
-from featurekit.audit.near import NearRule, near_duplicates, union_groups
-from featurekit.audit.outliers import knn_outliers
-from featurekit.audit.settings import AuditSettings
+from featurekit.auditing.exact import equal_groups, row_digests
+from featurekit.auditing.labels import class_thresholds, confident_flags, out_of_fold_proba, stratified_folds
+from featurekit.auditing.near import NearRule, near_duplicates, union_groups
+from featurekit.auditing.outliers import knn_outliers
+from featurekit.auditing.settings import AuditSettings
 from featurekit.heads.nearest import Rows, all_pairs, unit_rows
 
 DEFAULT = AuditSettings()

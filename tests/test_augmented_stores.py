@@ -190,13 +190,15 @@ def test_a_chunk_with_non_finite_views_is_refused(tmp_path):
 
 
 def test_stores_joined_for_a_head_must_have_the_same_views(reference, tmp_path, capsys):
+    """The views read must be alike; the plain rows alone join whatever views are stored beside them."""
     data, _, _ = reference
     out = tmp_path / "out"
     assert run_cli(capsys, *extract_args(data, out, "--precision", "fp32", "--augment", "2")).code == 0
     other = ("--backbone", "mobilenet_v3_small", "--precision", "fp32", "--augment", "1")
     assert run_cli(capsys, *extract_args(data, out, *other)).code == 0
     with pytest.raises(AlignmentError, match=r"extracted with other augment views \(1 != 2\)"):
-        load_features(out, "train", ["resnet18", "mobilenet_v3_small"])
+        load_features(out, "train", ["resnet18", "mobilenet_v3_small"], views=["features_aug"])
+    assert load_features(out, "train", ["resnet18", "mobilenet_v3_small"]).features.shape == (10, 512 + 1024)
 
 
 def test_load_features_reads_the_views_of_chosen_columns(reference):

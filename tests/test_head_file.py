@@ -90,7 +90,7 @@ def test_files_that_are_not_heads_are_one_line(tmp_path, rows):
         copy.attrs.update(source.attrs)
         del copy["model/coef"]
     cases = {"missing.h5": "no such head file", "text.h5": "not a featurekit head file (not HDF5; train-head writes "
-             "head.h5)", "store.h5": "a feature store, not a featurekit head", "damaged.h5": "damaged head file"}
+             "head.h5)", "store.h5": "a feature store, not a featurekit head", "damaged.h5": "no field 'model/coef'"}
     for name, message in cases.items():
         with pytest.raises(HeadFileError, match=f"^{re.escape(str(tmp_path / name))}: {re.escape(message)}"):
             load_head(tmp_path / name)

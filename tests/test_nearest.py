@@ -4,7 +4,7 @@ against brute force on rows read from several parts (splits joined end to end, b
 import numpy as np
 import pytest
 
-from featurekit.audit.approximate import faiss_available, ivf_pairs
+from featurekit.auditing.approximate import faiss_available, ivf_pairs
 from featurekit.heads.nearest import Rows, all_pairs, rescore, top_k, unit_rows
 
 

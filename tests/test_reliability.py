@@ -365,9 +365,16 @@ def test_overlapping_chunks_of_two_chunk_sizes_still_tile(tmp_path):
     partial.dir.mkdir()
     for start, stop in [(0, 3), (3, 6), (4, 6), (6, 8), (2, 4)]:
         partial.chunk_path(start, stop).touch()
-    assert partial._tiling(8) == [(0, 3), (3, 6), (6, 8)]
-    partial.chunk_path(6, 8).unlink()
-    with pytest.raises(store.StoreError, match="rows 6-8 were never committed"):
+    assert partial._tiling(8) == [(0, 3, 0, 3), (3, 6, 3, 6), (6, 8, 6, 8)]  # whole chunks where they tile
+    partial.chunk_path(6, 8).touch()
+    for start, stop in [(6, 7), (7, 8)]:  # and part of one where they cannot: rows 6-8 of chunk 4-8
+        partial.chunk_path(start, stop).touch()
+    partial.chunk_path(3, 6).unlink()
+    partial.chunk_path(4, 6).unlink()
+    partial.chunk_path(4, 8).touch()
+    assert partial._tiling(8) == [(0, 3, 0, 3), (2, 4, 3, 4), (4, 8, 4, 8)]
+    partial.chunk_path(4, 8).unlink()
+    with pytest.raises(store.StoreError, match="rows 4-6 were never committed"):
         partial._tiling(8)
 
 

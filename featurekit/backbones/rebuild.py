@@ -40,7 +40,7 @@ def recorded_settings(source: Path, records: Sequence[BackboneRecord], base: Run
     (``precision`` overrides the recorded one); one run computes every backbone, so they must agree.
     ``source``: the head, model or store the records come from, for messages."""
     for record in records[1:]:
-        change = record.identity.difference(records[0].identity, StoreIdentity.RUN_FIELDS)
+        change = record.identity.difference(records[0].identity, StoreIdentity.PLAIN_RUN_FIELDS)  # views aside
         if change:
             raise HeadMismatchError(f"{source}: {record.store_name}'s features were made with other {change} "
                                     "than the first backbone's; one prediction run cannot reproduce both")

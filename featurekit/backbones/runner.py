@@ -171,12 +171,15 @@ class TrunkRunner:
 
     def embed(self, sources: Sequence[Source], label: str = "features", plan: ViewPlan | None = None) -> FileFeatures:
         """Features of ``sources`` (image paths or PIL images) in memory, float32, no store; with a
-        ``plan`` of several views, float32[N, plan.count, D] (the plain view first)."""
+        ``plan`` of several views, float32[N, plan.count, D] (the plain view first). An image whose
+        features (in any view) are not finite is refused as extract refuses it, in one line, or
+        under ``on_error="skip"`` left out with its reason in ``errors``."""
         rows: dict[str, list[torch.Tensor]] = {b.store_name: [] for b in self.backbones}
         result = FileFeatures({}, [], [])
         chunks = [(start, min(start + self.settings.batch_size, len(sources)))
                   for start in range(0, len(sources), self.settings.batch_size)]
         for batch, outputs in self.stream(sources, chunks, label, plan):
+            outputs = self._finite_rows(sources, batch, outputs)
             for name, features in outputs.items():
                 rows[name].append(features.float().cpu())
             result.kept.extend(batch.indices)
@@ -231,6 +234,30 @@ class TrunkRunner:
         copied = torch.cuda.Event()
         copied.record()
         return host, copied
+
+    def _finite_rows(self, sources: Sequence[Source], batch: ViewBatch,
+                     outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``outputs`` without the rows that hold NaN or infinity in any view of any trunk: those move
+        to ``batch.errors``, or under ``on_error="fail"`` the first is raised."""
+        bad = torch.zeros(len(batch.indices), dtype=torch.bool)
+        views = None
+        for features in outputs.values():
+            finite = torch.isfinite(features).cpu()
+            bad |= ~finite.flatten(1).all(1)
+            views = finite.all(-1) if views is None else views & finite.all(-1)  # [B] or [B, views]
+        if not bad.any():
+            return outputs
+        cause = ("overflow of float16, the stores' dtype" if self.settings.dtype == "float16"
+                 else "NaN or infinity from the model")
+        for row in bad.nonzero().flatten().tolist():
+            view = int((~views[row]).nonzero()[0]) if views.ndim > 1 else 0
+            where = f" in view {view} (0 is the plain one)" if views.ndim > 1 else ""
+            batch.errors.append((batch.indices[row], sources[batch.indices[row]][1],
+                                 f"non-finite features{where} ({cause})"))
+        self._raise_failed(batch)
+        keep = ~bad
+        batch.indices = [index for index, good in zip(batch.indices, keep.tolist()) if good]
+        return {name: features[keep.to(features.device)] for name, features in outputs.items()}
 
     def _raise_failed(self, batch: ViewBatch) -> None:
         if batch.errors and self.settings.on_error == "fail":

@@ -222,7 +222,12 @@ def load_backbone(name: str, weights: str = BackboneChoice.weights, weights_path
     spec = get_spec(name)
     model, preprocessing, info = _BUILDERS[spec.family](spec, weights, weights_path)
     model.eval().requires_grad_(False)
-    default_node = spec.feature_node or penultimate_node(spec.name, model)
+    try:
+        default_node = spec.feature_node or penultimate_node(spec.name, model)
+    except BackboneError:
+        if not node:
+            raise
+        default_node = None  # no final Linear: the node given (its advice: pass --node) is the only one
     if node and node != default_node:
         check_node(spec.name, _eval_nodes(model), node)
     trunk = FeatureTrunk(model, node or default_node).eval()

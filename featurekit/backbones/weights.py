@@ -17,6 +17,8 @@ import difflib
 import hashlib
 import logging
 import os
+import pickle
+import re
 import urllib.error
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -26,7 +28,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from ..errors import SettingsError, WeightsError, first_line
+from ..errors import FeaturekitError, SettingsError, WeightsError, first_line
 
 RANDOM_SEED = 0
 logger = logging.getLogger(__name__)
@@ -101,6 +103,23 @@ def load_matching(model: nn.Module, state: dict[str, torch.Tensor]) -> LoadRepor
     )
 
 
+def read_tensors(path: str | os.PathLike, error: type[FeaturekitError] = WeightsError) -> object:
+    """What a torch file holds, read with ``torch.load(weights_only=True)``: tensors, numbers, strings
+    and containers of them, never an object whose unpickling would run code. A file that is not
+    such a file is one line of ``error``, featurekit's own: torch's advice to load it with
+    ``weights_only=False`` (which runs any code the file holds) is not passed on."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as failure:
+        found = re.search(r"WeightsUnpickler error:\s*([^\n]*?)(?: was not an allowed|\.?\s*Please|\n|$)",
+                          str(failure))
+        what = f" ({found.group(1).strip()})" if found and found.group(1).strip() else ""
+        raise error(f"{path}: not a file of tensors only{what}; refused without unpickling it, which would run "
+                    "any code it holds") from None
+    except Exception as failure:
+        raise error(f"{path}: not a readable torch file ({first_line(failure)})") from None
+
+
 def load_file(model: nn.Module, path: str | os.PathLike,
               convert: Callable[[dict], dict] | None = None) -> WeightsInfo:
     """Load a local state-dict file (``torch.save``'d, or ``.safetensors``) into ``model`` by names and
@@ -108,15 +127,15 @@ def load_file(model: nn.Module, path: str | os.PathLike,
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{path}: weights file not found")
-    try:
-        if path.suffix == ".safetensors":
+    if path.suffix == ".safetensors":
+        try:
             from safetensors.torch import load_file as load_safetensors
 
             obj = load_safetensors(path, device="cpu")
-        else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise WeightsError(f"{path}: cannot read a state dict ({first_line(error)})") from None
+        except Exception as error:
+            raise WeightsError(f"{path}: cannot read a state dict ({first_line(error)})") from None
+    else:
+        obj = read_tensors(path)
     state = unwrap_state_dict(obj, path)
     if convert is not None:
         try:
@@ -141,16 +160,21 @@ def seed_random(model_builder):
 
 @contextmanager
 def torchvision_download(weights):
-    """torchvision's own download and cache (``$TORCH_HOME/hub/checkpoints``); offline -> one clear line."""
+    """torchvision's own download and cache (``$TORCH_HOME/hub/checkpoints``); offline, or a cached
+    file that is not those weights -> one clear line."""
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
     try:
         yield
     except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as error:
-        cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
         reason = getattr(error, "reason", None) or first_line(error)
         raise WeightsError(
             f"cannot download {weights} from {weights.url} ({reason}): put that file at {cached}, "
             "or pass --weights-path FILE (a local state dict), or --weights random for a smoke run"
         ) from None
+    except (RuntimeError, pickle.UnpicklingError, EOFError) as error:  # torch.load, load_state_dict(strict=True)
+        reason = "not a file of tensors only" if isinstance(error, pickle.UnpicklingError) else first_line(error)
+        raise WeightsError(f"{cached}: not the weights {weights} ({reason}); put the file of {weights.url} there, "
+                           "or pass --weights-path FILE (a local state dict)") from None
 
 
 def weights_files(given: Mapping[str, str] | str | Sequence[str] | None, store_names: Sequence[str]) -> dict[str, str]:

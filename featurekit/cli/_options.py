@@ -4,11 +4,14 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import textwrap
 from typing import Iterable
 
-__all__ = ["HelpFormatter", "add_backbones", "command", "say"]
+from ..errors import one_line
+
+__all__ = ["HelpFormatter", "add_backbones", "command", "library", "say"]
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -41,6 +44,13 @@ def add_backbones(parser: argparse.ArgumentParser, help: str, required: bool = T
 
 
 def say(lines: str | Iterable[str], error: bool = False) -> None:
-    """Print a result (stdout) or, with ``error``, a line beside the results (stderr)."""
+    """Print a result (stdout) or, with ``error``, a line beside the results (stderr), each as one line
+    of printable text (:func:`featurekit.errors.one_line`: names from files cannot hold terminal escapes)."""
     for line in [lines] if isinstance(lines, str) else lines:
-        print(line, file=sys.stderr if error else sys.stdout)
+        for part in line.split("\n"):  # line breaks the library wrote; names in it hold none (printable_path)
+            print(one_line(part), file=sys.stderr if error else sys.stdout)
+
+
+def library(name: str):
+    """A library module, imported when its command runs (building the parser imports no torch)."""
+    return importlib.import_module(f"featurekit.{name}")

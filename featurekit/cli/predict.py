@@ -61,6 +61,7 @@ def add_neighbors(commands) -> None:
                    help="write a contact sheet of the queries and their neighbours (default: none)")
     p.add_argument("--worst", type=int, default=16, help="queries on the contact sheet, worst first")
     p.add_argument("--json", action="store_true", help="print one line of JSON instead of text")
+    add_settings(p, PredictOptions, "trust_paths")
     p.set_defaults(run=run_neighbors)
 
 
@@ -68,7 +69,7 @@ def run_neighbors(args) -> int:
     from ..predict.neighbors import describe_query, queries_json, search, write_sheet
 
     found = search(args.head, args.features, args.backbone, args.image, args.split, args.valid_split, args.k,
-                   from_args(RunSettings, args, num_workers=None))
+                   from_args(RunSettings, args, num_workers=None), args.trust_paths)
     sheet = write_sheet(found, args.sheet, args.worst) if args.sheet and found.queries else None
     say(queries_json(found.queries, found.about) if args.json else
         [line for query in found.queries for line in describe_query(query)])

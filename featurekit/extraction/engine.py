@@ -37,6 +37,7 @@ from ..backbones.settings import BackboneChoice
 from ..backbones.trunks import Backbone, load_backbone
 from ..backbones.weights import weights_files
 from ..errors import DataError, ImageDecodeError
+from ..files import check_output
 from ..images.listing import SplitListing
 from ..images.sources import SourceSettings, list_sources
 from ..store.chunks import Chunk, uncovered
@@ -165,8 +166,10 @@ def extract_listings(listings: Sequence[SplitListing], backbones: Sequence[Backb
     if unreadable and settings.on_error == "fail":
         raise DataError(f"{unreadable.display}: {unreadable.unreadable_text()} (--on-error skip extracts the rest)")
     plans = [(listing, [_writer(listing, b, settings, out_dir) for b in backbones]) for listing in listings]
-    for _, writers in plans:  # refuse stale stores of any split before extracting the first
+    images = [listing.split_dir for listing in listings if listing.source is None]  # split folders of images
+    for _, writers in plans:  # refuse stale stores, or stores in the image folders, of any split before any work
         for writer in writers:
+            check_output(writer.final, images, hdf5=True)
             writer.check_reusable()
     runner = TrunkRunner(backbones, settings)
     try:

@@ -15,7 +15,12 @@ A model folder holds
 
 ``predict --head DIR`` (or ``DIR/model.json``) rebuilds each backbone from its record, exactly as for a head
 (so the trunk file must give the recorded sha256), runs the trunks once per image and applies the
-classifier (:class:`FinetunedHead`). State dicts are read with ``torch.load(weights_only=True)``.
+classifier (:class:`FinetunedHead`). A model folder is self-contained: a file it names outside the
+folder (an absolute path, ``../``) is refused unless the caller trusts its paths (``trust_paths``,
+``predict --trust-paths``). ``model.json`` is a typed record whose classifier shape must fit
+``model.pt``'s tensors (checked on torch's meta device, nothing allocated), the class list and the
+backbones' features; the tensors must be finite. State dicts are read with
+``torch.load(weights_only=True)`` (:func:`featurekit.backbones.weights.read_tensors`).
 """
 
 from __future__ import annotations
@@ -35,16 +40,29 @@ from torch import nn
 
 from ..backbones.rebuild import load_recorded
 from ..backbones.trunks import Backbone
+from ..backbones.weights import read_tensors
 from ..errors import HeadFileError, first_line
-from ..files import atomic_output, atomic_write, file_sha256
+from ..files import atomic_output, atomic_write, file_sha256, output_handle
 from ..heads.base import Head
 from ..heads.head_file import HEAD_FILE, OLD_HEAD_FILE, load_head
 from ..heads.records import MODEL_FILE, MODEL_FORMAT, ClassifierRecord, HeadRecord
 from ..records import missing, parse
-from ..store.format import BackboneRecord
+from ..store.format import BackboneRecord, store_path
 from .model import FinetuneModel, build_head_layers
 
+MODEL_PT = "model.pt"  # the classifier's state dict
 MODEL_FORMAT_VERSION = 2  # 2: an svm classifier is a Linear with its temperature folded in (1: Platt sigmoids)
+
+
+@dataclass(frozen=True)
+class ClassifierSpec:
+    """The classifier's shape in ``model.json`` (:func:`featurekit.finetuning.model.build_head_layers`)."""
+
+    kind: str
+    in_features: int
+    n_classes: int
+    hidden_sizes: list[int] = field(default_factory=list)
+    dropout: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -54,7 +72,7 @@ class ModelRecord:
 
     format_version: int
     head: str
-    classifier: dict  # the classifier's shape: finetuning.model.build_head_layers
+    classifier: ClassifierSpec
     classifier_file: str
     classifier_sha256: str
     backbones: list[BackboneRecord]
@@ -74,6 +92,18 @@ class Classifier:
     path: Path
     head: Head | FinetunedHead
     record: ClassifierRecord
+
+    def inputs(self) -> list[Path]:
+        """The files this classifier was read from or names (its file, the model folder's files,
+        weights files, the stores of its record): what no output of a run using it may replace."""
+        files = [self.path, *({self.path.parent / MODEL_PT} if self.path.suffix == ".json" else set())]
+        for backbone in self.record.backbones:
+            if backbone.weights.startswith("file:"):
+                files.append(Path(backbone.weights_source))
+            features_dir = getattr(self.record, "features_dir", None)
+            if features_dir:
+                files += [store_path(features_dir, split, backbone.store_name) for split in backbone.fingerprints or {}]
+        return files
 
 
 class FinetunedHead:
@@ -102,19 +132,14 @@ def save_model(out_dir: Path, model: FinetuneModel, backbones: Sequence[Backbone
         record = {**recorded.to_dict(), "precision": precision}
         record.pop("fingerprints", None)  # those are the head's stores'
         if model.parts[index].parameters:
-            path = out_dir / "trunks" / f"{backbone.store_name}.pt"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_output(path) as temporary:
-                torch.save(model.trunk_state(index), temporary)
+            path = save_tensors(out_dir / "trunks" / f"{backbone.store_name}.pt", model.trunk_state(index))
             written.append(path)
             weights = load_recorded(backbone.name, backbone.node, backbone.source, "DEFAULT",
                                     str(path)).weights  # as extract will
             record.update(weights=weights.name, weights_sha256=weights.sha256, weights_source=str(path.resolve()),
                           trunk_file=f"trunks/{path.name}", trunk_file_sha256=file_sha256(path))
         records.append(record)
-    classifier = out_dir / "model.pt"
-    with atomic_output(classifier) as temporary:
-        torch.save(model.head.state_dict(), temporary)
+    classifier = save_tensors(out_dir / MODEL_PT, model.head.state_dict())
     artifact = {"format": MODEL_FORMAT, "format_version": MODEL_FORMAT_VERSION, "classes": head.classes,
                 "head": spec["kind"], "classifier": spec, "classifier_file": classifier.name,
                 "classifier_sha256": file_sha256(classifier), "backbones": records, "finetune": about,
@@ -123,12 +148,21 @@ def save_model(out_dir: Path, model: FinetuneModel, backbones: Sequence[Backbone
     return [*written, classifier, atomic_write(out_dir / MODEL_FILE, json.dumps(artifact, indent=2) + "\n")]
 
 
-def load_model(path: str | os.PathLike) -> tuple[FinetunedHead, ClassifierRecord]:
+def save_tensors(path: Path, payload: object, what: str = "cannot write", hint: str = "") -> Path:
+    """``torch.save(payload)`` to ``path`` atomically; a full disk is one line (files.output_handle)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(path, what, hint) as temporary, output_handle(temporary) as handle:
+        torch.save(payload, handle)
+    return path
+
+
+def load_model(path: str | os.PathLike, trust_paths: bool = False) -> tuple[FinetunedHead, ClassifierRecord]:
     """``(classifier, record)`` of a model folder's ``model.json``, as predict uses a head
     (:func:`find_head_file` finds the file in a folder).
 
-    Every file must have the sha256 ``model.json`` records; each fine-tuned trunk's record is
-    pointed at its file beside the JSON, wherever the folder was moved. Raises :class:`HeadFileError`.
+    Every file must have the sha256 ``model.json`` records and lie in the model's folder (unless
+    ``trust_paths``); each fine-tuned trunk's record is pointed at its file beside the JSON, wherever
+    the folder was moved. Raises :class:`HeadFileError`.
     """
     path = Path(path)
     try:
@@ -147,17 +181,46 @@ def load_model(path: str | os.PathLike) -> tuple[FinetunedHead, ClassifierRecord
     if record.format_version == 1 and record.head == "svm":
         raise HeadFileError(f"{path}: fine-tuned from a sigmoid-calibrated svm head (model format 1), which this "
                             "featurekit does not build; fine-tune again from an svm head trained by this version")
-    layers = build_head_layers(record.classifier)
-    layers.load_state_dict(torch.load(_checked(path, record.classifier_file, record.classifier_sha256),
-                                      map_location="cpu", weights_only=True))
+    spec = record.classifier
+    if spec.kind != record.head or spec.in_features < 1 or any(size < 1 for size in spec.hidden_sizes):
+        raise HeadFileError(f"{path}: field 'classifier' ({spec.kind}, {spec.in_features} features, hidden sizes "
+                            f"{spec.hidden_sizes}) is not a {record.head} classifier")
+    record_of = ClassifierRecord(record.head, record.classes, record.backbones)
+    record_of.check(str(path), spec.in_features, spec.n_classes)
+    layers = _classifier(path, spec, _checked(path, record.classifier_file, record.classifier_sha256, trust_paths))
     backbones = [dataclasses.replace(backbone, weights_source=str(_checked(path, backbone.trunk_file,
-                                                                          backbone.trunk_file_sha256)))
+                                                                          backbone.trunk_file_sha256, trust_paths)))
                  if backbone.trunk_file else backbone for backbone in record.backbones]
     return FinetunedHead(layers), ClassifierRecord(record.head, record.classes, backbones)
 
 
-def _checked(model_file: Path, relative: str, sha256: str | None) -> Path:
+def _classifier(path: Path, spec: ClassifierSpec, state_file: Path) -> torch.nn.Sequential:
+    """The layers of ``spec`` with ``state_file``'s tensors, whose names and shapes must be the layers'
+    (compared on the meta device before anything is allocated) and whose values must be finite."""
+    state = read_tensors(state_file, HeadFileError)
+    with torch.device("meta"):
+        expected = build_head_layers(dataclasses.asdict(spec)).state_dict()
+    if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+        raise HeadFileError(f"{state_file}: not a state dict of tensors")
+    for name, tensor in expected.items():
+        found = state.get(name)
+        if found is None or found.shape != tensor.shape:
+            shape = "absent" if found is None else f"of shape {list(found.shape)}"
+            raise HeadFileError(f"{path}: field 'classifier' needs tensor {name} of shape {list(tensor.shape)} in "
+                                f"{state_file.name}, which holds it {shape}")
+        if found.is_floating_point() and not torch.isfinite(found).all():
+            raise HeadFileError(f"{state_file}: tensor {name} holds NaN or infinite values")
+    layers = build_head_layers(dataclasses.asdict(spec))
+    layers.load_state_dict({name: state[name] for name in expected})
+    return layers
+
+
+def _checked(model_file: Path, relative: str, sha256: str | None, trust_paths: bool = False) -> Path:
     path = (model_file.parent / relative).resolve()
+    folder = model_file.parent.resolve()
+    if not trust_paths and folder not in path.parents:
+        raise HeadFileError(f"{model_file}: its file {relative} lies outside the model's folder (the model is not "
+                            "self-contained); pass --trust-paths if you trust where it points")
     if not path.is_file():
         raise HeadFileError(f"{model_file}: its file {relative} is missing")
     if file_sha256(path) != sha256:
@@ -193,12 +256,15 @@ def find_head_file(path: str | os.PathLike) -> Path:
                         f"{MODEL_FILE} (finetune's){inside}")
 
 
-def load_classifier(path: str | os.PathLike) -> Classifier:
+def load_classifier(path: str | os.PathLike, trust_paths: bool = False) -> Classifier:
     """The classifier at ``path`` (a file, or a folder :func:`find_head_file` looks in): a head file
     (train-head's ``head.h5``) or a fine-tuned model (finetune's ``model.json``: told by its ``.json``
-    suffix), its record checked (:func:`featurekit.records.parse`). Raises :class:`HeadFileError`."""
+    suffix), its record checked (:func:`featurekit.records.parse`) against the classifier's inputs and
+    outputs. ``trust_paths``: a model may name files outside its folder. Raises :class:`HeadFileError`."""
     path = find_head_file(path)
     if path.suffix == ".json":
-        return Classifier(path, *load_model(path))
+        return Classifier(path, *load_model(path, trust_paths))
     head, metadata = load_head(path)
-    return Classifier(path, head, parse(HeadRecord, metadata, str(path)))
+    record = parse(HeadRecord, metadata, str(path))
+    record.check(str(path), head.n_features_in_, len(head.classes_))
+    return Classifier(path, head, record)

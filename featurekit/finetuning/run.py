@@ -12,9 +12,10 @@ the CPU the precision is extract's rule (``RunSettings.resolved``).
 
 Writes into ``out_dir`` (default ``<head folder>/finetuned``):
 
-- ``checkpoint.pt`` after every epoch (atomically; read back with ``weights_only=True``): the same
-  command resumes from it, and on the CPU ends with the weights of an uninterrupted run; a
-  checkpoint of another run (other head, images or options) is refused unless ``overwrite``;
+- ``checkpoint.pt`` after every epoch (atomically; read back with ``weights_only=True`` as a typed
+  record, :class:`Checkpoint`, its tensors' names and shapes the model's): the same command resumes
+  from it, and on the CPU ends with the weights of an uninterrupted run; a checkpoint of another
+  run (other head, images or options), or one that does not fit the model, is refused unless ``overwrite``;
 - the model folder (:mod:`featurekit.finetuning.artifact`): ``trunks/<store_name>.pt`` for
   ``extract --weights-path``, ``model.pt`` and ``model.json`` for ``predict --head``;
 - last, ``learning_curves.png``, ``confusion_matrix.png``, ``report.md`` and ``report.json``
@@ -29,22 +30,25 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Mapping
 
 import numpy as np
 import torch
 
 from ..backbones.rebuild import recorded_backbones, recorded_settings
 from ..backbones.trunks import Backbone
+from ..backbones.weights import read_tensors
 from ..errors import FeaturekitError, FinetuneError, first_line, short
-from ..files import FileLock, atomic_output, crash_point, file_sha256
+from ..files import check_output_folder, crash_point, file_sha256, folder_lock
 from ..heads.base import Head
-from ..heads.head_file import HEAD_FILE
+from ..heads.head_file import HEAD_FILE, OLD_HEAD_FILE
 from ..heads.records import HeadRecord
 from ..heads.report import classification_metrics, write_reports
 from ..images.names import printable_path
+from ..records import parse
 from ..store.dataset import load_features
 from ..views.augment import augment_policy
-from .artifact import find_head_file, load_classifier, save_model
+from .artifact import MODEL_FILE, find_head_file, load_classifier, save_model, save_tensors
 from .loop import Evaluation, Finetuner, Split, head_split, unfreeze_map
 from .model import FinetuneModel, head_layers
 from .settings import FinetuneSettings
@@ -57,6 +61,32 @@ CHECKPOINTED = "finetune-checkpointed"  # crash point (files.crash_point) once a
 
 
 # --------------------------------------------------------------------------- the run
+
+
+@dataclass(frozen=True)
+class Best:
+    """The kept epoch in a checkpoint: its model ``state``, valid ``proba`` (float64[len(kept), C])."""
+
+    epoch: int
+    score: list[float]
+    state: dict
+    proba: Any
+    kept: list[int]
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """``checkpoint.pt``, as :func:`_resume` reads it (every field checked: it is a file like any other)."""
+
+    format: str
+    run: dict
+    state: dict
+    optimizer: dict
+    epoch: int
+    history: list[dict]
+    warm_start: dict
+    skipped: dict
+    best: Best
 
 
 @dataclass
@@ -98,8 +128,24 @@ def prepare(head_path: Path, data_root: str | Path, settings: FinetuneSettings,
 
 
 def default_out_dir(head_path: Path) -> Path:
-    """Where finetune writes when no folder is given: ``finetuned`` beside the head file."""
+    """Where finetune writes when no folder is given: ``finetuned`` beside the head file, a folder of its own."""
     return head_path.parent / "finetuned"
+
+
+def check_out_dir(out_dir: Path, head_path: Path, data_root: str | Path, settings: FinetuneSettings) -> Path:
+    """``out_dir`` as the folder this run may write (:func:`featurekit.files.check_output_folder`: not a
+    file, not inside the image folders); one that holds another artifact (a head file, or a model
+    without the checkpoint of a run) is refused unless ``settings.overwrite``."""
+    splits = [Path(data_root) / settings.train_split, Path(data_root) / settings.valid_split]
+    check_output_folder(out_dir, splits)
+    others = [name for name in (HEAD_FILE, OLD_HEAD_FILE) if (out_dir / name).is_file()]
+    if (out_dir / MODEL_FILE).is_file() and not (out_dir / CHECKPOINT_FILE).is_file():
+        others.append(f"{MODEL_FILE} without {CHECKPOINT_FILE}")
+    if others and not settings.overwrite:
+        raise FinetuneError(f"{out_dir}: holds another artifact ({', '.join(others)}), which finetune's files "
+                            f"would join or replace; give another --out (default: {default_out_dir(head_path)}), "
+                            "or pass --overwrite")
+    return out_dir
 
 
 def summary(report: dict) -> str:
@@ -118,13 +164,15 @@ def finetune(head_path: str | Path, data_root: str | Path, out_dir: str | Path |
     ``weights_paths[store_name]``: where a backbone's weights file lies now (as predict takes it).
     Rerunning the same call resumes from ``out_dir``'s checkpoint.
     """
-    head_path = find_head_file(head_path)
-    prepared = prepare(head_path, data_root, settings or FinetuneSettings(), weights_paths)
-    trainer = prepared.trainer
-    out_dir = Path(out_dir) if out_dir else default_out_dir(head_path)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with FileLock(out_dir / ".finetune.lock", str(out_dir)):
-        progress = _resume(out_dir / CHECKPOINT_FILE, prepared.run, trainer, trainer.settings.overwrite)
+    head_path, settings = find_head_file(head_path), settings or FinetuneSettings()
+    out_dir = check_out_dir(Path(out_dir) if out_dir is not None else default_out_dir(head_path), head_path,
+                            data_root, settings)
+    with folder_lock(out_dir):
+        prepared = prepare(head_path, data_root, settings, weights_paths)
+        trainer = prepared.trainer
+        out_dir.mkdir(parents=True, exist_ok=True)
+        progress = _resume(out_dir / CHECKPOINT_FILE, prepared.run, trainer, trainer.settings.overwrite,
+                           len(prepared.record.classes))
         if progress is None:
             progress = _warm_start(trainer, prepared.head, prepared.record)
         for epoch in range(progress["epoch"] + 1, trainer.settings.epochs + 1):
@@ -205,31 +253,68 @@ def _epoch(trainer: Finetuner, epoch: int, progress: dict) -> None:
 
 
 def _save_checkpoint(path: Path, payload: dict) -> None:
-    with atomic_output(path, "cannot write the checkpoint", "; the previous one is kept") as temporary:
-        torch.save(payload, temporary)
+    save_tensors(path, payload, "cannot write the checkpoint", "; the previous one is kept")
     crash_point(CHECKPOINTED)
 
 
-def _resume(path: Path, run: dict, trainer: Finetuner, overwrite: bool) -> dict | None:
-    """The progress of ``path``'s checkpoint, model and optimiser restored; None to start afresh."""
+def _resume(path: Path, run: dict, trainer: Finetuner, overwrite: bool, classes: int) -> dict | None:
+    """The progress of ``path``'s checkpoint, model and optimiser restored; None to start afresh.
+    ``classes``: how many the model tells apart."""
     if overwrite or not path.exists():
         return None
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise FinetuneError(f"{path}: not a readable checkpoint ({first_line(error)}); --overwrite starts over"
-                            ) from None
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT or "run" not in payload:
+    payload = read_tensors(path, FinetuneError)
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise FinetuneError(f"{path}: not a featurekit fine-tuning checkpoint; --overwrite starts over")
-    changed = next((key for key in run if payload["run"].get(key) != run[key]), None)
+    try:
+        checkpoint = parse(Checkpoint, payload, str(path), FinetuneError)
+    except FinetuneError as error:
+        raise FinetuneError(f"{error}; --overwrite starts over") from None
+    changed = next((key for key in run if checkpoint.run.get(key) != run[key]), None)
     if changed:
-        raise FinetuneError(f"{path}: a checkpoint of another run ({changed} {short(payload['run'].get(changed))} "
+        raise FinetuneError(f"{path}: a checkpoint of another run ({changed} {short(checkpoint.run.get(changed))} "
                             f"!= {short(run[changed])}); rerun that command to continue it, "
                             "or --overwrite to start over")
-    trainer.model.load_mutable_state(payload["state"])
-    trainer.optimizer.load_state_dict(payload["optimizer"])
-    logger.info(f"resuming from {path} after epoch {payload['epoch']} of {trainer.settings.epochs}")
-    return {key: payload[key] for key in ("epoch", "history", "warm_start", "skipped", "best")}
+    _check_checkpoint(path, checkpoint, trainer, classes)
+    trainer.model.load_mutable_state(checkpoint.state)
+    try:
+        trainer.optimizer.load_state_dict(checkpoint.optimizer)
+    except (ValueError, KeyError, TypeError, RuntimeError) as error:
+        raise FinetuneError(f"{path}: field 'optimizer' does not fit the model's optimiser ({first_line(error)}); "
+                            "--overwrite starts over") from None
+    logger.info(f"resuming from {path} after epoch {checkpoint.epoch} of {trainer.settings.epochs}")
+    return {"epoch": checkpoint.epoch, "history": checkpoint.history, "warm_start": checkpoint.warm_start,
+            "skipped": checkpoint.skipped, "best": dataclasses.asdict(checkpoint.best)}
+
+
+def _check_checkpoint(path: Path, checkpoint: Checkpoint, trainer: Finetuner, classes: int) -> None:
+    """Refuse a checkpoint whose tensors, epochs or kept probabilities do not fit this run's model."""
+    expected = trainer.model.mutable_state()
+    for field, state in (("state", checkpoint.state), ("best.state", checkpoint.best.state)):
+        _same_tensors(path, field, state, expected)
+    best, valid = checkpoint.best, len(trainer.valid.listing)
+    problems = [(not 0 <= checkpoint.epoch <= trainer.settings.epochs, f"field 'epoch' is {checkpoint.epoch}"),
+                (len(checkpoint.history) != checkpoint.epoch + 1, f"field 'history' holds {len(checkpoint.history)} "
+                                                                 f"epochs, not {checkpoint.epoch + 1}"),
+                (not 0 <= best.epoch <= checkpoint.epoch, f"field 'best.epoch' is {best.epoch}"),
+                (not all(0 <= row < valid for row in best.kept), "field 'best.kept' names rows outside valid"),
+                (not isinstance(best.proba, torch.Tensor) or best.proba.shape != (len(best.kept), classes),
+                 "field 'best.proba' is not a tensor of one row per kept image and one column per class")]
+    problem = next((text for bad, text in problems if bad), None)
+    if problem:
+        raise FinetuneError(f"{path}: {problem}; --overwrite starts over")
+
+
+def _same_tensors(path: Path, field: str, state: Mapping, expected: Mapping[str, torch.Tensor]) -> None:
+    for name, tensor in expected.items():
+        found = state.get(name)
+        if not isinstance(found, torch.Tensor) or found.shape != tensor.shape:
+            shape = f"shape {list(found.shape)}" if isinstance(found, torch.Tensor) else "absent"
+            raise FinetuneError(f"{path}: field '{field}' tensor {name} is {shape}, the model's is "
+                                f"{list(tensor.shape)}; --overwrite starts over")
+    extra = next((name for name in state if name not in expected), None)
+    if extra:
+        raise FinetuneError(f"{path}: field '{field}' holds tensor {extra}, which the model has not; "
+                            "--overwrite starts over")
 
 
 # --------------------------------------------------------------------------- report

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..errors import HeadFileError
 from ..records import to_dict
 from ..store.format import BackboneRecord
 from .exclusions import Exclusion
@@ -36,6 +37,29 @@ class ClassifierRecord:
     @property
     def store_names(self) -> list[str]:
         return [record.store_name for record in self.backbones]
+
+    def check(self, where: str, features: int, outputs: int) -> None:
+        """Raise :class:`HeadFileError` (one line naming ``where`` and the field) unless this record
+        fits a classifier of ``features`` inputs and ``outputs`` probability columns: one class name
+        per column, each once, and backbones whose features (and columns) add up to the inputs."""
+        if not self.backbones:
+            raise HeadFileError(f"{where}: field 'backbones' is empty; a classifier has at least one")
+        if len(self.classes) != outputs:
+            raise HeadFileError(f"{where}: field 'classes' names {len(self.classes)} classes, but the classifier "
+                                f"has {outputs} outputs")
+        twice = next((name for index, name in enumerate(self.classes) if name in self.classes[:index]), None)
+        if twice is not None:
+            raise HeadFileError(f"{where}: field 'classes' names {twice!r} twice")
+        start = 0
+        for index, record in enumerate(self.backbones):
+            columns = [start, start + record.feature_dim]
+            if record.feature_dim < 1 or record.columns not in (None, columns):
+                raise HeadFileError(f"{where}: field 'backbones[{index}]' has feature_dim {record.feature_dim} and "
+                                    f"columns {record.columns}, not {columns} of the classifier's inputs")
+            start = columns[1]
+        if start != features:
+            raise HeadFileError(f"{where}: field 'backbones' gives {start} features, but the classifier takes "
+                                f"{features}")
 
     def to_dict(self) -> dict:
         return {**to_dict(self), "backbones": [record.to_dict() for record in self.backbones]}

@@ -250,6 +250,9 @@ def labelled_metrics(truth: Sequence[str | None], proba: np.ndarray, classes: Se
     return classification_metrics(labels, proba[rows], np.arange(len(classes)), classes)
 
 
+PREDICTION_REPORT = (".confusion_matrix.png", ".report.md", ".report.json")  # the files beside predict's --out
+
+
 def write_prediction_report(out: Path, about: dict, evaluation: dict, classes: list[str],
                             plots: bool = True) -> list[Path]:
     """``<out>.confusion_matrix.png`` (where matplotlib imports), ``<out>.report.md`` and
@@ -260,8 +263,8 @@ def write_prediction_report(out: Path, about: dict, evaluation: dict, classes: l
     plt, missing = _plotter(plots)
     if plt:
         files.append(confusion_plot(plt, evaluation["confusion_matrix"], classes,
-                                    out.with_name(out.name + ".confusion_matrix.png"), title))
-    md, js = out.with_name(out.name + ".report.md"), out.with_name(out.name + ".report.json")
+                                    out.with_name(out.name + PREDICTION_REPORT[0]), title))
+    md, js = (out.with_name(out.name + suffix) for suffix in PREDICTION_REPORT[1:])
     report = {"report_version": REPORT_VERSION, "kind": "predict", **about, "classes": classes,
               "evaluation": evaluation, "files": [p.name for p in [*files, md, js]]}
     lines = [f"# Predictions of {about['head']} on {', '.join(about['folders'])}", "",

@@ -37,6 +37,7 @@ import sklearn
 import torch
 
 from ..errors import FeaturekitWarning, HeadError, SettingsError
+from ..files import check_output, check_output_folder, folder_lock
 from ..records import to_dict
 from ..store.dataset import FeatureSet, check_same_extraction, load_features, store_files
 from ..store.format import RANDOM, file_stem, read_header, read_store, warn_random
@@ -250,9 +251,19 @@ def train_head(features_dir: str | Path, store_names: Sequence[str], head_kind: 
     """Fit, select, evaluate and write the head artifact and reports. Returns the report dict.
     ``augmented``: use the train stores' augmented views, if they have any; ``tta``: also score the
     valid split with test-time augmentation (its stores made with ``extract --tta`` of that mode);
-    ``exclude``: ``audit.json[:kinds]``, leave out the training rows that audit flagged (:func:`without_flagged`)."""
+    ``exclude``: ``audit.json[:kinds]``, leave out the training rows that audit flagged (:func:`without_flagged`).
+    One run at a time writes ``out_dir`` (:func:`featurekit.files.folder_lock`); a second one is refused."""
     features_dir = Path(features_dir)
-    out_dir = Path(out_dir) if out_dir else default_out_dir(features_dir, head_kind, store_names)
+    out_dir = check_output_folder(out_dir if out_dir is not None else
+                                  default_out_dir(features_dir, head_kind, store_names))
+    with folder_lock(out_dir):
+        return _train_head(features_dir, store_names, head_kind, out_dir, train_split, valid_split, params, plots,
+                           augmented, tta, exclude)
+
+
+def _train_head(features_dir: Path, store_names: Sequence[str], head_kind: str, out_dir: Path, train_split: str,
+                valid_split: str | None, params: dict | None, plots: bool, augmented: bool, tta: str,
+                exclude: str | None) -> dict:
     if tta != "none" and not valid_split:
         raise SettingsError("--tta scores the validation split with test-time views; give --valid-split")
     first_train = store_files(features_dir, train_split, store_names)[0]
@@ -314,7 +325,8 @@ def train_head(features_dir: str | Path, store_names: Sequence[str], head_kind: 
     report["notes"] = view_notes(report)
     report["out_dir"] = str(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    saved = save_head(out_dir / HEAD_FILE, head, record.to_dict())
+    stores = [info.path for info in train.stores + (valid.stores if valid else [])]
+    saved = save_head(check_output(out_dir / HEAD_FILE, stores, hdf5=True), head, record.to_dict())
     points = [Points(train.split, train.features, train.labels, train.classes)]
     points += [Points(valid.split, rows.features, rows.labels, train.classes)] if rows else []
     return write_reports(out_dir, report, plots, points, [saved])

@@ -52,8 +52,10 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class Predictions:
-    """``proba``: float64[len(paths), len(classes)]; ``errors``: (path, reason) of undecodable files;
-    ``settings``: how the features were computed (resolved)."""
+    """``proba``: float64[len(paths), len(classes)], finite; ``paths``: the files' printable names
+    (:func:`featurekit.images.printable_path`); ``errors``: (name, reason) of the files left out
+    (undecodable, or features or probabilities that are not finite); ``settings``: how the features
+    were computed (resolved)."""
 
     paths: list[str]
     classes: list[str]
@@ -109,7 +111,8 @@ def predict_files(head: str | os.PathLike | Classifier, paths: str | os.PathLike
                   settings: RunSettings | None = None, weights_paths: Mapping[str, str] | None = None,
                   precision: str | None = None, tta: str = "none") -> Predictions:
     """Classify image files (or folders of them) with a head; see :func:`head_features`.
-    ``tta``: average the class probabilities over that mode's test-time views (flip, five-crop)."""
+    ``tta``: average the class probabilities over that mode's test-time views (flip, five-crop).
+    Files whose features (any view) or probabilities are not finite are left out with their reason."""
     made = head_features(head, paths, settings, weights_paths, precision, tta)
     features = np.concatenate(list(made.extracted.features.values()), axis=-1)  # [N, D] or [N, views, D]
     classes, classify = list(made.classifier.record.classes), made.classifier.head
@@ -117,12 +120,15 @@ def predict_files(head: str | os.PathLike | Classifier, paths: str | os.PathLike
         proba = np.zeros((0, len(classes)))
     else:
         proba = test_time_proba(classify, features) if features.ndim == 3 else classify.predict_proba(features)
-    kept = made.extracted.kept
+    finite = np.isfinite(proba).all(axis=1)
+    kept, names, errors = made.extracted.kept, [name for _, name in made.inputs.files], list(made.extracted.errors)
+    errors += [(names[i], "the classifier gave non-finite probabilities") for i, good in zip(kept, finite) if not good]
+    kept, proba = [i for i, good in zip(kept, finite) if good], proba[finite]
     for line in made.inputs.notices:
         logger.info(line)
-    for path, reason in made.extracted.errors:
+    for path, reason in errors:
         logger.info(f"skipped {path}: {reason}")
-    return Predictions([str(made.files[i]) for i in kept], classes, proba, made.extracted.errors, made.settings,
+    return Predictions([names[i] for i in kept], classes, proba, errors, made.settings,
                        [made.inputs.truth[i] for i in kept], made.inputs.notices, made.inputs.labelled, tta)
 
 

@@ -75,14 +75,14 @@ def _add_folder(found: Inputs, folder: Path, classes: Sequence[str]) -> None:
         entries = sorted(scan, key=lambda entry: os.fsencode(entry.name))
     visible = [e for e in entries if not e.name.startswith(".")]
     subfolders = [e.name for e in visible if _is_dir(e)]
-    if subfolders and set(subfolders) <= set(classes):
+    if subfolders and {printable_path(name) for name in subfolders} <= set(classes):  # as heads record them
         _add_labelled(found, folder)
         return
     images = [e for e in visible if not _is_dir(e) and _is_image_name(e.name)]
     found.files += [(e.path, f"{shown}/{printable_path(e.name)}") for e in images]
     found.truth += [None] * len(images)
     if subfolders:
-        strangers = [printable_path(name) for name in subfolders if name not in classes]
+        strangers = [printable_path(name) for name in subfolders if printable_path(name) not in classes]
         named = counted([printable_path(name) for name in subfolders], "subfolder", "subfolders", "not searched")
         found.notices.append(f"{shown}: {named} (not a labelled folder <class>/<image>: the head has no class "
                              f"{', '.join(strangers[:NAMES_SHOWN])}{' ...' if len(strangers) > NAMES_SHOWN else ''}; "
@@ -112,6 +112,6 @@ def _add_labelled(found: Inputs, folder: Path) -> None:
     folder = folder if folder.name not in ("", "..") else folder.resolve()
     listing = list_split(folder.parent, folder.name)
     found.files += listing.files()
-    found.truth += [listing.classes[record.label] for record in listing.records]
+    found.truth += [printable_path(listing.classes[record.label]) for record in listing.records]
     found.notices += listing.notices()
     found.labelled.append(listing.display_dir)

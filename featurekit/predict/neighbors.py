@@ -20,9 +20,10 @@ from typing import Sequence
 
 import numpy as np
 
-from ..backbones.rebuild import recorded_features
+from ..backbones.rebuild import check_identity, recorded_features
 from ..backbones.settings import RunSettings
 from ..errors import SettingsError
+from ..files import check_output
 from ..finetuning.artifact import Classifier, load_classifier
 from ..heads.nearest import top_k, unit_rows
 from ..images import sheets
@@ -30,7 +31,7 @@ from ..images.decode import DecodePolicy
 from ..images.names import fs_path
 from ..images.sheets import Cell, SheetRow
 from ..store.dataset import FeatureSet, check_same_extraction, load_features
-from ..store.format import RANDOM, BackboneRecord, warn_random
+from ..store.format import RANDOM, BackboneRecord, read_header, store_path, warn_random
 from .inputs import collect_inputs
 
 logger = logging.getLogger(__name__)
@@ -87,6 +88,14 @@ class Gallery:
                 for row, sims in zip(found.idx, found.sim)]
 
 
+def check_stores(classifier: Classifier, features: FeatureSet) -> None:
+    """Refuse stores whose features are not those ``classifier`` records (:func:`check_identity`, as
+    predict checks them): neighbours in another feature space mean nothing."""
+    for record, info in zip(classifier.record.backbones, features.stores):
+        check_identity(classifier.path, record, info.header.identity, f"{info.path} holds",
+                       f"{info.path} (weights {info.header.weights})", "search it")
+
+
 def store_records(train: FeatureSet) -> list[BackboneRecord]:
     """What a head would record about ``train``'s stores: enough to make their rows for new images."""
     return [info.header.backbone_record(info.store_name) for info in train.stores]
@@ -102,18 +111,23 @@ class Search:
     about: dict
     gallery: Gallery
     stores: list[str]
+    inputs: list[Path] = field(default_factory=list)  # what the search read: no output may replace it
 
 
 def search(head: str | os.PathLike | Classifier | None = None, features_dir: str | os.PathLike | None = None,
            backbones: Sequence[str] | None = None, images: Sequence[str | os.PathLike] | None = None,
            split: str | None = None, valid_split: str | None = None, k: int = 5,
-           settings: RunSettings | None = None) -> Search:
+           settings: RunSettings | None = None, trust_paths: bool = False) -> Search:
     """The training images nearest to ``images`` (files or folders), or without ``images`` to the
     validation images ``head`` misclassifies, worst first. Searched: the stores ``head`` was trained
-    on (``features_dir``, its ``split``), or without a head the ``backbones`` in ``features_dir``."""
+    on (``features_dir``, its ``split``), or without a head the ``backbones`` in ``features_dir``; a
+    head's stores must hold the features it records (:func:`check_stores`).
+    ``trust_paths``: a fine-tuned model may name files outside its folder."""
     if k < 1:
         raise SettingsError(f"-k must be at least 1 (got {k})")
-    classifier = head if isinstance(head, Classifier) or head is None else load_classifier(head)
+    if settings is not None:
+        settings.resolved()  # a device that cannot work is refused before any work, whether or not images run
+    classifier = head if isinstance(head, Classifier) or head is None else load_classifier(head, trust_paths)
     if classifier is None and not (features_dir and backbones and images):
         raise SettingsError("give --head HEAD (its mistakes, or --image), or --features DIR --backbone NAME --image "
                             "PATH")
@@ -122,7 +136,9 @@ def search(head: str | os.PathLike | Classifier | None = None, features_dir: str
     record = classifier.record if classifier else None
     features_dir = features_dir or getattr(record, "features_dir", None)
     if not features_dir:
-        raise SettingsError(f"{classifier.path}: records no features folder (a fine-tuned model); give --features")
+        raise SettingsError(f"{classifier.path}: records no features folder (a fine-tuned model); give --features: "
+                            "a folder of stores extracted with its trunks (extract --weights-path "
+                            "STORE=MODEL/trunks/STORE.pt)")
     features_dir = Path(features_dir)
     stores = list(backbones or record.store_names)
     split = split or getattr(record, "train_split", "train")
@@ -130,6 +146,8 @@ def search(head: str | os.PathLike | Classifier | None = None, features_dir: str
     if searched.labels is None:
         raise SettingsError(f"{searched.stores[0].path}: an unlabelled split; neighbours are shown with their classes: "
                             "search a labelled split (--split)")
+    if classifier is not None:
+        check_stores(classifier, searched)
     gallery = Gallery(searched)
     warn_random([info.store_name for info in gallery.train.stores if info.header.weights == RANDOM])
     about = {"features_dir": str(features_dir), "stores": stores, "split": split,
@@ -145,13 +163,18 @@ def search(head: str | os.PathLike | Classifier | None = None, features_dir: str
         queries, scored = misclassified_queries(gallery, classifier, features_dir, valid_split, k)
         summary = (f"{len(queries)} of {scored} {valid_split} images misclassified, worst first, each with its "
                    f"{k} nearest {split} images")
-    return Search(queries, summary, about, gallery, stores)
+    searched = [info.path for info in gallery.train.stores] + [
+        store_path(features_dir, valid_split, name) for name in stores if not images]
+    inputs = [*(classifier.inputs() if classifier else []), *searched, *(images or []),
+              *{Path(fs_path(read_header(path).data_root)) / fs_path(read_header(path).split) for path in searched}]
+    return Search(queries, summary, about, gallery, stores, inputs)
 
 
 def write_sheet(found: Search, path: str | os.PathLike, worst: int = 16) -> Path:
     """The contact sheet of ``found``'s first ``worst`` queries (:func:`contact_sheet`)."""
     if worst < 1:
         raise SettingsError(f"--worst must be at least 1 (got {worst})")
+    check_output(path, found.inputs, flag="--sheet")
     shown = found.queries[:worst]
     title = f"{', '.join(found.stores)}: {found.summary}" + (f" (first {len(shown)})" if len(shown) < len(
         found.queries) else "")
@@ -187,6 +210,7 @@ def misclassified_queries(gallery: Gallery, classifier: Classifier, features_dir
     if valid.labels is None:
         raise SettingsError(f"{valid.stores[0].path}: an unlabelled split has no mistakes to show; give --image")
     check_same_extraction(gallery.train, valid)
+    check_stores(classifier, valid)
     names = [valid.classes[label] for label in valid.labels]
     scored = [i for i, name in enumerate(names) if name in classes]
     if not scored:

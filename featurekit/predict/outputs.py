@@ -1,4 +1,11 @@
-"""What predict writes: the table of predictions (csv, json, parquet, kaggle), and the run's record beside it."""
+"""What predict writes: the table of predictions (csv, json, parquet, kaggle), and the run's record beside it.
+
+The output and the files beside it (:data:`RECORD`, and for labelled rows the report's) are
+checked before anything is written, the table and its record before any image is read
+(:func:`featurekit.files.check_output`): never one of the run's inputs (the head and its files and
+stores, the images and lists, the class names), inside a folder of images given, a folder, a device
+or a FIFO; an existing table is replaced only with ``overwrite``.
+"""
 
 from __future__ import annotations
 
@@ -16,14 +23,17 @@ import numpy as np
 from .. import __version__
 from ..backbones.settings import RunSettings
 from ..errors import FeaturekitWarning, SettingsError
-from ..files import atomic_output, atomic_write, check_output_path
+from ..files import atomic_output, atomic_write
+from ..files import check_output as check_path
 from ..finetuning.artifact import Classifier, load_classifier
-from ..heads.report import labelled_metrics, write_prediction_report
+from ..heads.report import PREDICTION_REPORT, labelled_metrics, write_prediction_report
 from ..store.export import parquet_module
+from ..store.format import store_path
 from .classify import Predictions, predict_files, predict_store
 from .settings import FORMS, PredictOptions
 
 KAGGLE = ("kaggle", "kaggle-proba")  # Kaggle's id,label submissions: class names, or a binary head's probability
+RECORD = ".json"  # the run's record, beside the table; a labelled folder's report: PREDICTION_REPORT
 
 
 def check_output(classes: Sequence[str], form: str = "csv", topk: int | None = None,
@@ -90,7 +100,7 @@ def write_predictions(predictions: Predictions, out: Path | TextIO, head_path: P
             raise SettingsError("--format parquet writes a file: give --out FILE")
         _write_table(out, form, header, rows)
         return []
-    out = check_output_path(out, overwrite)
+    out = check_path(out, side_suffixes=(RECORD,), overwrite=overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output(out) as temporary:
         if form == "parquet":
@@ -104,7 +114,7 @@ def write_predictions(predictions: Predictions, out: Path | TextIO, head_path: P
              "device": settings.device, "precision": settings.precision, "dtype": settings.dtype,
              "decode": settings.decode.to_dict(), "skipped": [{"path": p, "reason": r} for p, r in predictions.errors],
              "featurekit": __version__}
-    meta = atomic_write(out.with_name(out.name + ".json"), json.dumps(about, indent=2) + "\n")
+    meta = atomic_write(out.with_name(out.name + RECORD), json.dumps(about, indent=2) + "\n")
     return [out, meta]
 
 
@@ -162,16 +172,21 @@ def predict_to(head: str | os.PathLike | Classifier, paths: str | os.PathLike | 
     and write the table to ``out`` (a file, with its ``.json`` record beside it, or a text stream: the
     table alone) and, for labelled rows, the accuracy report beside it
     (:func:`~featurekit.heads.report.write_prediction_report`). The output is checked before any image
-    is read (:func:`check_output`, :func:`~featurekit.files.check_output_path`). Returns the lines that
+    is read (:func:`check_output`, :func:`~featurekit.files.check_output`). Returns the lines that
     tell what was written: accuracy on labelled rows, the report files, the predictions and their rate."""
     started = time.perf_counter()
-    classifier = head if isinstance(head, Classifier) else load_classifier(head)
     options = options or PredictOptions()
+    classifier = head if isinstance(head, Classifier) else load_classifier(head, options.trust_paths)
     names = read_class_names(options.class_names) if options.class_names else None
     topk = check_output(classifier.record.classes, options.form, options.topk, names)
-    if isinstance(out, (str, os.PathLike)):
-        check_output_path(out, options.overwrite)
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    to_file = isinstance(out, (str, os.PathLike))
+    inputs = [*classifier.inputs(), *paths, *(str(p)[1:] for p in paths if str(p).startswith("@")),
+              *([options.class_names] if options.class_names else []),
+              *(store_path(options.features, options.split, name) for name in classifier.record.store_names
+                if options.features is not None and options.split)]
+    if to_file:
+        check_path(out, inputs, side_suffixes=(RECORD,), overwrite=options.overwrite)
     if options.features is not None:
         if paths:
             raise SettingsError("give image files or --features FEATURES --split SPLIT (stores), not both")
@@ -183,10 +198,11 @@ def predict_to(head: str | os.PathLike | Classifier, paths: str | os.PathLike | 
         predictions = predict_files(classifier, paths, settings, weights_paths, options.precision, options.tta)
     if not predictions.paths:
         raise SettingsError(f"none of the {len(predictions.errors)} files could be decoded")
-    to_file = isinstance(out, (str, os.PathLike))
+    evaluation = labelled_metrics(predictions.truth, predictions.proba, predictions.classes)
+    if to_file and evaluation is not None:
+        check_path(out, inputs, side_suffixes=PREDICTION_REPORT)
     written = write_predictions(predictions, out, classifier.path, options.form, topk, names, options.overwrite)
     lines = []
-    evaluation = labelled_metrics(predictions.truth, predictions.proba, predictions.classes)
     if evaluation is not None:
         lines.append(f"labelled images: accuracy {evaluation['accuracy']:.4f} over {evaluation['n']} images, "
                      f"balanced accuracy {evaluation['balanced_accuracy']:.4f}")

@@ -38,3 +38,4 @@ class PredictOptions:
                                    "the head was trained on", metavar="FEATURES", help_default="images are given")
     split: str | None = setting(None, "the split of --features to score (e.g. test)", help_default="none")
     overwrite: bool = setting(False, "replace an existing --out file (it stays whole until the new one replaces it)")
+    trust_paths: bool = setting(False, "load a fine-tuned model whose model.json names files outside its folder")

@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 
 from ..errors import LockError, StoreError, first_line
-from ..files import FileLock, atomic_output, crash_point, fsync_dir, temporary_name
+from ..files import FileLock, atomic_output, crash_point, fsync_dir, temporary_name, temporary_prefix
 from .format import SHA256_DTYPE
 from .layout import PLAIN
 
@@ -64,13 +64,14 @@ class Chunk:
 @dataclass(frozen=True)
 class JoinedRows:
     """The rows of all chunks of a store, without their features: ``kept`` int64[N], ``skipped``
-    int64[K] with their ``reasons``, and the ``tiling`` (chunk ranges) the features come from;
+    int64[K] with their ``reasons``, and the ``tiling`` the features come from: (chunk start, chunk
+    stop, first row, stop row), the rows ``[first, stop row)`` of chunk ``[start, stop)``;
     ``sha256``, ``skipped_sha256``: S64[N], S64[K] file digests, or None if a chunk recorded none."""
 
     kept: np.ndarray
     skipped: np.ndarray
     reasons: list[str]
-    tiling: list[tuple[int, int]]
+    tiling: list[tuple[int, int, int, int]]
     sha256: np.ndarray | None = None
     skipped_sha256: np.ndarray | None = None
 
@@ -170,7 +171,7 @@ class PartialStore:
     def temporaries(self, chunks: bool = True) -> list[Path]:
         """Store temporaries beside the store, and (``chunks``) chunk temporaries in the directory:
         files being written, or half written by a killed process."""
-        found = list(self.final.parent.glob(f".{glob.escape(self.final.name)}.tmp-*"))
+        found = list(self.final.parent.glob(f"{glob.escape(temporary_prefix(self.final))}*"))
         return found + (list(self.dir.glob(".*.tmp-*")) if chunks and self.dir.is_dir() else [])
 
     def remove_temporaries(self, chunks: bool = True) -> int:
@@ -202,7 +203,7 @@ class PartialStore:
                 what = "features" if name == "features" else f"{name} features"
                 raise StoreError(f"{self.final}: non-finite {what} for row {int(chunk.kept[bad.argmax()])} ({cause})")
         target = self.chunk_path(chunk.start, chunk.stop)
-        with atomic_output(target, "cannot write chunk", crash_at="chunk-tmp-written") as temporary:
+        with atomic_output(target, "cannot write chunk", crash_at="chunk-tmp-written", tidy=False) as temporary:
             with open(temporary, "wb") as handle:
                 digests = {} if chunk.sha256 is None else {"sha256": chunk.sha256,
                                                             "skipped_sha256": chunk.skipped_sha256}
@@ -215,14 +216,16 @@ class PartialStore:
         """Every committed row of ``[0, n)``, in listing order, without the features (int64 per row)."""
         kept, skipped, reasons, tiling = [], [], [], self._tiling(n)
         digests: dict[str, list[np.ndarray]] | None = {"sha256": [], "skipped_sha256": []}
-        for start, stop in tiling:
+        for start, stop, first, last in tiling:
             with self._open_chunk(start, stop) as data:
-                kept.append(data["kept"])
-                skipped.append(data["skipped"])
-                reasons.extend(data["reasons"].tolist())
+                inside = {"": _within(data["kept"], first, last), "skipped_": _within(data["skipped"], first, last)}
+                kept.append(data["kept"][inside[""]])
+                skipped.append(data["skipped"][inside["skipped_"]])
+                reasons.extend(data["reasons"].reshape(-1)[inside["skipped_"]].tolist())
                 if digests is not None and DIGEST_PREFIX + "sha256" in data:
                     for name, parts in digests.items():
-                        parts.append(data[DIGEST_PREFIX + name].astype(SHA256_DTYPE))
+                        rows = inside["skipped_" if name.startswith("skipped_") else ""]
+                        parts.append(data[DIGEST_PREFIX + name][rows].astype(SHA256_DTYPE))
                 else:  # a chunk of an older featurekit: the store records no digests
                     digests = None
         joined = {name: np.concatenate(parts) for name, parts in digests.items()} if digests else {}
@@ -233,9 +236,10 @@ class PartialStore:
         ``rows.tiling`` into ``targets[name]`` (an h5py dataset of [len(rows.kept), ...]) in order, each
         chunk opened once and one chunk in memory at a time."""
         position = 0
-        for start, stop in rows.tiling:
+        for start, stop, first, last in rows.tiling:
             with self._open_chunk(start, stop) as data:
-                arrays = {name: data[name] for name in targets}
+                inside = _within(data["kept"], first, last)
+                arrays = {name: data[name][inside] for name in targets}
             for name, target in targets.items():
                 features = arrays[name]
                 if features.shape[1:] != target.shape[1:] or features.dtype != target.dtype:
@@ -277,8 +281,11 @@ class PartialStore:
             path.unlink(missing_ok=True)
             raise StoreError(f"{path}: {problem}; run the same command again to recompute rows {start}-{stop}")
 
-    def _tiling(self, n: int) -> list[tuple[int, int]]:
-        """Committed ranges that cover ``[0, n)`` exactly once (runs with other chunk sizes may overlap)."""
+    def _tiling(self, n: int) -> list[tuple[int, int, int, int]]:
+        """Where each row of ``[0, n)`` is taken from, once: (chunk start, chunk stop, first row, stop row).
+        Runs with other chunk sizes (or shards with other batch sizes) commit overlapping ranges:
+        whole chunks that tile the rows are taken if there are such, else each next row from the
+        chunk holding it that reaches furthest."""
         committed = self.committed()
         gaps = uncovered(committed, n)
         if gaps:
@@ -288,13 +295,12 @@ class PartialStore:
         for start, stop in sorted(committed, reverse=True):  # a stop is always decided before its start
             if stop in next_stop and start not in next_stop:
                 next_stop[start] = stop
-        if 0 not in next_stop:
-            raise StoreError(f"{self.dir}: committed chunks overlap without tiling rows 0-{n}; "
-                             "pass --overwrite to redo them")
         tiling, position = [], 0
         while position < n:
-            tiling.append((position, next_stop[position]))
-            position = next_stop[position]
+            start, stop = ((position, next_stop[position]) if 0 in next_stop else
+                           max((r for r in committed if r[0] <= position < r[1]), key=lambda r: r[1]))
+            tiling.append((start, stop, position, min(stop, n)))
+            position = min(stop, n)
         return tiling
 
     def discard(self) -> int:
@@ -344,6 +350,11 @@ def _with_removed(state: str, removed: int) -> str:
     if removed:
         state += f"{'; ' if state else ''}{removed} temporary file(s) of a killed run deleted"
     return state
+
+
+def _within(rows: np.ndarray, first: int, stop: int) -> np.ndarray:
+    """bool[len(rows)]: which of the global row indices ``rows`` lie in ``[first, stop)``."""
+    return (rows >= first) & (rows < stop)
 
 
 def uncovered(ranges: Sequence[tuple[int, int]], n: int) -> list[tuple[int, int]]:

@@ -9,7 +9,8 @@ stores and what differs:
 - every store lists the same classes, paths and labels, from the same files (``listing_sha256``:
   the same names in two different folders do not pass);
 - every store was made alike (:attr:`StoreIdentity.RUN_FIELDS`: decode policy, precision, dtype,
-  features version), as one run would make them, so predict can rebuild them together;
+  features version, and the views read with the plain rows), as one run would make them, so predict
+  can rebuild them together;
 - :func:`check_same_extraction`: a backbone's stores of two splits have equal identities.
 
 Two ways in:
@@ -38,8 +39,17 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..errors import AlignmentError, SettingsError, StoreError
 from .chunks import PartialStore
-from .format import StoreContents, StoreHeader, StoreIdentity, check_content, open_h5, read_store, reading, store_path
-from .layout import AUGMENTED, PLAIN
+from .format import (
+    StoreContents,
+    StoreHeader,
+    StoreIdentity,
+    check_content,
+    open_h5,
+    read_store,
+    reading,
+    store_path,
+)
+from .layout import AUGMENTED, PLAIN, TEST_TIME
 
 READ_BLOCK_ROWS = 8192
 
@@ -108,9 +118,13 @@ def stores_there(features_dir: str | os.PathLike, split: str) -> str:
     return f"no stores in {features_dir} at all" if features_dir.is_dir() else f"no folder {features_dir}"
 
 
-def check_alignment(store_names: Sequence[str], contents: Sequence[StoreContents], split: str) -> None:
+def check_alignment(store_names: Sequence[str], contents: Sequence[StoreContents], split: str,
+                    views: Sequence[str] = ()) -> None:
     """Raise :class:`AlignmentError` unless every store is of ``split`` and has the first one's rows,
-    labels, classes and files, made alike (the run fields of their identities)."""
+    labels, classes and files, made alike (the run fields of their identities: those of the plain rows,
+    and of the ``views`` read with them)."""
+    fields = StoreIdentity.PLAIN_RUN_FIELDS + (StoreIdentity.VIEW_FIELDS[:3] if AUGMENTED in views else ()) + (
+        StoreIdentity.VIEW_FIELDS[3:] if TEST_TIME in views else ())
     reference_name, reference = store_names[0], contents[0]
     for name, store in zip(store_names, contents):
         if store.header.split != split:
@@ -136,7 +150,7 @@ def check_alignment(store_names: Sequence[str], contents: Sequence[StoreContents
         if store.header.listing_sha256 != reference.header.listing_sha256:
             raise AlignmentError(f"{where}: same file names, but other files (sizes or modification times differ: "
                                  f"{store.header.data_root} vs {reference.header.data_root}); re-extract one of them")
-        change = store.header.difference(reference.header, StoreIdentity.RUN_FIELDS)
+        change = store.header.difference(reference.header, fields)
         if change:
             raise AlignmentError(f"{where}: extracted with other {change}; re-extract one of them alike")
 
@@ -162,7 +176,7 @@ def load_features(features_dir: str | os.PathLike, split: str, store_names: Sequ
     to read too (:mod:`featurekit.store.layout`), into ``FeatureSet.views``, the same columns of
     each view; the stores agree on which they hold (the run fields), and one without them is refused.
     """
-    headers, full = _checked_stores(features_dir, split, store_names, verify)
+    headers, full = _checked_stores(features_dir, split, store_names, verify, views)
     chosen = _columns(columns, full[-1].columns.stop)
     held, n = headers[0].header.extra_datasets, len(headers[0].paths)
     for name in views:
@@ -210,10 +224,10 @@ def _read_columns(path: Path, local: np.ndarray, out: np.ndarray, name: str = PL
             out[rows] = source[rows, ..., local[0]:local[-1] + 1] if contiguous else source[rows][..., local]
 
 
-def _checked_stores(features_dir, split, store_names, verify) -> tuple[list[StoreContents], list[StoreInfo]]:
+def _checked_stores(features_dir, split, store_names, verify, views=()) -> tuple[list[StoreContents], list[StoreInfo]]:
     files = store_files(features_dir, split, store_names)
     headers = [read_store(path, features=False) for path in files]
-    check_alignment(store_names, headers, split)
+    check_alignment(store_names, headers, split, views)
     if verify:
         for path in files:
             check_content(path)

@@ -13,9 +13,9 @@ Either way the export records where it came from: the parquet file's key-value m
 ``featurekit`` (and ``OUT/featurekit-export.json`` beside the npy), with the split, each store's
 path, fingerprint and columns, the classes and the rows. The stores are checked as
 :func:`featurekit.load` checks them (whole, aligned, made alike) before anything is written; every
-output goes through :func:`~featurekit.files.check_output_path` (an existing file is refused
-without ``overwrite``) and :func:`~featurekit.files.atomic_output` (the old file stays whole until
-the new one replaces it).
+output goes through :func:`~featurekit.files.check_output` (an existing file is refused without
+``overwrite``; never one of the stores exported, a folder, a device or a FIFO) and
+:func:`~featurekit.files.atomic_output` (the old file stays whole until the new one replaces it).
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ import numpy as np
 
 from .. import __version__
 from ..errors import SettingsError
-from ..files import atomic_output, atomic_write, check_output_path
-from .dataset import StoreInfo, _checked_stores
+from ..files import atomic_output, atomic_write, check_output
+from .dataset import StoreInfo, _checked_stores, store_files
 from .format import StoreContents, reading
 from .settings import ExportSettings
 
@@ -53,8 +53,9 @@ def export(features_dir: str | os.PathLike, split: str, store_names: Sequence[st
         raise SettingsError(f"--block-rows must be at least 1 (got {settings.block_rows})")
     out = Path(out)
     outputs = [out] if settings.form == "parquet" else [out / NPY_FEATURES, out / NPY_METADATA, out / NPY_RECORD]
+    inputs = store_files(features_dir, split, store_names)
     for path in outputs:
-        check_output_path(path, settings.overwrite)
+        check_output(path, inputs, overwrite=settings.overwrite)
     pq = parquet_module() if settings.form == "parquet" else None
     contents, stores = _checked_stores(features_dir, split, store_names, verify=True)
     record = export_record(split, contents, stores, settings.dtype)

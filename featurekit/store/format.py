@@ -28,7 +28,8 @@ from typing import ClassVar, Iterator, Mapping, NamedTuple, Sequence
 import h5py
 import numpy as np
 
-from ..errors import FeaturekitWarning, StoreError, first_line, short
+from ..errors import FeaturekitWarning, SettingsError, StoreError, first_line, short
+from ..records import parse
 from .layout import PLAIN, extra_datasets
 
 FORMAT = "featurekit.store"
@@ -44,6 +45,8 @@ STR = h5py.string_dtype("utf-8")
 SHA256_DTYPE = "S64"  # file_sha256, skipped_file_sha256: each file's sha256 in hex ASCII, b"" where unread
 RANDOM = "random"  # the weights name stores record for seeded random initialisation (backbones.weights)
 DIGEST_BLOCK_ROWS = 8192
+DATASETS = ("features", "paths", "classes", "file_size", "file_mtime_ns", "skipped_paths", "skipped_reasons",
+            "skipped_file_size", "skipped_file_mtime_ns")  # and labels, in a labelled store
 
 
 @dataclass(frozen=True)
@@ -71,8 +74,10 @@ class StoreIdentity:
 
     VIEW_FIELDS: ClassVar[tuple[str, ...]] = ("augment_views", "augment_policy", "augment_seed", "tta")
     OPTIONAL_FIELDS: ClassVar[tuple[str, ...]] = (*VIEW_FIELDS, "source")  # absent from older records
-    # What one run shares among its stores: stores joined for a head (rebuilt together by predict) agree on it.
-    RUN_FIELDS: ClassVar[tuple[str, ...]] = ("decode", "precision", "dtype", "features_version", *VIEW_FIELDS)
+    # What one run shares among its stores: stores joined for a head (rebuilt together by predict) agree on it;
+    # PLAIN_RUN_FIELDS: the part that decides the plain rows (stores read without their views agree on that).
+    PLAIN_RUN_FIELDS: ClassVar[tuple[str, ...]] = ("decode", "precision", "dtype", "features_version")
+    RUN_FIELDS: ClassVar[tuple[str, ...]] = (*PLAIN_RUN_FIELDS, *VIEW_FIELDS)
 
     def __post_init__(self) -> None:
         for name in ("preprocessing", "decode", "augment_policy", "source"):  # tuples -> lists, as JSON gives them back
@@ -198,7 +203,8 @@ class StoreHeader(StoreIdentity):
 
     @classmethod
     def from_attrs(cls, attrs: Mapping, path: str | os.PathLike) -> "StoreHeader":
-        """Parse a store's attributes (a missing one: :class:`StoreError`; bad JSON: ValueError, see reading)."""
+        """Parse a store's attributes, each of its type (a missing or mistyped one: :class:`StoreError`
+        naming it; bad JSON: ValueError, see reading)."""
         missing = [f.name for f in fields(cls) if f.name not in attrs and f.default is dataclasses.MISSING]
         if missing:
             raise StoreError(f"{path}: missing attribute{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
@@ -207,10 +213,16 @@ class StoreHeader(StoreIdentity):
             if f.name in attrs:
                 value = attrs[f.name].item() if isinstance(attrs[f.name], np.generic) else attrs[f.name]
                 values[f.name] = json.loads(value) if f.type.startswith("dict") else value
-        return cls(**values)
+        return parse(cls, values, str(path), StoreError)
 
 
 def store_path(out_dir: str | os.PathLike, split: str, store_name: str) -> Path:
+    """``<out_dir>/<split>/<file_stem(store_name)>.h5``. A split that would lead outside ``out_dir`` (an
+    absolute path, ``..``) is refused: stores never land elsewhere, such as in the image folders."""
+    if os.path.isabs(split) or os.path.normpath(split).split(os.sep)[0] == "..":
+        raise SettingsError(f"--split {split}: stores go to {Path(out_dir) / '<split>'}/ and must stay inside "
+                            f"{out_dir}; give the split's folder name under the data root (e.g. --split "
+                            f"{Path(split).name})")
     return Path(out_dir) / split / f"{file_stem(store_name)}.h5"
 
 
@@ -290,13 +302,15 @@ def read_header(path: str | os.PathLike) -> StoreHeader:
 
 
 def read_store(path: str | os.PathLike, features: bool = True) -> StoreContents:
-    """Load a complete store into memory (``features=False`` skips the big array). Labels outside
-    ``classes`` are refused: they would index the wrong class, or none."""
+    """Load a complete store into memory (``features=False`` skips the big array), its datasets checked
+    first (:func:`structure_problems`): labels outside ``classes`` would index the wrong class, or
+    none, and a few bytes must not declare gigabytes."""
     with reading(path) as h5:
         header = StoreHeader.from_attrs(h5.attrs, path)
+        problems = structure_problems(h5, header)
+        if problems:
+            raise StoreError(f"{path}: {problems[0]} (the store is damaged)")
         classes, labels = strings(h5["classes"]), h5["labels"][()] if is_labelled(h5) else None
-        if labels is not None and labels.size and (labels.min() < 0 or labels.max() >= len(classes)):
-            raise StoreError(f"{path}: labels outside 0-{len(classes) - 1} (the store is damaged)")
         return StoreContents(Path(path), header, h5["features"][()] if features else np.zeros((0, 0), np.float16),
                              labels, strings(h5["paths"]), classes,
                              list(zip(strings(h5["skipped_paths"]), strings(h5["skipped_reasons"]))),
@@ -310,6 +324,54 @@ def file_digests(h5: h5py.File) -> tuple[np.ndarray | None, np.ndarray | None]:
     if "file_sha256" not in h5:
         return None, None
     return h5["file_sha256"][()], h5["skipped_file_sha256"][()]
+
+
+def structure_problems(h5: h5py.File, header: StoreHeader) -> list[str]:
+    """What is wrong with a store's datasets (one line each): missing ones, sizes beyond what the file
+    holds (checked before any is read), shapes and dtypes other than the header records, labels
+    outside the classes. Empty for a sound store."""
+    file_size = os.path.getsize(h5.filename)
+    big = [name for name, data in h5.items() if isinstance(data, h5py.Dataset)
+           and data.size * max(data.dtype.itemsize, 1) > file_size]
+    if big:
+        return [f"{big[0]} declares {list(h5[big[0]].shape)} values, more than the file's {file_size} bytes hold"]
+    missing = [name for name in DATASETS if name not in h5]
+    if missing:
+        return [f"missing {', '.join(missing)}"]
+    if not is_labelled(h5) and len(h5["classes"]):
+        return [f"{len(h5['classes'])} classes but no labels"]
+    n, problems = len(h5["paths"]), []
+    for name, shape in header.feature_shapes(n).items():  # features [N, D], then the views [N, views, D]
+        if name not in h5:
+            problems.append(f"missing {name}, which the store records ({header.dtype}{list(shape)})")
+            continue
+        features = h5[name]
+        if features.ndim != len(shape) or features.dtype not in (np.float16, np.float32):
+            form = "[N, D]" if len(shape) == 2 else "[N, views, D]"
+            problems.append(f"{name} are {features.dtype}{list(features.shape)}, expected float16 or float32 {form}")
+        elif features.shape != shape or str(features.dtype) != header.dtype:
+            problems.append(f"{name} are {features.dtype}{list(features.shape)} but the store records "
+                            f"{header.dtype}{list(shape)}")
+    k = len(h5["skipped_paths"])
+    for prefix, rows in (("", n), ("skipped_", k)):
+        for name in (f"{prefix}file_size", f"{prefix}file_mtime_ns") + (("labels",) if not prefix and
+                                                                         is_labelled(h5) else ()):
+            if h5[name].shape != (rows,) or h5[name].dtype != np.int64:
+                problems.append(f"{name} is {h5[name].dtype}{list(h5[name].shape)}, expected int64[{rows}]")
+        digests = f"{prefix}file_sha256"  # only in stores made since featurekit records them
+        if "file_sha256" in h5 and (digests not in h5 or h5[digests].shape != (rows,)
+                                    or h5[digests].dtype != np.dtype(SHA256_DTYPE)):
+            found = f"{h5[digests].dtype}{list(h5[digests].shape)}" if digests in h5 else "missing"
+            problems.append(f"{digests} is {found}, expected {SHA256_DTYPE}[{rows}]")
+    if h5["skipped_reasons"].shape != (k,):
+        problems.append(f"{k} skipped paths but {len(h5['skipped_reasons'])} reasons")
+    if n + k != header.n_listed:
+        problems.append(f"{n} rows + {k} skipped != {header.n_listed} images listed")
+    labels = h5["labels"][()] if is_labelled(h5) else np.zeros(0, np.int64)
+    if labels.size and not problems and (labels.min() < 0 or labels.max() >= len(h5["classes"])):
+        problems.append(f"labels outside 0-{len(h5['classes']) - 1}")
+    return problems
+
 
 
 def is_labelled(h5: h5py.File) -> bool:

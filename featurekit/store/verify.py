@@ -23,7 +23,6 @@ from ..images.listing import listing_changes
 from ..images.sources import relist
 from .format import (
     DIGEST_BLOCK_ROWS,
-    SHA256_DTYPE,
     StoreHeader,
     content_sha256,
     fingerprint,
@@ -31,10 +30,8 @@ from .format import (
     open_h5,
     recorded_files,
     strings,
+    structure_problems,
 )
-
-DATASETS = ("features", "paths", "classes", "file_size", "file_mtime_ns", "skipped_paths", "skipped_reasons",
-            "skipped_file_size", "skipped_file_mtime_ns")  # and labels, in a labelled store
 
 
 @dataclass
@@ -79,7 +76,7 @@ def verify_store(path: str | os.PathLike, data_root: str | os.PathLike | None = 
     try:
         with open_h5(path) as h5:
             header = StoreHeader.from_attrs(h5.attrs, path)
-            report.problems = _structure_problems(h5, header)
+            report.problems = structure_problems(h5, header)
             if report.problems:  # the value and folder checks would only repeat the damage
                 return report
             report.rows, report.skipped = len(h5["paths"]), len(h5["skipped_paths"])
@@ -104,45 +101,6 @@ def verify_store(path: str | os.PathLike, data_root: str | os.PathLike | None = 
 
 
 # --------------------------------------------------------------------------- checks
-
-
-def _structure_problems(h5: h5py.File, header: StoreHeader) -> list[str]:
-    missing = [name for name in DATASETS if name not in h5]
-    if missing:
-        return [f"missing {', '.join(missing)}"]
-    if not is_labelled(h5) and len(h5["classes"]):
-        return [f"{len(h5['classes'])} classes but no labels"]
-    n, problems = len(h5["paths"]), []
-    for name, shape in header.feature_shapes(n).items():  # features [N, D], then the views [N, views, D]
-        if name not in h5:
-            problems.append(f"missing {name}, which the store records ({header.dtype}{list(shape)})")
-            continue
-        features = h5[name]
-        if features.ndim != len(shape) or features.dtype not in (np.float16, np.float32):
-            form = "[N, D]" if len(shape) == 2 else "[N, views, D]"
-            problems.append(f"{name} are {features.dtype}{list(features.shape)}, expected float16 or float32 {form}")
-        elif features.shape != shape or str(features.dtype) != header.dtype:
-            problems.append(f"{name} are {features.dtype}{list(features.shape)} but the store records "
-                            f"{header.dtype}{list(shape)}")
-    k = len(h5["skipped_paths"])
-    for prefix, rows in (("", n), ("skipped_", k)):
-        for name in (f"{prefix}file_size", f"{prefix}file_mtime_ns") + (("labels",) if not prefix and
-                                                                         is_labelled(h5) else ()):
-            if h5[name].shape != (rows,) or h5[name].dtype != np.int64:
-                problems.append(f"{name} is {h5[name].dtype}{list(h5[name].shape)}, expected int64[{rows}]")
-        digests = f"{prefix}file_sha256"  # only in stores made since featurekit records them
-        if "file_sha256" in h5 and (digests not in h5 or h5[digests].shape != (rows,)
-                                    or h5[digests].dtype != np.dtype(SHA256_DTYPE)):
-            found = f"{h5[digests].dtype}{list(h5[digests].shape)}" if digests in h5 else "missing"
-            problems.append(f"{digests} is {found}, expected {SHA256_DTYPE}[{rows}]")
-    if h5["skipped_reasons"].shape != (k,):
-        problems.append(f"{k} skipped paths but {len(h5['skipped_reasons'])} reasons")
-    if n + k != header.n_listed:
-        problems.append(f"{n} rows + {k} skipped != {header.n_listed} images listed")
-    labels = h5["labels"][()] if is_labelled(h5) else np.zeros(0, np.int64)
-    if labels.size and not problems and (labels.min() < 0 or labels.max() >= len(h5["classes"])):
-        problems.append(f"labels outside 0-{len(h5['classes']) - 1}")
-    return problems
 
 
 def _value_problems(h5: h5py.File, header: StoreHeader) -> list[str]:

@@ -18,7 +18,7 @@ import h5py
 import numpy as np
 
 from ..errors import StoreError, short
-from ..files import atomic_output, crash_point
+from ..files import crash_point, hdf5_output
 from ..images.listing import SplitListing, listing_changes
 from ..images.names import printable_path
 from .chunks import Chunk, PartialStore, store_lock, uncovered
@@ -134,23 +134,22 @@ class StoreWriter:
         reasons = [printable_path(reason) for reason in rows.reasons]
         header = dataclasses.replace(self.header, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         self.partial.remove_temporaries(chunks=False)  # of a joiner killed before its rename
-        with atomic_output(self.final, "cannot write store", f"; committed chunks kept in {self.partial.dir}",
-                           "finalize-tmp-written") as temporary:
-            with h5py.File(temporary, "w") as h5:
-                self.partial.copy_features(rows, {name: h5.create_dataset(name, shape, self.header.dtype)
-                                                  for name, shape in self.header.feature_shapes(len(kept)).items()})
-                if self.listing.labelled:  # an unlabelled store has no labels, not -1 pretending to be a class
-                    h5.create_dataset("labels", data=np.array([r.label for r in kept], dtype=np.int64))
-                _write_records(h5, "", kept)
-                h5.create_dataset("classes", data=[printable_path(c) for c in self.listing.classes], dtype=STR)
-                h5.create_dataset("skipped_reasons", data=reasons, dtype=STR)
-                _write_records(h5, "skipped_", skipped)
-                if rows.sha256 is not None:  # provenance, not identity: not in the fingerprint
-                    h5.create_dataset("file_sha256", data=rows.sha256.astype(SHA256_DTYPE))
-                    h5.create_dataset("skipped_file_sha256", data=rows.skipped_sha256.astype(SHA256_DTYPE))
-                h5.attrs.update(header.to_attrs())
-                h5.attrs["complete"] = True
-                h5.attrs["content_sha256"] = content_sha256(h5)
+        with hdf5_output(self.final, "cannot write store", f"; committed chunks kept in {self.partial.dir}",
+                         "finalize-tmp-written") as h5:
+            self.partial.copy_features(rows, {name: h5.create_dataset(name, shape, self.header.dtype)
+                                              for name, shape in self.header.feature_shapes(len(kept)).items()})
+            if self.listing.labelled:  # an unlabelled store has no labels, not -1 pretending to be a class
+                h5.create_dataset("labels", data=np.array([r.label for r in kept], dtype=np.int64))
+            _write_records(h5, "", kept)
+            h5.create_dataset("classes", data=[printable_path(c) for c in self.listing.classes], dtype=STR)
+            h5.create_dataset("skipped_reasons", data=reasons, dtype=STR)
+            _write_records(h5, "skipped_", skipped)
+            if rows.sha256 is not None:  # provenance, not identity: not in the fingerprint
+                h5.create_dataset("file_sha256", data=rows.sha256.astype(SHA256_DTYPE))
+                h5.create_dataset("skipped_file_sha256", data=rows.skipped_sha256.astype(SHA256_DTYPE))
+            h5.attrs.update(header.to_attrs())
+            h5.attrs["complete"] = True
+            h5.attrs["content_sha256"] = content_sha256(h5)
         crash_point("finalize-renamed")
         removed = self.partial.discard()
         self._report(f"{removed} temporary file(s) of a killed run deleted" if removed else "")

@@ -33,7 +33,7 @@ ROWS_PER_K = 40  # the relative test's k is at most N // 40
 
 @dataclass(frozen=True)
 class NearRule:
-    """The thresholds (defaults: :class:`~featurekit.audit.settings.AuditSettings`)."""
+    """The thresholds (defaults: :class:`~featurekit.auditing.settings.AuditSettings`)."""
 
     threshold: float
     relative: float
