@@ -22,8 +22,19 @@ Peak memory is the growth of resident memory over the operation: ``anon`` (heap;
 The listing's own memory is printed per size. Goals: join and verify linear in rows with flat
 memory; dataset epoch within 1.5x of the memmap epoch.
 
+``--audit`` measures ``featurekit audit`` instead, on stores of 1,280 float16 columns (100 classes
+of relu(centre + noise) rows: unrelated rows at cosine ~0.3, as with real efficientnet_lite0 features;
+a near copy, 3 % noise, of one row in every other chunk; file digests recorded, one exact pair per 10^4
+rows), each stage timed with its peak memory: opening the stores (the train-head checks, checksum
+included), exact duplicates (recorded digests grouped), the exact all-pairs search (bf16, blocks of
+4,096; above ``--full-max`` rows only ``--slice-blocks`` score blocks run and the whole is
+EXTRAPOLATED, printed as such), near duplicates + outliers from its lists, the label check (5-fold
+logistic regression; on 256 principal axes above 200,000 rows), and with faiss the approximate search
+up to ``--ivf-max`` rows.
+
     nice python benchmarks/bench_scale.py             # needs ~9 GB free in --dir at 10^6 rows, ~25 min
     python benchmarks/bench_scale.py --rows 10000 100000 --dir /tmp/scale
+    nice python benchmarks/bench_scale.py --audit     # 10^4, 10^5, 10^6 rows x 1,280; ~3 GB in --dir
 """
 
 from __future__ import annotations
@@ -187,12 +198,126 @@ def run_size(n: int, base: Path, repeats: int) -> tuple[dict[str, Measured], flo
     return results, listing_memory.anon_mb
 
 
+AUDIT_D, AUDIT_CLASSES = 1280, 100
+
+
+def audit_features(start: int, stop: int, centres: np.ndarray) -> np.ndarray:
+    """float16 rows ``start..stop-1`` (one chunk): relu(centre of the row's class + noise); in every other
+    chunk the last row is a near copy (3 % noise) of the first."""
+    rng = np.random.default_rng(start)
+    rows = centres[np.arange(start, stop) % AUDIT_CLASSES] + rng.standard_normal((stop - start, AUDIT_D),
+                                                                                 dtype=np.float32)
+    if (start // CHUNK) % 2 == 0 and stop - start > 1:
+        rows[-1] = rows[0] + 0.03 * rng.standard_normal(AUDIT_D, dtype=np.float32)
+    return np.maximum(rows, 0).astype(np.float16)
+
+
+def audit_store(n: int, base: Path) -> tuple[Path, int]:
+    """A synthetic store of n rows for the audit (module docstring); returns (features folder, planted pairs)."""
+    root, features_dir = base / f"data{n}", base / f"features{n}"
+    make_folder(root, n, classes=AUDIT_CLASSES)
+    listing = list_split(root, "train")
+    header = header_for(listing, AUDIT_D)
+    writer = StoreWriter(features_dir, listing, STORE, header)
+    centres = np.random.default_rng(1).standard_normal((AUDIT_CLASSES, AUDIT_D)).astype(np.float32)
+    assert writer.partial.create(header.identity.to_dict())
+    for start in range(0, n, CHUNK):
+        stop = min(start + CHUNK, n)
+        digests = np.array([f"{i:064x}" for i in range(start, stop)], "S64")
+        digests[[i - start for i in range(start, stop) if i % 10_000 == 1]] = f"{0:064x}"  # equal to row 0's
+        writer.commit(Chunk(start, stop, np.arange(start, stop, dtype=np.int64), audit_features(start, stop, centres),
+                            sha256=digests, skipped_sha256=np.zeros(0, "S64")))
+    writer.finish()
+    shutil.rmtree(root)
+    return features_dir, len(range(0, n, 2 * CHUNK))
+
+
+def run_audit_size(n: int, base: Path, full_max: int, slice_blocks: int, ivf_max: int) -> dict[str, tuple]:
+    """Each stage of the audit on n rows: (Measured, note); the search extrapolated above ``full_max``."""
+    from featurekit.auditing import labels
+    from featurekit.auditing.approximate import faiss_available, ivf_pairs
+    from featurekit.auditing.exact import equal_groups, row_digests
+    from featurekit.auditing.near import NearRule, near_duplicates
+    from featurekit.auditing.outliers import knn_outliers
+    from featurekit.auditing.rows import audited_rows, open_splits
+    from featurekit.heads.nearest import all_pairs
+
+    features_dir, planted = audit_store(n, base)
+    results: dict[str, tuple] = {}
+    with Measured("open") as measured:
+        splits = open_splits(features_dir, [STORE], ["train"])
+        rows, normalise = audited_rows(splits)
+    results["open + checks"] = (measured, "measured")
+    with Measured("exact") as measured:
+        groups = equal_groups(row_digests([splits[0].sha256], [n], splits[0].sizes, []).sha256)
+    results["exact (digests)"] = (measured, f"measured; {len(groups)} groups found of {len(range(1, n, 10_000))} "
+                                            "planted")
+    rule, split_of = NearRule(0.95, 0.45, 0.70, 10), np.zeros(n, np.int64)
+    partial = n > full_max
+    with Measured("search") as measured:
+        found = all_pairs(rows, 11, normalise, precision="bf16", max_blocks=slice_blocks if partial else None)
+    done, total = found.stats["score_blocks"], found.stats["total_score_blocks"]
+    if partial:
+        measured.seconds *= total / done
+        results["search (exact, bf16)"] = (measured, f"EXTRAPOLATED from {done} of {total} score blocks")
+    else:
+        results["search (exact, bf16)"] = (measured, f"measured; {total} score blocks")
+        with Measured("near") as measured:
+            pairs, _ = near_duplicates(found, rows, normalise, split_of, rule, "bf16")
+            knn_outliers(found, 5, 2.0, 0.01)
+        results["near + outliers"] = (measured, f"measured; {sum(p.b - p.a == CHUNK - 1 for p in pairs)} of "
+                                                f"{planted} planted pairs found")
+    if faiss_available() and n <= ivf_max:
+        with Measured("ivf") as measured:
+            found = ivf_pairs(rows, 11, normalise)
+        copies = sum(found.idx[i, 0] == i - CHUNK + 1 for i in range(CHUNK - 1, n, 2 * CHUNK))
+        results["search (faiss ivf)"] = (measured, f"measured; {copies} of {planted} planted copies first")
+    y = np.arange(n) % AUDIT_CLASSES
+    with Measured("labels") as measured:
+        X = labels.principal_features(rows, [(0, n)]) if n > 200_000 else labels.standardised_rows(rows, [(0, n)])
+        oof = labels.out_of_fold_proba(X, y, AUDIT_CLASSES, 5, 1e-3, device="cpu")
+        del X
+        flags = labels.confident_flags(oof.proba, y)
+    results["labels (5-fold)"] = (measured, f"measured; out-of-fold accuracy {oof.accuracy:.3f}, {len(flags)} flags"
+                                            + (", 256 principal axes" if n > 200_000 else ""))
+    del splits, rows, found
+    shutil.rmtree(features_dir)
+    return results
+
+
+def audit_report(table: dict[int, dict[str, tuple]]) -> None:
+    print(f"\n{'audit stage':<22}{'rows':>10}{'seconds':>10}{'us/row':>9}{'anon MB':>9}{'rss MB':>9}  figure")
+    for name in {name: None for sizes in table.values() for name in sizes}:
+        for n, stages in sorted(table.items()):
+            if name in stages:
+                m, note = stages[name]
+                print(f"{name:<22}{n:>10}{m.seconds:>10.1f}{m.seconds / n * 1e6:>9.1f}{m.anon_mb:>9.0f}"
+                      f"{m.rss_mb:>9.0f}  {note}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()))
     parser.add_argument("--repeats", type=int, default=3, help="epochs: best of this many alternating passes")
+    parser.add_argument("--audit", action="store_true", help="measure featurekit audit's stages instead")
+    parser.add_argument("--full-max", type=int, default=100_000, help="audit: the largest N searched in full")
+    parser.add_argument("--slice-blocks", type=int, default=200, help="audit: score blocks timed above --full-max")
+    parser.add_argument("--ivf-max", type=int, default=100_000, help="audit: the largest N of the faiss search")
     args = parser.parse_args()
+    if args.audit:
+        print(f"audit: {AUDIT_D} float16 columns, {AUDIT_CLASSES} classes; torch {torch.__version__}, "
+              f"{torch.get_num_threads()} threads, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}")
+        base = Path(tempfile.mkdtemp(prefix="bench_audit-", dir=args.dir))
+        audits = {}
+        try:
+            for n in args.rows:
+                audits[n] = run_audit_size(n, base, args.full_max, args.slice_blocks, args.ivf_max)
+                audit_report({n: audits[n]})
+        finally:
+            shutil.rmtree(base, ignore_errors=True)
+        audit_report(audits)
+        return
     print(f"{D} float16 columns, chunks of {CHUNK} rows, batches of {BATCH}; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {os.cpu_count()} cores")
     base = Path(tempfile.mkdtemp(prefix="bench_scale-", dir=args.dir))

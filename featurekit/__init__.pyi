@@ -1,5 +1,7 @@
 __version__: str
 
+from .auditing.run import audit as audit
+from .auditing.settings import AuditSettings as AuditSettings
 from .backbones.runner import embed as embed
 from .backbones.settings import BackboneChoice as BackboneChoice
 from .backbones.settings import RunSettings as RunSettings

@@ -16,8 +16,9 @@ images                    :class:`DataError` (the folder), :class:`ImageDecodeEr
 views                     :class:`AugmentError`
 store                     :class:`StoreError`, :class:`AlignmentError`
 backbones                 :class:`BackboneError`, :class:`WeightsError`, :class:`HeadMismatchError`
-heads                     :class:`HeadError`, :class:`HeadFileError`
+heads                     :class:`HeadError`, :class:`HeadFileError`, :class:`AuditError` (an audit file)
 finetuning                :class:`FinetuneError`
+audit                     :class:`AuditError`
 files (any output)        :class:`WriteError`, :class:`LockError`
 options (any stage)       :class:`SettingsError`
 ========================  ==========================================================================
@@ -29,10 +30,10 @@ import errno
 import json
 
 __all__ = [
-    "AlignmentError", "AugmentError", "BackboneError", "DataError", "FeaturekitError", "FeaturekitWarning",
-    "FinetuneError", "HeadError", "HeadFileError", "HeadMismatchError", "ImageDecodeError", "LockError",
-    "SettingsError", "StoreError", "WeightsError", "WriteError", "describe_os_error", "first_line", "one_line",
-    "os_reason", "short",
+    "AlignmentError", "AuditError", "AugmentError", "BackboneError", "DataError", "FeaturekitError",
+    "FeaturekitWarning", "FinetuneError", "HeadError", "HeadFileError", "HeadMismatchError", "ImageDecodeError",
+    "LockError", "SettingsError", "StoreError", "WeightsError", "WriteError", "describe_os_error", "first_line",
+    "one_line", "os_reason", "short",
 ]
 
 
@@ -91,6 +92,10 @@ class HeadError(FeaturekitError, ValueError):
 
 class HeadFileError(FeaturekitError):
     """A head file or fine-tuned model cannot be read or is not a featurekit one. One line naming the file."""
+
+
+class AuditError(FeaturekitError, ValueError):
+    """An audit cannot run on these stores, or its file cannot be used to leave rows out. One line."""
 
 
 class FinetuneError(FeaturekitError, ValueError):

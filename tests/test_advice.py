@@ -127,6 +127,10 @@ FOLLOWED = {  # a part of the message (its {} are the values) -> "file::test" th
     "nothing to classify: give image files or folders": "test_advice.py::test_predict_formats_advice_works",
     "an unfinished run: rerun it, or clean --older-than": "test_advice.py::test_housekeeping_advice_works",
     "give --older-than to remove it": "test_advice.py::test_housekeeping_advice_works",
+    "audit: give at least one --split":
+        "test_audit.py::test_bad_input_refused_as_train_head_refuses_it_and_one_class_said_once",
+    "run the audit again on these stores":
+        "test_audit.py::test_an_audit_of_stores_extracted_again_since_trains_nothing",
 }
 NOT_FOLLOWABLE = {  # advice whose scenario needs what tests cannot have here
     "upgrade featurekit": "a newer featurekit than the one under test",

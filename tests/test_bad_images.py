@@ -29,7 +29,7 @@ from featurekit.images import sources as sources_module
 from featurekit.images.decode import DecodePolicy, decode_image
 from featurekit.images.listing import list_split
 from featurekit.store.format import read_store
-from featurekit.views.gpu_decode import read_for_gpu
+from featurekit.views.gpu_decode import gpu_jpeg
 from tests.conftest import REPO, TINY_RUN, acting_as_nobody, error_lines, extract_args, make_folder, run_cli, write_jpeg
 
 # --------------------------------------------------------------------------- the files
@@ -220,8 +220,9 @@ def test_limits_apply_to_the_size_that_is_decoded(tmp_path):
         decode_image(tmp_path / "progressive.jpg", tight)  # its coefficients are held at full size
     assert "progressive.jpg: decompression bomb refused (progressive JPEG 2000x2000: " in str(progressive.value)
     # nvJPEG decodes at full size: the GPU path leaves such a JPEG to PIL, which decodes it drafted.
-    assert read_for_gpu(str(tmp_path / "big.jpg"), "big.jpg", tight) is None
-    assert read_for_gpu(str(tmp_path / "big.jpg"), "big.jpg", DecodePolicy()) is not None
+    data = (tmp_path / "big.jpg").read_bytes()
+    assert gpu_jpeg(data, str(tmp_path / "big.jpg"), "big.jpg", tight) is None
+    assert gpu_jpeg(data, str(tmp_path / "big.jpg"), "big.jpg", DecodePolicy()) is not None
 
 
 def test_refusals_are_not_part_of_the_store_identity():

@@ -18,7 +18,7 @@ from featurekit.images.lists import read_list
 from featurekit.images.names import printable_path
 from featurekit.images.sources import SourceSettings, list_sources
 from featurekit.images.splits import cut_class_folder
-from featurekit.store.format import read_store
+from featurekit.store.format import content_sha256, read_store
 
 
 def cut_args(data, out, *extra):
@@ -182,6 +182,9 @@ def test_a_missing_listed_file_follows_on_error_with_its_line(tmp_path, capsys):
     store = read_store(out / "mine" / "resnet18.h5")
     assert store.paths == ["data/train/ants/00.jpg", "data/train/ants/01.jpg"] and store.labels is None
     assert store.skipped == [("data/train/ants/gone.jpg", f"no such file ({tmp_path / 'l.txt'} line 2)")]
+    assert [d.decode() for d in store.file_sha256] == [hashlib.sha256((tmp_path / p).read_bytes()).hexdigest()
+                                                       for p in store.paths]  # hashed as a folder's files are
+    assert store.skipped_file_sha256.tolist() == [b""]  # never read
     np.testing.assert_array_equal(store.features, _folder_features(tmp_path, capsys, data))
     assert run_cli(capsys, "verify", out / "mine" / "resnet18.h5").code == 0
     (tmp_path / "l.txt").write_text("data/train/ants/00.jpg\n")  # the list's sha256 is its identity
@@ -220,6 +223,22 @@ def test_a_split_folder_keeps_the_listing_digest_and_attributes_of_format_3(tmp_
     assert run_cli(capsys, "extract", data, "--split", "train", "--out", tmp_path / "out", *TINY_RUN).code == 0
     with h5py.File(tmp_path / "out" / "train" / "resnet18.h5", "r") as h5:
         assert "listing_rule" not in h5.attrs and "labels" in h5 and h5.attrs["listing_sha256"] == digest.hexdigest()
+
+
+def test_a_store_made_before_file_digests_keeps_its_fingerprint_and_stays_up_to_date(tmp_path, capsys):
+    data = make_folder(tmp_path / "data", per_class={"ants": 2, "bees": 1})
+    extract = ["extract", data, "--split", "train", "--out", tmp_path / "out", *TINY_RUN]
+    assert run_cli(capsys, *extract).code == 0
+    path = tmp_path / "out" / "train" / "resnet18.h5"
+    fingerprint = read_store(path, features=False).header.fingerprint
+    with h5py.File(path, "r+") as h5:  # as featurekit wrote it before it recorded the files' sha256
+        del h5["file_sha256"], h5["skipped_file_sha256"]
+        h5.attrs["content_sha256"] = content_sha256(h5)
+    again = run_cli(capsys, *extract)
+    assert again.code == 0 and "1 stores" in again.out and f"{path}  3 rows  up to date" in again.out
+    old = read_store(path, features=False)
+    assert old.file_sha256 is None and old.header.fingerprint == fingerprint
+    assert run_cli(capsys, "verify", path).code == 0
 
 
 def test_source_options_that_do_not_fit_are_one_line(tmp_path):

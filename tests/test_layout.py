@@ -8,9 +8,9 @@ import pytest
 
 from tests.conftest import REPO
 
-# images -> views -> store -> backbones -> extraction | heads -> finetuning -> predict | cache -> cli
+# images -> views -> store -> backbones -> extraction | heads -> finetuning -> auditing -> predict | cache -> cli
 LAYERS = {"images": 0, "views": 1, "store": 2, "backbones": 3, "extraction": 4, "heads": 4, "finetuning": 5,
-          "predict": 6, "cache": 6, "cli": 7}
+          "auditing": 6, "predict": 7, "cache": 7, "cli": 8}
 PACKAGE = REPO / "featurekit"
 
 
@@ -82,3 +82,11 @@ def test_the_library_does_not_print():
                 for node in ast.walk(ast.parse(path.read_text()))
                 if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "print"]
     assert printing == []
+
+
+def test_no_subpackage_shadows_a_public_name_of_the_root():
+    # `import featurekit.audit` would replace the function featurekit.audit by the module: stages are nouns
+    public = {alias.asname or alias.name for node in ast.walk(ast.parse((PACKAGE / "__init__.pyi").read_text()))
+              if isinstance(node, ast.ImportFrom) for alias in node.names}
+    folders = {path.parent.name for path in PACKAGE.glob("*/__init__.py")} | {p.stem for p in PACKAGE.glob("*.py")}
+    assert len(public) > 20 and not public & folders

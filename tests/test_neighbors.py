@@ -9,7 +9,8 @@ from conftest import blobs, make_image_folder, run_cli, write_store
 from PIL import Image
 
 from featurekit.heads.train import train_head
-from featurekit.predict.neighbors import CAPTION, THUMB
+from featurekit.images.sheets import THUMB
+from featurekit.predict.neighbors import CAPTION
 
 
 def test_misclassified_images_worst_first_with_their_neighbours_and_a_contact_sheet(tmp_path, capsys):

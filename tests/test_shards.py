@@ -59,6 +59,7 @@ def test_the_same_images_from_shards_and_from_a_folder_give_equal_rows(both, tmp
         assert run.code == 0, run.err
     folder, shards = (read_store(tmp_path / out / "train" / "resnet18.h5") for out in ("folder", "shards"))
     np.testing.assert_array_equal(shards.features, folder.features)
+    np.testing.assert_array_equal(shards.file_sha256, folder.file_sha256)  # a member's bytes are the file's
     assert shards.classes == folder.classes and np.array_equal(shards.labels, folder.labels)
     assert shards.paths[:2] == ["train-000000.tar/ants_00", "train-000000.tar/ants_01"]
     assert shards.header.listing_rule["kind"] == "webdataset" and shards.header.listing_rule["shards"] == 2

@@ -24,7 +24,7 @@ from .extract import add_extract
 from .finetune import add_finetune
 from .heads import add_convert_head, add_train_head
 from .predict import add_neighbors, add_predict
-from .stores import add_export, add_housekeeping, add_info, add_list_backbones, add_verify
+from .stores import add_audit, add_export, add_housekeeping, add_info, add_list_backbones, add_verify
 
 DESCRIPTION = """\
 Image classification by transfer learning: run frozen pretrained backbones once over an image
@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"featurekit {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (add_extract, add_verify, add_info, add_list_backbones, add_train_head, add_convert_head, add_predict,
-                add_neighbors, add_finetune, add_export, add_housekeeping):
+                add_neighbors, add_finetune, add_export, add_housekeeping, add_audit):
         add(commands)
     return parser
 

@@ -4,13 +4,14 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import textwrap
 from typing import Iterable
 
 from ..errors import one_line
 
-__all__ = ["HelpFormatter", "add_backbones", "command", "say"]
+__all__ = ["HelpFormatter", "add_backbones", "command", "library", "say"]
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -48,3 +49,8 @@ def say(lines: str | Iterable[str], error: bool = False) -> None:
     for line in [lines] if isinstance(lines, str) else lines:
         for part in line.split("\n"):  # line breaks the library wrote; names in it hold none (printable_path)
             print(one_line(part), file=sys.stderr if error else sys.stdout)
+
+
+def library(name: str):
+    """A library module, imported when its command runs (building the parser imports no torch)."""
+    return importlib.import_module(f"featurekit.{name}")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..heads.settings import HeadOptions, TrainHeadSettings
 from ..options import add_settings, from_args, given
-from ._options import add_backbones, command, say
+from ._options import add_backbones, command, library, say
 
 
 def add_train_head(commands) -> None:
@@ -27,7 +27,8 @@ def run_train_head(args) -> int:
 
     chosen = from_args(TrainHeadSettings, args)
     report = train_head(args.features_dir, args.backbone, chosen.head, args.out, chosen.train_split,
-                        chosen.valid_split, given(HeadOptions, args), chosen.plots, chosen.augmented, chosen.tta)
+                        chosen.valid_split, given(HeadOptions, args), chosen.plots, chosen.augmented, chosen.tta,
+                        chosen.exclude)
     say(summary(report))
     return 0
 
@@ -40,11 +41,5 @@ def add_convert_head(commands) -> None:
     p.add_argument("old", type=Path, metavar="OLD", help="the old head file (head.joblib)")
     p.add_argument("new", type=Path, metavar="NEW", help="the head file to write (e.g. head.h5 beside it)")
     p.add_argument("--trust", action="store_true", help="unpickle OLD (required: it runs the code OLD holds)")
-    p.set_defaults(run=run_convert_head)
-
-
-def run_convert_head(args) -> int:
-    from ..heads.head_file import convert_pickle_head
-
-    say(f"wrote {convert_pickle_head(args.old, args.new, args.trust)}")
-    return 0
+    p.set_defaults(run=lambda args: say("wrote " + str(library("heads.head_file").convert_pickle_head(
+        args.old, args.new, args.trust))))

@@ -1,14 +1,15 @@
-"""``featurekit verify``, ``info``, ``du``, ``clean``, ``export`` and ``list-backbones``."""
+"""``featurekit verify``, ``info``, ``du``, ``clean``, ``export``, ``audit`` and ``list-backbones``."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from ..auditing.settings import AuditSettings
 from ..backbones.registry import SOURCES, describe_registry
 from ..cache.settings import CleanSettings
 from ..options import add_settings, from_args
 from ..store.settings import ExportSettings
-from ._options import add_backbones, command, say
+from ._options import add_backbones, command, library, say
 
 PATHS = "stores (OUT/<split>/<backbone>.h5), head files, fine-tuned model folders, or folders holding them"
 
@@ -39,20 +40,20 @@ def add_info(commands) -> None:
     p = command(commands, "info", "describe stores, heads and models: rows, classes, backbone, how they were made")
     p.add_argument("store", type=Path, nargs="+", help=PATHS)
     p.add_argument("--json", action="store_true", help="print each one's attributes as one line of JSON")
-    p.set_defaults(run=lambda args: say(_cache().info_paths(args.store, args.json)))
+    p.set_defaults(run=lambda args: say(library("cache").info_paths(args.store, args.json)))
 
 
 def add_housekeeping(commands) -> None:
     p = command(commands, "du", "list the stores, heads, partial chunks, locks and temporaries of a features folder, "
                 "with sizes and ages")
     p.add_argument("paths", type=Path, nargs="+", metavar="FEATURES", help="extract's --out folders")
-    p.set_defaults(run=lambda args: say(_cache().disk_usage(args.paths)))
+    p.set_defaults(run=lambda args: say(library("cache").disk_usage(args.paths)))
     p = command(commands, "clean", "remove the leftovers of runs (chunks of finished or stale runs, free locks) under "
                 "each store's lock; a store, head or model only when named", epilog="docs/reliability.md")
     p.add_argument("paths", type=Path, nargs="+", metavar="PATH", help="features folders (leftovers only), or stores, "
                    "head files and model.json files to remove")
     add_settings(p, CleanSettings)
-    p.set_defaults(run=lambda args: say(_cache().clean(args.paths, from_args(CleanSettings, args))))
+    p.set_defaults(run=lambda args: say(library("cache").clean(args.paths, from_args(CleanSettings, args))))
 
 
 def add_export(commands) -> None:
@@ -63,20 +64,19 @@ def add_export(commands) -> None:
     add_backbones(p, "stores to concatenate, in this order (backbone, or backbone@node)")
     p.add_argument("--out", required=True, type=Path, help="parquet file, or npy folder")
     add_settings(p, ExportSettings)
-    p.set_defaults(run=run_export)
+    p.set_defaults(run=lambda args: say(library("store.export").export(
+        args.features_dir, args.split, args.backbone, args.out, from_args(ExportSettings, args))))
 
 
-def run_export(args) -> int:
-    from ..store.export import export
-
-    say(export(args.features_dir, args.split, args.backbone, args.out, from_args(ExportSettings, args)))
-    return 0
-
-
-def _cache():
-    from .. import cache
-
-    return cache
+def add_audit(commands) -> None:
+    p = command(commands, "audit", "find duplicates, train/valid leakage, likely label errors, outliers and odd files "
+                "from cached features", epilog="writes FEATURES/audit/<backbones>/: audit.json, audit.md, contact "
+                "sheets; docs/audit.md")
+    p.add_argument("features_dir", metavar="FEATURES", type=Path, help="extract's --out folder")
+    add_backbones(p, "stores to audit, concatenated (backbone, or backbone@node)")
+    add_settings(p, AuditSettings)
+    p.set_defaults(run=lambda args: say(library("auditing").audit(args.features_dir, args.backbone,
+                                                                from_args(AuditSettings, args)).lines()))
 
 
 def add_list_backbones(commands) -> None:

@@ -41,7 +41,7 @@ from ..files import check_output
 from ..images.listing import SplitListing
 from ..images.sources import SourceSettings, list_sources
 from ..store.chunks import Chunk, uncovered
-from ..store.format import RANDOM, StoreHeader, fingerprint, read_store, warn_random
+from ..store.format import RANDOM, SHA256_DTYPE, StoreHeader, fingerprint, read_store, warn_random
 from ..store.layout import view_datasets
 from ..store.writer import StoreWriter
 from ..views.augment import ViewPlan
@@ -278,16 +278,18 @@ def _compute(runner: TrunkRunner, listing: SplitListing, writers: list[StoreWrit
         rows: dict[str, list[torch.Tensor]] = {}
         kept: list[int] = []
         failed: list[tuple[int, str, str]] = []
+        digests: dict[int, str] = {}  # listing index -> sha256 of the file's bytes, as its decode read them
         for batch, outputs in runner.stream(sources, todo, f"extract {listing.split}", settings.views):
             for name, features in outputs.items():
                 rows.setdefault(name, []).append(features)
             kept.extend(batch.indices)
             failed.extend(batch.errors)
+            digests.update(batch.sha256)
             if batch.last_in_chunk:
                 host, copied = runner.to_host(rows)
                 pending.append(background.submit(_commit, writers, batch.chunk, host, copied, kept, failed,
-                                                 settings.views))
-                rows, kept, failed = {}, [], []
+                                                 settings.views, digests))
+                rows, kept, failed, digests = {}, [], [], {}
                 while pending and pending[0].done():  # a failed commit surfaces now, not at the end
                     pending.pop(0).result()
         for future in pending:
@@ -296,18 +298,20 @@ def _compute(runner: TrunkRunner, listing: SplitListing, writers: list[StoreWrit
 
 
 def _commit(writers: list[StoreWriter], chunk: tuple[int, int], host: dict[str, torch.Tensor], copied,
-            kept: list[int], failed: list[tuple[int, str, str]], plan: ViewPlan) -> None:
+            kept: list[int], failed: list[tuple[int, str, str]], plan: ViewPlan, digests: dict[int, str]) -> None:
     """Background thread: wait for the chunk's copy to the host, then commit it to every store."""
     if copied is not None:
         copied.synchronize()
     kept_rows = np.asarray(kept, dtype=np.int64)
     skipped = np.asarray([index for index, _, _ in failed], dtype=np.int64)
     reasons = tuple(reason for _, _, reason in failed)
+    sha256, skipped_sha256 = (np.array([digests.get(int(i), "") for i in rows], dtype=SHA256_DTYPE)
+                              for rows in (kept_rows, skipped))
     for writer in writers:
         features, views = host[writer.store_name], {}
         if plan.count > 1:
             features, *extra = plan.split(features)
             views = view_datasets(*extra)
         writer.commit(Chunk(chunk[0], chunk[1], kept_rows, features.numpy(), skipped, reasons,
-                            {name: values.numpy() for name, values in views.items()}))
+                            {name: values.numpy() for name, values in views.items()}, sha256, skipped_sha256))
 

@@ -8,6 +8,7 @@ import numpy as np
 from sklearn.preprocessing import StandardScaler
 
 from .base import Head, proba_scores
+from .nearest import top_k, unit_rows
 from .selection import SELECT
 from .settings import KNN_PROTOCOLS
 
@@ -106,12 +107,6 @@ class KNNHead(Head):
         return Neighbours(arrays["rows"], arrays["targets"], int(values["k"]))
 
 
-def unit_rows(X: np.ndarray) -> np.ndarray:
-    """float32[N, D] rows scaled to unit norm (a zero row stays zero): cosine similarity is their dot product."""
-    norms = np.linalg.norm(X, axis=1, keepdims=True)
-    return (X / np.maximum(norms, 1e-12)).astype(np.float32)
-
-
 def similarity_rows(X: np.ndarray, scaler: StandardScaler | None) -> np.ndarray:
     """What the kNN head compares: float32[N, D] standardised with ``scaler`` (None: as given), unit rows.
     ``neighbors`` compares images the same way (:mod:`featurekit.predict.neighbors`)."""
@@ -120,16 +115,11 @@ def similarity_rows(X: np.ndarray, scaler: StandardScaler | None) -> np.ndarray:
 
 def _nearest(rows: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """``(similarity float64[M, k], index int64[M, k])`` of each unit-norm query's k most similar unit-norm
-    rows, most similar first; similarities of 1024 queries at a time (bounded memory), in float64: a float32
-    product's last bits depend on how many queries share it, and a query's answer must not."""
-    closeness, nearest = np.empty((len(queries), k)), np.empty((len(queries), k), dtype=np.int64)
-    rows = rows.astype(np.float64)
-    for start in range(0, len(queries), 1024):
-        similarity = queries[start:start + 1024].astype(np.float64) @ rows.T
-        top = np.argpartition(-similarity, k - 1, axis=1)[:, :k] if k < similarity.shape[1] else \
-            np.broadcast_to(np.arange(similarity.shape[1]), similarity.shape)
-        values = np.take_along_axis(similarity, top, axis=1)
-        order = np.argsort(-values, axis=1, kind="stable")
-        closeness[start:start + 1024] = np.take_along_axis(values, order, axis=1)
-        nearest[start:start + 1024] = np.take_along_axis(top, order, axis=1)
-    return closeness, nearest
+    rows, most similar first, by the one search (:func:`~featurekit.heads.nearest.top_k`) in float64: a
+    float32 product's last bits depend on how many queries share it, and a query's answer must not."""
+    found = top_k(queries, rows, k, _as_is, precision="fp64")
+    return found.sim, found.idx
+
+
+def _as_is(block: np.ndarray) -> np.ndarray:
+    return block

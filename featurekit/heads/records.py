@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from ..errors import HeadFileError
 from ..records import to_dict
 from ..store.format import BackboneRecord
+from .exclusions import Exclusion
 
 __all__ = ["HEAD_FILE", "HEAD_FORMAT", "MODEL_FILE", "MODEL_FORMAT", "ClassifierRecord", "HeadRecord"]
 
@@ -78,3 +79,4 @@ class HeadRecord(ClassifierRecord):
     versions: dict = field(default_factory=dict)
     augmented: dict | None = None
     valid_accuracy: float | None = None
+    excluded: Exclusion | None = None  # training rows left out as an audit flagged them (train-head --exclude)

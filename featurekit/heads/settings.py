@@ -74,6 +74,9 @@ class TrainHeadSettings:
     tta: str = setting("none", "also report valid accuracy with test-time augmentation; the valid stores must hold "
                        "those views (extract --split VALID --tta MODE)", choices=tuple(TTA_VIEWS))
     plots: bool = setting(True, "write no PNG plots", flag="--no-plots", negate=True)
+    exclude: str | None = setting(None, "leave out the training rows an audit flagged: featurekit audit's audit.json, "
+                                  "optionally :KINDS (exact,near,leakage,labels,outliers; default all)",
+                                  metavar="AUDIT.json[:KINDS]", help_default="none")
 
 
 TRAIN_HEAD = TrainHeadSettings()

@@ -24,6 +24,7 @@ averaged over the test-time views (:func:`test_time_metrics`).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import warnings
@@ -37,11 +38,13 @@ import torch
 
 from ..errors import FeaturekitWarning, HeadError, SettingsError
 from ..files import check_output, check_output_folder, folder_lock
+from ..records import to_dict
 from ..store.dataset import FeatureSet, check_same_extraction, load_features, store_files
 from ..store.format import RANDOM, file_stem, read_header, read_store, warn_random
 from ..store.layout import AUGMENTED, TEST_TIME
 from ..views.augment import TTA_VIEWS
 from .base import Head, ProbabilityModel, proba_scores
+from .exclusions import Exclusion, excluded_rows, parse_exclude
 from .head_file import HEAD_FILE, save_head
 from .records import HeadRecord
 from .registry import HEADS, make_heads
@@ -233,24 +236,44 @@ def summary(report: dict) -> str:
             + f"written to {report['out_dir']}/ ({', '.join(report['files'])})")
 
 
+def without_flagged(train: FeatureSet, spec: str) -> tuple[FeatureSet, Exclusion, list[str]]:
+    """``train`` without the rows an audit flagged (``spec``: ``audit.json[:kinds]``,
+    :mod:`featurekit.heads.exclusions`), what the head records of it, and the stored paths left out."""
+    path, kinds = parse_exclude(spec)
+    stores = [(info.store_name, info.header.fingerprint, info.header.listing_sha256) for info in train.stores]
+    flagged, exclusion = excluded_rows(path, kinds, train.split, stores, train.paths)
+    if flagged.all():
+        raise HeadError(f"{path}: flags every row of split {train.split!r} under {', '.join(kinds)}; "
+                        "nothing to train on")
+    keep = ~flagged
+    kept = dataclasses.replace(train, features=train.features[keep], labels=train.labels[keep],
+                               paths=[p for p, k in zip(train.paths, keep) if k],
+                               views={name: values[keep] for name, values in train.views.items()})
+    counts = ", ".join(f"{kind} {n}" for kind, n in exclusion.by_kind.items())
+    logger.info(f"{path}: {exclusion.rows} of {len(train)} {train.split} rows left out ({counts})")
+    return kept, exclusion, [p for p, f in zip(train.paths, flagged) if f]
+
+
 def train_head(features_dir: str | Path, store_names: Sequence[str], head_kind: str, out_dir: str | Path | None = None,
                train_split: str = TRAIN_HEAD.train_split, valid_split: str | None = TRAIN_HEAD.valid_split,
                params: dict | None = None, plots: bool = TRAIN_HEAD.plots, augmented: bool = TRAIN_HEAD.augmented,
-               tta: str = TRAIN_HEAD.tta) -> dict:
+               tta: str = TRAIN_HEAD.tta, exclude: str | None = TRAIN_HEAD.exclude) -> dict:
     """Fit, select, evaluate and write the head artifact and reports. Returns the report dict.
     ``augmented``: use the train stores' augmented views, if they have any; ``tta``: also score the
-    valid split with test-time augmentation (its stores made with ``extract --tta`` of that mode).
+    valid split with test-time augmentation (its stores made with ``extract --tta`` of that mode);
+    ``exclude``: ``audit.json[:kinds]``, leave out the training rows that audit flagged (:func:`without_flagged`).
     One run at a time writes ``out_dir`` (:func:`featurekit.files.folder_lock`); a second one is refused."""
     features_dir = Path(features_dir)
     out_dir = check_output_folder(out_dir if out_dir is not None else
                                   default_out_dir(features_dir, head_kind, store_names))
     with folder_lock(out_dir):
         return _train_head(features_dir, store_names, head_kind, out_dir, train_split, valid_split, params, plots,
-                           augmented, tta)
+                           augmented, tta, exclude)
 
 
 def _train_head(features_dir: Path, store_names: Sequence[str], head_kind: str, out_dir: Path, train_split: str,
-                valid_split: str | None, params: dict | None, plots: bool, augmented: bool, tta: str) -> dict:
+                valid_split: str | None, params: dict | None, plots: bool, augmented: bool, tta: str,
+                exclude: str | None) -> dict:
     if tta != "none" and not valid_split:
         raise SettingsError("--tta scores the validation split with test-time views; give --valid-split")
     first_train = store_files(features_dir, train_split, store_names)[0]
@@ -259,6 +282,9 @@ def _train_head(features_dir: Path, store_names: Sequence[str], head_kind: str, 
     if valid_split:
         refuse_unlabelled(store_files(features_dir, valid_split, store_names)[0], "validation split")
     train = load_features(features_dir, train_split, store_names, views=[AUGMENTED] if augmented and held else [])
+    exclusion, left_out = None, []
+    if exclude:
+        train, exclusion, left_out = without_flagged(train, exclude)
     valid = valid_features(features_dir, valid_split, store_names, tta) if valid_split else None
     rows = None
     if valid is not None:
@@ -290,7 +316,7 @@ def _train_head(features_dir: Path, store_names: Sequence[str], head_kind: str, 
     valid_metrics = ({"split": valid_split, **evaluate(head, rows, train.classes), "excluded_classes": rows.excluded}
                      if rows else None)
     record = head_record(head, train, valid, features_dir, augmented=augmentation(train, head, held),
-                         valid_accuracy=valid_metrics["accuracy"] if valid_metrics else None)
+                         valid_accuracy=valid_metrics["accuracy"] if valid_metrics else None, excluded=exclusion)
     report = {
         "head": head.kind, "backbones": list(store_names), "classes": record.classes,
         "train": {"split": train_split, "n": len(train),
@@ -302,6 +328,7 @@ def _train_head(features_dir: Path, store_names: Sequence[str], head_kind: str, 
                        **test_time_metrics(head, rows, valid.views[TEST_TIME], train.classes)} if tta != "none"
                       else None),
         "augmented": record.augmented,
+        "excluded": {**to_dict(exclusion), "paths": left_out} if exclusion else None,
         "chosen": {"head": head.kind, **head.best_params_},
         "choice": {"rule": rule, "reason": reason, "heads": compared},
         "params": head.get_params(), "selection": sweep,

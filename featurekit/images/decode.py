@@ -10,6 +10,7 @@ block forever). A source is a file path, the bytes of an image, or an object tha
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import stat
@@ -185,9 +186,16 @@ def decode_image(source: ImageSource, policy: DecodePolicy | None = None, displa
     ``display`` is the name used in error messages (defaults to ``source`` in printable form).
     """
     display = display or printable_path(str(source))
+    return decode_bytes(read_image_bytes(source, display), policy, display)
+
+
+def read_image_bytes(source: ImageSource, display: str | None = None) -> bytes:
+    """Every byte of ``source``, read once: decoding, the JPEG check and the file's sha256 all use
+    these (PIL would read the whole file anyway). Raises :class:`ImageDecodeError` with the reason."""
+    display = display or printable_path(str(source))
     try:
         with open_image(source) as handle:
-            return _decode_open_file(handle, policy or DecodePolicy())
+            return handle.read()
     except _Refused as refusal:
         raise ImageDecodeError(display, str(refusal)) from None
     except FileNotFoundError:
@@ -196,6 +204,21 @@ def decode_image(source: ImageSource, policy: DecodePolicy | None = None, displa
         raise ImageDecodeError(display, reason) from None
     except PermissionError:
         raise ImageDecodeError(display, "permission denied") from None
+    except Exception as error:  # a reader's own errors (a shard on a remote file system) are the file's reason
+        raise ImageDecodeError(display, _reason(error)) from None
+
+
+def content_sha256(data: bytes) -> str:
+    """The sha256 (hex) of a file's bytes, as stores record it (``file_sha256``)."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def decode_bytes(data: bytes, policy: DecodePolicy | None = None, display: str = "image") -> Image.Image:
+    """Decode the bytes of one image (:func:`read_image_bytes`) into 8-bit RGB; raises :class:`ImageDecodeError`."""
+    try:
+        return _decode_open_file(io.BytesIO(data), policy or DecodePolicy())
+    except _Refused as refusal:
+        raise ImageDecodeError(display, str(refusal)) from None
     except Image.DecompressionBombError as error:
         raise ImageDecodeError(display, f"decompression bomb refused ({error})") from None
     except Exception as error:  # PIL raises many types for bad data; the reason is what matters
@@ -216,7 +239,7 @@ class _Refused(Exception):
     """A reason to refuse an image, turned into an ImageDecodeError naming the file."""
 
 
-def _decode_open_file(handle: BinaryIO, policy: DecodePolicy) -> Image.Image:
+def _decode_open_file(handle: io.BytesIO, policy: DecodePolicy) -> Image.Image:
     if handle.seek(0, os.SEEK_END) == 0:
         raise _Refused("empty file (0 bytes)")
     handle.seek(0)
@@ -234,8 +257,7 @@ def _decode_open_file(handle: BinaryIO, policy: DecodePolicy) -> Image.Image:
             raise _Refused(refusal)
         image.load()  # before the JPEG check: PIL's own reasons (truncated, ...) come first
         if image.format == "JPEG" and policy.refuse_damaged_jpeg:
-            handle.seek(0)
-            damage = jpeg_damage(handle.read())
+            damage = jpeg_damage(handle.getvalue())
             if damage:
                 raise _Refused(f"damaged JPEG data ({damage})")
     if policy.exif_transpose:

@@ -19,25 +19,26 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont, ImageOps
 from sklearn.preprocessing import StandardScaler
 
 from ..backbones.rebuild import check_identity, recorded_features
 from ..backbones.settings import RunSettings
-from ..errors import ImageDecodeError, SettingsError
-from ..files import atomic_output, check_output
+from ..errors import SettingsError
+from ..files import check_output
 from ..finetuning.artifact import Classifier, load_classifier
-from ..heads.knn import _nearest, similarity_rows
-from ..images.decode import DecodePolicy, decode_image
+from ..heads.knn import similarity_rows
+from ..heads.nearest import top_k
+from ..images import sheets
+from ..images.decode import DecodePolicy
 from ..images.names import fs_path
+from ..images.sheets import Cell, SheetRow
 from ..store.dataset import FeatureSet, check_same_extraction, load_features
 from ..store.format import RANDOM, BackboneRecord, read_header, store_path, warn_random
 from .inputs import collect_inputs
 
 logger = logging.getLogger(__name__)
 
-THUMB = 112  # thumbnail side, pixels
-CAPTION = 28  # two caption lines under each thumbnail
+CAPTION = 2 * sheets.LINE  # two caption lines under each thumbnail (of THUMB pixels)
 
 
 @dataclass(frozen=True)
@@ -72,20 +73,23 @@ class Gallery:
     def __init__(self, train: FeatureSet, scaler: StandardScaler | None | str = "fit"):
         self.train = train
         self.scaler = StandardScaler().fit(train.features) if isinstance(scaler, str) else scaler
-        self.rows = similarity_rows(train.features, self.scaler)
         header = train.stores[0].header
         self.split_dir = Path(fs_path(header.data_root)) / fs_path(train.split)
         self.decode = DecodePolicy.from_dict(header.decode)
 
+    def _unit(self, features: np.ndarray) -> np.ndarray:
+        return similarity_rows(features, self.scaler)
+
     def nearest(self, features: np.ndarray, k: int) -> list[list[Neighbour]]:
-        """The ``k`` training images nearest to each row of ``features`` float32[Q, D], nearest first."""
-        if not len(features):
+        """The ``k`` training images nearest to each row of ``features`` float32[Q, D], nearest first
+        (the one search of the kNN head and the audit, :func:`~featurekit.heads.nearest.top_k`)."""
+        if not len(features):  # StandardScaler refuses 0 rows
             return []
-        similarity, best = _nearest(self.rows, similarity_rows(features, self.scaler), min(k, len(self.rows)))
+        found = top_k(features, self.train.features, k, self._unit, precision="fp64")  # as the kNN head
         train = self.train
         return [[Neighbour(f"{train.split}/{train.paths[i]}", str(self.split_dir / fs_path(train.paths[i])),
-                           train.classes[train.labels[i]], float(closeness)) for i, closeness in zip(row, near)]
-                for row, near in zip(best, similarity)]
+                           train.classes[train.labels[i]], float(s)) for i, s in zip(row, sims) if i >= 0]
+                for row, sims in zip(found.idx, found.sim)]
 
 
 def check_stores(classifier: Classifier, features: FeatureSet) -> None:
@@ -257,46 +261,15 @@ def queries_json(queries: Sequence[Query], about: dict) -> str:
 
 def contact_sheet(queries: Sequence[Query], path: Path, policy: DecodePolicy, title: str) -> Path:
     """A PNG: one query per row (red frame: misclassified), then its neighbours (green frame: the
-    query's class, red: another), with captions. Written atomically."""
-    font = ImageFont.load_default()
-    columns = 1 + max(len(q.neighbours) for q in queries)
-    cell_w, cell_h, top, gap = THUMB + 10, THUMB + CAPTION + 10, 26, 14
-    sheet = Image.new("RGB", (columns * cell_w + gap, top + len(queries) * cell_h), "white")
-    draw = ImageDraw.Draw(sheet)
-    draw.text((6, 6), _fit(draw, title, font, sheet.width - 12), fill="black", font=font)
-    for row, query in enumerate(queries):
-        y = top + row * cell_h
+    query's class, red: another), with captions. Written atomically (:mod:`featurekit.images.sheets`)."""
+    rows = []
+    for query in queries:
         wrong = query.truth is not None and query.predicted is not None and query.predicted != query.truth
         said = (f"{query.truth}->{query.predicted}" if wrong else query.truth or query.predicted or "")
-        _cell(sheet, draw, font, (0, y), query.file, policy, "red" if wrong else "grey",
-              [Path(query.name).name, f"{said} {query.probability:.2f}" if query.probability is not None else said])
+        cells = [Cell(query.file, [Path(query.name).name, f"{said} {query.probability:.2f}"
+                                   if query.probability is not None else said], "red" if wrong else "grey")]
         expected = query.truth or query.predicted
-        for column, neighbour in enumerate(query.neighbours, 1):
-            frame = "green" if neighbour.label == expected else "red"
-            _cell(sheet, draw, font, (column * cell_w + gap, y), neighbour.file, policy, frame,
-                  [Path(neighbour.name).name, f"{neighbour.label} {neighbour.similarity:.2f}"])
-    with atomic_output(path) as temporary:
-        sheet.save(temporary, format="PNG")
-    return path
-
-
-def _cell(sheet: Image.Image, draw: ImageDraw.ImageDraw, font, corner: tuple[int, int], file: str,
-          policy: DecodePolicy, frame: str, captions: list[str]) -> None:
-    x, y = corner
-    draw.rectangle([x + 1, y + 1, x + THUMB + 8, y + THUMB + 8], outline=frame, width=3)
-    try:
-        thumb = ImageOps.contain(decode_image(file, policy), (THUMB, THUMB))
-        sheet.paste(thumb, (x + 5 + (THUMB - thumb.width) // 2, y + 5 + (THUMB - thumb.height) // 2))
-    except ImageDecodeError as error:
-        draw.text((x + 8, y + THUMB // 2), _fit(draw, error.reason, font, THUMB - 6), fill="grey", font=font)
-    for line, text in enumerate(captions):
-        draw.text((x + 4, y + THUMB + 11 + 13 * line), _fit(draw, text, font, THUMB + 4), fill="black", font=font)
-
-
-def _fit(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
-    """``text``, cut with an ellipsis to fit ``width`` pixels."""
-    if draw.textlength(text, font=font) <= width:
-        return text
-    while text and draw.textlength(text + "...", font=font) > width:
-        text = text[:-1]
-    return text + "..."
+        cells += [Cell(n.file, [Path(n.name).name, f"{n.label} {n.similarity:.2f}"],
+                       "green" if n.label == expected else "red") for n in query.neighbours]
+        rows.append(SheetRow(cells))
+    return sheets.contact_sheet(rows, path, title, policy)

@@ -35,9 +35,11 @@ import numpy as np
 
 from ..errors import LockError, StoreError, first_line
 from ..files import FileLock, atomic_output, crash_point, fsync_dir, temporary_name, temporary_prefix
+from .format import SHA256_DTYPE
 from .layout import PLAIN
 
 MANIFEST_VERSION = 1
+DIGEST_PREFIX = "file_"  # a chunk's file digests: file_sha256, file_skipped_sha256
 SHORT_LOCK_S = 30  # how long a shard waits for a lock that others hold only to replace a manifest
 
 
@@ -53,18 +55,25 @@ class Chunk:
     skipped: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # int64[k]
     reasons: tuple[str, ...] = ()
     views: dict[str, np.ndarray] = field(default_factory=dict)  # view dataset -> float16|float32 [n, views, D]
+    # sha256 (hex, S64) of the bytes each kept and skipped file's decode read ("" where none were read);
+    # None: not known (chunks of an older featurekit): the store then records no digests
+    sha256: np.ndarray | None = None
+    skipped_sha256: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
 class JoinedRows:
     """The rows of all chunks of a store, without their features: ``kept`` int64[N], ``skipped``
     int64[K] with their ``reasons``, and the ``tiling`` the features come from: (chunk start, chunk
-    stop, first row, stop row), the rows ``[first, stop row)`` of chunk ``[start, stop)``."""
+    stop, first row, stop row), the rows ``[first, stop row)`` of chunk ``[start, stop)``;
+    ``sha256``, ``skipped_sha256``: S64[N], S64[K] file digests, or None if a chunk recorded none."""
 
     kept: np.ndarray
     skipped: np.ndarray
     reasons: list[str]
     tiling: list[tuple[int, int, int, int]]
+    sha256: np.ndarray | None = None
+    skipped_sha256: np.ndarray | None = None
 
 
 class PartialStore:
@@ -196,20 +205,31 @@ class PartialStore:
         target = self.chunk_path(chunk.start, chunk.stop)
         with atomic_output(target, "cannot write chunk", crash_at="chunk-tmp-written", tidy=False) as temporary:
             with open(temporary, "wb") as handle:
+                digests = {} if chunk.sha256 is None else {"sha256": chunk.sha256,
+                                                            "skipped_sha256": chunk.skipped_sha256}
                 np.savez(handle, kept=chunk.kept, features=chunk.features, skipped=chunk.skipped, **chunk.views,
-                         reasons=np.array(chunk.reasons, dtype=str).reshape(-1), fingerprint=np.array(self.fingerprint))
+                         reasons=np.array(chunk.reasons, dtype=str).reshape(-1), fingerprint=np.array(self.fingerprint),
+                         **{DIGEST_PREFIX + name: values for name, values in digests.items()})
         crash_point("chunk-committed")
 
     def rows(self, n: int) -> JoinedRows:
         """Every committed row of ``[0, n)``, in listing order, without the features (int64 per row)."""
         kept, skipped, reasons, tiling = [], [], [], self._tiling(n)
+        digests: dict[str, list[np.ndarray]] | None = {"sha256": [], "skipped_sha256": []}
         for start, stop, first, last in tiling:
             with self._open_chunk(start, stop) as data:
-                kept.append(data["kept"][_within(data["kept"], first, last)])
-                inside = _within(data["skipped"], first, last)
-                skipped.append(data["skipped"][inside])
-                reasons.extend(data["reasons"].reshape(-1)[inside].tolist())
-        return JoinedRows(np.concatenate(kept), np.concatenate(skipped), reasons, tiling)
+                inside = {"": _within(data["kept"], first, last), "skipped_": _within(data["skipped"], first, last)}
+                kept.append(data["kept"][inside[""]])
+                skipped.append(data["skipped"][inside["skipped_"]])
+                reasons.extend(data["reasons"].reshape(-1)[inside["skipped_"]].tolist())
+                if digests is not None and DIGEST_PREFIX + "sha256" in data:
+                    for name, parts in digests.items():
+                        rows = inside["skipped_" if name.startswith("skipped_") else ""]
+                        parts.append(data[DIGEST_PREFIX + name][rows].astype(SHA256_DTYPE))
+                else:  # a chunk of an older featurekit: the store records no digests
+                    digests = None
+        joined = {name: np.concatenate(parts) for name, parts in digests.items()} if digests else {}
+        return JoinedRows(np.concatenate(kept), np.concatenate(skipped), reasons, tiling, **joined)
 
     def copy_features(self, rows: JoinedRows, targets: Mapping[str, Any]) -> None:
         """Write each dataset ``name`` (``features``, and the view datasets) of every chunk of

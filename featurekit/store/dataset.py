@@ -306,7 +306,7 @@ class FeatureDataset(Dataset):
         pid = os.getpid()
         if pid not in self._handles:
             # A forked worker finds the parent's handles under the parent's pid: left alone, never used.
-            self._handles[pid] = [_features_of(info.path) for info in self.stores]
+            self._handles[pid] = [open_features(info.path) for info in self.stores]
         return self._handles[pid]
 
     def __getstate__(self) -> dict:
@@ -345,9 +345,10 @@ def _gather(features: np.ndarray | h5py.Dataset, rows: np.ndarray) -> np.ndarray
     return features[wanted][order]
 
 
-def _features_of(path: Path) -> np.ndarray | h5py.Dataset:
-    """A store's features, float16|float32 [N, D]: a read-only memmap of their bytes in the file when
-    they are stored contiguous and unfiltered (as extract writes them), else the h5py dataset."""
+def open_features(path: Path) -> np.ndarray | h5py.Dataset:
+    """A store's features, float16|float32 [N, D], left on disk: a read-only memmap of their bytes in the
+    file when they are stored contiguous and unfiltered (as extract writes them), else the h5py dataset
+    (its file stays open while it is used)."""
     h5 = open_h5(path)
     features = h5["features"]
     offset = features.id.get_offset() if features.chunks is None else None

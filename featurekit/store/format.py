@@ -42,6 +42,7 @@ READABLE_VERSIONS = (2, 3)  # a format 2 store reads as a store without views (i
 FEATURES_VERSION = 2
 
 STR = h5py.string_dtype("utf-8")
+SHA256_DTYPE = "S64"  # file_sha256, skipped_file_sha256: each file's sha256 in hex ASCII, b"" where unread
 RANDOM = "random"  # the weights name stores record for seeded random initialisation (backbones.weights)
 DIGEST_BLOCK_ROWS = 8192
 DATASETS = ("features", "paths", "classes", "file_size", "file_mtime_ns", "skipped_paths", "skipped_reasons",
@@ -251,6 +252,11 @@ class StoreContents:
     classes: list[str]
     skipped: list[tuple[str, str]]
     views: dict[str, np.ndarray] = field(default_factory=dict)  # view dataset -> float16|float32 [N, views, D]
+    # each kept and skipped file's sha256 in hex (S64[N], S64[K]; b"" where unread); None in a store made
+    # before featurekit recorded them (provenance, not identity: such a store stays current)
+    file_sha256: np.ndarray | None = None
+    skipped_file_sha256: np.ndarray | None = None
+    file_size: np.ndarray | None = None  # int64[N]: each file's size when extracted
 
 
 def open_h5(path: str | os.PathLike) -> h5py.File:
@@ -308,7 +314,16 @@ def read_store(path: str | os.PathLike, features: bool = True) -> StoreContents:
         return StoreContents(Path(path), header, h5["features"][()] if features else np.zeros((0, 0), np.float16),
                              labels, strings(h5["paths"]), classes,
                              list(zip(strings(h5["skipped_paths"]), strings(h5["skipped_reasons"]))),
-                             {name: h5[name][()] for name in header.extra_datasets} if features else {})
+                             {name: h5[name][()] for name in header.extra_datasets} if features else {},
+                             *file_digests(h5), h5["file_size"][()])
+
+
+def file_digests(h5: h5py.File) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The files' sha256 (S64[N], S64[K] of kept and skipped rows), or (None, None) in a store made
+    before featurekit recorded them at extraction."""
+    if "file_sha256" not in h5:
+        return None, None
+    return h5["file_sha256"][()], h5["skipped_file_sha256"][()]
 
 
 def structure_problems(h5: h5py.File, header: StoreHeader) -> list[str]:
@@ -343,6 +358,11 @@ def structure_problems(h5: h5py.File, header: StoreHeader) -> list[str]:
                                                                          is_labelled(h5) else ()):
             if h5[name].shape != (rows,) or h5[name].dtype != np.int64:
                 problems.append(f"{name} is {h5[name].dtype}{list(h5[name].shape)}, expected int64[{rows}]")
+        digests = f"{prefix}file_sha256"  # only in stores made since featurekit records them
+        if "file_sha256" in h5 and (digests not in h5 or h5[digests].shape != (rows,)
+                                    or h5[digests].dtype != np.dtype(SHA256_DTYPE)):
+            found = f"{h5[digests].dtype}{list(h5[digests].shape)}" if digests in h5 else "missing"
+            problems.append(f"{digests} is {found}, expected {SHA256_DTYPE}[{rows}]")
     if h5["skipped_reasons"].shape != (k,):
         problems.append(f"{k} skipped paths but {len(h5['skipped_reasons'])} reasons")
     if n + k != header.n_listed:

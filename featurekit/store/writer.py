@@ -23,6 +23,7 @@ from ..images.listing import SplitListing, listing_changes
 from ..images.names import printable_path
 from .chunks import Chunk, PartialStore, store_lock, uncovered
 from .format import (
+    SHA256_DTYPE,
     STR,
     StoreHeader,
     StoreIdentity,
@@ -143,6 +144,9 @@ class StoreWriter:
             h5.create_dataset("classes", data=[printable_path(c) for c in self.listing.classes], dtype=STR)
             h5.create_dataset("skipped_reasons", data=reasons, dtype=STR)
             _write_records(h5, "skipped_", skipped)
+            if rows.sha256 is not None:  # provenance, not identity: not in the fingerprint
+                h5.create_dataset("file_sha256", data=rows.sha256.astype(SHA256_DTYPE))
+                h5.create_dataset("skipped_file_sha256", data=rows.skipped_sha256.astype(SHA256_DTYPE))
             h5.attrs.update(header.to_attrs())
             h5.attrs["complete"] = True
             h5.attrs["content_sha256"] = content_sha256(h5)

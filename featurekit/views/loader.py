@@ -18,9 +18,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import AugmentError, ImageDecodeError, SettingsError
-from ..images.decode import DecodePolicy, ImageSource, decode_image, to_rgb
+from ..images.decode import DecodePolicy, ImageSource, content_sha256, decode_bytes, read_image_bytes, to_rgb
 from .augment import ViewPlan
-from .gpu_decode import RawJpeg, read_for_gpu
+from .gpu_decode import RawJpeg, gpu_jpeg
 from .preprocessing import Preprocessing
 
 # An image to decode and its name in messages: an os path, a tar member or bytes (images.decode.ImageSource),
@@ -42,15 +42,18 @@ class ViewBatch:
     raw: list[RawJpeg] = field(default_factory=list)
     raw_rows: list[int] = field(default_factory=list)
     errors: list[tuple[int, str, str]] = field(default_factory=list)  # (index, path, reason)
+    sha256: dict[int, str] = field(default_factory=dict)  # index -> sha256 of the bytes read (kept or failed)
     chunk: tuple[int, int] | None = None
     last_in_chunk: bool = False
 
 
 class ViewDataset(Dataset):
-    """Item ``i`` of ``sources`` -> ``(i, payload)``.
+    """Item ``i`` of ``sources`` -> ``(i, payload, sha256)``.
 
     The payload is ``{key: uint8 view}`` after a PIL decode, a :class:`RawJpeg` for the GPU
-    (``policy.backend == "torchvision"``), or ``(name, reason)`` when the image cannot be decoded.
+    (``policy.backend == "torchvision"``), or ``(name, reason)`` when the image cannot be decoded;
+    ``sha256`` is the hex digest of the bytes the decode read (each file is read once), "" when
+    none were (an unreadable file, pixels given in memory).
     With a ``plan`` of several views, each view is ``uint8[plan.count, 3, H, W]`` (the plain
     view first), all cut from one PIL decode of image ``i`` (``i``: its listing index, which seeds them).
     """
@@ -74,15 +77,15 @@ class ViewDataset(Dataset):
     def __getitem__(self, index: int):
         source, display = self.sources[index]
         if isinstance(source, Image.Image):
-            return index, self._views(to_rgb(source, self.policy.alpha_background), index)
-        if self.policy.backend == "torchvision":
-            raw = read_for_gpu(source, display, self.policy)
-            if raw is not None:
-                return index, raw
+            return index, self._views(to_rgb(source, self.policy.alpha_background), index), ""
+        digest = ""
         try:
-            return index, self._views(decode_image(source, self.policy, display), index)
+            data = read_image_bytes(source, display)
+            digest = content_sha256(data)
+            raw = gpu_jpeg(data, source, display, self.policy) if self.policy.backend == "torchvision" else None
+            return index, raw or self._views(decode_bytes(data, self.policy, display), index), digest
         except ImageDecodeError as error:
-            return index, (error.path, error.reason)
+            return index, (error.path, error.reason), digest
 
     def _views(self, image: Image.Image, index: int) -> dict[str, torch.Tensor]:
         """The views of image ``index`` (subclasses make other views than the plain one)."""
@@ -94,7 +97,9 @@ class ViewDataset(Dataset):
 def collate_views(items) -> ViewBatch:
     batch = ViewBatch([], {})
     views: dict[str, list[torch.Tensor]] = {}
-    for index, payload in items:
+    for index, payload, digest in items:
+        if digest:
+            batch.sha256[index] = digest
         if isinstance(payload, tuple):
             batch.errors.append((index, *payload))
             continue
