@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_image_folder, write_jpeg, write_store
+from conftest import error_lines, make_image_folder, run_cli, write_jpeg, write_store
 
 from featurekit.errors import (
     FeaturekitError,
@@ -207,3 +207,30 @@ def test_a_second_run_into_the_same_folder_is_refused_while_one_runs(features, t
         with pytest.raises(LockError, match=r"ev: another featurekit process \(pid \d+\) is writing it"):
             evaluate_few_shot(features, ["a"], replace(SETTINGS, out=str(tmp_path / "ev")))
     assert not (tmp_path / "ev").exists()
+
+
+def test_the_command_writes_the_evaluation(features, tmp_path, capsys):
+    out = tmp_path / "cli"
+    run = run_cli(capsys, "evaluate", features, "--backbone", "a", "--shots", "1", "2", "--draws", "3", "--head",
+                  "logreg", "svm", "--out", out, "--no-plots", "--seed", "7", "--device", "cpu")
+    assert run.code == 0, run.err
+    evaluation = json.loads((out / "evaluation.json").read_text())
+    assert [(r["head"], r["shots"]) for r in evaluation["rows"]] == [
+        ("logreg", 1), ("logreg", 2), ("logreg", "all"), ("svm", 1), ("svm", 2), ("svm", "all")]
+    assert evaluation["seed"] == 7 and evaluation["files"] == ["evaluation.md", "evaluation.json"]
+    assert run.out.splitlines()[0].startswith("logreg, 1 shot: accuracy ")
+    assert run.out.splitlines()[-1] == f"written to {out}/ (evaluation.md, evaluation.json)"
+    assert "random weights" in run.err  # the test stores' weights, said as train-head says it
+    refused = run_cli(capsys, "evaluate", features, "--backbone", "a", "--draws", "0", "--out", tmp_path / "none")
+    assert refused.code == 1 and error_lines(refused.err) == ["featurekit: error: --draws must be at least 1 (got 0)"]
+    taken = run_cli(capsys, "evaluate", features, "--backbone", "a", "--head", "logreg", "--epochs", "3")
+    assert taken.code == 1 and "logreg head takes no parameter 'max_epochs'" in taken.err
+
+
+def test_no_standardize_fits_every_head_on_the_features_as_extracted(evaluated, features, tmp_path):
+    plain = evaluate_few_shot(features, ["a"], replace(SETTINGS, out=str(tmp_path / "ev"), standardize=False))
+    assert {kind: params["standardize"] for kind, params in plain["heads"].items()} == {"logreg": False, "knn": False}
+    assert evaluated[0]["heads"]["logreg"]["standardize"] is True and plain["standardize"] is False
+    assert [row["seeds"] for row in plain["rows"]] == [row["seeds"] for row in evaluated[0]["rows"]]
+    assert [row["accuracies"] for row in plain["rows"]] != [row["accuracies"] for row in evaluated[0]["rows"]]
+    assert "features as extracted (--no-standardize)" in (tmp_path / "ev" / "evaluation.md").read_text()

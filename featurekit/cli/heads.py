@@ -1,10 +1,10 @@
-"""``featurekit train-head`` and ``convert-head``."""
+"""``featurekit train-head``, ``evaluate`` and ``convert-head``."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from ..heads.settings import HeadOptions, TrainHeadSettings
+from ..heads.settings import EvaluateSettings, HeadOptions, TrainHeadSettings
 from ..options import add_settings, from_args, given
 from ._options import add_backbones, command, say
 
@@ -30,6 +30,25 @@ def run_train_head(args) -> int:
                         chosen.valid_split, given(HeadOptions, args), chosen.plots, chosen.augmented, chosen.tta)
     say(summary(report))
     return 0
+
+
+def add_evaluate(commands) -> None:
+    p = command(commands, "evaluate", "few-shot accuracy of heads: k training images per class, several draws",
+                description="Fit each head at its defaults on k training images of every class per seeded draw, "
+                            "score the whole valid split, and write the mean accuracy and its 95% interval per head "
+                            "and k, and on all training images (evaluation.json, evaluation.md, a plot).")
+    p.add_argument("features_dir", metavar="FEATURES_DIR", type=Path, help="extract's --out folder")
+    add_backbones(p, "stores to concatenate, in this order (as train-head takes them)")
+    add_settings(p, EvaluateSettings)
+    add_settings(p, HeadOptions, skip=("select", "seed", "patience"))  # no validation rows; --seed: the draws'
+    p.set_defaults(run=lambda args: say(summary_of_evaluation(args)))
+
+
+def summary_of_evaluation(args) -> list[str]:
+    from ..heads.fewshot import evaluate_few_shot, summary
+
+    params = {name: value for name, value in given(HeadOptions, args).items() if name != "seed"}
+    return summary(evaluate_few_shot(args.features_dir, args.backbone, from_args(EvaluateSettings, args), params))
 
 
 def add_convert_head(commands) -> None:
