@@ -12,7 +12,9 @@ from .extraction.engine import extract as extract
 from .extraction.settings import ExtractSettings as ExtractSettings
 from .finetuning.run import finetune as finetune
 from .finetuning.settings import FinetuneSettings as FinetuneSettings
+from .heads.fewshot import evaluate_few_shot as evaluate_few_shot
 from .heads.head_file import load_head as load_head
+from .heads.settings import EvaluateSettings as EvaluateSettings
 from .heads.train import train_head as train_head
 from .images.sources import SourceSettings as SourceSettings
 from .predict.classify import predict_files as predict_files

@@ -29,7 +29,7 @@ class Option:
     ``progress`` to False); ``parse``: turns the text given into the value (default: the field's type);
     ``given_only``: passed on only when given, else the library decides (the head parameters, whose
     default depends on the head); ``help_default``: what the help says the default is, where it
-    is not one value.
+    is not one value; ``short``: a one-letter alias (``-k``).
     """
 
     help: str
@@ -40,9 +40,11 @@ class Option:
     parse: Callable[[str], Any] | None = None
     given_only: bool = False
     help_default: str | None = None
+    short: str | None = None
 
-    def name(self, field_name: str) -> str:
-        return self.flag or "--" + field_name.replace("_", "-")
+    def names(self, field_name: str) -> list[str]:
+        """The option's names: ``flag`` (default ``--field-name``), then ``short`` (``-k``) if any."""
+        return [self.flag or "--" + field_name.replace("_", "-"), *([self.short] if self.short else [])]
 
 
 def setting(default: Any = MISSING, help: str = "", *, default_factory: Any = MISSING, **option: Any) -> Any:
@@ -74,7 +76,7 @@ def add_settings(parser: argparse.ArgumentParser, cls: type, *names: str, skip: 
     for field, option in options(cls):
         if (names and field.name not in names) or field.name in skip:
             continue
-        parser.add_argument(option.name(field.name), dest=field.name, **_argument(field, option, hints[field.name]))
+        parser.add_argument(*option.names(field.name), dest=field.name, **_argument(field, option, hints[field.name]))
 
 
 def _argument(field: dataclasses.Field, option: Option, hint: Any) -> dict:

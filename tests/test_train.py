@@ -137,13 +137,13 @@ def test_the_summary_line_names_every_file_written(two_backbone_features, tmp_pa
 def test_the_confusion_matrix_png_has_counts_a_colour_bar_and_a_title(two_backbone_features, tmp_path, monkeypatch):
     from featurekit.heads import report
 
-    figures, save = {}, report._save_figure
+    figures, save = {}, report.save_figure
 
     def capture(plt, figure, path):  # each figure's axes: (title, texts drawn in them)
         figures[path.name] = [(axis.get_title(), sorted(t.get_text() for t in axis.texts)) for axis in figure.axes]
         return save(plt, figure, path)
 
-    monkeypatch.setattr(report, "_save_figure", capture)
+    monkeypatch.setattr(report, "save_figure", capture)
     _, features_dir = two_backbone_features
     train_head(features_dir, ["a", "b"], "logreg", tmp_path / "out")
     (title, counts), colour_bar = figures["confusion_matrix.png"]

@@ -22,7 +22,7 @@ from ..errors import FeaturekitError, describe_os_error, one_line
 from ._options import HelpFormatter
 from .extract import add_extract
 from .finetune import add_finetune
-from .heads import add_convert_head, add_train_head
+from .heads import add_convert_head, add_evaluate, add_train_head
 from .predict import add_neighbors, add_predict
 from .stores import add_audit, add_export, add_housekeeping, add_info, add_list_backbones, add_verify
 
@@ -71,8 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=HelpFormatter)
     parser.add_argument("--version", action="version", version=f"featurekit {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (add_extract, add_verify, add_info, add_list_backbones, add_train_head, add_convert_head, add_predict,
-                add_neighbors, add_finetune, add_export, add_housekeeping, add_audit):
+    for add in (add_extract, add_verify, add_info, add_list_backbones, add_train_head, add_evaluate, add_convert_head,
+                add_predict, add_neighbors, add_finetune, add_export, add_housekeeping, add_audit):
         add(commands)
     return parser
 

@@ -1,10 +1,10 @@
-"""``featurekit train-head`` and ``convert-head``."""
+"""``featurekit train-head``, ``evaluate`` and ``convert-head``."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from ..heads.settings import HeadOptions, TrainHeadSettings
+from ..heads.settings import EvaluateSettings, HeadOptions, TrainHeadSettings
 from ..options import add_settings, from_args, given
 from ._options import add_backbones, command, library, say
 
@@ -31,6 +31,19 @@ def run_train_head(args) -> int:
                         chosen.exclude)
     say(summary(report))
     return 0
+
+
+def add_evaluate(commands) -> None:
+    p = command(commands, "evaluate", "few-shot accuracy of heads: k training images per class, several draws",
+                description="Fit each head at its defaults on k training images of every class per seeded draw, "
+                            "score the whole valid split, and write the mean accuracy and its 95% interval per head "
+                            "and k, and on all training images (evaluation.json, evaluation.md, a plot).")
+    p.add_argument("features_dir", metavar="FEATURES_DIR", type=Path, help="extract's --out folder")
+    add_backbones(p, "stores to concatenate, in this order (as train-head takes them)")
+    add_settings(p, EvaluateSettings)
+    add_settings(p, HeadOptions, skip=("select", "seed", "patience"))  # no validation rows; --seed: the draws'
+    p.set_defaults(run=lambda args: say(library("heads.fewshot").evaluate_and_summarise(
+        args.features_dir, args.backbone, from_args(EvaluateSettings, args), given(HeadOptions, args))))
 
 
 def add_convert_head(commands) -> None:

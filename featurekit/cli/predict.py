@@ -8,7 +8,7 @@ from pathlib import Path
 from ..backbones.settings import RunSettings
 from ..images.sources import SourceSettings
 from ..options import add_settings, from_args, parent, weights_path_parent
-from ..predict.settings import PredictOptions
+from ..predict.settings import NeighborsSettings, PredictOptions
 from ._options import add_backbones, command, say
 
 
@@ -54,24 +54,16 @@ def add_neighbors(commands) -> None:
     add_backbones(p, "stores to search, concatenated (default: the head's)", required=False)
     p.add_argument("--image", nargs="+", metavar="PATH", help="query image files or folders, as predict takes them "
                                                               "(default: the head's misclassified validation images)")
-    p.add_argument("--split", help="split searched for neighbours (default: the head's training split, or train)")
-    p.add_argument("--valid-split", help="split of the misclassified images (default: the head's validation split)")
-    p.add_argument("-k", "--neighbors", dest="k", type=int, default=5, help="neighbours per query")
-    p.add_argument("--sheet", type=Path, metavar="PNG",
-                   help="write a contact sheet of the queries and their neighbours (default: none)")
-    p.add_argument("--worst", type=int, default=16, help="queries on the contact sheet, worst first")
-    p.add_argument("--json", action="store_true", help="print one line of JSON instead of text")
+    add_settings(p, NeighborsSettings)
     add_settings(p, PredictOptions, "trust_paths")
     p.set_defaults(run=run_neighbors)
 
 
 def run_neighbors(args) -> int:
-    from ..predict.neighbors import describe_query, queries_json, search, write_sheet
+    from ..predict.neighbors import neighbors_report
 
-    found = search(args.head, args.features, args.backbone, args.image, args.split, args.valid_split, args.k,
-                   from_args(RunSettings, args, num_workers=None), args.trust_paths)
-    sheet = write_sheet(found, args.sheet, args.worst) if args.sheet and found.queries else None
-    say(queries_json(found.queries, found.about) if args.json else
-        [line for query in found.queries for line in describe_query(query)])
-    say(found.summary + (f"; contact sheet {sheet}" if sheet else ""), error=True)
+    lines, summary = neighbors_report(args.head, args.features, args.backbone, args.image, from_args(
+        NeighborsSettings, args), from_args(RunSettings, args, num_workers=None), args.trust_paths)
+    say(lines)
+    say(summary, error=True)
     return 0

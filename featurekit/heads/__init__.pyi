@@ -1,3 +1,4 @@
+from .fewshot import evaluate_few_shot as evaluate_few_shot
 from .head_file import load_head as load_head
 from .head_file import save_head as save_head
 from .knn import KNNHead as KNNHead
@@ -6,4 +7,5 @@ from .linear import LogisticHead as LogisticHead
 from .mlp import MLPHead as MLPHead
 from .registry import HEADS as HEADS
 from .registry import make_head as make_head
+from .settings import EvaluateSettings as EvaluateSettings
 from .train import train_head as train_head

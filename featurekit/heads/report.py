@@ -148,7 +148,7 @@ def write_reports(out_dir: Path, report: dict, plots: bool = True, points: Seque
     (``report_version`` and ``files``: ``written``, the files already there such as the head, and these,
     as paths relative to ``out_dir``)."""
     files = list(written)
-    plt, missing = _plotter(plots)
+    plt, missing = plotter(plots)
     if plt:
         files += _train_plots(plt, out_dir, report, points)
     names = [Path(path).relative_to(out_dir).as_posix() for path in files] + ["report.md", "report.json"]
@@ -295,7 +295,7 @@ def write_prediction_report(out: Path, about: dict, evaluation: dict, classes: l
     files = []
     title = f"{about['head']}\n{', '.join(about['folders'])}: accuracy {evaluation['accuracy']:.4f} " \
             f"({evaluation['n']} images)"
-    plt, missing = _plotter(plots)
+    plt, missing = plotter(plots)
     if plt:
         files.append(confusion_plot(plt, evaluation["confusion_matrix"], classes,
                                     out.with_name(out.name + PREDICTION_REPORT[0]), title))
@@ -325,7 +325,7 @@ def pyplot():
     return plt
 
 
-def _plotter(plots: bool):
+def plotter(plots: bool):
     """(pyplot, None) when plots are asked for and matplotlib imports; else (None, why: None if not asked)."""
     if not plots:
         return None, None
@@ -351,7 +351,7 @@ def _train_plots(plt, out_dir: Path, report: dict, points: Sequence[Points]) -> 
     return written
 
 
-def _save_figure(plt, figure, path: Path) -> Path:
+def save_figure(plt, figure, path: Path) -> Path:
     with atomic_output(path) as temporary:
         figure.savefig(temporary, dpi=100, format="png")
     plt.close(figure)
@@ -374,7 +374,7 @@ def _learning_curves(plt, history: list[dict], path: Path, train_label: str) -> 
         if axis.lines:  # an MLP fitted without validation has no accuracy curve
             axis.legend()
     figure.tight_layout()
-    return _save_figure(plt, figure, path)
+    return save_figure(plt, figure, path)
 
 
 def confusion_plot(plt, matrix: list[list[int]], classes: list[str], path: Path, title: str) -> Path:
@@ -388,7 +388,7 @@ def confusion_plot(plt, matrix: list[list[int]], classes: list[str], path: Path,
         axis.set(xticks=[], yticks=[])
     axis.set_title(title)
     figure.tight_layout()
-    return _save_figure(plt, figure, path)
+    return save_figure(plt, figure, path)
 
 
 def project(features: np.ndarray, reference_rows: int) -> tuple[np.ndarray, str]:
@@ -431,4 +431,4 @@ def embedding_plot(plt, points: Sequence[Points], path: Path, title: str) -> Pat
     axis.set_title(f"{title}\n{method} of {len(xy)} feature rows ({splits}), coloured by class")
     axis.set(xticks=[], yticks=[])
     figure.tight_layout()
-    return _save_figure(plt, figure, path)
+    return save_figure(plt, figure, path)

@@ -4,6 +4,7 @@
 to its estimator). :class:`HeadOptions` holds the parameters the command line sets; each head takes
 those its ``__init__`` has (:func:`~featurekit.heads.registry.make_heads`), and an option not given
 leaves each head its own default, which is the one written here (:data:`MLP`).
+:class:`TrainHeadSettings` and :class:`EvaluateSettings` are what train-head and evaluate run.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from ..devices import AUTO
 from ..options import setting
 from ..views.augment import TTA_VIEWS
 
-__all__ = ["ALL", "CLASS_WEIGHTS", "HEAD_KINDS", "MLP", "SELECT", "SELECT_RULES", "TRAIN_HEAD", "HeadOptions",
-           "KNN_PROTOCOLS", "TrainHeadSettings"]
+__all__ = ["ALL", "CLASS_WEIGHTS", "EVALUATE", "EvaluateSettings", "HEAD_KINDS", "MLP", "SELECT", "SELECT_RULES",
+           "TRAIN_HEAD", "HeadOptions", "KNN_PROTOCOLS", "TrainHeadSettings"]
 
 HEAD_KINDS = ("mlp", "logreg", "svm", "knn")  # --head all fits them in this order; ties keep the first fitted
 ALL = "all"
@@ -80,3 +81,29 @@ class TrainHeadSettings:
 
 
 TRAIN_HEAD = TrainHeadSettings()
+
+
+@dataclass(frozen=True)
+class EvaluateSettings:
+    """What ``evaluate`` measures: each head fitted at its defaults on ``shots`` training images per
+    class, ``draws`` seeded draws each, scored on the whole valid split, plus once on all training
+    rows (its Python form: :func:`~featurekit.heads.fewshot.evaluate_few_shot`)."""
+
+    heads: tuple[str, ...] = setting(("logreg", "knn"), "head kinds, each fitted at its defaults (a few rows leave "
+                                     "nothing to choose on); all: every kind", flag="--head",
+                                     choices=(*HEAD_KINDS, ALL))
+    shots: tuple[int, ...] = setting((1, 2, 4, 8, 16), "training images per class in a draw (a row on all the "
+                                     "training images is added)")
+    draws: int = setting(5, "draws per shot count: the mean and its 95% t-interval are over them")
+    seed: int = setting(0, "seed of the draws; every head sees the same draws")
+    train_split: str = setting("train", "split to draw the training images from")
+    valid_split: str = setting("valid", "split to score on, whole")
+    standardize: bool = setting(True, "fit the heads on the features as extracted, not standardised with the mean "
+                                "and std of the rows drawn (k per class: noisy statistics at a few shots)",
+                                flag="--no-standardize", negate=True)
+    out: str | None = setting(None, "output folder (default: FEATURES_DIR/evaluations/<backbones>)")
+    overwrite: bool = setting(False, "replace an evaluation already in the output folder")
+    plots: bool = setting(True, "write no PNG plot", flag="--no-plots", negate=True)
+
+
+EVALUATE = EvaluateSettings()

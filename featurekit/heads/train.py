@@ -75,6 +75,19 @@ def map_by_name(valid: FeatureSet, train: FeatureSet) -> ValidationRows:
     return ValidationRows(valid.features[keep], labels, excluded, keep)
 
 
+def scored_rows(valid: FeatureSet, train: FeatureSet, left_out_of: str) -> ValidationRows:
+    """:func:`map_by_name`, warning of the valid classes without training rows (left out of ``left_out_of``);
+    a valid split with no row of a training class is a :class:`SettingsError`."""
+    rows = map_by_name(valid, train)
+    if rows.excluded:
+        warnings.warn(f"split {valid.split!r} has classes without training rows, left out of {left_out_of}: "
+                      + ", ".join(f"{name} ({n} rows)" for name, n in rows.excluded.items()), FeaturekitWarning,
+                      stacklevel=3)
+    if not len(rows.labels):
+        raise SettingsError(f"split {valid.split!r}: no row of a class the training split has")
+    return rows
+
+
 def all_rows(features: np.ndarray, views: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Plain rows float32[N, C] and their views float32[N, K, C] as N (K + 1) rows, each image's
     rows adjacent (plain first), and the labels repeated: int64[N (K + 1)]. Adjacent rows keep an
@@ -289,13 +302,7 @@ def _train_head(features_dir: Path, store_names: Sequence[str], head_kind: str, 
     rows = None
     if valid is not None:
         check_same_extraction(train, valid)
-        rows = map_by_name(valid, train)
-        if rows.excluded:
-            warnings.warn(f"split {valid_split!r} has classes without training rows, left out of selection and "
-                          "metrics: " + ", ".join(f"{name} ({n} rows)" for name, n in rows.excluded.items()),
-                          FeaturekitWarning, stacklevel=2)
-        if not len(rows.labels):
-            raise SettingsError(f"split {valid_split!r}: no row of a class the training split has")
+        rows = scored_rows(valid, train, "selection and metrics")
     elif head_kind == "all":
         raise SettingsError("--head all chooses on the validation split; give one (--valid-split)")
     augmenting = f" and {held} augmented views of each{'' if train.views else ' (not used)'}" if held else ""

@@ -35,6 +35,9 @@ from ..images.sheets import Cell, SheetRow
 from ..store.dataset import FeatureSet, check_same_extraction, load_features
 from ..store.format import RANDOM, BackboneRecord, read_header, store_path, warn_random
 from .inputs import collect_inputs
+from .settings import NeighborsSettings
+
+NEIGHBORS = NeighborsSettings()
 
 logger = logging.getLogger(__name__)
 
@@ -273,3 +276,17 @@ def contact_sheet(queries: Sequence[Query], path: Path, policy: DecodePolicy, ti
                        "green" if n.label == expected else "red") for n in query.neighbours]
         rows.append(SheetRow(cells))
     return sheets.contact_sheet(rows, path, title, policy)
+
+
+def neighbors_report(head: str | os.PathLike | None, features_dir: str | os.PathLike | None,
+                     backbones: Sequence[str] | None, images: Sequence[str | os.PathLike] | None,
+                     settings: NeighborsSettings = NEIGHBORS, run: RunSettings | None = None,
+                     trust_paths: bool = False) -> tuple[list[str], str]:
+    """``featurekit neighbors``: :func:`search`, then the contact sheet if ``settings.sheet``. Returns
+    (the lines of the queries and their neighbours, or one line of JSON; the summary line)."""
+    found = search(head, features_dir, backbones, images, settings.split, settings.valid_split, settings.k, run,
+                   trust_paths)
+    sheet = write_sheet(found, settings.sheet, settings.worst) if settings.sheet and found.queries else None
+    lines = [queries_json(found.queries, found.about)] if settings.json else \
+        [line for query in found.queries for line in describe_query(query)]
+    return lines, found.summary + (f"; contact sheet {sheet}" if sheet else "")

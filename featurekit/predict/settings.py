@@ -8,7 +8,7 @@ from ..devices import PRECISIONS
 from ..options import setting
 from ..views.augment import TTA_VIEWS
 
-__all__ = ["FORMS", "PredictOptions"]
+__all__ = ["FORMS", "NeighborsSettings", "PredictOptions"]
 
 FORMS = ("csv", "json", "parquet", "kaggle", "kaggle-proba")
 
@@ -39,3 +39,19 @@ class PredictOptions:
     split: str | None = setting(None, "the split of --features to score (e.g. test)", help_default="none")
     overwrite: bool = setting(False, "replace an existing --out file (it stays whole until the new one replaces it)")
     trust_paths: bool = setting(False, "load a fine-tuned model whose model.json names files outside its folder")
+
+
+@dataclass(frozen=True)
+class NeighborsSettings:
+    """What ``neighbors`` searches beyond the head (``split``, ``valid_split``), how many neighbours
+    (``k``) and what it writes: a contact sheet of the ``worst`` queries, text or one line of JSON."""
+
+    split: str | None = setting(None, "split searched for neighbours",
+                                help_default="the head's training split, or train")
+    valid_split: str | None = setting(None, "split of the misclassified images",
+                                      help_default="the head's validation split")
+    k: int = setting(5, "neighbours per query", flag="--neighbors", short="-k")
+    sheet: str | None = setting(None, "write a contact sheet of the queries and their neighbours", metavar="PNG",
+                                help_default="none")
+    worst: int = setting(16, "queries on the contact sheet, worst first")
+    json: bool = setting(False, "print one line of JSON instead of text")
