@@ -237,3 +237,21 @@ def test_mlp_batch_size_auto_keeps_sixteen_steps_per_epoch(separable, monkeypatc
     assert used == [64, 64]  # 90 rows: batches of 64, the smallest auto size
     with pytest.raises(SettingsError, match=r"^mlp head: batch_size must be a number or auto \(got 'big'\)$"):
         MLPHead(batch_size="big").fit(*separable[:2])
+
+
+def test_the_cpu_dropout_drops_at_its_rate_and_keeps_the_mean():
+    from featurekit.heads.mlp import Dropout
+
+    torch.manual_seed(0)
+    x = torch.ones(400, 1000)
+    for p in (0.5, 0.2):
+        layer = Dropout(p).train()
+        out = layer(x)
+        dropped = (out == 0).float().mean().item()
+        assert abs(dropped - p) < 0.005 and torch.allclose(out[out != 0], torch.tensor(1 / (1 - p)))
+        assert abs(out.mean().item() - 1.0) < 0.01
+        torch.manual_seed(1)
+        first = layer(x)
+        torch.manual_seed(1)
+        assert torch.equal(first, layer(x)) and not torch.equal(first, layer(x))  # seeded, fresh each call
+    assert torch.equal(Dropout(0.5).eval()(x), x) and torch.equal(Dropout(0.0).train()(x), x)

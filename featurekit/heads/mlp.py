@@ -17,14 +17,30 @@ from .base import Head
 from .settings import MLP
 
 
+class Dropout(nn.Dropout):
+    """``nn.Dropout`` whose CPU masks come from 16 random bits per element, drawn 64 at a time.
+
+    On a CPU, torch's ``bernoulli_`` draws one number per element: on the recipe's input (5,000 x
+    2,560 per epoch) that was half of a bf16 MLP epoch (172 of 333 ms; 13 ms this way). An element is
+    dropped with probability ``round(p * 65536) / 65536`` (exactly ``p`` for 0.5), survivors scaled
+    by ``1 / (1 - p)``; other devices, and eval mode, are ``nn.Dropout``'s. Same seed, same masks."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or x.device.type != "cpu" or self.p in (0.0, 1.0) or x.numel() % 4:
+            return super().forward(x)
+        bits = torch.randint(-2 ** 63, 2 ** 63 - 1, (x.numel() // 4,), dtype=torch.int64, device=x.device)
+        kept = bits.view(torch.int16).view(x.shape) >= round(self.p * 65536) - 32768
+        return x * kept.to(x.dtype) * (1.0 / (1.0 - self.p))
+
+
 def build_mlp(in_features: int, hidden_sizes: tuple[int, ...], n_classes: int, dropout: float) -> nn.Sequential:
     """The recipe's head: (Dropout, Linear, ReLU) per hidden size, then Dropout, Linear(., C)."""
     layers: list[nn.Module] = []
     width = in_features
     for size in hidden_sizes:
-        layers += [nn.Dropout(dropout), nn.Linear(width, size), nn.ReLU(inplace=True)]
+        layers += [Dropout(dropout), nn.Linear(width, size), nn.ReLU(inplace=True)]
         width = size
-    return nn.Sequential(*layers, nn.Dropout(dropout), nn.Linear(width, n_classes))
+    return nn.Sequential(*layers, Dropout(dropout), nn.Linear(width, n_classes))
 
 
 class MLPHead(Head):
