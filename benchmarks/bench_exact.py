@@ -68,11 +68,15 @@ def sklearn_lbfgs(X: np.ndarray, y: np.ndarray, C: float, tol: float, max_iter: 
     X64, K = np.asarray(X, dtype=np.float64), int(y.max()) + 1
     loss = LinearModelLoss(base_loss=HalfMultinomialLoss(n_classes=K), fit_intercept=True)
     trace, start = [], time.perf_counter()
+
+    def record(intermediate_result):  # scipy passes the objective only to a parameter of this name
+        trace.append((time.perf_counter() - start, float(intermediate_result.fun)))
+
     result = optimize.minimize(loss.loss_gradient, np.zeros(K * (X.shape[1] + 1)), method="L-BFGS-B", jac=True,
                                args=(X64, y.astype(np.float64), None, 1.0 / (C * len(X)), 1),
                                options={"maxiter": max_iter, "maxls": 50, "gtol": tol,
                                         "ftol": 64 * np.finfo(float).eps},
-                               callback=lambda r: trace.append((time.perf_counter() - start, float(r.fun))))
+                               callback=record)
     return float(result.fun), time.perf_counter() - start, trace
 
 
