@@ -25,6 +25,10 @@ from typing import Any, BinaryIO, Iterable, Iterator, Sequence
 
 from .errors import LockError, SettingsError, WriteError, os_reason
 
+__all__ = ["FileLock", "atomic_output", "atomic_write", "check_output", "check_output_folder", "crash_point",
+           "file_sha256", "folder_lock", "fsync_dir", "hdf5_output", "lock_holder", "output_handle", "temporary_name",
+           "temporary_prefix"]
+
 # Testing hooks at the points of a commit protocol: FEATUREKIT_CRASH_AT=<point>[:<n>] SIGKILLs the
 # process the n-th time it reaches <point>, so tests can stop a real extraction exactly there;
 # FEATUREKIT_PAUSE_AT=<dir>:<point>[,<point>...] makes it create <dir>/<point>.<pid> on arrival and

@@ -16,19 +16,24 @@ PACKAGE = REPO / "featurekit"
 
 def imports(path):
     """(line, imported featurekit module) of every import in ``path``, at the top or inside a function."""
-    module = ".".join(path.relative_to(REPO).with_suffix("").parts)
-    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                parts = package.split(".")[:len(package.split(".")) - node.level + 1]
-                base = ".".join(parts + ([node.module] if node.module else []))
-            yield node.lineno, base
-            for alias in node.names:  # `from .. import heads` imports a subpackage
-                yield node.lineno, f"{base}.{alias.name}"
-        elif isinstance(node, ast.Import):
-            yield from ((node.lineno, alias.name) for alias in node.names)
+        yield from imports_of(path, node)
+
+
+def imports_of(path, node):
+    """(line, module) of the import ``node`` of ``path``: for `from X import a`, X, then X.a."""
+    module = ".".join(path.relative_to(REPO).with_suffix("").parts)
+    package = module if path.stem == "__init__" else module.rpartition(".")[0]
+    if isinstance(node, ast.ImportFrom):
+        base = node.module or ""
+        if node.level:
+            parts = package.split(".")[:len(package.split(".")) - node.level + 1]
+            base = ".".join(parts + ([node.module] if node.module else []))
+        yield node.lineno, base
+        for alias in node.names:  # `from .. import heads` imports a subpackage
+            yield node.lineno, f"{base}.{alias.name}"
+    elif isinstance(node, ast.Import):
+        yield from ((node.lineno, alias.name) for alias in node.names)
 
 
 def stage(module):
@@ -90,3 +95,25 @@ def test_no_subpackage_shadows_a_public_name_of_the_root():
               if isinstance(node, ast.ImportFrom) for alias in node.names}
     folders = {path.parent.name for path in PACKAGE.glob("*/__init__.py")} | {p.stem for p in PACKAGE.glob("*.py")}
     assert len(public) > 20 and not public & folders
+
+
+def test_what_a_module_takes_from_another_is_in_its_all():
+    # each module that others import says what it offers (__all__), and nobody takes its private names
+    modules = {".".join(p.relative_to(REPO).with_suffix("").parts): p for p in PACKAGE.rglob("*.py")}
+    offered = {}
+    for name, path in modules.items():
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "__all__" for t in node.targets):
+                offered[name] = set(ast.literal_eval(node.value))
+    taken = []
+    for path in [*PACKAGE.rglob("*.py"), *PACKAGE.rglob("*.pyi")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.ImportFrom):
+                continue
+            base = next(module for _, module in imports_of(path, node))
+            taken += [(path.relative_to(REPO), base, alias.name) for alias in node.names
+                      if base in modules and f"{base}.{alias.name}" not in modules
+                      and modules[base].name != "__init__.py"]
+    assert len(taken) > 200
+    assert [t for t in taken if t[1] not in offered] == []
+    assert [t for t in taken if t[2] not in offered[t[1]]] == []

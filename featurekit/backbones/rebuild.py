@@ -26,6 +26,9 @@ from .settings import RunSettings
 from .trunks import Backbone, load_backbone
 from .weights import weights_files
 
+__all__ = ["check_identity", "load_recorded", "recorded_backbones", "recorded_features", "recorded_settings",
+           "store_identity"]
+
 
 def store_identity(backbone: Backbone, settings: RunSettings) -> StoreIdentity:
     """The identity of the features ``backbone`` makes under resolved ``settings``."""

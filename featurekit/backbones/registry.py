@@ -25,6 +25,9 @@ from types import ModuleType
 
 from ..errors import BackboneError
 
+__all__ = ["BackboneSpec", "POOLS", "REGISTRY", "SOURCES", "describe_registry", "import_source", "source_hint",
+           "split_source", "torchvision_model_names"]
+
 # Backbones of other libraries, named "<source>:<model>": source -> (the module it imports, the extra
 # that installs it: pip install 'featurekit[<extra>]').
 SOURCES = {"timm": ("timm", "timm"), "open_clip": ("open_clip", "clip"), "hf": ("transformers", "hf")}

@@ -37,6 +37,8 @@ from ..views.preprocessing import Preprocessing
 from .settings import AUTO_DTYPE, BackboneChoice, RunSettings
 from .trunks import Backbone, load_backbone
 
+__all__ = ["FileFeatures", "TrunkRunner", "device_views", "embed", "fold_and_cast", "prepare_trunk", "storage_dtype"]
+
 FOLDABLE = [(nn.Conv1d, nn.BatchNorm1d), (nn.Conv2d, nn.BatchNorm2d), (nn.Conv3d, nn.BatchNorm3d),
             (nn.Linear, nn.BatchNorm1d)]  # torch.fx's own fuse() patterns, in its order
 

@@ -38,6 +38,9 @@ from .registry import POOLS, BackboneSpec, split_source
 from .trunks import Backbone
 from .weights import WeightsInfo
 
+__all__ = ["Built", "PRETRAINED", "check_pool", "config_sha256", "from_cache_or_hub", "hub_endpoint", "hub_hint",
+           "load_source", "no_node", "pool_tokens", "unwrap_prefix"]
+
 PRETRAINED = "pretrained"  # the weights name a store records for the library's own pretrained weights
 PRETRAINED_NAMES = ("DEFAULT", PRETRAINED)  # what --weights takes for them
 

@@ -37,6 +37,8 @@ from .sources import (
 from .trunks import FeatureTrunk, check_node, random_info
 from .weights import WeightsInfo, load_file, seed_random, state_sha256
 
+__all__ = ["token_pools"]
+
 
 class TimmTrunk(nn.Module):
     """``default``: the model's forward (``num_classes=0``: ``forward_head(..., pre_logits=True)``); token

@@ -31,6 +31,8 @@ from .registry import REGISTRY, BackboneSpec, source_hint, split_source
 from .settings import BackboneChoice
 from .weights import RANDOM_SEED, WeightsInfo, load_file, seed_random, state_sha256, torchvision_download
 
+__all__ = ["Backbone", "FeatureTrunk", "check_node", "load_backbone", "random_info"]
+
 
 @dataclass
 class Backbone:

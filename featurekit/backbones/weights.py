@@ -30,6 +30,9 @@ from torch import nn
 
 from ..errors import FeaturekitError, SettingsError, WeightsError, first_line
 
+__all__ = ["RANDOM_SEED", "WeightsInfo", "load_file", "read_tensors", "seed_random", "state_sha256",
+           "torchvision_download", "weights_files"]
+
 RANDOM_SEED = 0
 logger = logging.getLogger(__name__)
 

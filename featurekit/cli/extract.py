@@ -13,6 +13,8 @@ from ..options import add_settings, from_args, given, parent, weights_path_paren
 from ..views.augment import ViewPlan
 from ._options import add_backbones, command, say
 
+__all__ = ["add_extract"]
+
 EPILOG = """\
 A store that matches this run (its fingerprint: files, backbone, weights, preprocessing, settings) is
 "up to date"; a killed run resumes from its last committed chunk when the same command runs again;

@@ -8,6 +8,8 @@ from ..finetuning.settings import FinetuneSettings
 from ..options import add_settings, from_args, weights_path_parent
 from ._options import command, say
 
+__all__ = ["add_finetune"]
+
 EPILOG = """\
 --unfreeze: none (the classifier trains on augmented images), a module (layer4, _blocks.15, blocks.10:
 it and what follows train too), all, or STORE=NODE for one backbone. Writes model.json (predict --head
@@ -27,8 +29,7 @@ def add_finetune(commands) -> None:
     p.set_defaults(run=run_finetune)
 
 
-def run_finetune(args) -> int:
+def run_finetune(args) -> None:
     from ..finetuning.run import finetune, summary
 
     say(summary(finetune(args.head, args.data_root, args.out, from_args(FinetuneSettings, args), args.weights_path)))
-    return 0

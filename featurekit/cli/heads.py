@@ -8,6 +8,8 @@ from ..heads.settings import EvaluateSettings, HeadOptions, TrainHeadSettings
 from ..options import add_settings, from_args, given
 from ._options import add_backbones, command, library, say
 
+__all__ = ["add_convert_head", "add_evaluate", "add_train_head"]
+
 
 def add_train_head(commands) -> None:
     p = command(commands, "train-head", "train a classifier head on the stores of one or more backbones",
@@ -22,7 +24,7 @@ def add_train_head(commands) -> None:
     p.set_defaults(run=run_train_head)
 
 
-def run_train_head(args) -> int:
+def run_train_head(args) -> None:
     from ..heads.train import summary, train_head
 
     chosen = from_args(TrainHeadSettings, args)
@@ -30,7 +32,6 @@ def run_train_head(args) -> int:
                         chosen.valid_split, given(HeadOptions, args), chosen.plots, chosen.augmented, chosen.tta,
                         chosen.exclude)
     say(summary(report))
-    return 0
 
 
 def add_evaluate(commands) -> None:

@@ -11,6 +11,8 @@ from ..options import add_settings, from_args, parent, weights_path_parent
 from ..predict.settings import NeighborsSettings, PredictOptions
 from ._options import add_backbones, command, say
 
+__all__ = ["add_neighbors", "add_predict"]
+
 
 def add_predict(commands) -> None:
     p = command(commands, "predict", "classify images with a trained head, re-extracting their features (or "
@@ -26,7 +28,7 @@ def add_predict(commands) -> None:
     p.set_defaults(run=run_predict)
 
 
-def run_predict(args) -> int:
+def run_predict(args) -> None:
     from ..predict.outputs import predict_to
 
     to_stdout = args.out == "-"
@@ -34,7 +36,6 @@ def run_predict(args) -> int:
     lines = predict_to(args.head, paths, sys.stdout if to_stdout else args.out, from_args(PredictOptions, args),
                        from_args(RunSettings, args), args.weights_path)
     say(lines, error=to_stdout)
-    return 0
 
 
 NEIGHBORS_EPILOG = """\
@@ -59,11 +60,10 @@ def add_neighbors(commands) -> None:
     p.set_defaults(run=run_neighbors)
 
 
-def run_neighbors(args) -> int:
+def run_neighbors(args) -> None:
     from ..predict.neighbors import neighbors_report
 
     lines, summary = neighbors_report(args.head, args.features, args.backbone, args.image, from_args(
         NeighborsSettings, args), from_args(RunSettings, args, num_workers=None), args.trust_paths)
     say(lines)
     say(summary, error=True)
-    return 0

@@ -11,6 +11,8 @@ from ..options import add_settings, from_args
 from ..store.settings import ExportSettings
 from ._options import add_backbones, command, library, say
 
+__all__ = ["add_audit", "add_export", "add_housekeeping", "add_info", "add_list_backbones", "add_verify"]
+
 PATHS = "stores (OUT/<split>/<backbone>.h5), head files, fine-tuned model folders, or folders holding them"
 
 

@@ -30,6 +30,8 @@ import torch.distributed as dist
 from ..errors import SettingsError
 from .settings import Launch
 
+__all__ = ["barrier", "broadcast", "check_group"]
+
 # Ranks wait at the barrier for the slowest one; blocks are balanced, but a slow disk or a
 # skewed split must not turn a long extraction into a timeout.
 BARRIER_TIMEOUT = datetime.timedelta(hours=24)

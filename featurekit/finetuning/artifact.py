@@ -50,6 +50,8 @@ from ..records import missing, parse
 from ..store.format import BackboneRecord, store_path
 from .model import FinetuneModel, build_head_layers
 
+__all__ = ["Classifier", "MODEL_FILE", "find_head_file", "load_classifier", "save_model", "save_tensors"]
+
 MODEL_PT = "model.pt"  # the classifier's state dict
 MODEL_FORMAT_VERSION = 2  # 2: an svm classifier is a Linear with its temperature folded in (1: Platt sigmoids)
 

@@ -34,6 +34,8 @@ from ..views.loader import ViewBatch, ViewDataset, collate_views, iterate_views
 from .model import FinetuneModel
 from .settings import FinetuneSettings
 
+__all__ = ["Evaluation", "Finetuner", "Split", "head_split", "parameter_groups", "train_step", "unfreeze_map"]
+
 # --------------------------------------------------------------------------- data
 
 

@@ -47,6 +47,8 @@ from ..heads.base import Head
 from ..heads.mlp import build_mlp
 from .settings import BATCHNORM_MODES, FINETUNABLE_HEADS
 
+__all__ = ["FinetuneModel", "build_head_layers", "head_layers", "unfrozen_part"]
+
 # --------------------------------------------------------------------------- the head as layers
 
 

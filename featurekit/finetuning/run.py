@@ -53,6 +53,8 @@ from .loop import Evaluation, Finetuner, Split, head_split, unfreeze_map
 from .model import FinetuneModel, head_layers
 from .settings import FinetuneSettings
 
+__all__ = ["CHECKPOINT_FILE", "finetune", "prepare", "summary"]
+
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "checkpoint.pt"

@@ -9,6 +9,8 @@ import math
 
 import torch
 
+__all__ = ["cross_fitted_log_loss", "fit_temperature", "log_loss"]
+
 
 def fit_temperature(scores: torch.Tensor, targets: torch.Tensor) -> float:
     """Inverse temperature ``a`` >= 0 minimising the mean cross-entropy of ``softmax(a * scores)``

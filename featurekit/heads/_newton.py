@@ -30,6 +30,8 @@ import torch
 
 from ._objective import Point, Problem
 
+__all__ = ["GRAM_ROWS", "affordable", "newton"]
+
 GRAM_ROWS = 4096  # Newton steps up to this many rows: X X' is formed once per path (float64[N, N])
 NEWTON_ROWS = 2048  # ... and only while every class has at most this many rows in its margin
 NEWTON_PASSES = 10  # ... and a step costs at most the operations of this many products with X (5 L-BFGS iterations)

@@ -15,6 +15,8 @@ from typing import ClassVar, Literal
 import torch
 import torch.nn.functional as F
 
+__all__ = ["LOSSES", "Loss", "Point", "Problem", "Trial", "check_problem", "where_blocks"]
+
 Loss = Literal["logistic", "squared_hinge"]
 LOSSES: tuple[str, ...] = ("logistic", "squared_hinge")
 _PRECONDITIONER_ROWS = 2048  # rows the preconditioner's diagonal is estimated on (every stride-th)

@@ -43,6 +43,8 @@ from ..errors import HeadError, SettingsError
 from . import selection
 from .settings import CLASS_WEIGHTS, SELECT_RULES
 
+__all__ = ["C_GRID", "Head", "ProbabilityModel", "proba_scores"]
+
 # 45 log-spaced C in [1e-6, 1e5], four per decade, to 3 significant digits (1e-6, 1.78e-6, 3.16e-6, ...):
 # the linear-probe protocols' sweep, affordable since each C starts from the last solution
 C_GRID = tuple(float(f"{C:.3g}") for C in np.logspace(-6, 5, 45))

@@ -47,8 +47,8 @@ from .report import json_default, plotter, save_figure
 from .settings import ALL, EVALUATE, EvaluateSettings
 from .train import ValidationRows, refuse_unlabelled, scored_rows
 
-__all__ = ["EVALUATION_FILES", "draw_rows", "draw_seed", "evaluate_and_summarise", "evaluate_few_shot", "summary",
-           "t_interval"]
+__all__ = ["EVALUATION_FILES", "draw_rows", "draw_seed", "evaluate_and_summarise", "evaluate_few_shot", "score_draw",
+           "summary", "t_interval"]
 
 logger = logging.getLogger(__name__)
 

@@ -51,6 +51,8 @@ from .registry import HEADS
 from .report import json_default
 from .solver import LinearFit
 
+__all__ = ["HEAD_FILE", "OLD_HEAD_FILE", "load_head", "save_head"]
+
 OLD_HEAD_FILE = "head.joblib"  # what it wrote before head format 2: a pickle, never loaded by default
 HEAD_FORMAT_VERSION = 2  # 1: a joblib pickle of the head object
 FITTED = ("best_params_", "selection_", "history_", "fit_seconds_", "n_iter_", "n_features_in_", "precision_")

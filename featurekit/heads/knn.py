@@ -12,6 +12,8 @@ from .nearest import top_k, unit_rows
 from .selection import SELECT
 from .settings import KNN_PROTOCOLS
 
+__all__ = ["KNNHead", "Neighbours", "similarity_rows", "unit_rows"]
+
 K_GRIDS = {"featurekit": (1, 3, 5, 10, 20, 50), "dino": (10, 20, 100, 200)}  # n_neighbors_grid="auto"
 
 

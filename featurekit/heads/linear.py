@@ -20,6 +20,8 @@ from .base import C_GRID, Head
 from .selection import SELECT
 from .solver import LinearFit
 
+__all__ = ["LinearSVMHead", "LogisticHead"]
+
 
 class LinearHead(Head):
     """A linear head fitted by :mod:`featurekit.heads.solver`: every class at once, in torch on

@@ -16,6 +16,8 @@ from . import selection
 from .base import Head
 from .settings import MLP
 
+__all__ = ["Dropout", "MLPHead", "build_mlp"]
+
 
 class Dropout(nn.Dropout):
     """``nn.Dropout`` whose CPU masks come from 16 random bits per element, drawn 64 at a time.

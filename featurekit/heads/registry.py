@@ -9,6 +9,8 @@ from .linear import LinearSVMHead, LogisticHead
 from .mlp import MLPHead
 from .settings import HEAD_KINDS
 
+__all__ = ["HEADS", "make_head", "make_heads"]
+
 HEADS: dict[str, type[Head]] = {cls.kind: cls for cls in (MLPHead, LogisticHead, LinearSVMHead, KNNHead)}
 assert tuple(HEADS) == HEAD_KINDS, "heads.settings.HEAD_KINDS names the heads registered here, in order"
 

@@ -38,6 +38,10 @@ from sklearn import metrics
 from ..files import atomic_output, atomic_write
 from . import selection
 
+__all__ = ["PREDICTION_REPORT", "Points", "choice_reason", "classification_metrics", "describe", "json_default",
+           "labelled_metrics", "plotter", "save_figure", "scores_line", "tied_with", "write_prediction_report",
+           "write_reports"]
+
 logger = logging.getLogger(__name__)
 
 REPORT_VERSION = 3

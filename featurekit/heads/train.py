@@ -52,6 +52,9 @@ from .report import Points, choice_reason, classification_metrics, describe, tie
 from .selection import SELECT, choose
 from .settings import TRAIN_HEAD
 
+__all__ = ["ValidationRows", "map_by_name", "refuse_unlabelled", "scored_rows", "summary", "test_time_metrics",
+           "test_time_proba", "train_head", "valid_features"]
+
 logger = logging.getLogger(__name__)
 
 

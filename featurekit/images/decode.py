@@ -26,6 +26,9 @@ from ..errors import ImageDecodeError, SettingsError, first_line, os_reason
 from ..options import setting
 from .names import printable_path
 
+__all__ = ["DecodePolicy", "ImageBytes", "ImageSource", "Unavailable", "content_sha256", "decode_bytes", "decode_image",
+           "jpeg_damage", "open_image", "read_image_bytes", "size_refusal", "to_rgb"]
+
 # --------------------------------------------------------------------------- decoding
 
 

@@ -27,6 +27,9 @@ from ..errors import DataError, os_reason
 from .decode import ImageBytes, ImageSource
 from .names import counted, printable_path
 
+__all__ = ["IMAGE_EXTENSIONS", "ImageRecord", "SPLIT_NAMES", "SplitListing", "is_dir", "is_image_name", "list_split",
+           "listing_changes"]
+
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
 )
@@ -215,8 +218,8 @@ def layout_hint(root: Path, split: str) -> str:
         return f"; there is no folder {shown}"
     try:
         entries = [e for e in os.scandir(root) if not e.name.startswith(".")]
-        folders = sorted(e.name for e in entries if _is_dir(e))
-        loose = [e.name for e in entries if not _is_dir(e) and _is_image_name(e.name)]
+        folders = sorted(e.name for e in entries if is_dir(e))
+        loose = [e.name for e in entries if not is_dir(e) and is_image_name(e.name)]
         with_images = [name for name in folders if _holds_images(root / name)]
     except OSError:
         return ""
@@ -237,7 +240,7 @@ def layout_hint(root: Path, split: str) -> str:
 
 def _holds_images(folder: Path) -> bool:
     with os.scandir(folder) as entries:
-        return any(_is_image_name(e.name) and not _is_dir(e) for e in entries if not e.name.startswith("."))
+        return any(is_image_name(e.name) and not is_dir(e) for e in entries if not e.name.startswith("."))
 
 
 def listing_changes(recorded: dict[str, tuple[int, int]], recorded_classes: list[str],
@@ -303,9 +306,9 @@ class _Walk:
         for entry in entries:
             if entry.name.startswith("."):
                 self._hidden(entry, entry.name)
-            elif _is_dir(entry):
+            elif is_dir(entry):
                 classes.append(entry.name)
-            elif _is_image_name(entry.name):
+            elif is_image_name(entry.name):
                 self.outside.append(printable_path(entry.name))
                 self.loose.append(entry)
             else:
@@ -322,17 +325,17 @@ class _Walk:
             child = f"{relative}/{entry.name}"
             if entry.name.startswith("."):
                 self._hidden(entry, child)
-            elif _is_dir(entry):
+            elif is_dir(entry):
                 if self.enter(child, entry.path):
                     records += self.images_in(child, label) or []
-            elif _is_image_name(entry.name):
+            elif is_image_name(entry.name):
                 records.append(_record(child, entry, label))
             else:
                 self.ignored.append(printable_path(child))
         return records
 
     def _hidden(self, entry: os.DirEntry, relative: str) -> None:
-        if _is_dir(entry) or _is_image_name(entry.name):  # a hidden .DS_Store is not worth a word
+        if is_dir(entry) or is_image_name(entry.name):  # a hidden .DS_Store is not worth a word
             self.hidden.append(printable_path(relative))
 
     def _printable_relative(self, real: str) -> str:
@@ -345,14 +348,14 @@ def _contains(folder: str, path: str) -> bool:
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
-def _is_dir(entry: os.DirEntry) -> bool:
+def is_dir(entry: os.DirEntry) -> bool:
     try:
         return entry.is_dir()  # follows links
     except OSError:  # a link into a loop of links: listed as a file, decoding gives the reason
         return False
 
 
-def _is_image_name(name: str) -> bool:
+def is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 

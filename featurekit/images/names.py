@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import re
 
+__all__ = ["NAMES_SHOWN", "counted", "fs_path", "printable_path"]
+
 NAMES_SHOWN = 5  # names per notice line; the rest are counted
 
 # --------------------------------------------------------------------------- names

@@ -47,6 +47,8 @@ from ..store.layout import TEST_TIME
 from ..views.augment import ViewPlan
 from .inputs import Inputs, collect_inputs
 
+__all__ = ["Predictions", "head_features", "predict_files", "predict_store"]
+
 logger = logging.getLogger(__name__)
 
 

@@ -26,9 +26,11 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import DataError
-from ..images.listing import _is_dir, _is_image_name, list_split
+from ..images.listing import is_dir, is_image_name, list_split
 from ..images.lists import is_list_reference, read_list
 from ..images.names import NAMES_SHOWN, counted, printable_path
+
+__all__ = ["Inputs", "collect_inputs"]
 
 
 @dataclass
@@ -74,11 +76,11 @@ def _add_folder(found: Inputs, folder: Path, classes: Sequence[str]) -> None:
     with os.scandir(folder) as scan:
         entries = sorted(scan, key=lambda entry: os.fsencode(entry.name))
     visible = [e for e in entries if not e.name.startswith(".")]
-    subfolders = [e.name for e in visible if _is_dir(e)]
+    subfolders = [e.name for e in visible if is_dir(e)]
     if subfolders and {printable_path(name) for name in subfolders} <= set(classes):  # as heads record them
         _add_labelled(found, folder)
         return
-    images = [e for e in visible if not _is_dir(e) and _is_image_name(e.name)]
+    images = [e for e in visible if not is_dir(e) and is_image_name(e.name)]
     found.files += [(e.path, f"{shown}/{printable_path(e.name)}") for e in images]
     found.truth += [None] * len(images)
     if subfolders:
@@ -87,7 +89,7 @@ def _add_folder(found: Inputs, folder: Path, classes: Sequence[str]) -> None:
         found.notices.append(f"{shown}: {named} (not a labelled folder <class>/<image>: the head has no class "
                              f"{', '.join(strangers[:NAMES_SHOWN])}{' ...' if len(strangers) > NAMES_SHOWN else ''}; "
                              "give a subfolder as a PATH to classify its images)")
-    others = [printable_path(e.name) for e in visible if not _is_dir(e) and not _is_image_name(e.name)]
+    others = [printable_path(e.name) for e in visible if not is_dir(e) and not is_image_name(e.name)]
     if others:
         found.notices.append(f"{shown}: {counted(others, 'file', 'files', 'without an image extension ignored')}")
     hidden = [printable_path(e.name) for e in entries if e.name.startswith(".") and e.name != ".DS_Store"]

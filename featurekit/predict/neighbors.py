@@ -37,6 +37,8 @@ from ..store.format import RANDOM, BackboneRecord, read_header, store_path, warn
 from .inputs import collect_inputs
 from .settings import NeighborsSettings
 
+__all__ = ["CAPTION", "Gallery", "neighbors_report", "search"]
+
 NEIGHBORS = NeighborsSettings()
 
 logger = logging.getLogger(__name__)

@@ -32,6 +32,8 @@ from ..store.format import store_path
 from .classify import Predictions, predict_files, predict_store
 from .settings import FORMS, PredictOptions
 
+__all__ = ["predict_to", "write_predictions"]
+
 KAGGLE = ("kaggle", "kaggle-proba")  # Kaggle's id,label submissions: class names, or a binary head's probability
 RECORD = ".json"  # the run's record, beside the table; a labelled folder's report: PREDICTION_REPORT
 

@@ -38,6 +38,8 @@ from ..files import FileLock, atomic_output, crash_point, fsync_dir, temporary_n
 from .format import SHA256_DTYPE
 from .layout import PLAIN
 
+__all__ = ["Chunk", "PartialStore", "store_lock", "uncovered"]
+
 MANIFEST_VERSION = 1
 DIGEST_PREFIX = "file_"  # a chunk's file digests: file_sha256, file_skipped_sha256
 SHORT_LOCK_S = 30  # how long a shard waits for a lock that others hold only to replace a manifest

@@ -51,6 +51,9 @@ from .format import (
 )
 from .layout import AUGMENTED, PLAIN, TEST_TIME
 
+__all__ = ["FeatureDataset", "FeatureSet", "StoreInfo", "check_same_extraction", "checked_stores", "load_features",
+           "open_features", "store_files"]
+
 READ_BLOCK_ROWS = 8192
 
 
@@ -176,7 +179,7 @@ def load_features(features_dir: str | os.PathLike, split: str, store_names: Sequ
     to read too (:mod:`featurekit.store.layout`), into ``FeatureSet.views``, the same columns of
     each view; the stores agree on which they hold (the run fields), and one without them is refused.
     """
-    headers, full = _checked_stores(features_dir, split, store_names, verify, views)
+    headers, full = checked_stores(features_dir, split, store_names, verify, views)
     chosen = _columns(columns, full[-1].columns.stop)
     held, n = headers[0].header.extra_datasets, len(headers[0].paths)
     for name in views:
@@ -224,7 +227,7 @@ def _read_columns(path: Path, local: np.ndarray, out: np.ndarray, name: str = PL
             out[rows] = source[rows, ..., local[0]:local[-1] + 1] if contiguous else source[rows][..., local]
 
 
-def _checked_stores(features_dir, split, store_names, verify, views=()) -> tuple[list[StoreContents], list[StoreInfo]]:
+def checked_stores(features_dir, split, store_names, verify, views=()) -> tuple[list[StoreContents], list[StoreInfo]]:
     files = store_files(features_dir, split, store_names)
     headers = [read_store(path, features=False) for path in files]
     check_alignment(store_names, headers, split, views)
@@ -260,7 +263,7 @@ class FeatureDataset(Dataset):
     """
 
     def __init__(self, features_dir: str | os.PathLike, split: str, store_names: Sequence[str], verify: bool = True):
-        headers, self.stores = _checked_stores(features_dir, split, store_names, verify)
+        headers, self.stores = checked_stores(features_dir, split, store_names, verify)
         if headers[0].labels is None:
             raise StoreError(f"{self.stores[0].path}: an unlabelled store (images without classes) has no labels to "
                              "pair rows with; read its features with featurekit.load")

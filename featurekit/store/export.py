@@ -32,7 +32,7 @@ import numpy as np
 from .. import __version__
 from ..errors import SettingsError
 from ..files import atomic_output, atomic_write, check_output
-from .dataset import StoreInfo, _checked_stores, store_files
+from .dataset import StoreInfo, checked_stores, store_files
 from .format import StoreContents, reading
 from .settings import ExportSettings
 
@@ -57,7 +57,7 @@ def export(features_dir: str | os.PathLike, split: str, store_names: Sequence[st
     for path in outputs:
         check_output(path, inputs, overwrite=settings.overwrite)
     pq = parquet_module() if settings.form == "parquet" else None
-    contents, stores = _checked_stores(features_dir, split, store_names, verify=True)
+    contents, stores = checked_stores(features_dir, split, store_names, verify=True)
     record = export_record(split, contents, stores, settings.dtype)
     blocks = _blocks(contents[0], stores, settings)
     if pq is not None:

@@ -32,6 +32,11 @@ from ..errors import FeaturekitWarning, SettingsError, StoreError, first_line, s
 from ..records import parse
 from .layout import PLAIN, extra_datasets
 
+__all__ = ["BackboneRecord", "DIGEST_BLOCK_ROWS", "FEATURES_VERSION", "FORMAT", "RANDOM", "SHA256_DTYPE", "STR",
+           "StoreContents", "StoreHeader", "StoreIdentity", "check_content", "content_sha256", "file_stem",
+           "fingerprint", "is_labelled", "open_h5", "read_header", "read_store", "reading", "recorded_files",
+           "store_path", "strings", "structure_problems", "warn_random"]
+
 FORMAT = "featurekit.store"
 FORMAT_VERSION = 3  # 2: listing_sha256; identity and header as one schema. 3: views beside the plain row
 READABLE_VERSIONS = (2, 3)  # a format 2 store reads as a store without views (its attributes are format 3's)

@@ -33,6 +33,8 @@ from .format import (
     structure_problems,
 )
 
+__all__ = ["verify_store", "verify_stores"]
+
 
 @dataclass
 class VerifyReport:

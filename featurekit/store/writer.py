@@ -36,6 +36,8 @@ from .format import (
     strings,
 )
 
+__all__ = ["StoreWriter"]
+
 logger = logging.getLogger(__name__)
 
 

@@ -66,7 +66,7 @@ if TYPE_CHECKING:  # torch and torchvision are imported where views are cut: bui
     from .preprocessing import Preprocessing
 
 __all__ = ["AUGMENT_POLICIES", "AugmentPolicy", "CACHE_AUGMENT_POLICY", "DEFAULT_AUGMENT_POLICY", "TTA_VIEWS",
-           "ViewPlan", "augment_policy", "tta_views", "view_seed"]
+           "ViewPlan", "augment_policy", "tta_views", "view_seed", "views_refusal"]
 
 # Test-time mode -> views it makes per image, the plain view first (tta_views makes them).
 TTA_VIEWS: Mapping[str, int] = MappingProxyType({"none": 1, "flip": 2, "five-crop": 5})

@@ -26,6 +26,8 @@ from torchvision.transforms import functional as F
 from ..errors import ImageDecodeError
 from ..images.decode import DecodePolicy, ImageSource, decode_image, jpeg_damage, size_refusal
 
+__all__ = ["RawJpeg", "apply_orientation", "decode_batch", "gpu_jpeg"]
+
 # torchvision 0.29 deprecates its decoders in favour of TorchCodec; decode_jpeg still works, and
 # featurekit keeps it until TorchCodec's batched nvJPEG decoding is a drop-in replacement.
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",

@@ -23,6 +23,8 @@ from .augment import ViewPlan
 from .gpu_decode import RawJpeg, gpu_jpeg
 from .preprocessing import Preprocessing
 
+__all__ = ["Source", "ViewBatch", "ViewDataset", "collate_views", "iterate_views"]
+
 # An image to decode and its name in messages: an os path, a tar member or bytes (images.decode.ImageSource),
 # or a PIL image for pixels already in memory.
 Source = tuple[Union[ImageSource, Image.Image], str]

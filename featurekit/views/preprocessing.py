@@ -45,6 +45,8 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 from torchvision.transforms.v2 import functional as F2
 
+__all__ = ["Preprocessing", "pair"]
+
 RESIZE_MODES = ("shorter", "shorter_round", "longer_round", "squash", "none")
 CROP_MODES = ("center", "center_floor", "none")
 RESAMPLERS = ("pil", "torch")
