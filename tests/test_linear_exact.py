@@ -146,3 +146,16 @@ def test_a_row_of_weight_2_counts_as_the_row_twice(loss):
     assert weighted.converged and plain.converged
     assert (weighted.coef - plain.coef).abs().max() < 1e-3 * plain.coef.abs().max()
     assert (weighted.intercept - plain.intercept).abs().max() < 1e-3
+
+
+@pytest.mark.parametrize("head", ["logreg", "svm"])
+def test_a_head_sweeps_at_1_percent_but_returns_the_kept_c_solved_exactly(head):
+    # the heads' sweep solves each C to sweep_tol (1e-2) to choose, then refits the kept C to tol (1e-4)
+    from featurekit.heads.registry import HEADS
+
+    X, y = data("many")
+    train, valid = np.arange(len(y)) % 4 != 0, np.arange(len(y)) % 4 == 0
+    fitted = HEADS[head](C_grid=(0.01, 0.1, 1.0, 10.0), standardize=False).fit(X[train], y[train], X[valid], y[valid])
+    fit = fitted.model_
+    assert fitted.sweep_tol == solver.SWEEP_TOL > solver.TOL and fit.tol == solver.TOL and fit.converged
+    assert fit.C == fitted.C_ and relative_gap(X[train], y[train], fit) <= GAP
