@@ -126,3 +126,23 @@ def test_exact_copies_group_by_digest_and_only_colliding_sizes_are_hashed(tmp_pa
     files["e"].write_bytes(b"changed!")  # changed since extraction: its bytes are no longer the store's
     again = row_digests([None], [5], np.array([4, 4, 4, 10, 4]), [str(files[n]) for n in "abcde"])
     assert again.changed == [4] and [g.tolist() for g in equal_groups(again.sha256)] == [[0, 1]]
+
+
+def test_the_decode_check_leaves_the_warning_filters_as_it_found_them(tmp_path):
+    # a catch_warnings in each worker thread restored the filters out of order and left "ignore"
+    # behind: a later warning of the audit (a split of one class) then went unsaid, now and then
+    import warnings
+
+    from PIL import Image
+
+    from featurekit.auditing.oddities import header_oddities
+
+    paths = []
+    for i in range(400):
+        paths.append(tmp_path / f"{i}.png")
+        Image.new("P", (8, 8), i % 256).save(paths[-1])
+    before = (list(warnings.filters), warnings.showwarning)
+    for _ in range(3):
+        found = header_oddities(paths, tiny=16, workers=8)
+        assert (list(warnings.filters), warnings.showwarning) == before
+    assert len(found) == 400 and found[0] == (0, "palette PNG, tiny (8x8)")

@@ -26,20 +26,21 @@ SMALL_CLASS = 10  # rows: a class under this is listed
 
 def header_oddities(sources: Sequence[ImageSource], tiny: int, workers: int = 4) -> list[tuple[int, str]]:
     """(row, what is odd) of every row whose file header shows a palette, several frames, or a side < ``tiny``."""
-    with ThreadPoolExecutor(workers) as pool:
-        found = pool.map(lambda source: _odd(source, tiny), sources, chunksize=64)
-        return [(row, odd) for row, odd in enumerate(found) if odd]
+    # PIL's warnings (large images, palette transparency) silenced here, once, by this thread: a
+    # catch_warnings per worker thread restores the filters out of order and left "ignore" behind
+    with warnings.catch_warnings(), ThreadPoolExecutor(workers) as pool:
+        warnings.simplefilter("ignore")
+        found = list(pool.map(lambda source: _odd(source, tiny), sources, chunksize=64))
+    return [(row, odd) for row, odd in enumerate(found) if odd]
 
 
 def _odd(source: ImageSource, tiny: int) -> str:
     try:
-        with open_image(source) as handle, warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Image.open(handle) as image:
-                width, height = image.size
-                said = [f"palette {image.format}" if image.mode in ("P", "PA") else "",
-                        f"{image.n_frames} frames" if getattr(image, "n_frames", 1) > 1 else "",
-                        f"tiny ({width}x{height})" if min(width, height) < tiny else ""]
+        with open_image(source) as handle, Image.open(handle) as image:
+            width, height = image.size
+            said = [f"palette {image.format}" if image.mode in ("P", "PA") else "",
+                    f"{image.n_frames} frames" if getattr(image, "n_frames", 1) > 1 else "",
+                    f"tiny ({width}x{height})" if min(width, height) < tiny else ""]
     except Exception:  # noqa: BLE001 - PIL raises many types; a file changed or gone since is not a decode oddity
         return ""
     return ", ".join(filter(None, said))
