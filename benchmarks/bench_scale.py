@@ -232,7 +232,8 @@ def audit_store(n: int, base: Path) -> tuple[Path, int]:
     return features_dir, len(range(0, n, 2 * CHUNK))
 
 
-def run_audit_size(n: int, base: Path, full_max: int, slice_blocks: int, ivf_max: int) -> dict[str, tuple]:
+def run_audit_size(n: int, base: Path, full_max: int, slice_blocks: int, ivf_max: int,
+                   device: str = "cpu") -> dict[str, tuple]:
     """Each stage of the audit on n rows: (Measured, note); the search extrapolated above ``full_max``."""
     from featurekit.auditing import labels
     from featurekit.auditing.approximate import faiss_available, ivf_pairs
@@ -255,7 +256,8 @@ def run_audit_size(n: int, base: Path, full_max: int, slice_blocks: int, ivf_max
     rule, split_of = NearRule(0.95, 0.45, 0.70, 10), np.zeros(n, np.int64)
     partial = n > full_max
     with Measured("search") as measured:
-        found = all_pairs(rows, 11, normalise, precision="bf16", max_blocks=slice_blocks if partial else None)
+        found = all_pairs(rows, 11, normalise, precision="bf16", max_blocks=slice_blocks if partial else None,
+                          device=device)
     done, total = found.stats["score_blocks"], found.stats["total_score_blocks"]
     if partial:
         measured.seconds *= total / done
@@ -275,7 +277,7 @@ def run_audit_size(n: int, base: Path, full_max: int, slice_blocks: int, ivf_max
     y = np.arange(n) % AUDIT_CLASSES
     with Measured("labels") as measured:
         X = labels.principal_features(rows, [(0, n)]) if n > 200_000 else labels.standardised_rows(rows, [(0, n)])
-        oof = labels.out_of_fold_proba(X, y, AUDIT_CLASSES, 5, 1e-3, device="cpu")
+        oof = labels.out_of_fold_proba(X, y, AUDIT_CLASSES, 5, 1e-3, device=device)
         del X
         flags = labels.confident_flags(oof.proba, y)
     results["labels (5-fold)"] = (measured, f"measured; out-of-fold accuracy {oof.accuracy:.3f}, {len(flags)} flags"
@@ -299,6 +301,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()))
+    parser.add_argument("--device", default="cpu", help="audit: where the all-pairs search and the label check run")
     parser.add_argument("--repeats", type=int, default=3, help="epochs: best of this many alternating passes")
     parser.add_argument("--audit", action="store_true", help="measure featurekit audit's stages instead")
     parser.add_argument("--full-max", type=int, default=100_000, help="audit: the largest N searched in full")
@@ -312,7 +315,7 @@ def main() -> None:
         audits = {}
         try:
             for n in args.rows:
-                audits[n] = run_audit_size(n, base, args.full_max, args.slice_blocks, args.ivf_max)
+                audits[n] = run_audit_size(n, base, args.full_max, args.slice_blocks, args.ivf_max, args.device)
                 audit_report({n: audits[n]})
         finally:
             shutil.rmtree(base, ignore_errors=True)
