@@ -7,12 +7,14 @@ train-head and finetune.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 from conftest import REPO, TUNE_ARGS, error_lines, run_cli
@@ -130,25 +132,26 @@ def test_extract_writes_stores_only_inside_out(tiny, tmp_path, capsys):
     assert followed.code == 0 and (tmp_path / "f" / "valid" / "resnet18.h5").is_file()
 
 
-def holding(lock_of: Path) -> subprocess.Popen:
-    """A process that holds ``files.folder_lock(lock_of)`` until its stdin closes."""
+@contextlib.contextmanager
+def holding(lock_of: Path) -> Iterator[subprocess.Popen]:
+    """A process that holds ``files.folder_lock(lock_of)`` for the block (until its stdin closes)."""
     child = subprocess.Popen([sys.executable, "-c", "import sys\nfrom featurekit.files import folder_lock\n"
                               "with folder_lock(sys.argv[1]):\n    print('locked', flush=True); sys.stdin.read()",
                               str(lock_of)], cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                              env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert child.stdout.readline().strip() == "locked"
-    return child
+    try:
+        assert child.stdout.readline().strip() == "locked"
+        yield child
+    finally:
+        child.stdin.close()
+        child.wait()
 
 
 def test_one_train_head_writes_a_folder_at_a_time(tiny, tmp_path, capsys):
     out = tmp_path / "head"
     args = ["train-head", tiny.features, "--backbone", "resnet18", "--head", "logreg", "--out", out, "--no-plots"]
-    child = holding(out)
-    try:
+    with holding(out) as child:
         refused = run_cli(capsys, *args)
-    finally:
-        child.stdin.close()
-        child.wait()
     assert refused.code == 1 and error_lines(refused.err) == [
         f"featurekit: error: {out}: another featurekit process (pid {child.pid}) is writing it"]
     assert not out.exists()
@@ -173,12 +176,8 @@ def test_finetune_refuses_a_folder_holding_another_artifact_and_a_second_writer(
         f"replace; give another --out (default: {head_folder / 'finetuned'}), or pass --overwrite"]
     assert (head_folder / "report.json").read_bytes() == report and not (head_folder / "model.json").exists()
     default = head_folder / "finetuned"
-    child = holding(default)
-    try:
+    with holding(default) as child:
         locked = run_cli(capsys, *args)
-    finally:
-        child.stdin.close()
-        child.wait()
     assert locked.code == 1 and f"{default}: another featurekit process (pid {child.pid}) is writing it" in locked.err
     assert run_cli(capsys, *args).code == 0 and (default / "model.json").is_file()  # the default: a folder of its own
     assert run_cli(capsys, *args, "--out", head_folder, "--overwrite").code == 0  # the other way out, followed
