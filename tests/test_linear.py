@@ -170,3 +170,19 @@ def test_cuda_fit_matches_cpu(digits, loss):
     cpu = fit_one(Xt, yt, 0.1, loss, tol=1e-5)
     cuda = fit_one(Xt.cuda(), yt.cuda(), 0.1, loss, tol=1e-5)
     assert cuda.coef.is_cuda and cuda.objective == pytest.approx(cpu.objective, rel=1e-5)
+
+
+def test_the_sweep_scores_log_loss_as_every_head_and_report_does():
+    # a confidently wrong validation row (probability ~e^-200) counts as PROBABILITY_FLOOR, as in
+    # proba_scores, the MLP's epochs and the reports: the kept C's record equals the kept model's score
+    from featurekit.heads.base import proba_scores
+    from featurekit.heads.selection import PROBABILITY_FLOOR
+
+    fit = linear.LinearFit(1.0, "logistic", 100 * torch.eye(2), torch.zeros(2), 1, 1.0, True, 0.0)
+    X_val, y_val = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 0.0]]), torch.tensor([0, 1, 1])
+    scored = linear.validation_scores(fit, X_val, y_val)
+    expected = proba_scores(fit.predict_proba(X_val).double().numpy(), y_val.numpy())
+    assert scored["val_log_loss"] == pytest.approx(expected["val_log_loss"], rel=1e-9)
+    assert scored["val_log_loss"] == pytest.approx(-np.log(PROBABILITY_FLOOR) / 3, rel=1e-6)  # not 200 / 3
+    assert (scored["val_accuracy"], scored["val_balanced_accuracy"]) == (expected["val_accuracy"],
+                                                                         expected["val_balanced_accuracy"])

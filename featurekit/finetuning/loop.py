@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from ..backbones.runner import device_views
 from ..errors import FinetuneError, ImageDecodeError
+from ..heads.selection import PROBABILITY_FLOOR
 from ..images.listing import SplitListing, list_split
 from ..images.names import printable_path
 from ..views.augment import AugmentPolicy, augment_policy, view_seed, views_refusal
@@ -112,7 +113,8 @@ class Evaluation:
 
     @property
     def log_loss(self) -> float:
-        return float(-np.log(np.clip(self.proba[np.arange(len(self.labels)), self.labels], 1e-15, 1)).mean())
+        picked = self.proba[np.arange(len(self.labels)), self.labels]
+        return float(-np.log(np.clip(picked, PROBABILITY_FLOOR, 1)).mean())
 
 
 def learning_rate_factor(step: int, warmup: int, total: int) -> float:

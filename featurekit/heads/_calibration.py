@@ -54,22 +54,26 @@ def fit_temperature(scores: torch.Tensor, targets: torch.Tensor) -> float:
     return a
 
 
-def log_loss(scores: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> float:
-    """Mean ``-log softmax(temperature * scores)[target]`` of float[M, K] scores, exactly (no clipping)."""
-    return float(-torch.log_softmax(temperature * scores.double(), dim=1).gather(1, targets[:, None]).mean())
+def log_loss(scores: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0, floor: float = 0.0) -> float:
+    """Mean ``-log softmax(temperature * scores)[target]`` of float[M, K] scores, each probability
+    counted as at least ``floor`` (0: exactly, no clipping)."""
+    picked = torch.log_softmax(temperature * scores.double(), dim=1).gather(1, targets[:, None])
+    return float(-(picked.clamp_min(math.log(floor)) if floor else picked).mean())
 
 
-def cross_fitted_log_loss(scores: torch.Tensor, targets: torch.Tensor, folds: int = 2) -> float:
+def cross_fitted_log_loss(scores: torch.Tensor, targets: torch.Tensor, folds: int = 2, floor: float = 0.0) -> float:
     """Log loss of temperature-scaled ``scores`` float[M, K], each row scored with the temperature
     fitted on the rows of the other folds (rows ``i % folds``): an estimate that the fitted
     temperature does not flatter, for ranking squared-hinge fits by validation log loss. With fewer
-    rows than two per fold, fewer folds; with one row, its own temperature (nothing to cross-fit)."""
+    rows than two per fold, fewer folds; with one row, its own temperature (nothing to cross-fit).
+    ``floor``: as :func:`log_loss`'s."""
     folds = min(folds, len(targets) // 2)
     if folds < 2:
-        return log_loss(scores, targets, fit_temperature(scores, targets))
+        return log_loss(scores, targets, fit_temperature(scores, targets), floor)
     fold = torch.arange(len(targets), device=targets.device) % folds
     total = 0.0
     for f in range(folds):
         held, rest = fold == f, fold != f
-        total += log_loss(scores[held], targets[held], fit_temperature(scores[rest], targets[rest])) * int(held.sum())
+        total += log_loss(scores[held], targets[held], fit_temperature(scores[rest], targets[rest]),
+                          floor) * int(held.sum())
     return total / len(targets)

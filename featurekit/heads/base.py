@@ -193,7 +193,7 @@ class Head(ClassifierMixin, BaseEstimator):
 def proba_scores(proba: np.ndarray, targets: np.ndarray) -> dict[str, float]:
     """Validation accuracy, balanced accuracy (mean recall of the classes present) and log loss of
     probabilities float64[M, C] for targets int64[M] in 0..C-1."""
-    picked = np.clip(proba[np.arange(len(targets)), targets], 1e-15, 1.0)
+    picked = np.clip(proba[np.arange(len(targets)), targets], selection.PROBABILITY_FLOOR, 1.0)
     right = proba.argmax(axis=1) == targets
     present = np.bincount(targets, minlength=proba.shape[1])
     recall = np.bincount(targets, weights=right, minlength=proba.shape[1])[present > 0] / present[present > 0]

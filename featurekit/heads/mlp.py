@@ -214,7 +214,8 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, X: torch.Ten
 @torch.no_grad()
 def epoch_scores(model: nn.Module, X: torch.Tensor, t: torch.Tensor, compute: torch.dtype | None) -> dict[str, float]:
     """Validation accuracy, balanced accuracy and log loss after an epoch: the forward pass in
-    ``compute`` (as training), probabilities clipped at 1e-15 as :func:`~featurekit.heads.base.proba_scores`."""
+    ``compute`` (as training), probabilities clipped at ``PROBABILITY_FLOOR`` as
+    :func:`~featurekit.heads.base.proba_scores`."""
     model.eval()
     log_p = []
     for begin in range(0, len(X), 4096):
@@ -227,4 +228,5 @@ def epoch_scores(model: nn.Module, X: torch.Tensor, t: torch.Tensor, compute: to
     recall = torch.zeros(log_p.shape[1], dtype=torch.float64, device=t.device).index_add_(0, t, right)
     return {"val_accuracy": float(right.mean()),
             "val_balanced_accuracy": float((recall[present > 0] / present[present > 0]).mean()),
-            "val_log_loss": float(-log_p.gather(1, t[:, None]).clamp_min(math.log(1e-15)).double().mean())}
+            "val_log_loss": float(-log_p.gather(1, t[:, None]).clamp_min(math.log(selection.PROBABILITY_FLOOR))
+                                  .double().mean())}

@@ -22,10 +22,13 @@ from typing import Mapping, Sequence
 
 from .settings import SELECT, SELECT_RULES
 
-__all__ = ["SELECT", "SELECT_RULES", "check_rule", "choose", "eligible", "improved", "standard_error",
-           "still_eligible"]
+__all__ = ["PROBABILITY_FLOOR", "SELECT", "SELECT_RULES", "check_rule", "choose", "eligible", "improved",
+           "standard_error", "still_eligible"]
 
 Record = Mapping[str, float]
+# validation log loss: a probability below this counts as this (scikit-learn's former eps), in every
+# head's scores and in the reports, so that heads are compared on one definition
+PROBABILITY_FLOOR = 1e-15
 
 
 def check_rule(rule: str) -> str:

@@ -355,13 +355,15 @@ def out_of_fold_scores(X: torch.Tensor, y: torch.Tensor, fit: LinearFit, folds: 
 
 def validation_scores(fit: LinearFit, X_val: torch.Tensor, y_val: torch.Tensor) -> dict[str, float]:
     """Accuracy, balanced accuracy (mean per-class recall over the classes present) and log loss of
-    ``fit`` on validation rows (squared hinge: the cross-fitted temperature log loss)."""
+    ``fit`` on validation rows (squared hinge: the cross-fitted temperature log loss; probabilities
+    counted as at least :data:`~featurekit.heads.selection.PROBABILITY_FLOOR`, as every head's)."""
     scores = fit.decision_function(X_val)
     right = (scores.argmax(dim=1) == y_val).double()
     present = torch.bincount(y_val, minlength=len(fit.coef))
     recall = torch.zeros(len(fit.coef), dtype=torch.float64, device=y_val.device).index_add_(0, y_val, right)
     balanced = float((recall[present > 0] / present[present > 0]).mean())
-    loss = log_loss(scores, y_val) if fit.loss == "logistic" else cross_fitted_log_loss(scores, y_val)
+    loss = (log_loss(scores, y_val, floor=selection.PROBABILITY_FLOOR) if fit.loss == "logistic" else
+            cross_fitted_log_loss(scores, y_val, floor=selection.PROBABILITY_FLOOR))
     return {"val_accuracy": float(right.mean()), "val_balanced_accuracy": balanced, "val_log_loss": loss}
 
 
