@@ -424,10 +424,14 @@ def embedding_plot(plt, points: Sequence[Points], path: Path, title: str) -> Pat
     for p, marker in zip(points, "ox+^"):
         rows = xy[start:start + len(p.features)]
         start += len(p.features)
+        colour = np.array([classes.index(name) % 20 for name in p.classes])[p.labels]
+        if not legend:  # one collection per split: a hundred classes drew 200 (a third of a second)
+            axis.scatter(*rows.T, s=14, marker=marker, c=colours(colour))
+            continue
         for label in np.unique(p.labels):
             name = p.classes[label]
-            axis.scatter(*rows[p.labels == label].T, s=14, marker=marker, color=colours(classes.index(name) % 20),
-                         label=name if legend and name not in named else None)
+            axis.scatter(*rows[p.labels == label].T, s=14, marker=marker, color=colours(colour[p.labels == label][0]),
+                         label=name if name not in named else None)
             named.add(name)
     if legend:
         axis.legend(title="class", fontsize="small", loc="center left", bbox_to_anchor=(1.01, 0.5))
