@@ -10,6 +10,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
 
 from featurekit.heads import solver as linear
+from featurekit.heads.selection import SELECT_RULES, improved, path_patience
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +109,19 @@ def test_the_default_rule_keeps_the_lowest_log_loss_within_one_standard_error_of
     assert best.C == min(within, key=lambda r: r["val_log_loss"])["C"]
     kept = next(r for r in records if r["C"] == best.C)
     assert kept["val_log_loss"] <= min(r["val_log_loss"] for r in records if r["val_accuracy"] == top)
+
+
+@pytest.mark.parametrize("select", SELECT_RULES)
+def test_by_default_the_path_stops_the_rules_patience_past_its_last_improvement(digits, select):
+    _, _, Xt, yt = digits
+    train, valid = torch.arange(len(yt)) % 3 != 0, torch.arange(len(yt)) % 3 == 0
+    Cs = np.logspace(-5, 4, 37)
+    _, records = linear.select_on_validation(linear.fit_path(Xt[train], yt[train], Cs, "logistic", tol=1e-2),
+                                             Xt[valid], yt[valid], select=select)
+    rows = int(valid.sum())
+    last = max(i for i in range(len(records)) if improved(records[:i + 1], select, rows))
+    assert len(records) == last + 1 + path_patience(select) < len(Cs)
+    assert path_patience(select) == (3 if select in ("accuracy-1se", "log-loss") else 5)
 
 
 @pytest.mark.parametrize("loss", linear.LOSSES)

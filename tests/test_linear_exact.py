@@ -94,6 +94,34 @@ def test_every_fit_along_the_path_is_within_1e_4_of_the_optimum(name, loss):
         assert relative_gap(X, y, path[C]) <= GAP, C
 
 
+@pytest.mark.parametrize("cold", [True, False])
+def test_above_newton_first_rows_lbfgs_goes_first_and_newton_finishes_the_large_cs(monkeypatch, cold):
+    # on many rows (caltech101's 5,784) Newton steps cost more than the few L-BFGS iterations of a small C, and
+    # L-BFGS alone crawls at a large one: L-BFGS first, Newton from the first C where it was slow. Scaled down here.
+    monkeypatch.setattr(solver, "NEWTON_FIRST_ROWS", 0)
+    monkeypatch.setattr(solver, "LBFGS_FIRST", 5)
+    steps, yielded = [], []
+
+    def counted(*args):
+        result = newton(*args)
+        steps.append((len(yielded), result[1]))
+        return result
+
+    newton = solver.newton
+    monkeypatch.setattr(solver, "newton", counted)
+    X, y = data("many")
+    Cs = CS if cold else [C for C in GRID if C <= 100]
+    for fit in (solver.fit_path(torch.from_numpy(X), torch.from_numpy(y), [C], "squared_hinge") for C in Cs) if cold \
+            else [solver.fit_path(torch.from_numpy(X), torch.from_numpy(y), Cs, "squared_hinge")]:
+        for solution in fit:
+            yielded.append(solution)
+            if solution.C in CS:
+                assert solution.converged and relative_gap(X, y, solution) <= GAP, solution.C
+    assert sum(done for _, done in steps) > 0  # Newton took over somewhere
+    if not cold:  # ... not at the small Cs, where L-BFGS converged within LBFGS_FIRST iterations
+        assert steps[0][0] >= 10 and all(fit.n_iter <= 5 for fit in yielded[:steps[0][0]])
+
+
 @pytest.mark.parametrize("loss", solver.LOSSES)
 def test_a_warm_start_that_looks_converged_is_not_taken_for_a_solution(loss):
     # issue 21: along a sweep, iterations were 0 for every C past 0.0562 (an absolute gradient test that the

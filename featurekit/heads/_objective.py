@@ -138,6 +138,7 @@ class Problem:
         self.stride = -(-self.N // _PRECONDITIONER_ROWS)
         self.squared_sample: torch.Tensor | None = None
         self.kernel = None  # the squared hinge's Newton solver keeps its Gram matrix here, once per path
+        self.newton_first = False  # squared hinge on many rows: set once L-BFGS was slow at a C of the path
         self.null = None  # float64[blocks]: the loss at W = 0 with the best intercept (set_null)
 
     def terms(self, scores: torch.Tensor):

@@ -27,8 +27,9 @@ class LinearHead(Head):
     """A linear head fitted by :mod:`featurekit.heads.solver`: every class at once, in torch on
     ``device``. With validation rows, one path over ``C_grid`` (sorted increasing), each C
     warm-started from the last and solved to the relative objective gap ``sweep_tol``, scored on
-    validation and stopped ``C_patience`` values past the best
-    (:func:`~featurekit.heads.solver.select_on_validation`); the kept C is then refitted from there to
+    validation and stopped ``C_patience`` values past the last that changed the choice (``auto``: 3
+    under the rules that rank by log loss, 5 under accuracy; :data:`~.selection.PATH_PATIENCE`,
+    :func:`~featurekit.heads.solver.select_on_validation`); the kept C is then refitted from there to
     ``tol``. Without validation rows, the one ``C`` to ``tol``. ``tol`` (1e-4), ``max_iter``: the
     stopping rule at each C. ``model_`` is the kept :class:`~featurekit.heads.solver.LinearFit`, on the
     CPU: ``coef`` float32[K, D], ``intercept`` float32[K] over standardised features, and for the
@@ -38,6 +39,7 @@ class LinearHead(Head):
     loss: ClassVar[str]
     limits = {"C": (0, False), "C_grid": (0, False), "tol": (0, False), "sweep_tol": (0, False),
               "max_iter": (1, True), "C_patience": (1, True)}
+    auto_params = frozenset({"C_patience"})
 
     def _select(self, train, validation):
         device = torch.device(resolve_device(self.device))
@@ -50,7 +52,8 @@ class LinearHead(Head):
             return fit.to("cpu"), [], selection, {"C": fit.C}
         X_val, t_val = (torch.from_numpy(a).to(device) for a in validation)
         fit, selection = solver.sweep(X, t, sorted(map(float, self._grid())), self.loss, X_val, t_val, tol=self.tol,
-                                      sweep_tol=self.sweep_tol, patience=self.C_patience, select=self.select,
+                                      sweep_tol=self.sweep_tol, select=self.select,
+                                      patience=None if self.C_patience == "auto" else self.C_patience,
                                       **stopping)
         return fit.to("cpu"), [], selection, {"C": fit.C}
 
@@ -113,7 +116,7 @@ class LogisticHead(LinearHead):
     loss = "logistic"
 
     def __init__(self, C: float = 1.0, C_grid=C_GRID, tol: float = solver.TOL, sweep_tol: float = solver.SWEEP_TOL,
-                 max_iter: int = solver.MAX_ITER, C_patience: int = solver.PATIENCE, select: str = SELECT,
+                 max_iter: int = solver.MAX_ITER, C_patience: int | str = "auto", select: str = SELECT,
                  class_weight: str | None = None, device: str = "auto", standardize: bool = True):
         self.C = C
         self.C_grid = C_grid
@@ -139,7 +142,7 @@ class LinearSVMHead(LinearHead):
     limits = {**LinearHead.limits, "folds": (2, True)}
 
     def __init__(self, C: float = 1.0, C_grid=C_GRID, tol: float = solver.TOL, sweep_tol: float = solver.SWEEP_TOL,
-                 max_iter: int = solver.MAX_ITER, C_patience: int = solver.PATIENCE, folds: int = 3,
+                 max_iter: int = solver.MAX_ITER, C_patience: int | str = "auto", folds: int = 3,
                  select: str = SELECT, class_weight: str | None = None, device: str = "auto",
                  standardize: bool = True):
         self.C = C

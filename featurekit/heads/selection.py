@@ -22,19 +22,29 @@ from typing import Mapping, Sequence
 
 from .settings import SELECT, SELECT_RULES
 
-__all__ = ["PROBABILITY_FLOOR", "SELECT", "SELECT_RULES", "check_rule", "choose", "eligible", "improved",
-           "standard_error", "still_eligible"]
+__all__ = ["PATH_PATIENCE", "PROBABILITY_FLOOR", "SELECT", "SELECT_RULES", "check_rule", "choose", "eligible",
+           "improved", "path_patience", "standard_error", "still_eligible"]
 
 Record = Mapping[str, float]
 # validation log loss: a probability below this counts as this (scikit-learn's former eps), in every
 # head's scores and in the reports, so that heads are compared on one definition
 PROBABILITY_FLOOR = 1e-15
+# Cs a linear head's path follows past the last one that changed what the rule keeps, by rule: the rules
+# that rank by log loss, smooth along a path, stop after 3; accuracy, whose ties and dips on small sets
+# (hymenoptera) end a shorter wait at C = 1e-5, after 5. Measured on full 45-C paths of four sets
+# (docs/heads.md): these keep the C of the whole path every time, and 3 saves the costliest large-C fits.
+PATH_PATIENCE = {"accuracy-1se": 3, "log-loss": 3, "accuracy": 5, "balanced-accuracy": 5}
 
 
 def check_rule(rule: str) -> str:
     if rule not in SELECT_RULES:
         raise ValueError(f"unknown selection rule {rule!r} (choices: {', '.join(SELECT_RULES)})")
     return rule
+
+
+def path_patience(rule: str) -> int:
+    """The Cs a linear head's path follows past its last improvement under ``rule`` (:data:`PATH_PATIENCE`)."""
+    return PATH_PATIENCE[check_rule(rule)]
 
 
 def standard_error(accuracy: float, rows: int) -> float:

@@ -37,14 +37,15 @@ with X, ``X @ dW.T`` along the search direction and the gradient ``dL/dS.T @ X``
 (Armijo by quadratic backtracking, or Hager and Zhang's approximate Wolfe test where float32
 rounding flattens the objective, then one secant step on the slope) and a Newton refit of the
 intercept alone move along the scores, which costs no product with X. Squared hinge on up to
-4,096 rows at large C, where L-BFGS takes thousands of iterations: active-set Newton steps with an
-exact line search, in float64 (:mod:`._newton`). Along a path each C starts from the better of the
+8,192 rows at large C, where L-BFGS takes thousands of iterations: active-set Newton steps with an
+exact line search, in float64 (:mod:`._newton`); above 4,096 rows only once L-BFGS has taken 30
+iterations at a C of the path (:func:`_solve`). Along a path each C starts from the better of the
 previous solution and the secant extrapolation of the last two in log C; the first C starts from
 W = 0 with the intercept at its optimum for W = 0.
 
 Memory: X stays one tensor, never copied; the work arrays are [N, K] (scores) and [K, D] (the
 coefficients, L-BFGS memory), plus the squares of the preconditioner's row sample; the squared
-hinge's Newton steps add X in float64 and its Gram matrix (float64[N, N], N <= 4,096: 128 MiB).
+hinge's Newton steps add X in float64 and its Gram matrix (float64[N, N], N <= 8,192: 512 MiB).
 
 Probabilities: logistic, softmax of the scores. Squared hinge, softmax of the scores times one
 fitted inverse temperature (:func:`fit_temperature`), fitted on rows that were not used to fit W:
@@ -64,10 +65,10 @@ import torch
 
 from . import selection
 from ._calibration import cross_fitted_log_loss, fit_temperature, log_loss
-from ._newton import GRAM_ROWS, affordable, newton
+from ._newton import GRAM_ROWS, LBFGS_FIRST, NEWTON_FIRST_ROWS, affordable, newton
 from ._objective import LOSSES, Loss, Point, Problem, Trial, check_problem, where_blocks
 
-__all__ = ["LOSSES", "MAX_ITER", "PATIENCE", "SWEEP_TOL", "TOL", "LinearFit", "Loss", "cross_fitted_log_loss",
+__all__ = ["LOSSES", "MAX_ITER", "SWEEP_TOL", "TOL", "LinearFit", "Loss", "cross_fitted_log_loss",
            "fit_path", "fit_temperature", "log_loss", "objective", "out_of_fold_scores", "select_on_validation",
            "sweep", "validation_scores"]
 
@@ -75,7 +76,6 @@ _ARMIJO = 1e-4
 TOL = 1e-4  # default stopping rule of fit_path: the relative objective gap it allows (module docstring)
 SWEEP_TOL = 1e-2  # the heads' sweeps: each C to 1%, then the kept C refitted to TOL (docs/heads.md: measured)
 MAX_ITER = 500  # default iterations per C
-PATIENCE = 5  # default Cs past the best before select_on_validation stops following the path
 
 
 @dataclass(frozen=True)
@@ -289,9 +289,11 @@ def fit_path(X: torch.Tensor, y: torch.Tensor, Cs: Sequence[float], loss: Loss, 
     last: list[tuple[float, Point]] = []  # (log C, solution) of the last two Cs, at the last C's penalty
     schedule = [(float(C), True) for C in Cs]
     if loss == "squared_hinge" and init is None and schedule and len(X) <= GRAM_ROWS and \
-            not affordable(problem, torch.full((K,), len(X))):
-        # a cold squared-hinge fit on many rows: Newton steps from W = 0 (every row in every margin) cost too
-        # much, and L-BFGS alone crawls at large C; climb to the first C from 1000 times smaller (2 per decade)
+            schedule[0][0] * len(X) >= 1 and not affordable(problem, torch.full((K,), len(X))):
+        # a cold squared-hinge fit on many rows at a large C (C N >= 1: the curvature of the data, up to ~100 on
+        # standardised features, outweighs the penalty's 1 / (C N)): Newton steps from W = 0 (every row in every
+        # margin) cost too much, and L-BFGS alone crawls (caltech101, C = 100: 500 iterations, not converged);
+        # climb to the first C from 1000 times smaller (2 per decade). A path from a small C needs no climb.
         schedule = [(schedule[0][0] * 10 ** (-k / 2), False) for k in range(6, 0, -1)] + schedule
     carried = [0, 0.0]  # iterations and passes of the climb, counted in the first C's
     for C, wanted in schedule:
@@ -301,19 +303,33 @@ def fit_path(X: torch.Tensor, y: torch.Tensor, Cs: Sequence[float], loss: Loss, 
             start = _warm_start(problem, last, math.log(C))
         else:
             start = problem.point(theta)
-        n_iter, handed_over, rule = 0, True, tol if wanted else max(tol, SWEEP_TOL)  # the climb: starts only
-        budget = max_iter - carried[0]  # the climb's iterations count in the first C's
-        if loss == "squared_hinge":
-            start, n_iter, converged, handed_over = newton(problem, start, rule, budget)
-        solution = start
-        if handed_over:
-            solution, more, converged = _lbfgs(problem, start, rule, budget - n_iter, history)
-            n_iter += more
-        last = last[-1:] + [(math.log(C), solution)]
+        rule = tol if wanted else max(tol, SWEEP_TOL)  # the climb: starts only
+        solution, n_iter, converged = _solve(problem, start, rule, max_iter - carried[0], history)  # the climb's
+        last = last[-1:] + [(math.log(C), solution)]  # iterations count in the first C's
         n_iter, carried = n_iter + carried[0], ([carried[0] + n_iter, problem.passes] if not wanted else [0, 0.0])
         if wanted:
             yield LinearFit(C, loss, solution.theta[:, :-1].clone(), solution.theta[:, -1].clone(), n_iter,
                             problem.passes, converged, float(problem.value(solution).sum()), tol=tol)
+
+
+def _solve(problem: Problem, start: Point, tol: float, budget: int, history: int) -> tuple[Point, int, bool]:
+    """(solution, iterations, converged) at the problem's current C, from ``start``. Squared hinge:
+    Newton steps where they are affordable (:mod:`._newton`), L-BFGS where they are not; above
+    ``NEWTON_FIRST_ROWS`` rows L-BFGS first, Newton after ``LBFGS_FIRST`` iterations, and Newton first
+    at every later C of the path."""
+    n_iter, converged, handed_over = 0, False, True
+    if problem.loss == "squared_hinge":
+        if problem.N > NEWTON_FIRST_ROWS and not problem.newton_first:
+            start, n_iter, converged = _lbfgs(problem, start, tol, min(budget, LBFGS_FIRST), history)
+            if converged:
+                return start, n_iter, True
+            problem.newton_first = True  # the Cs that follow are larger: Newton only gets cheaper there
+        start, more, converged, handed_over = newton(problem, start, tol, budget - n_iter)
+        n_iter += more
+    if handed_over:
+        start, more, converged = _lbfgs(problem, start, tol, budget - n_iter, history)
+        n_iter += more
+    return start, n_iter, converged
 
 
 def _warm_start(problem: Problem, last: list[tuple[float, Point]], log_C: float) -> Point:
@@ -368,17 +384,18 @@ def validation_scores(fit: LinearFit, X_val: torch.Tensor, y_val: torch.Tensor) 
 
 
 def select_on_validation(path: Iterable[LinearFit], X_val: torch.Tensor, y_val: torch.Tensor,
-                         patience: int = PATIENCE, select: str = selection.SELECT) -> tuple[LinearFit, list[dict]]:
+                         patience: int | None = None, select: str = selection.SELECT
+                         ) -> tuple[LinearFit, list[dict]]:
     """Score each fit of ``path`` on validation rows; keep the one rule ``select`` chooses; stop early.
 
     ``X_val`` float32[M, D] standardised like the training rows, ``y_val`` int64[M], on the fits'
     device. Scores: :func:`validation_scores`; rules: :mod:`.selection`. The path is not followed
-    further once ``patience`` consecutive Cs have not changed what the rule keeps (nor, for
-    accuracy-1se, the best accuracy). Returns the kept fit (squared hinge: with its temperature
+    further once ``patience`` consecutive Cs (None: the rule's :func:`~.selection.path_patience`)
+    have not changed what the rule keeps (nor, for accuracy-1se, the best accuracy). Returns the kept fit (squared hinge: with its temperature
     fitted on all validation rows) and one record per C scored: C, val_accuracy,
     val_balanced_accuracy, val_log_loss, iterations, passes, converged, seconds (fit and scoring).
     """
-    selection.check_rule(select)
+    patience = selection.path_patience(select) if patience is None else patience
     fits, records, since_best = {}, [], 0
     start = time.perf_counter()
     for fit in path:
@@ -399,7 +416,7 @@ def select_on_validation(path: Iterable[LinearFit], X_val: torch.Tensor, y_val: 
 
 
 def sweep(X: torch.Tensor, y: torch.Tensor, Cs: Sequence[float], loss: Loss, X_val: torch.Tensor, y_val: torch.Tensor,
-          *, tol: float = TOL, sweep_tol: float = SWEEP_TOL, patience: int = PATIENCE, select: str = selection.SELECT,
+          *, tol: float = TOL, sweep_tol: float = SWEEP_TOL, patience: int | None = None, select: str = selection.SELECT,
           **options) -> tuple[LinearFit, list[dict]]:
     """What the linear heads do with validation rows: :func:`select_on_validation` over the path of
     ``Cs`` (increasing), each C solved to ``sweep_tol`` (a certified 1% of the objective chooses as
