@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from featurekit.backbones.settings import RunSettings
 from featurekit.cli import main
@@ -49,14 +50,20 @@ def test_the_mlp_trains_each_epoch_on_one_view_of_each_image_the_plain_one_among
     real_epoch = mlp.train_epoch
 
     def recording_epoch(model, optimizer, X, *args):
-        seen.append(X.numpy().copy())
+        seen.append(X.float().numpy().copy())  # rows come in the compute dtype (bf16 where the CPU has it)
+        dtypes.add(X.dtype)
         return real_epoch(model, optimizer, X, *args)
+
+    dtypes = set()
 
     monkeypatch.setattr(mlp, "train_epoch", recording_epoch)
     views = train.views["features_aug"]
     head = MLPHead(max_epochs=12, hidden_sizes=(16,)).fit(train.features, train.labels, views=views)
     scale = head.scaler_.transform
     choices = np.stack([scale(train.features), *(scale(views[:, v]) for v in range(2))], 1)
+    [dtype] = dtypes
+    assert dtype == (torch.float32 if head.precision_ == "fp32" else torch.bfloat16)
+    choices = torch.from_numpy(choices).to(dtype).float().numpy()  # as the rows were given to the epochs
     drawn = np.array([[int(np.flatnonzero(np.isclose(choices[i], rows[i], atol=1e-5).all(axis=1))[0])
                        for i in range(len(rows))] for rows in seen])  # [epoch, image] -> which view
     assert drawn.shape == (12, len(train)) and set(np.unique(drawn)) == {0, 1, 2}
