@@ -123,7 +123,8 @@ class MLPHead(Head):
             train = (torch.from_numpy(X).to(device, rows), torch.from_numpy(t).to(device),
                      None if weights is None else torch.from_numpy(weights).to(device))
             if validation is not None:
-                validation = (torch.from_numpy(validation[0]).to(device, rows), torch.from_numpy(validation[1]).to(device))
+                validation = (torch.from_numpy(validation[0]).to(device, rows),
+                              torch.from_numpy(validation[1]).to(device))
             return self._train(model, *train, validation, value)
 
     def _compute_dtype(self) -> torch.dtype | None:

@@ -391,9 +391,10 @@ def select_on_validation(path: Iterable[LinearFit], X_val: torch.Tensor, y_val: 
     ``X_val`` float32[M, D] standardised like the training rows, ``y_val`` int64[M], on the fits'
     device. Scores: :func:`validation_scores`; rules: :mod:`.selection`. The path is not followed
     further once ``patience`` consecutive Cs (None: the rule's :func:`~.selection.path_patience`)
-    have not changed what the rule keeps (nor, for accuracy-1se, the best accuracy). Returns the kept fit (squared hinge: with its temperature
-    fitted on all validation rows) and one record per C scored: C, val_accuracy,
-    val_balanced_accuracy, val_log_loss, iterations, passes, converged, seconds (fit and scoring).
+    have not changed what the rule keeps (nor, for accuracy-1se, the best accuracy). Returns the
+    kept fit (squared hinge: with its temperature fitted on all validation rows) and one record per
+    C scored: C, val_accuracy, val_balanced_accuracy, val_log_loss, iterations, passes, converged,
+    seconds (fit and scoring).
     """
     patience = selection.path_patience(select) if patience is None else patience
     fits, records, since_best = {}, [], 0
@@ -416,8 +417,8 @@ def select_on_validation(path: Iterable[LinearFit], X_val: torch.Tensor, y_val: 
 
 
 def sweep(X: torch.Tensor, y: torch.Tensor, Cs: Sequence[float], loss: Loss, X_val: torch.Tensor, y_val: torch.Tensor,
-          *, tol: float = TOL, sweep_tol: float = SWEEP_TOL, patience: int | None = None, select: str = selection.SELECT,
-          **options) -> tuple[LinearFit, list[dict]]:
+          *, tol: float = TOL, sweep_tol: float = SWEEP_TOL, patience: int | None = None,
+          select: str = selection.SELECT, **options) -> tuple[LinearFit, list[dict]]:
     """What the linear heads do with validation rows: :func:`select_on_validation` over the path of
     ``Cs`` (increasing), each C solved to ``sweep_tol`` (a certified 1% of the objective chooses as
     the exact solutions do: docs/heads.md), then the kept C refitted to ``tol`` from its sweep
