@@ -227,10 +227,14 @@ def test_the_command_writes_the_evaluation(features, tmp_path, capsys):
     assert taken.code == 1 and "logreg head takes no parameter 'max_epochs'" in taken.err
 
 
-def test_no_standardize_fits_every_head_on_the_features_as_extracted(evaluated, features, tmp_path):
-    plain = evaluate_few_shot(features, ["a"], replace(SETTINGS, out=str(tmp_path / "ev"), standardize=False))
+def test_by_default_every_head_fits_the_features_as_extracted_and_standardize_is_the_heads_own(evaluated, features,
+                                                                                                 tmp_path):
+    scaled = evaluate_few_shot(features, ["a"], replace(SETTINGS, out=str(tmp_path / "ev"), standardize=True))
+    assert {kind: params["standardize"] for kind, params in scaled["heads"].items()} == {"logreg": True, "knn": "auto"}
+    plain = evaluated[0]
     assert {kind: params["standardize"] for kind, params in plain["heads"].items()} == {"logreg": False, "knn": False}
-    assert evaluated[0]["heads"]["logreg"]["standardize"] is True and plain["standardize"] is False
-    assert [row["seeds"] for row in plain["rows"]] == [row["seeds"] for row in evaluated[0]["rows"]]
-    assert [row["accuracies"] for row in plain["rows"]] != [row["accuracies"] for row in evaluated[0]["rows"]]
-    assert "features as extracted (--no-standardize)" in (tmp_path / "ev" / "evaluation.md").read_text()
+    assert plain["standardize"] is False and scaled["standardize"] is True
+    assert [row["seeds"] for row in plain["rows"]] == [row["seeds"] for row in scaled["rows"]]
+    assert [row["accuracies"] for row in plain["rows"]] != [row["accuracies"] for row in scaled["rows"]]
+    assert "standardised as each head does, on the rows of each draw (--standardize)" in \
+        (tmp_path / "ev" / "evaluation.md").read_text()

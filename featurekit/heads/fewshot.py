@@ -9,9 +9,10 @@ accuracy (the mean per-class recall). Each head is fitted at its own defaults (l
 images per class leave no validation rows to choose on, and choosing on the split that is scored
 would report the score of the choice. The row of a (head, k) holds the mean over the draws and
 its 95% t-interval, ``mean +- t(0.975, draws - 1) sd / sqrt(draws)``; the row ``shots="all"`` is
-each head fitted once on every training row, at the same defaults. The heads standardise as they
-do (on the rows of the draw, where a head's ``standardize`` says so) unless ``standardize`` is off;
-with k images per class those means and stds are noisy (docs/heads.md has the measurements).
+each head fitted once on every training row, at the same defaults. The heads are fitted on the
+features as extracted, as the papers' few-shot probes are; with ``standardize`` they standardise
+as they do on a training split, here on the rows of the draw, whose k means and stds per class are
+noisy (hymenoptera, 1 shot: 16-28 points lower; docs/heads.md has the measurements).
 
 Draw d of k shots is made by ``numpy.random.default_rng(s)``, ``s = draw_seed(seed, k, d)``
 (recorded in the row's ``seeds``; :func:`draw_rows` gives its rows). Writes into the output folder,
@@ -247,8 +248,8 @@ def evaluation_markdown(evaluation: dict, plots_missing: str | None = None) -> s
              f"{evaluation['seed']}; every head fitted on the same draws",
              f"- scored: the whole split `{valid['split']}`, {valid['n']} images",
              f"- heads at their defaults (no validation rows to choose on): {defaults}; features "
-             + ("standardised as each head does, on the rows of each draw" if evaluation["standardize"]
-                else "as extracted (--no-standardize)"),
+             + ("standardised as each head does, on the rows of each draw (--standardize)"
+                if evaluation["standardize"] else "as extracted"),
              f"- interval: {evaluation['confidence']:.0%} t-interval of the mean over the draws, "
              "mean +- t(0.975, draws - 1) sd / sqrt(draws); shots `all`: one fit on every training image"]
     if valid["excluded_classes"]:
