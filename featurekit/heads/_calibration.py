@@ -1,6 +1,7 @@
-"""Probabilities of the linear heads' scores: the squared hinge's inverse temperature, exact log losses.
+"""Probabilities of the linear heads' scores: the squared hinge's inverse temperature, exact log losses;
+and the validation accuracies of scores on the device (the torch twin of :func:`.base.proba_scores`).
 
-Private to :mod:`.solver`, which exports these functions.
+Private to :mod:`.solver`, which exports these functions, and :mod:`.mlp`.
 """
 
 from __future__ import annotations
@@ -9,7 +10,18 @@ import math
 
 import torch
 
-__all__ = ["cross_fitted_log_loss", "fit_temperature", "log_loss"]
+__all__ = ["accuracies", "cross_fitted_log_loss", "fit_temperature", "log_loss"]
+
+
+def accuracies(scores: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+    """``val_accuracy`` and ``val_balanced_accuracy`` (the mean recall of the classes present) of the
+    argmax of ``scores`` float[M, K] (scores, logits or log-probabilities) against ``targets`` int64[M],
+    computed where they are (one number each comes back from a GPU)."""
+    right = (scores.argmax(dim=1) == targets).double()
+    present = torch.bincount(targets, minlength=scores.shape[1])
+    recall = torch.zeros(scores.shape[1], dtype=torch.float64, device=targets.device).index_add_(0, targets, right)
+    return {"val_accuracy": float(right.mean()),
+            "val_balanced_accuracy": float((recall[present > 0] / present[present > 0]).mean())}
 
 
 def fit_temperature(scores: torch.Tensor, targets: torch.Tensor) -> float:

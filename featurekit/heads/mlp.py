@@ -13,6 +13,7 @@ from torch import nn
 from ..devices import PRECISIONS, auto_precision, resolve_device, torch_dtype
 from ..errors import SettingsError
 from . import selection
+from ._calibration import accuracies
 from .base import Head
 from .settings import MLP
 
@@ -235,10 +236,6 @@ def epoch_scores(model: nn.Module, X: torch.Tensor, t: torch.Tensor, compute: to
             log_p.append(torch.log_softmax(model(X[begin:begin + 4096]).float(), dim=1))
     model.train()
     log_p = torch.cat(log_p)
-    right = (log_p.argmax(dim=1) == t).double()
-    present = torch.bincount(t, minlength=log_p.shape[1])
-    recall = torch.zeros(log_p.shape[1], dtype=torch.float64, device=t.device).index_add_(0, t, right)
-    return {"val_accuracy": float(right.mean()),
-            "val_balanced_accuracy": float((recall[present > 0] / present[present > 0]).mean()),
+    return {**accuracies(log_p, t),
             "val_log_loss": float(-log_p.gather(1, t[:, None]).clamp_min(math.log(selection.PROBABILITY_FLOOR))
                                   .double().mean())}

@@ -64,7 +64,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from . import selection
-from ._calibration import cross_fitted_log_loss, fit_temperature, log_loss
+from ._calibration import accuracies, cross_fitted_log_loss, fit_temperature, log_loss
 from ._newton import GRAM_ROWS, LBFGS_FIRST, NEWTON_FIRST_ROWS, affordable, newton
 from ._objective import LOSSES, Loss, Point, Problem, Trial, check_problem, where_blocks
 
@@ -374,13 +374,9 @@ def validation_scores(fit: LinearFit, X_val: torch.Tensor, y_val: torch.Tensor) 
     ``fit`` on validation rows (squared hinge: the cross-fitted temperature log loss; probabilities
     counted as at least :data:`~featurekit.heads.selection.PROBABILITY_FLOOR`, as every head's)."""
     scores = fit.decision_function(X_val)
-    right = (scores.argmax(dim=1) == y_val).double()
-    present = torch.bincount(y_val, minlength=len(fit.coef))
-    recall = torch.zeros(len(fit.coef), dtype=torch.float64, device=y_val.device).index_add_(0, y_val, right)
-    balanced = float((recall[present > 0] / present[present > 0]).mean())
     loss = (log_loss(scores, y_val, floor=selection.PROBABILITY_FLOOR) if fit.loss == "logistic" else
             cross_fitted_log_loss(scores, y_val, floor=selection.PROBABILITY_FLOOR))
-    return {"val_accuracy": float(right.mean()), "val_balanced_accuracy": balanced, "val_log_loss": loss}
+    return {**accuracies(scores, y_val), "val_log_loss": loss}
 
 
 def select_on_validation(path: Iterable[LinearFit], X_val: torch.Tensor, y_val: torch.Tensor,
