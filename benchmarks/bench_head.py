@@ -13,8 +13,9 @@ writer, then ``train_head(..., "all")`` end to end (load, every head's sweep, ev
 and plots), with each head's own fit seconds; then the same rows fitted by plain scikit-learn
 defaults at one hyper-parameter value: LogisticRegression(), the former svm head's
 CalibratedClassifierCV(LinearSVC(), cv=3) (stopped after ``--sklearn-limit`` s), KNeighborsClassifier(),
-MLPClassifier() (stopped likewise), and the ratios. Goal: train-head --head all under 60 s on 2
-CPU cores, under 10 s on a GPU. bench_linear.py compares the linear sweeps with scikit-learn C by C.
+MLPClassifier() (stopped likewise), and the ratios. Goal: train-head --head all under 30 s on 2
+CPU cores (issue 21; 60 s in issue 11), under 10 s on a GPU. bench_linear.py compares the linear
+sweeps with scikit-learn C by C.
 
     python benchmarks/bench_head.py                 # recipe, small and many-classes
     python benchmarks/bench_head.py --scale small --device cuda
