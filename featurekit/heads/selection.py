@@ -32,7 +32,8 @@ PROBABILITY_FLOOR = 1e-15
 # Cs a linear head's path follows past the last one that changed what the rule keeps, by rule: the rules
 # that rank by log loss, smooth along a path, stop after 3; accuracy, whose ties and dips on small sets
 # (hymenoptera) end a shorter wait at C = 1e-5, after 5. Measured on full 45-C paths of four sets
-# (docs/heads.md): these keep the C of the whole path every time, and 3 saves the costliest large-C fits.
+# (docs/heads.md): these keep the whole path's C on every path the former 5 kept it on, and 3 saves
+# the costliest large-C fits.
 PATH_PATIENCE = {"accuracy-1se": 3, "log-loss": 3, "accuracy": 5, "balanced-accuracy": 5}
 
 
@@ -88,10 +89,8 @@ def choose(records: Sequence[Record], rule: str, rows: int) -> int:
         raise ValueError("choose: no candidate")
     if "val_accuracy" not in records[0] or records[0]["val_accuracy"] is None:
         return 0
-    among = eligible(records, rule, rows)
-    key = (lambda i: (-_loss(records[i]), _accuracy(records[i]))) if rule == "accuracy-1se" else \
-        (lambda i: _key(records[i], rule))
-    return max(among, key=lambda i: (key(i), -i))
+    ranking = "log-loss" if rule == "accuracy-1se" else rule  # among the eligible, the log loss ranks
+    return max(eligible(records, rule, rows), key=lambda i: (_key(records[i], ranking), -i))
 
 
 def improved(records: Sequence[Record], rule: str, rows: int) -> bool:

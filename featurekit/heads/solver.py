@@ -392,7 +392,8 @@ def select_on_validation(path: Iterable[LinearFit], X_val: torch.Tensor, y_val: 
     C scored: C, val_accuracy, val_balanced_accuracy, val_log_loss, iterations, passes, converged,
     seconds (fit and scoring).
     """
-    patience = selection.path_patience(select) if patience is None else patience
+    rule_patience = selection.path_patience(select)  # an unknown rule is refused before any C is fitted
+    patience = rule_patience if patience is None else patience
     fits, records, since_best = {}, [], 0
     start = time.perf_counter()
     for fit in path:
