@@ -119,7 +119,8 @@ class MLPHead(Head):
             torch.manual_seed(self.seed)  # same init and dropout masks for every candidate and run
             model = build_mlp(X.shape[-1], tuple(self.hidden_sizes), len(self.classes_), self.dropout).to(device)
             # rows in the compute dtype once, not per batch: autocast would cast each batch after the input
-            # dropout, whose masks and 1 / (1 - p) then run in half the bytes (a tenth of a CPU bf16 epoch)
+            # dropout, whose masks and 1 / (1 - p) then run in half the bytes (a CPU bf16 epoch at 5,000 x
+            # 2,560: 0.164 -> 0.156 s)
             rows = self._compute_dtype() or torch.float32
             train = (torch.from_numpy(X).to(device, rows), torch.from_numpy(t).to(device),
                      None if weights is None else torch.from_numpy(weights).to(device))

@@ -424,13 +424,13 @@ def embedding_plot(plt, points: Sequence[Points], path: Path, title: str) -> Pat
     for p, marker in zip(points, "ox+^"):
         rows = xy[start:start + len(p.features)]
         start += len(p.features)
-        colour = np.array([classes.index(name) % 20 for name in p.classes])[p.labels]
         if not legend:  # one collection per split: a hundred classes drew 200 (a third of a second)
+            colour = np.array([classes.index(name) % 20 for name in p.classes])[p.labels]
             axis.scatter(*rows.T, s=14, marker=marker, c=colours(colour))
             continue
         for label in np.unique(p.labels):
             name = p.classes[label]
-            axis.scatter(*rows[p.labels == label].T, s=14, marker=marker, color=colours(colour[p.labels == label][0]),
+            axis.scatter(*rows[p.labels == label].T, s=14, marker=marker, color=colours(classes.index(name) % 20),
                          label=name if name not in named else None)
             named.add(name)
     if legend:
