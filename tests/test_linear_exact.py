@@ -110,10 +110,9 @@ def test_above_newton_first_rows_lbfgs_goes_first_and_newton_finishes_the_large_
     newton = solver.newton
     monkeypatch.setattr(solver, "newton", counted)
     X, y = data("many")
-    Cs = CS if cold else [C for C in GRID if C <= 100]
-    for fit in (solver.fit_path(torch.from_numpy(X), torch.from_numpy(y), [C], "squared_hinge") for C in Cs) if cold \
-            else [solver.fit_path(torch.from_numpy(X), torch.from_numpy(y), Cs, "squared_hinge")]:
-        for solution in fit:
+    schedules = [[C] for C in CS] if cold else [[C for C in GRID if C <= 100]]  # one path per C, or one path
+    for Cs in schedules:
+        for solution in solver.fit_path(torch.from_numpy(X), torch.from_numpy(y), Cs, "squared_hinge"):
             yielded.append(solution)
             if solution.C in CS:
                 assert solution.converged and relative_gap(X, y, solution) <= GAP, solution.C
