@@ -3,9 +3,9 @@
 The linear heads stop their C path once ``patience`` Cs in a row have not changed what the selection
 rule keeps; every C past the kept one costs more than the one before (larger C: more iterations).
 Here each loss follows the whole 45-C grid (each C to the sweep's 1% gap, scored on the valid split),
-and the stop is replayed on those records for patience 2-5 under every rule: the C kept, the Cs
-followed and their seconds, against the whole path's choice. ``selection.PATH_PATIENCE`` comes from
-this (docs/heads.md has the table).
+and the heads' own stop (``select_on_validation``) is fed that path for patience 2-5 under every
+rule: the C kept, the Cs followed and their seconds, against the whole path's choice.
+``selection.PATH_PATIENCE`` comes from this (docs/heads.md has the table).
 
     python benchmarks/bench_patience.py FEATURES --backbone efficientnet_lite0 efficientnet_lite2
     python benchmarks/bench_patience.py --synthetic        # bench_head's many-classes rows
@@ -31,28 +31,27 @@ from featurekit.store.dataset import load_features
 PATIENCES = (2, 3, 4, 5)
 
 
-def whole_path(loss: str, X, y, X_val, y_val, limit: float) -> list[dict]:
-    """One record per C of the grid (validation scores, seconds), until ``limit`` seconds have passed."""
-    records, start = [], time.perf_counter()
+def whole_path(loss: str, X, y, X_val, y_val, limit: float) -> tuple[list[solver.LinearFit], list[float]]:
+    """Every C of the grid solved to the sweep's gap (until ``limit`` seconds have passed), and the
+    seconds each took."""
+    fits, seconds, start = [], [], time.perf_counter()
     last = start
     for fit in solver.fit_path(X, y, list(C_GRID), loss, tol=solver.SWEEP_TOL):
         now = time.perf_counter()
-        records.append({"C": fit.C, **solver.validation_scores(fit, X_val, y_val), "seconds": now - last})
+        fits.append(fit)
+        seconds.append(now - last)
         last = now
         if now - start > limit:
             break
-    return records
+    return fits, seconds
 
 
-def replay(records: list[dict], rule: str, rows: int, patience: int) -> tuple[float, int, float]:
-    """(C kept, Cs followed, their seconds) had the path stopped ``patience`` Cs past its last improvement."""
-    seen, since = [], 0
-    for record in records:
-        seen.append(record)
-        since = 0 if selection.improved(seen, rule, rows) else since + 1
-        if since >= patience:
-            break
-    return seen[selection.choose(seen, rule, rows)]["C"], len(seen), sum(r["seconds"] for r in seen)
+def replay(fits: list[solver.LinearFit], seconds: list[float], X_val, y_val, rule: str,
+           patience: int) -> tuple[float, int, float]:
+    """(C kept, Cs followed, their seconds): the heads' own stop (``select_on_validation``) fed the
+    solved path."""
+    kept, records = solver.select_on_validation(iter(fits), X_val, y_val, patience, rule)
+    return kept.C, len(records), sum(seconds[:len(records)])
 
 
 def main() -> None:
@@ -73,15 +72,14 @@ def main() -> None:
                                                                         np.asarray(t, np.int64)))
     print(f"{args.features or 'synthetic'}: {len(y)} train, {len(t)} valid, {X.shape[1]} features")
     for loss in solver.LOSSES:
-        records = whole_path(loss, X, y, V, t, args.limit)
-        total = sum(r["seconds"] for r in records)
-        print(f"  {loss}: whole path {len(records)} Cs, {total:.1f} s")
+        fits, seconds = whole_path(loss, X, y, V, t, args.limit)
+        print(f"  {loss}: whole path {len(fits)} Cs, {sum(seconds):.1f} s")
         for rule in selection.SELECT_RULES:
-            best = records[selection.choose(records, rule, len(t))]["C"]
+            best = replay(fits, seconds, V, t, rule, len(fits))[0]  # a patience the path never runs out
             cells = []
             for patience in PATIENCES:
-                C, followed, seconds = replay(records, rule, len(t), patience)
-                cells.append(f"{patience}: {'same' if C == best else f'C {C:g}'}, {followed} Cs, {seconds:.1f} s")
+                C, followed, spent = replay(fits, seconds, V, t, rule, patience)
+                cells.append(f"{patience}: {'same' if C == best else f'C {C:g}'}, {followed} Cs, {spent:.1f} s")
             print(f"    {rule:17s} whole path keeps C {best:<9g} | " + " | ".join(cells), flush=True)
 
 
